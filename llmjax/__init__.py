@@ -1,0 +1,3 @@
+"""llmjax: the whole life of a language model in JAX/Flax."""
+
+__version__ = "0.1.0"
