@@ -1,0 +1,73 @@
+"""Import and export of Hugging Face checkpoints, one mapping module per family.
+
+A family module (``llmjax.hf.t5``, ``llmjax.hf.llama``) provides:
+  ``MODEL_TYPES``         the ``model_type`` values of config.json it reads
+  ``CONFIG_CLASS``        the llmjax model-config dataclass it produces
+  ``config_from_hf(d)``   HF config dict -> llmjax config (clear error if unsupported)
+  ``config_to_hf(c)``     llmjax config -> HF config dict
+  ``build_model(c)``      llmjax config -> flax module
+  ``params_from_hf(tensors, c)`` / ``params_to_hf(params, c)``  the mapping table, with shape checks
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+import jax
+import numpy as np
+
+from llmjax.hf.io import CheckpointError, read_config, read_tensors, write_model_dir
+
+FAMILY_MODULES = ("llmjax.hf.t5", "llmjax.hf.llama")
+
+
+def _families() -> list[ModuleType]:
+    return [importlib.import_module(name) for name in FAMILY_MODULES]
+
+
+def family_for_model_type(model_type: str | None) -> ModuleType:
+    for family in _families():
+        if model_type in family.MODEL_TYPES:
+            return family
+    known = sorted(t for f in _families() for t in f.MODEL_TYPES)
+    raise CheckpointError(
+        f"config.json has model_type={model_type!r}, which llmjax does not support; supported: {known}"
+    )
+
+
+def family_for_config(config) -> ModuleType:
+    for family in _families():
+        if isinstance(config, family.CONFIG_CLASS):
+            return family
+    raise TypeError(f"no Hugging Face mapping for model config of type {type(config).__name__}")
+
+
+def from_pretrained(path: str | Path, **config_overrides):
+    """Read a local Hugging Face directory -> ``(model, params)``; params are fp32 numpy-backed jax arrays.
+
+    ``config_overrides`` replace fields of the llmjax config (e.g. ``dtype="bfloat16"``).
+    """
+    hf_config = read_config(path)
+    family = family_for_model_type(hf_config.get("model_type"))
+    config = family.config_from_hf(hf_config)
+    if config_overrides:
+        import dataclasses
+
+        config = dataclasses.replace(config, **config_overrides)
+    tensors = read_tensors(path)
+    params = family.params_from_hf(tensors, config)
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.dtype(config.param_dtype)), params)
+    return family.build_model(config), params
+
+
+def save_pretrained(model, params, path: str | Path) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads with the same logits."""
+    family = family_for_config(model.config)
+    host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    tensors = family.params_to_hf(host_params, model.config)
+    write_model_dir(path, family.config_to_hf(model.config), tensors)
+
+
+__all__ = ["CheckpointError", "from_pretrained", "save_pretrained", "family_for_model_type"]
