@@ -1,0 +1,57 @@
+"""Model families: a registry from family name to (config class, module class)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax.models.decoder import DecoderConfig
+from llmjax.models.t5 import T5Config
+
+# family name -> config class (the name used in run configs: `model.family: t5`)
+MODEL_CONFIGS = {"t5": T5Config, "decoder": DecoderConfig}
+
+
+def family_of(config) -> str:
+    for name, cls in MODEL_CONFIGS.items():
+        if isinstance(config, cls):
+            return name
+    raise TypeError(f"unknown model config type {type(config).__name__}")
+
+
+def build_model(config) -> nn.Module:
+    """Model config dataclass -> flax module (``T5`` or ``Decoder``)."""
+    family = family_of(config)
+    if family == "t5":
+        from llmjax.models.t5 import T5
+
+        return T5(config)
+    from llmjax.models.decoder import Decoder
+
+    return Decoder(config)
+
+
+def dummy_inputs(config, batch: int = 1, length: int = 8) -> tuple[jax.Array, ...]:
+    """Positional arguments that ``model.init`` needs to build every parameter."""
+    ids = jnp.ones((batch, length), jnp.int32)
+    return (ids, ids) if family_of(config) == "t5" else (ids,)
+
+
+def init_params(model: nn.Module, rng: jax.Array) -> dict:
+    """Random parameters as a plain nested dict (logical-axis boxes removed)."""
+    variables = model.init(rng, *dummy_inputs(model.config))
+    return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(model: nn.Module) -> dict:
+    """The logical axis names of every parameter (same tree as the params), without computing them."""
+    abstract = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model.config)), jax.random.key(0))
+    return nn.get_partition_spec(abstract["params"])
+
+
+def replace_config(model: nn.Module, **changes) -> nn.Module:
+    """The same family of module with some config fields changed (e.g. ``dtype="bfloat16"``)."""
+    return build_model(dataclasses.replace(model.config, **changes))
