@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from llmjax.models.layers import ACTIVATIONS
+from llmjax import axes
+from llmjax.models.layers import (
+    ACTIVATIONS,
+    Attention,
+    Dense,
+    Embed,
+    FeedForward,
+    RelativePositionBias,
+    RMSNorm,
+    mask_to_bias,
+    normal_init,
+)
+from llmjax.models.layers import attention_mask as attention_mask_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +46,7 @@ class T5Config:
     decoder_start_token_id: int = 0
     dtype: str = "float32"        # compute dtype ("bfloat16" for training)
     param_dtype: str = "float32"  # storage dtype of the master weights
+    remat: bool = False           # recompute each layer's activations in the backward pass
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
@@ -68,3 +83,277 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 def _check_dtype(name: str, value: str) -> None:
     if value not in DTYPES:
         raise ValueError(f"{name}={value!r} is not a dtype llmjax knows; use one of {sorted(DTYPES)}")
+
+
+# ----------------------------------------------------------------------------
+# Modules
+#
+# Parameter tree (``model.init(rng, ids, ids)["params"]``):
+#   shared/embedding                                   [vocab, d_model]
+#   encoder/relative_position_bias/rel_embedding       [num_buckets, num_heads]
+#   encoder/layers_{i}/self_attention_norm/scale       [d_model]
+#   encoder/layers_{i}/self_attention/{q,k,v}/kernel   [d_model, num_heads * d_kv]
+#   encoder/layers_{i}/self_attention/o/kernel         [num_heads * d_kv, d_model]
+#   encoder/layers_{i}/mlp_norm/scale                  [d_model]
+#   encoder/layers_{i}/mlp/wi/kernel                   [d_model, d_ff]   (v1.0; gated: wi_0 and wi_1)
+#   encoder/layers_{i}/mlp/wo/kernel                   [d_ff, d_model]
+#   encoder/final_norm/scale                           [d_model]
+#   decoder/...                                        as the encoder, plus in every layer
+#   decoder/layers_{i}/cross_attention_norm/scale, decoder/layers_{i}/cross_attention/{q,k,v,o}/kernel
+#   lm_head/kernel                                     [d_model, vocab]  (only when not tied)
+# Cache tree (``T5.init_cache``): decoder/layers_{i}/self_attention/{cached_key,cached_value}
+# [b, cache_len, heads, d_kv] and decoder/layers_{i}/cross_attention/{cross_key,cross_value}
+# [b, encoder_len, heads, d_kv], in the compute dtype.
+# ----------------------------------------------------------------------------
+
+_ACT = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
+
+
+def _arange_positions(batch: int, length: int, start=0) -> jax.Array:
+    """``[batch, length]`` int32 positions ``start, start + 1, ...``."""
+    row = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+    return jnp.broadcast_to(row[None, :], (batch, length))
+
+
+def _with_mask(bias: jax.Array | None, mask: jax.Array | None) -> jax.Array | None:
+    """Add the additive form of a boolean ``[b, 1, q, k]`` mask to ``bias``."""
+    if mask is None:
+        return bias
+    return mask_to_bias(mask) if bias is None else bias + mask_to_bias(mask)
+
+
+class T5Layer(nn.Module):
+    """One pre-norm block: self-attention, cross-attention (decoder only), feed-forward.
+
+    Each sub-layer is ``x + dropout(sublayer(norm(x)))``. Arguments are positional so
+    the block can be wrapped in ``nn.remat`` with ``deterministic``/``decode`` static.
+    """
+
+    config: T5Config
+    is_decoder: bool
+
+    @nn.compact
+    def __call__(self, x, self_bias, encoder_outputs, cross_bias, deterministic, decode, cache_index):
+        """``x [b, t, d_model]``; biases fp32 ``[b|1, heads, t, k]`` (masks + relative positions)."""
+        cfg = self.config
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        factor = cfg.initializer_factor
+        norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, dtype, param_dtype, name=name)  # noqa: E731
+        dropout = nn.Dropout(cfg.dropout_rate)
+
+        def attention(is_cross, name):
+            # HF T5's initialization: the query scale d_kv**-0.5 is folded into q's init.
+            return Attention(
+                num_heads=cfg.num_heads, num_kv_heads=cfg.num_heads, head_dim=cfg.d_kv,
+                scale_queries=False, is_cross=is_cross, dropout_rate=cfg.dropout_rate,
+                q_init=normal_init(factor * (cfg.d_model * cfg.d_kv) ** -0.5),
+                kv_init=normal_init(factor * cfg.d_model**-0.5),
+                o_init=normal_init(factor * (cfg.num_heads * cfg.d_kv) ** -0.5),
+                dtype=dtype, param_dtype=param_dtype, name=name,
+            )
+
+        h = norm("self_attention_norm")(x)
+        h = attention(False, "self_attention")(
+            h, h, bias=self_bias, decode=decode, cache_index=cache_index, deterministic=deterministic
+        )
+        x = x + dropout(h, deterministic=deterministic)
+
+        if self.is_decoder:
+            h = norm("cross_attention_norm")(x)
+            h = attention(True, "cross_attention")(
+                h, encoder_outputs, bias=cross_bias, decode=decode, deterministic=deterministic
+            )
+            x = x + dropout(h, deterministic=deterministic)
+
+        h = norm("mlp_norm")(x)
+        h = FeedForward(
+            hidden=cfg.d_ff, activation=cfg.activation, gated=cfg.gated, dropout_rate=cfg.dropout_rate,
+            wi_init=normal_init(factor * cfg.d_model**-0.5), wo_init=normal_init(factor * cfg.d_ff**-0.5),
+            dtype=dtype, param_dtype=param_dtype, name="mlp",
+        )(h, deterministic)
+        x = x + dropout(h, deterministic=deterministic)
+        return nn.with_logical_constraint(x, _ACT)
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder stack over already-embedded inputs; ends with the final RMSNorm.
+
+    The relative position bias is computed once per stack (HF: in the first layer)
+    and shared by every layer: bidirectional in the encoder, causal buckets in the decoder.
+    """
+
+    config: T5Config
+    is_decoder: bool
+
+    @nn.compact
+    def __call__(self, x, q_positions, k_positions, mask, encoder_outputs, cross_mask, *,
+                 deterministic, decode=False, cache_index=None):
+        """``x [b, t, d_model]`` -> ``[b, t, d_model]`` (compute dtype).
+
+        ``q_positions [b, t]``/``k_positions [b, k]`` feed the relative position bias;
+        ``mask``/``cross_mask`` are boolean ``[b, 1, t, k]`` or None.
+        """
+        cfg = self.config
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        position_bias = RelativePositionBias(
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance,
+            num_heads=cfg.num_heads,
+            bidirectional=not self.is_decoder,
+            embedding_init=normal_init(cfg.initializer_factor * cfg.d_model**-0.5),
+            param_dtype=param_dtype,
+            name="relative_position_bias",
+        )(q_positions, k_positions)
+        self_bias = _with_mask(position_bias, mask)
+        cross_bias = _with_mask(None, cross_mask)
+
+        layer_cls = T5Layer
+        if cfg.remat:
+            # args after self: x, self_bias, encoder_outputs, cross_bias, deterministic, decode, cache_index
+            layer_cls = nn.remat(T5Layer, static_argnums=(5, 6))
+        dropout = nn.Dropout(cfg.dropout_rate)
+        x = dropout(x, deterministic=deterministic)
+        num_layers = cfg.decoder_layers if self.is_decoder else cfg.num_layers
+        for i in range(num_layers):
+            x = layer_cls(cfg, self.is_decoder, name=f"layers_{i}")(
+                x, self_bias, encoder_outputs, cross_bias, deterministic, decode, cache_index
+            )
+        x = RMSNorm(cfg.layer_norm_epsilon, dtype, param_dtype, name="final_norm")(x)
+        x = dropout(x, deterministic=deterministic)
+        return nn.with_logical_constraint(x, _ACT)
+
+
+class T5(nn.Module):
+    """T5 encoder-decoder. See the parameter tree above; logits are fp32.
+
+    Tied embeddings (v1.0) scale the decoder output by ``d_model**-0.5`` before the
+    shared-embedding LM head; untied models (v1.1, FLAN-T5) use ``lm_head`` unscaled.
+    """
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        self.shared = Embed(
+            cfg.vocab_size, cfg.d_model, normal_init(cfg.initializer_factor * 1.0), dtype, param_dtype
+        )
+        self.encoder = T5Stack(cfg, is_decoder=False)
+        self.decoder = T5Stack(cfg, is_decoder=True)
+        if not cfg.tie_word_embeddings:
+            # fan-in init (t5x) rather than HF's std 1.0, so a fresh model starts with unit-scale logits.
+            self.lm_head = Dense(
+                cfg.vocab_size, (axes.EMBED, axes.VOCAB),
+                normal_init(cfg.initializer_factor * cfg.d_model**-0.5), dtype, param_dtype,
+            )
+
+    def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, *,
+                 encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+                 decoder_positions=None, deterministic=True, return_hidden=False):
+        """``input_ids [b, s]``, ``decoder_input_ids [b, t]`` int -> logits ``[b, t, vocab]`` fp32.
+
+        Masks are ``[b, len]`` (1 = real token). For packed batches, segment ids
+        ``[b, len]`` keep examples apart and positions ``[b, len]`` restart at 0 per
+        example. ``return_hidden=True`` also returns the final decoder hidden state
+        ``[b, t, d_model]`` (after the final norm, before the LM head scaling).
+        """
+        encoded = self.encode(
+            input_ids, attention_mask, segment_ids=encoder_segment_ids, positions=encoder_positions,
+            deterministic=deterministic,
+        )
+        return self.decode(
+            decoder_input_ids, encoded, attention_mask, decoder_attention_mask,
+            segment_ids=decoder_segment_ids, positions=decoder_positions,
+            encoder_segment_ids=encoder_segment_ids, deterministic=deterministic,
+            return_hidden=return_hidden,
+        )
+
+    def encode(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, deterministic=True):
+        """``input_ids [b, s]`` -> encoder outputs ``[b, s, d_model]`` (compute dtype)."""
+        b, s = input_ids.shape
+        if positions is None:
+            positions = _arange_positions(b, s)
+        mask = attention_mask_fn(
+            None, attention_mask, q_segment_ids=segment_ids, k_segment_ids=segment_ids
+        )
+        x = nn.with_logical_constraint(self.shared(input_ids), _ACT)
+        return self.encoder(x, positions, positions, mask, None, None, deterministic=deterministic)
+
+    def decode(self, decoder_input_ids, encoder_outputs, encoder_mask=None, decoder_attention_mask=None, *,
+               segment_ids=None, positions=None, encoder_segment_ids=None, decode=False, cache_index=None,
+               deterministic=True, return_hidden=False):
+        """Decoder + LM head: ``decoder_input_ids [b, t]`` -> logits ``[b, t, vocab]`` fp32.
+
+        ``encoder_outputs [b, s, d_model]``, ``encoder_mask [b, s]``. Training/scoring
+        (``decode=False``): causal over the ``t`` tokens, ``decoder_attention_mask [b, t]``
+        masks padded keys, ``segment_ids``/``positions`` as in ``__call__``.
+
+        Cached decoding (``decode=True``, with ``mutable=["cache"]`` and a cache from
+        ``init_cache``): the ``t`` tokens are written to cache slots
+        ``cache_index .. cache_index + t - 1``; a query attends to key slots ``<=`` its
+        own slot, and the slot index is the position for the relative bias.
+        ``decoder_attention_mask`` is then ``[b, cache_len]`` key validity. Pass
+        ``encoder_outputs`` on the first call (cross keys/values are computed and
+        cached) and None afterwards; pass ``encoder_mask`` on every call.
+        """
+        b, t = decoder_input_ids.shape
+        if decode:
+            if segment_ids is not None or positions is not None:
+                raise ValueError(
+                    "T5.decode(decode=True) uses cache slots as positions and does not support packing; "
+                    "drop segment_ids/positions when decoding with the cache"
+                )
+            cache_index = 0 if cache_index is None else cache_index
+            q_positions = _arange_positions(b, t, cache_index)
+            k_positions = _arange_positions(b, self._cache_length(t))
+            mask = attention_mask_fn(
+                None, decoder_attention_mask, causal=True, q_positions=q_positions, k_positions=k_positions
+            )
+        else:
+            # Causality by index in the (possibly packed) sequence; the relative bias by example position.
+            index = _arange_positions(b, t)
+            q_positions = k_positions = index if positions is None else positions
+            mask = attention_mask_fn(
+                None, decoder_attention_mask, causal=True, q_positions=index, k_positions=index,
+                q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+            )
+        cross_mask = attention_mask_fn(
+            None, encoder_mask, q_segment_ids=segment_ids, k_segment_ids=encoder_segment_ids
+        )
+        x = nn.with_logical_constraint(self.shared(decoder_input_ids), _ACT)
+        hidden = self.decoder(
+            x, q_positions, k_positions, mask, encoder_outputs, cross_mask,
+            deterministic=deterministic, decode=decode, cache_index=cache_index,
+        )
+        logits = self._logits(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def _logits(self, hidden):
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            scaled = hidden * jnp.asarray(cfg.d_model**-0.5, hidden.dtype)
+            logits = self.shared.attend(scaled)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+
+    def _cache_length(self, length: int) -> int:
+        cache = self.variables.get("cache")
+        if cache is None:  # the init call: these inputs size the cache
+            return length
+        return cache["decoder"]["layers_0"]["self_attention"]["cached_key"].shape[1]
+
+    def init_cache(self, batch_size: int, cache_len: int, encoder_len: int) -> dict:
+        """A zero ``"cache"`` collection for ``decode(..., decode=True)``; no parameters are computed.
+
+        Call on the unbound module: ``cache = model.init_cache(b, max_decoder_len, encoder_len)``,
+        then ``model.apply({"params": p, "cache": cache}, ids, enc, enc_mask, decode=True,
+        cache_index=i, method=T5.decode, mutable=["cache"])`` -> ``(logits, {"cache": new_cache})``.
+        """
+        dtype = DTYPES[self.config.dtype]
+        ids = jnp.zeros((batch_size, cache_len), jnp.int32)
+        encoded = jnp.zeros((batch_size, encoder_len, self.config.d_model), dtype)
+        shapes = jax.eval_shape(
+            lambda: self.init(jax.random.key(0), ids, encoded, decode=True, method=T5.decode)
+        )
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
