@@ -19,7 +19,7 @@ kernels are ``[in, out]``, the transpose of a torch ``Linear.weight``)::
 
 KV cache (``decode=True``), per layer ``layers_{i}/self_attention/cached_key`` and
 ``cached_value`` ``[b, cache_len, num_key_value_heads, head_dim]`` in the compute dtype.
-Create it with :func:`init_cache` (or ``model.init(rng, ids_of_cache_len, decode=True)["cache"]``).
+Create it with :meth:`Decoder.init_cache` (or ``model.init(rng, ids_of_cache_len, decode=True)["cache"]``).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class Decoder(nn.Module):
 
     Cached decoding: make a zero cache for ``cache_len`` slots, prefill a chunk, then step::
 
-        cache = init_cache(model, batch, cache_len)
+        cache = model.init_cache(batch, cache_len)
         logits, vars = model.apply({"params": p, "cache": cache}, prompt, key_mask, decode=True,
                                    cache_index=0, positions=prompt_positions, mutable=["cache"])
         logits, vars = model.apply({"params": p, "cache": vars["cache"]}, next_ids, key_mask,
@@ -263,18 +263,18 @@ class Decoder(nn.Module):
         )
         return (logits, hidden) if return_hidden else logits
 
+    def init_cache(self, batch_size: int, cache_len: int) -> dict:
+        """A zero ``"cache"`` collection with ``cache_len`` slots; no parameters are computed.
+
+        Call on the unbound module: ``cache = model.init_cache(b, cache_len)``. Equal to
+        ``model.init(rng, jnp.zeros((b, cache_len), jnp.int32), decode=True)["cache"]``.
+        """
+        ids = jnp.zeros((batch_size, cache_len), jnp.int32)
+        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), ids, decode=True))
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
     def _cache_len(self, chunk_len: int) -> int:
         cache = self.variables.get("cache")
         if not cache:  # init call: the input only sizes the cache
             return chunk_len
         return cache["layers_0"]["self_attention"]["cached_key"].shape[1]
-
-
-def init_cache(model: Decoder, batch_size: int, cache_len: int) -> dict:
-    """A zero KV cache for ``cache_len`` slots (no parameters are computed).
-
-    Equal to ``model.init(rng, jnp.zeros((batch_size, cache_len), jnp.int32), decode=True)["cache"]``.
-    """
-    ids = jnp.zeros((batch_size, cache_len), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, decode=True)["cache"])
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
