@@ -1,0 +1,1 @@
+"""Data: tokenizer, training objectives, packing and sources; ``bundled`` holds the data llmjax ships."""
