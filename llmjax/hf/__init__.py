@@ -7,11 +7,13 @@ A family module (``llmjax.hf.t5``, ``llmjax.hf.llama``) provides:
   ``config_to_hf(c)``     llmjax config -> HF config dict
   ``build_model(c)``      llmjax config -> flax module
   ``params_from_hf(tensors, c)`` / ``params_to_hf(params, c)``  the mapping table, with shape checks
+  ``generation_config_to_hf(c)``  optional: dict written as ``generation_config.json``
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -68,6 +70,9 @@ def save_pretrained(model, params, path: str | Path) -> None:
     host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     tensors = family.params_to_hf(host_params, model.config)
     write_model_dir(path, family.config_to_hf(model.config), tensors)
+    if hasattr(family, "generation_config_to_hf"):
+        generation = family.generation_config_to_hf(model.config)
+        (Path(path) / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
 
 
 __all__ = ["CheckpointError", "from_pretrained", "save_pretrained", "family_for_model_type"]
