@@ -42,6 +42,20 @@ def _require_fields(example: Mapping[str, Any], fields: Sequence[str] | None, wh
     return {field: example[field] for field in fields}
 
 
+def _existing_file(path: str | Path, kind: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
+    return path
+
+
+def _check_columns(columns: Sequence[str], fields: Sequence[str] | None, name: str) -> None:
+    """Columnar sources know up front that a field is absent from every row: say so at construction."""
+    absent = [field for field in fields or () if field not in columns]
+    if absent:
+        raise KeyError(f"{name} row 0 has no field {absent[0]!r} (columns: {list(columns)})")
+
+
 def _check_index(index: int, length: int, what: str) -> int:
     if not -length <= index < length:
         raise IndexError(f"index {index} out of range for {what} with {length} examples")
@@ -52,10 +66,7 @@ class JsonlSource:
     """One JSON object per line; blank lines are skipped. Rows are read by byte offset, not held in memory."""
 
     def __init__(self, path: str | Path, fields: Sequence[str] | None = None):
-        self.path = Path(path)
-        self.fields = fields
-        if not self.path.is_file():
-            raise FileNotFoundError(f"JSONL file {self.path} does not exist")
+        self.path, self.fields = _existing_file(path, "JSONL"), fields
         self._offsets: list[int] = []  # byte offset of each non-blank line
         self._line_numbers: list[int] = []
         with self.path.open("rb") as f:
@@ -90,14 +101,8 @@ class ParquetSource:
     def __init__(self, path: str | Path, fields: Sequence[str] | None = None):
         import pyarrow.parquet as pq
 
-        self.path = Path(path)
-        self.fields = fields
-        if not self.path.is_file():
-            raise FileNotFoundError(f"Parquet file {self.path} does not exist")
-        columns = pq.read_schema(self.path).names
-        absent = [field for field in fields or () if field not in columns]
-        if absent:
-            raise KeyError(f"{self.path} row 0 has no field {absent[0]!r} (columns: {columns})")
+        self.path, self.fields = _existing_file(path, "Parquet"), fields
+        _check_columns(pq.read_schema(self.path).names, fields, str(self.path))
         self._table = pq.read_table(self.path, columns=list(fields) if fields else None)
 
     def __len__(self) -> int:
@@ -113,12 +118,8 @@ class HFDatasetSource:
     """A Hugging Face ``datasets.Dataset`` (memory-mapped Arrow, so random access is cheap)."""
 
     def __init__(self, dataset: Any, fields: Sequence[str] | None = None, name: str = "dataset"):
-        self.dataset = dataset
-        self.fields = fields
-        self.name = name
-        absent = [field for field in fields or () if field not in dataset.column_names]
-        if absent:
-            raise KeyError(f"{name} row 0 has no field {absent[0]!r} (columns: {dataset.column_names})")
+        self.dataset, self.fields, self.name = dataset, fields, name
+        _check_columns(dataset.column_names, fields, name)
 
     def __len__(self) -> int:
         return len(self.dataset)
