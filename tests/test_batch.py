@@ -44,7 +44,8 @@ def test_encoder_feature_in_decoder_batch_is_unknown():
 def test_partial_packing_features():
     batch = _batch("t5")
     batch["decoder_segment_ids"] = np.ones((2, 4), np.int32)
-    with pytest.raises(ValueError, match=r"missing \['encoder_segment_ids', 'encoder_positions', 'decoder_positions'\]"):
+    expected = r"missing \['encoder_segment_ids', 'encoder_positions', 'decoder_positions'\]"
+    with pytest.raises(ValueError, match=expected):
         validate_batch(batch, "t5")
 
 

@@ -255,7 +255,8 @@ class Mixture:
         if key not in self._permutations:
             if len(self._permutations) > 64:  # bound memory: items are mostly visited in order
                 self._permutations.clear()
-            self._permutations[key] = np.random.default_rng([self.seed, source_index, full_pass]).permutation(len(source))
+            rng = np.random.default_rng([self.seed, source_index, full_pass])
+            self._permutations[key] = rng.permutation(len(source))
         return source[int(self._permutations[key][within])]
 
 

@@ -93,7 +93,9 @@ def test_span_corruption_example_features_are_deterministic():
     b = span_corruption_example(tokens, np.random.default_rng(7), SENTINELS, EOS)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
-    assert sorted(a) == ["decoder_input_tokens", "decoder_loss_weights", "decoder_target_tokens", "encoder_input_tokens"]
+    assert sorted(a) == sorted(
+        ["encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"]
+    )
     np.testing.assert_array_equal(a["decoder_input_tokens"], np.concatenate([[0], a["decoder_target_tokens"][:-1]]))
     assert a["encoder_input_tokens"][-1] == EOS and a["decoder_target_tokens"][-1] == EOS
     assert (a["decoder_loss_weights"] == 1).all()
