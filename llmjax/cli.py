@@ -53,10 +53,10 @@ def cmd_import(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from llmjax.data.tokenizer import train_tokenizer_cli
+    from llmjax.data.tokenizer import read_texts, train_tokenizer
 
-    tok = train_tokenizer_cli(args.input, vocab_size=args.vocab_size, out_dir=args.out,
-                              model_type=args.model_type, num_extra_ids=args.num_extra_ids)
+    tok = train_tokenizer(read_texts(args.input), args.out, args.vocab_size,
+                          num_extra_ids=args.num_extra_ids, seed=args.seed)
     print(f"trained tokenizer with {tok.vocab_size} ids -> {args.out}")
     return 0
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, type=Path, help="text or JSONL ({'text': ...}) files")
     p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size including sentinels")
     p.add_argument("--out", required=True, type=Path, help="output directory (spiece.model + HF tokenizer files)")
-    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-extra-ids", type=int, default=100, help="number of <extra_id_N> sentinels")
     p.set_defaults(func=cmd_tokenizer_train)
 
