@@ -1,0 +1,46 @@
+"""Token-level cross-entropy with z-loss and label smoothing, in fp32. Pure functions.
+
+Losses come back as *sums* with the total weight beside them, so gradient accumulation over
+microbatches normalizes once by the number of target tokens in the whole batch (not per microbatch).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy_with_z_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Weighted token cross-entropy plus ``z_loss * log(Z)^2`` (PaLM / t5x), all in fp32.
+
+    Args:
+      logits: ``[batch, length, vocab]`` (any float dtype; upcast to fp32).
+      targets: ``[batch, length]`` int target ids.
+      weights: ``[batch, length]`` per-token loss weights (``decoder_loss_weights``; 0 masks padding).
+      z_loss: coefficient of the squared log-partition penalty that keeps logits from drifting.
+      label_smoothing: mass spread uniformly over the whole vocabulary (the target included), as
+        ``torch.nn.functional.cross_entropy(label_smoothing=...)`` and ``optax.smooth_labels`` do.
+
+    Returns:
+      ``(sum_loss, sum_z_loss, sum_weights)`` fp32 scalars: ``sum_loss`` is the weighted sum of
+      cross-entropy + z-loss per token (what to minimize), ``sum_z_loss`` its z-loss part (for logging),
+      ``sum_weights`` the total weight (normalize by it after summing over microbatches).
+    """
+    logits = logits.astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)                      # [b, t]; max-shifted, stable
+    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    token_loss = log_z - target_logits                            # -log p(target)
+    if label_smoothing:
+        uniform_loss = log_z - jnp.mean(logits, axis=-1)          # -mean_v log p(v)
+        token_loss = (1.0 - label_smoothing) * token_loss + label_smoothing * uniform_loss
+    token_z_loss = z_loss * jnp.square(log_z)
+    sum_z_loss = jnp.sum(token_z_loss * weights)
+    sum_loss = jnp.sum(token_loss * weights) + sum_z_loss
+    return sum_loss, sum_z_loss, jnp.sum(weights)
