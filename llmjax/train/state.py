@@ -1,0 +1,208 @@
+"""TrainState: everything a training run carries from one step to the next.
+
+The parameters are split in two pytrees with the same nesting as the model's
+params: ``params`` holds only the trainable leaves, ``frozen_params`` the rest.
+The optimizer is initialised on ``params`` alone, so a frozen base model (LoRA,
+value-head-only, reward model on a frozen encoder, ...) never has optimizer
+state. ``merge_params`` puts the two back together for the model call.
+
+A trainable filter is a function ``(path) -> bool`` where ``path`` is the tuple
+of dict keys leading to a leaf, e.g. ``("decoder", "layers_0", "attn", "q", "kernel")``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = dict
+TrainableFilter = Callable[[tuple[str, ...]], bool]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The pytree a train step maps to the next one.
+
+    step:           int32 scalar, number of steps taken (skipped ones included)
+    params:         trainable leaves (fp32 master weights), nested dict
+    frozen_params:  leaves that never change, same nesting, disjoint from ``params``
+    opt_state:      optimizer state of ``params`` only
+    rng:            uint32 ``[2]`` base key; a step uses ``fold_in(rng, step)``
+    skipped_steps:  int32 scalar, updates discarded because loss/grads were not finite
+    """
+
+    step: jax.Array
+    params: Params
+    frozen_params: Params
+    opt_state: optax.OptState
+    rng: jax.Array
+    skipped_steps: jax.Array
+
+    def full_params(self) -> Params:
+        """Trainable and frozen leaves merged into the model's param tree."""
+        return merge_params(self.params, self.frozen_params)
+
+
+def train_everything(path: tuple[str, ...]) -> bool:
+    """The trainable filter of full training."""
+    del path
+    return True
+
+
+def trainable_matching(*patterns: str) -> TrainableFilter:
+    """Filter that trains the leaves whose ``/``-joined path matches any regex (``re.search``).
+
+    ``trainable_matching(r"^decoder/", r"lm_head")`` trains the decoder and the output head.
+    """
+    if not patterns:
+        raise ValueError("trainable_matching needs at least one regex; use train_everything to train all")
+    compiled = [re.compile(p) for p in patterns]
+    return lambda path: any(c.search("/".join(path)) for c in compiled)
+
+
+def split_params(params: Params, is_trainable: TrainableFilter) -> tuple[Params, Params]:
+    """Nested dict -> ``(trainable, frozen)`` nested dicts with the same nesting.
+
+    Subtrees left empty by the split are dropped, so both halves are plain
+    dicts holding only their own leaves.
+    """
+
+    def split(tree, prefix):
+        trainable, frozen = {}, {}
+        for key, value in tree.items():
+            path = prefix + (str(key),)
+            if isinstance(value, dict):
+                t, f = split(value, path)
+                if t:
+                    trainable[key] = t
+                if f:
+                    frozen[key] = f
+            elif is_trainable(path):
+                trainable[key] = value
+            else:
+                frozen[key] = value
+        return trainable, frozen
+
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a nested dict (got {type(params).__name__}); unbox flax variables first")
+    return split(dict(params), ())
+
+
+def merge_params(trainable: Params, frozen: Params) -> Params:
+    """Inverse of ``split_params``: the union of two disjoint nested dicts."""
+    merged = dict(frozen)
+    for key, value in trainable.items():
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = merge_params(value, merged[key])
+        else:
+            raise ValueError(f"parameter {key!r} is both trainable and frozen")
+    return merged
+
+
+def create_train_state(
+    params: Params, tx: optax.GradientTransformation, is_trainable: TrainableFilter, seed_or_key
+) -> TrainState:
+    """Split ``params``, initialise the optimizer on the trainable half only.
+
+    Pure, so it can run under ``jax.jit(..., out_shardings=...)`` and the state is
+    born sharded. ``seed_or_key``: int seed or a uint32 ``[2]`` key.
+    """
+    trainable, frozen = split_params(params, is_trainable)
+    if not jax.tree_util.tree_leaves(trainable):
+        raise ValueError("the trainable filter selected no parameters; nothing would be trained")
+    rng = seed_or_key
+    if not hasattr(rng, "shape") or rng.shape == ():
+        rng = jax.random.PRNGKey(seed_or_key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=trainable,
+        frozen_params=frozen,
+        opt_state=tx.init(trainable),
+        rng=jnp.asarray(rng, jnp.uint32),
+        skipped_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalar parameters in a pytree of arrays (or ShapeDtypeStructs)."""
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+
+def _state_init_fn(model, tx: optax.GradientTransformation, is_trainable: TrainableFilter, has_params: bool):
+    """``(params?, key) -> TrainState`` with params boxed in their logical axes (for ``init_sharded``)."""
+    from llmjax.models import dummy_inputs
+
+    abstract_boxed = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.PRNGKey(0))
+    boxes = abstract_boxed["params"]
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+
+    def from_params(params, key):
+        boxed = jax.tree_util.tree_map(lambda box, value: box.replace_boxed(value), boxes, params, is_leaf=is_box)
+        return create_train_state(boxed, tx, is_trainable, key)
+
+    def from_random(key):
+        params_key, state_key = jax.random.split(key)
+        params = model.init(params_key, *dummy_inputs(model.config))["params"]
+        return create_train_state(dict(params), tx, is_trainable, state_key)
+
+    return (from_params if has_params else from_random), boxes
+
+
+def _check_params_match(params: Params, boxes) -> None:
+    """Loaded params must have exactly the model's tree and shapes (clear error otherwise)."""
+    expected = {
+        "/".join(str(p.key) for p in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxes))
+    }
+    given = {"/".join(str(p.key) for p in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if missing or extra:
+        raise ValueError(f"initial params do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}; "
+                         "check that the init checkpoint was made with the same model config")
+    wrong = [(k, given[k], expected[k]) for k in expected if given[k] != expected[k]]
+    if wrong:
+        name, got, want = wrong[0]
+        raise ValueError(f"initial param {name} has shape {got} but the model expects {want} "
+                         f"({len(wrong)} mismatched); check the model config against the init checkpoint")
+
+
+def init_train_state(model, tx, is_trainable: TrainableFilter, seed: int, mesh, params: Params | None = None):
+    """A TrainState born in its shardings on ``mesh``; returns ``(state, state_shardings)``.
+
+    ``params``: the init source's weights (host arrays, full model tree), or None for a
+    random init from ``seed``. Loaded params are placed shard by shard, so no device ever
+    holds a full copy; random params are created directly in their shardings.
+    """
+    from llmjax import sharding
+
+    init_fn, boxes = _state_init_fn(model, tx, is_trainable, params is not None)
+    key = jax.random.PRNGKey(seed)
+    if params is None:
+        return sharding.init_sharded(init_fn, mesh, key)
+    _check_params_match(params, boxes)
+    param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxes), mesh)
+    placed = jax.device_put(params, param_shardings)
+    _, state_key = jax.random.split(key)
+    return sharding.init_sharded(init_fn, mesh, placed, state_key)
+
+
+def abstract_train_state(model, tx, is_trainable: TrainableFilter, mesh) -> TrainState:
+    """The TrainState ``init_train_state`` would build, as ``ShapeDtypeStruct``s carrying their
+    shardings and computing nothing: the target to restore a checkpoint into."""
+    from llmjax import sharding
+
+    init_fn, _ = _state_init_fn(model, tx, is_trainable, has_params=False)
+    shapes, shardings = sharding.abstract_sharded(init_fn, mesh, jax.random.PRNGKey(0))
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
