@@ -20,6 +20,12 @@ TINY = DecoderConfig(
 )
 
 
+# Jitted forward: one compile per shape is much faster than eager op-by-op dispatch.
+_forward = jax.jit(
+    lambda model, params, *args, **kwargs: model.apply({"params": params}, *args, **kwargs), static_argnums=0
+)
+
+
 @pytest.fixture(scope="module")
 def model_and_params():
     model = Decoder(TINY)
@@ -71,8 +77,8 @@ def test_causal_future_tokens_do_not_change_past_logits(model_and_params):
     model, params = model_and_params
     ids = _ids((1, 6))
     changed = ids.at[0, 4].set((ids[0, 4] + 1) % TINY.vocab_size)
-    a = model.apply({"params": params}, ids)
-    b = model.apply({"params": params}, changed)
+    a = _forward(model, params, ids)
+    b = _forward(model, params, changed)
     np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-6)
     assert np.abs(np.asarray(a[:, 4:] - b[:, 4:])).max() > 1e-3
 
@@ -80,10 +86,10 @@ def test_causal_future_tokens_do_not_change_past_logits(model_and_params):
 def test_left_padding_equals_unpadded_run(model_and_params):
     model, params = model_and_params
     ids = _ids((1, 5))
-    alone = model.apply({"params": params}, ids)
+    alone = _forward(model, params, ids)
     padded_ids = jnp.concatenate([jnp.zeros((1, 3), ids.dtype), ids], axis=1)
     mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
-    padded = model.apply({"params": params}, padded_ids, mask)
+    padded = _forward(model, params, padded_ids, mask)
     np.testing.assert_allclose(padded[:, 3:], alone, atol=1e-5)
 
 
@@ -92,12 +98,12 @@ def test_packing_equals_separate_runs(model_and_params):
     first, second = _ids((1, 3), seed=2), _ids((1, 4), seed=3)
     packed = jnp.concatenate([first, second, jnp.zeros((1, 1), first.dtype)], axis=1)
     segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
-    out = model.apply({"params": params}, packed, segment_ids=segment_ids)
-    np.testing.assert_allclose(out[:, :3], model.apply({"params": params}, first), atol=1e-5)
-    np.testing.assert_allclose(out[:, 3:7], model.apply({"params": params}, second), atol=1e-5)
+    out = _forward(model, params, packed, segment_ids=segment_ids)
+    np.testing.assert_allclose(out[:, :3], _forward(model, params, first), atol=1e-5)
+    np.testing.assert_allclose(out[:, 3:7], _forward(model, params, second), atol=1e-5)
     # Explicit positions give the same result as the ones derived from segment ids.
     positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]])
-    explicit = model.apply({"params": params}, packed, segment_ids=segment_ids, positions=positions)
+    explicit = _forward(model, params, packed, segment_ids=segment_ids, positions=positions)
     np.testing.assert_allclose(explicit, out, atol=1e-6)
 
 
@@ -108,7 +114,7 @@ def test_cached_decoding_equals_full_forward(model_and_params, chunked_steps):
     total, prompt_len, cache_len = 8, 4, 10
     ids = _ids((2, total), seed=4)
     mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * total])
-    full = model.apply({"params": params}, ids, mask)
+    full = _forward(model, params, ids, mask)
 
     # Key validity over cache slots: prompt padding is 0, every later slot is a real token.
     key_mask = jnp.concatenate([mask, jnp.ones((2, cache_len - total), mask.dtype)], axis=1)
@@ -155,8 +161,8 @@ def test_init_cache_matches_model_init():
 def test_bf16_compute_is_close_to_fp32(model_and_params):
     _, params = model_and_params
     ids = _ids((2, 6))
-    fp32 = Decoder(TINY).apply({"params": params}, ids)
-    bf16 = Decoder(DecoderConfig(**{**TINY.__dict__, "dtype": "bfloat16"})).apply({"params": params}, ids)
+    fp32 = _forward(Decoder(TINY), params, ids)
+    bf16 = _forward(Decoder(DecoderConfig(**{**TINY.__dict__, "dtype": "bfloat16"})), params, ids)
     assert bf16.dtype == jnp.float32
     scale = np.abs(np.asarray(fp32)).max()
     assert np.abs(np.asarray(bf16 - fp32)).max() <= 0.05 * scale
@@ -167,7 +173,7 @@ def test_attention_dropout_needs_rng_and_changes_output():
     model = Decoder(cfg)
     params = init_params(model, jax.random.key(0))
     ids = _ids((1, 6))
-    eval_out = model.apply({"params": params}, ids)
+    eval_out = _forward(model, params, ids)
     train_out = model.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
     assert np.abs(np.asarray(train_out - eval_out)).max() > 1e-3
     with pytest.raises(Exception, match="dropout"):
@@ -190,4 +196,4 @@ def test_activations_constrained_under_mesh(model_and_params):
     devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
     with Mesh(devices, ("data", "fsdp", "tensor")), nn.logical_axis_rules(axes.LOGICAL_AXIS_RULES):
         sharded = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, ids)
-    np.testing.assert_allclose(sharded, model.apply({"params": params}, ids), atol=1e-5)
+    np.testing.assert_allclose(sharded, _forward(model, params, ids), atol=1e-5)
