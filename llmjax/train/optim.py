@@ -39,7 +39,7 @@ def _linear(cfg: OptimConfig, decay_steps: int) -> optax.Schedule:
 def _rsqrt(cfg: OptimConfig, decay_steps: int) -> optax.Schedule:
     # lr * sqrt(warmup / step) measured from step 0, i.e. T5's 1/sqrt(max(step, warmup)) scaled to lr.
     offset = max(cfg.warmup_steps, 1)
-    return lambda count: cfg.learning_rate * jnp.sqrt(offset / (count + offset))
+    return lambda count: cfg.learning_rate * jnp.sqrt(offset / (jnp.maximum(count, 0) + offset))
 
 
 SCHEDULES: dict[str, Callable[[OptimConfig, int], optax.Schedule]] = {
