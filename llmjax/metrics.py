@@ -42,8 +42,9 @@ def sentences_per_line(text: str) -> str:
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures over the pairs, in [0, 1].
 
-    Porter stemming is on (use_stemmer=True), as in the Hugging Face `evaluate` default and most
-    published DialogSum numbers.
+    Porter stemming is on (use_stemmer=True) and texts go one sentence per line, as in Hugging Face's
+    summarization example (`evaluate.load("rouge").compute(..., use_stemmer=True)` after nltk sentence
+    splitting); `evaluate` alone defaults to no stemming, so its numbers differ slightly.
     """
     _check_pair(predictions, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
