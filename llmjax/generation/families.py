@@ -1,0 +1,113 @@
+"""How each model family runs under the decoding loop: prefill once, then one token per step.
+
+A family adapter offers three pure functions, all traced inside the one jitted loop:
+
+* ``prefill(model, params, input_ids, attention_mask, copies, max_new_tokens,
+  decoder_start_token_id)`` -> ``(logits [B * copies, V] fp32, cache, context)``: runs the prompt once (T5: the
+  encoder once and the decoder start token, which also fills the cross-attention keys and
+  values; decoder: the whole left-padded prompt), then repeats the result ``copies``
+  times (beams or samples per prompt) row by row, so copies of one prompt are adjacent.
+  ``context`` is loop-invariant (masks, positions) and is closed over, not carried.
+* ``step(model, params, cache, context, tokens [N], step)`` -> ``(logits [N, V], cache)``:
+  feeds new token number ``step`` (0-based) into its cache slot.
+* ``prefix(input_ids, decoder_start_token_id)`` -> the tokens the output starts with
+  (T5: the start token; decoder: the prompt), as Hugging Face returns them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.models import family_of
+from llmjax.models.decoder import default_positions
+
+
+def _repeat_rows(tree, copies: int):
+    if copies == 1:
+        return tree
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, copies, axis=0), tree)
+
+
+class EncoderDecoderFamily:
+    """T5: the decoder starts from ``decoder_start_token_id`` at cache slot 0."""
+
+    @staticmethod
+    def prefix(input_ids: jax.Array, decoder_start_token_id: int) -> jax.Array:
+        return jnp.full((input_ids.shape[0], 1), decoder_start_token_id, jnp.int32)
+
+    @staticmethod
+    def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id):
+        from llmjax.models.t5 import T5
+
+        encoded = model.apply({"params": params}, input_ids, attention_mask, method=T5.encode)
+        encoded, encoder_mask = _repeat_rows((encoded, attention_mask), copies)
+        rows = encoded.shape[0]
+        # Slot 0 holds the start token; new token i (0-based) is fed at slot i + 1.
+        cache = model.init_cache(rows, 1 + max_new_tokens, encoded.shape[1])
+        start = jnp.full((rows, 1), decoder_start_token_id, jnp.int32)
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, start, encoded, encoder_mask, None,
+            decode=True, cache_index=0, method=T5.decode, mutable=["cache"],
+        )
+        return logits[:, -1], variables["cache"], {"encoder_mask": encoder_mask}
+
+    @staticmethod
+    def step(model, params, cache, context, tokens, step):
+        from llmjax.models.t5 import T5
+
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, tokens[:, None], None, context["encoder_mask"], None,
+            decode=True, cache_index=step + 1, method=T5.decode, mutable=["cache"],
+        )
+        return logits[:, -1], variables["cache"]
+
+
+class DecoderOnlyFamily:
+    """LLaMA-style decoder: left-padded prompt in slots ``0..P-1``, new token i at slot ``P + i``.
+
+    RoPE positions follow Hugging Face: ``cumsum(mask) - 1`` over the prompt, so every
+    row's first real token is position 0 and new token i sits at ``real_tokens + i``.
+    """
+
+    @staticmethod
+    def prefix(input_ids: jax.Array, decoder_start_token_id: int) -> jax.Array:
+        return input_ids
+
+    @staticmethod
+    def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id):
+        batch, prompt_len = input_ids.shape
+        cache_len = prompt_len + max_new_tokens
+        key_mask = jnp.concatenate(
+            [attention_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1
+        )
+        cache = model.init_cache(batch, cache_len)
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, input_ids, key_mask,
+            positions=default_positions(prompt_len, attention_mask), decode=True, cache_index=0,
+            mutable=["cache"],
+        )
+        next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
+        logits, cache, key_mask, next_position = _repeat_rows(
+            (logits[:, -1], variables["cache"], key_mask, next_position), copies
+        )
+        # Loop-invariant: the loop closes over it, so prompt_len stays a Python int.
+        context = {"key_mask": key_mask, "next_position": next_position, "prompt_len": prompt_len}
+        return logits, cache, context
+
+    @staticmethod
+    def step(model, params, cache, context, tokens, step):
+        positions = (context["next_position"] + step)[:, None]
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, tokens[:, None], context["key_mask"],
+            positions=positions, decode=True, cache_index=context["prompt_len"] + step, mutable=["cache"],
+        )
+        return logits[:, -1], variables["cache"]
+
+
+FAMILIES = {"t5": EncoderDecoderFamily, "decoder": DecoderOnlyFamily}
+
+
+def family_for(model):
+    """The adapter for a model built by ``llmjax.models.build_model``."""
+    return FAMILIES[family_of(model.config)]
