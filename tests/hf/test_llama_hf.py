@@ -46,6 +46,12 @@ def hf_positions(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
+def left_padded_torch_logits(torch_model, ids: np.ndarray) -> np.ndarray:
+    """The reference: transformers' logits for ``ids`` under LEFT_PAD_MASK with generate's positions."""
+    return torch_logits(torch_model, input_ids=ids, attention_mask=LEFT_PAD_MASK,
+                        position_ids=hf_positions(LEFT_PAD_MASK))
+
+
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def hf_dir(request, tmp_path_factory):
     """A random transformers LlamaForCausalLM saved with safetensors; yields (variant, dir, torch model)."""
@@ -59,8 +65,7 @@ def test_logits_match_transformers_with_left_padding(hf_dir):
     _, path, torch_model = hf_dir
     model, params = llmjax.hf.from_pretrained(path)
     ids = random_ids(1, (3, LENGTH), VOCAB)
-    expected = torch_logits(torch_model, input_ids=ids, attention_mask=LEFT_PAD_MASK,
-                            position_ids=hf_positions(LEFT_PAD_MASK))
+    expected = left_padded_torch_logits(torch_model, ids)
     got = jax.jit(model.apply)({"params": params}, ids, LEFT_PAD_MASK)
     assert got.dtype == jnp.float32
     assert max_abs_diff(got, expected, LEFT_PAD_MASK) <= 1e-4
@@ -99,8 +104,7 @@ def test_export_loads_in_transformers_with_same_logits(hf_dir, tmp_path):
     assert type(torch_model).__name__ == "LlamaForCausalLM"
     assert torch_model.config.tie_word_embeddings == config.tie_word_embeddings
     ids = random_ids(2, (3, LENGTH), VOCAB)
-    expected = torch_logits(torch_model, input_ids=ids, attention_mask=LEFT_PAD_MASK,
-                            position_ids=hf_positions(LEFT_PAD_MASK))
+    expected = left_padded_torch_logits(torch_model, ids)
     got = model.apply({"params": params}, ids, LEFT_PAD_MASK)
     assert max_abs_diff(got, expected, LEFT_PAD_MASK) <= 1e-4
     # and it reads back into llmjax unchanged
@@ -113,8 +117,7 @@ def test_bf16_compute_is_close_to_transformers_fp32(hf_dir):
     _, path, torch_model = hf_dir
     model, params = llmjax.hf.from_pretrained(path, dtype="bfloat16")
     ids = random_ids(4, (3, LENGTH), VOCAB)
-    expected = torch_logits(torch_model, input_ids=ids, attention_mask=LEFT_PAD_MASK,
-                            position_ids=hf_positions(LEFT_PAD_MASK))
+    expected = left_padded_torch_logits(torch_model, ids)
     got = model.apply({"params": params}, ids, LEFT_PAD_MASK)
     assert got.dtype == jnp.float32
     assert max_abs_diff(got, expected, LEFT_PAD_MASK) <= 0.03 * np.abs(expected).max()
@@ -136,8 +139,7 @@ def test_cached_decoding_matches_transformers(hf_dir):
     _, path, torch_model = hf_dir
     model, params = llmjax.hf.from_pretrained(path)
     ids = random_ids(7, (3, LENGTH), VOCAB)
-    expected = torch_logits(torch_model, input_ids=ids, attention_mask=LEFT_PAD_MASK,
-                            position_ids=hf_positions(LEFT_PAD_MASK))
+    expected = left_padded_torch_logits(torch_model, ids)
     prompt_len = 5
     positions = hf_positions(LEFT_PAD_MASK)
 
