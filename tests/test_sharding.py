@@ -1,5 +1,9 @@
 import functools
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -197,3 +201,35 @@ def test_param_count_helper_consistency():
     assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(lambda x: x.shape, real)
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) == \
         sum(x.size for x in jax.tree.leaves(real))
+
+
+_WORKER = """
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+import numpy as np
+from llmjax.sharding import initialize_distributed, make_mesh, shard_batch
+processes = initialize_distributed()
+rows = shard_batch({"x": np.full((2, 3), jax.process_index() + 1, np.int32)}, make_mesh(-1, 1, 1))["x"]
+print("RESULT", processes, len(jax.devices()), rows.shape, int(jax.jit(lambda a: a.sum())(rows)))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_global_batch(tmp_path):
+    # Two local processes with 2 CPU devices each = one 4-device mesh; each feeds its own 2 rows.
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+        # 2 processes, 4 global devices, a (4, 3) global batch summing 6 * 1 + 6 * 2.
+        assert "RESULT 2 4 (4, 3) 18" in out, out
