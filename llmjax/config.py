@@ -248,13 +248,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     _check_keys(raw, ["model", *SECTIONS], "")
     if "model" not in raw:
         raise ConfigError("missing section 'model': add e.g. `model: {include: model/t5_tiny.yaml}`")
-    sections = {name: _build_section(name, raw.get(name, {})) for name in ["model", *SECTIONS]}
-    try:
-        return RunConfig(**sections)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from e
+    return _construct(RunConfig, {name: _build_section(name, raw.get(name, {})) for name in ["model", *SECTIONS]})
 
 
 def config_to_dict(config: RunConfig) -> dict:
@@ -355,11 +349,13 @@ def _build_section(name: str, raw):
 
 
 def _build_dataclass(cls, raw: dict, prefix: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    allowed = list(fields) + (["family"] if prefix == "model" else [])
-    _check_keys(raw, [k for k in allowed if k != "family"], prefix)
+    _check_keys(raw, [f.name for f in dataclasses.fields(cls)], prefix)
     hints = typing.get_type_hints(cls)
-    values = {key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in raw.items()}
+    return _construct(cls, {key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in raw.items()})
+
+
+def _construct(cls, values: dict):
+    """``cls(**values)``, its validation errors (model configs raise ValueError) reported as ConfigError."""
     try:
         return cls(**values)
     except ConfigError:
