@@ -1,0 +1,332 @@
+"""Run a model over prompts or a dataset: load it, build the prompts, generate, score, report.
+
+- ``load_model_for_inference(path)`` -> ``(model, params, tokenizer)`` from a Hugging Face
+  directory, an llmjax checkpoint directory (``checkpoint.dir`` of a run) or a run directory
+  (``train.output_dir``, holding ``checkpoints/``).
+- ``generate_texts(...)``: prompts in, texts out, in batches (left padding for decoder-only
+  models, right padding for T5), each output cut at its eos and stripped of its prefix.
+- ``evaluate_dataset(...)``: zero/one/few-shot prompts from a template (``llmjax.prompts``),
+  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.metrics``).
+- ``compare_shots(...)``: the same examples at several shot counts, one result per setting
+  (the course's first lab: zero-, one- and few-shot side by side).
+- ``write_report(out_dir, results, settings)``: ``scores.json``, ``predictions.jsonl`` and a
+  ``report.md`` with a table of scores and some examples (input, reference, outputs).
+
+Prompt tokens follow each family's convention: a T5 encoder reads ``prompt + eos``; a decoder
+reads ``bos + prompt`` (no eos: it must continue the text) and stops at the model's eos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llmjax import metrics
+from llmjax.data.tokenizer import Tokenizer
+from llmjax.generate import GenerationConfig, generate, resolve_config
+from llmjax.models import family_of
+from llmjax.prompts import TEMPLATES, PromptTemplate, fit_prompt, select_shots
+
+DEFAULT_T5_MAX_INPUT_TOKENS = 512  # FLAN-T5's training input length; T5's relative positions have no hard limit
+MIN_PROMPT_BUCKET = 16  # prompts are padded to a power of two at least this long, so few shapes compile
+INPUT_PREVIEW_CHARS = 240
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def load_model_for_inference(path: str | Path):
+    """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory.
+
+    HF directory: ``config.json`` + safetensors, with ``spiece.model`` beside them. Checkpoint:
+    the newest complete step's parameters, the model config and the tokenizer directory recorded in
+    its metadata. Params are host fp32 arrays.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist; pass a Hugging Face directory "
+                                "(config.json + model.safetensors) or an llmjax checkpoint directory")
+    if (path / "config.json").is_file():
+        from llmjax import hf
+
+        model, params = hf.from_pretrained(path)
+        return model, params, _load_tokenizer(path, f"Hugging Face directory {path}")
+    checkpoint_dir = _checkpoint_dir(path)
+    if checkpoint_dir is None:
+        raise FileNotFoundError(
+            f"{path} is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint directory "
+            "(no numbered step directories, no checkpoints/); pass one of those"
+        )
+    from llmjax.train.checkpoint import Checkpointer, model_from_meta
+
+    checkpointer = Checkpointer(checkpoint_dir)
+    try:
+        restored = checkpointer.restore_params()
+    finally:
+        checkpointer.close()
+    model = model_from_meta(restored.meta)
+    tokenizer_dir = restored.meta.get("tokenizer_dir")
+    if not tokenizer_dir:
+        raise ValueError(f"checkpoint {checkpoint_dir} records no tokenizer directory; export it with "
+                         "`llmjax export` and add spiece.model to the exported directory")
+    return model, restored.state, _load_tokenizer(Path(tokenizer_dir), f"the tokenizer directory of {checkpoint_dir}")
+
+
+def load_generation_config(path: str | Path) -> GenerationConfig:
+    """The model directory's ``generation_config.json`` (Hugging Face defaults for it), else defaults."""
+    file = Path(path) / "generation_config.json"
+    return GenerationConfig.from_hf(file) if file.is_file() else GenerationConfig()
+
+
+def _checkpoint_dir(path: Path) -> Path | None:
+    for candidate in (path, path / "checkpoints"):
+        if candidate.is_dir() and any(child.is_dir() and child.name.isdigit() for child in candidate.iterdir()):
+            return candidate
+    return None
+
+
+def _load_tokenizer(directory: Path, where: str) -> Tokenizer:
+    if not (directory / "spiece.model").is_file():
+        raise FileNotFoundError(f"{where} has no spiece.model; save the tokenizer there "
+                                "(Tokenizer.save_pretrained or `llmjax tokenizer train --out`)")
+    return Tokenizer.load(directory)
+
+
+# ---------------------------------------------------------------------------
+# Prompts to token ids, generated ids to text
+# ---------------------------------------------------------------------------
+
+def prompt_ids(model, tokenizer: Tokenizer, text: str) -> list[int]:
+    """The token ids one prompt gives the model: T5 ``prompt + eos``; decoder ``bos + prompt``."""
+    if family_of(model.config) == "t5":
+        return tokenizer.encode(text, add_eos=True)
+    bos = getattr(model.config, "bos_token_id", None)
+    return ([] if bos is None else [bos]) + tokenizer.encode(text, add_eos=False)
+
+
+def encode_prompts(model, tokenizer: Tokenizer, texts: Sequence[str], bucket: bool = False):
+    """Token ids and mask of a batch, int32 ``[batch, length]``: ``length`` is the longest prompt's,
+    or with ``bucket`` the next power of two (at least ``MIN_PROMPT_BUCKET``).
+
+    Decoder prompts are left-padded (new tokens then follow every prompt at the same column);
+    T5 prompts are right-padded, as the encoder expects.
+    """
+    sequences = [prompt_ids(model, tokenizer, text) for text in texts]
+    longest = max(len(ids) for ids in sequences)
+    length = max(MIN_PROMPT_BUCKET, 1 << (longest - 1).bit_length()) if bucket else longest
+    left = family_of(model.config) == "decoder"
+    ids = np.full((len(sequences), length), model.config.pad_token_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for row, sequence in enumerate(sequences):
+        columns = slice(length - len(sequence), length) if left else slice(0, len(sequence))
+        ids[row, columns] = sequence
+        mask[row, columns] = 1
+    return ids, mask
+
+
+def new_tokens(sequences: np.ndarray, prefix_length: int, eos_token_id: Sequence[int] | None) -> list[list[int]]:
+    """The generated part of each row of ``generate``'s output, cut before its first eos."""
+    rows = []
+    for row in np.asarray(sequences)[:, prefix_length:].tolist():
+        if eos_token_id:
+            row = row[: next((i for i, token in enumerate(row) if token in eos_token_id), len(row))]
+        rows.append(row)
+    return rows
+
+
+def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], *,
+                   generation_config: GenerationConfig | None = None, batch_size: int = 8,
+                   rng: jax.Array | None = None) -> list[str]:
+    """Generate a continuation of every prompt; returns the decoded new text (special tokens dropped).
+
+    Prompts run ``batch_size`` at a time; a short last batch is filled up with copies of its first
+    prompt (their outputs are dropped) so every batch compiles to the same program. ``rng`` is
+    folded with the batch number, so a seed gives the same outputs for the same batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    config = resolve_config(model, generation_config)
+    if config.num_return_sequences != 1:
+        raise ValueError("generate_texts returns one text per prompt; set num_return_sequences=1")
+    rng = jax.random.key(0) if rng is None else rng
+    is_t5 = family_of(model.config) == "t5"
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        filled = batch + [batch[0]] * (batch_size - len(batch))
+        ids, mask = encode_prompts(model, tokenizer, filled, bucket=True)
+        sequences = generate(model, params, ids, mask, generation_config=config,
+                             rng=jax.random.fold_in(rng, start // batch_size))
+        prefix_length = 1 if is_t5 else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
+        tokens = new_tokens(np.asarray(jax.device_get(sequences)), prefix_length, config.eos_token_id)
+        outputs.extend(tokenizer.decode(row).strip() for row in tokens[: len(batch)])
+    return outputs
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EvalResult:
+    """One setting's run: prompts, outputs, references, how many shots each prompt kept, scores."""
+
+    shots: int
+    ids: list[str]
+    prompts: list[str]
+    predictions: list[str]
+    references: list[str]
+    shots_kept: list[int]
+    scores: dict[str, float]
+
+
+def score_predictions(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum F-measures in [0, 1], corpus BLEU in [0, 100], exact match in [0, 1]."""
+    return {**metrics.rouge(predictions, references), "bleu": metrics.bleu(predictions, references),
+            "exact_match": metrics.exact_match(predictions, references)}
+
+
+def get_template(template: PromptTemplate | str) -> PromptTemplate:
+    """A template by name from ``llmjax.prompts.TEMPLATES`` (or the template itself)."""
+    if isinstance(template, PromptTemplate):
+        return template
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[template]
+
+
+def default_max_input_tokens(model, generation_config: GenerationConfig | None) -> int:
+    """Prompt budget: T5 512 tokens; a decoder its context length minus the tokens it will generate."""
+    if family_of(model.config) == "t5":
+        return DEFAULT_T5_MAX_INPUT_TOKENS
+    config = resolve_config(model, generation_config)
+    room = model.config.max_position_embeddings - (config.max_new_tokens or 0)
+    if config.max_new_tokens is None or room < 1:
+        raise ValueError(f"set max_new_tokens below the decoder's context length {model.config.max_position_embeddings} "
+                         f"(got {config.max_new_tokens}) so the prompt has room")
+    return room
+
+
+def build_prompts(model, tokenizer: Tokenizer, examples: Sequence[dict], template: PromptTemplate | str, *,
+                  shots: int = 0, shot_pool: Sequence[dict] | None = None, shot_seed: int = 0,
+                  max_input_tokens: int) -> tuple[list[str], list[int]]:
+    """Prompt text per example and the shots each kept within ``max_input_tokens`` tokens.
+
+    Shots are drawn with ``select_shots`` from ``shot_pool`` (default: ``examples``), never the query
+    itself; with one seed every query gets the same shots wherever the pool allows.
+    """
+    template = get_template(template)
+    pool = list(examples if shot_pool is None else shot_pool)
+    count = lambda text: len(prompt_ids(model, tokenizer, text))  # noqa: E731
+    prompts, kept = [], []
+    for example in examples:
+        chosen = select_shots(pool, shots, shot_seed, exclude_id=example.get("id")) if shots else []
+        fitted = fit_prompt(template, example, chosen, count_tokens=count, max_tokens=max_input_tokens)
+        prompts.append(fitted.text)
+        kept.append(fitted.num_shots)
+    return prompts, kept
+
+
+def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dict], template: PromptTemplate | str, *,
+                     shots: int = 0, shot_pool: Sequence[dict] | None = None, shot_seed: int = 0,
+                     max_input_tokens: int | None = None, generation_config: GenerationConfig | None = None,
+                     batch_size: int = 8, rng: jax.Array | None = None) -> EvalResult:
+    """Prompt, generate and score every example (each needs the template's fields and ``summary``)."""
+    if not examples:
+        raise ValueError("no examples to evaluate; check the data path, split and --limit")
+    template = get_template(template)
+    if max_input_tokens is None:
+        max_input_tokens = default_max_input_tokens(model, generation_config)
+    prompts, kept = build_prompts(model, tokenizer, examples, template, shots=shots, shot_pool=shot_pool,
+                                  shot_seed=shot_seed, max_input_tokens=max_input_tokens)
+    predictions = generate_texts(model, params, tokenizer, prompts, generation_config=generation_config,
+                                 batch_size=batch_size, rng=rng)
+    references = [str(example[template.target_field]) for example in examples]
+    return EvalResult(shots, [str(e.get("id", i)) for i, e in enumerate(examples)], prompts, predictions,
+                      references, kept, score_predictions(predictions, references))
+
+
+def compare_shots(model, params, tokenizer: Tokenizer, examples: Sequence[dict], template: PromptTemplate | str,
+                  shot_counts: Sequence[int] = (0, 1, 2), **options) -> dict[str, EvalResult]:
+    """``evaluate_dataset`` once per shot count -> ``{"0-shot": result, "1-shot": ...}``."""
+    if len(set(shot_counts)) != len(shot_counts) or not shot_counts:
+        raise ValueError(f"shot counts must be distinct and non-empty, got {list(shot_counts)}")
+    return {f"{k}-shot": evaluate_dataset(model, params, tokenizer, examples, template, shots=k, **options)
+            for k in shot_counts}
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+SCORE_COLUMNS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
+                 "bleu": "BLEU", "exact_match": "Exact match"}
+
+
+def scores_table(results: dict[str, EvalResult]) -> str:
+    """A Markdown table, one row per setting: ROUGE and exact match as fractions, BLEU on 0-100."""
+    lines = ["| setting | " + " | ".join(SCORE_COLUMNS.values()) + " |",
+             "|---|" + "---:|" * len(SCORE_COLUMNS)]
+    for name, result in results.items():
+        cells = [f"{result.scores[key]:.2f}" if key == "bleu" else f"{result.scores[key]:.4f}" for key in SCORE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(text: str, limit: int | None = None) -> str:
+    """Text fit for one Markdown table cell: shortened, pipes escaped, newlines as <br>."""
+    text = text.strip()
+    if limit is not None and len(text) > limit:
+        text = text[:limit].rstrip() + " ..."
+    return text.replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def examples_table(examples: Sequence[dict], results: dict[str, EvalResult], template: PromptTemplate,
+                   count: int) -> str:
+    """Markdown table of the first ``count`` examples: input (shortened), reference, each setting's output."""
+    names = list(results)
+    lines = ["| id | input | reference | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+    for row, example in enumerate(examples[:count]):
+        first = results[names[0]]
+        cells = [first.ids[row], _cell(str(example[template.truncate_field]), INPUT_PREVIEW_CHARS),
+                 _cell(first.references[row])] + [_cell(results[name].predictions[row]) for name in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, examples: Sequence[dict], results: dict[str, EvalResult],
+                 template: PromptTemplate | str, settings: dict, num_examples_shown: int = 5) -> dict[str, Path]:
+    """Write ``scores.json`` (settings + scores per setting), ``predictions.jsonl`` and ``report.md``.
+
+    ``settings``: JSON-able facts of the run (model path, data, split, generation config, ...);
+    the template name, the example count and each setting's shot count are added here.
+    """
+    template = get_template(template)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**settings, "template": template.name, "template_text": template.template,
+                "num_examples": len(examples)}
+    summary = {"settings": settings, "results": {
+        name: {"shots": result.shots, "mean_shots_kept": float(np.mean(result.shots_kept)), "scores": result.scores}
+        for name, result in results.items()}}
+    paths = {"scores": out_dir / "scores.json", "predictions": out_dir / "predictions.jsonl",
+             "report": out_dir / "report.md"}
+    paths["scores"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with open(paths["predictions"], "w", encoding="utf-8") as f:
+        for name, result in results.items():
+            for row in zip(result.ids, result.prompts, result.references, result.predictions):
+                f.write(json.dumps(dict(zip(("id", "prompt", "reference", "prediction"), row), setting=name),
+                                   ensure_ascii=False) + "\n")
+    settings_lines = [f"- **{key}**: `{json.dumps(value)}`" for key, value in settings.items() if key != "template_text"]
+    report = ["# Evaluation report", "", *settings_lines, "", "## Scores", "",
+              "ROUGE F-measures and exact match in [0, 1]; BLEU in [0, 100].", "", scores_table(results), "",
+              f"## Examples (first {min(num_examples_shown, len(examples))})", "",
+              examples_table(examples, results, template, num_examples_shown), ""]
+    paths["report"].write_text("\n".join(report), encoding="utf-8")
+    return paths
