@@ -77,6 +77,119 @@ def cmd_data_corpus(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from llmjax.evaluate import build_prompts, default_max_input_tokens, generate_texts, load_examples, \
+        load_model_for_inference, shot_pool_for
+
+    model, params, tokenizer = load_model_for_inference(args.model)
+    config = _generation_config(args)
+    if args.dataset is not None:
+        examples = load_examples(args.dataset, args.split, args.limit)
+        template, pool = args.template or "summarize", shot_pool_for(args.dataset, args.split)
+    else:
+        texts = args.prompt if args.prompt is not None else _read_prompt_file(args.input_file)
+        examples = [{"id": str(i), "dialogue": text} for i, text in enumerate(texts, 1)]
+        template, pool = args.template, None
+        if template is None and args.shots:
+            raise UserError("--shots needs --template (shots are rendered by a prompt template)")
+        if template is not None and args.shots:
+            pool = load_examples("bundled", "train")
+    if template is None:
+        prompts = [example["dialogue"] for example in examples]
+    else:
+        budget = args.max_input_tokens or default_max_input_tokens(model, config)
+        prompts, _ = build_prompts(model, tokenizer, examples, template, shots=args.shots, shot_pool=pool,
+                                   shot_seed=args.shot_seed, max_input_tokens=budget)
+    outputs = generate_texts(model, params, tokenizer, prompts, generation_config=config,
+                             batch_size=args.batch_size, rng=_rng(args.seed))
+    for example, prompt, output in zip(examples, prompts, outputs):
+        print(f"--- {example['id']} ---")
+        if args.show_prompt:
+            print(f"prompt: {prompt}")
+        print(output)
+        if "summary" in example:
+            print(f"reference: {example['summary']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from llmjax.evaluate import compare_shots, load_examples, load_model_for_inference, scores_table, \
+        shot_pool_for, write_report
+    from llmjax.generate import resolve_config
+
+    model, params, tokenizer = load_model_for_inference(args.model)
+    config = _generation_config(args)
+    examples = load_examples(args.data, args.split, args.limit)
+    results = compare_shots(
+        model, params, tokenizer, examples, args.template, shot_counts=args.shots,
+        shot_pool=shot_pool_for(args.data, args.split), shot_seed=args.shot_seed,
+        max_input_tokens=args.max_input_tokens, generation_config=config, batch_size=args.batch_size,
+        rng=_rng(args.seed),
+    )
+    settings = {"model": str(args.model), "data": str(args.data), "split": args.split, "limit": args.limit,
+                "shot_seed": args.shot_seed, "max_input_tokens": args.max_input_tokens,
+                "batch_size": args.batch_size, "seed": args.seed,
+                "generation_config": resolve_config(model, config).to_hf()}
+    paths = write_report(args.out, examples, results, args.template, settings, args.examples_shown)
+    print(scores_table(results))
+    print(f"wrote {paths['scores']}, {paths['predictions']} and {paths['report']}")
+    return 0
+
+
+DEFAULT_MAX_NEW_TOKENS = 64
+_DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                     "num_beams", "length_penalty", "early_stopping")
+
+
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (Hugging Face generate names; unset: the model's generation_config.json, "
+                             "else Hugging Face defaults)")
+    g.add_argument("--max-new-tokens", type=int, help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--min-new-tokens", type=int, help="no eos before this many new tokens")
+    g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None, help="sample instead of greedy/beam")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens when sampling (0: off)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--num-beams", type=int, help="beam search with this many beams (1: off)")
+    g.add_argument("--length-penalty", type=float, help="beam score = log-prob / length**length_penalty")
+    g.add_argument("--early-stopping", choices=("true", "false", "never"), help="beam search stopping rule")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    g.add_argument("--max-input-tokens", type=int,
+                   help="prompt budget in tokens (default: 512 for T5, context length minus new tokens for decoders)")
+
+
+def _generation_config(args):
+    import dataclasses
+
+    from llmjax.evaluate import load_generation_config
+
+    base = load_generation_config(args.model)
+    overrides = {name: getattr(args, name) for name in _DECODING_OPTIONS if getattr(args, name) is not None}
+    if "early_stopping" in overrides:
+        overrides["early_stopping"] = {"true": True, "false": False}.get(overrides["early_stopping"], "never")
+    if "max_new_tokens" not in overrides and base.max_new_tokens is None:
+        overrides["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    return dataclasses.replace(base, **overrides)
+
+
+def _rng(seed: int):
+    import jax
+
+    return jax.random.key(seed)
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    """Prompts of a text file: blocks separated by blank lines (a block may span lines, like a dialogue)."""
+    if not path.is_file():
+        raise UserError(f"input file {path} does not exist")
+    blocks = [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n")]
+    prompts = [block for block in blocks if block]
+    if not prompts:
+        raise UserError(f"input file {path} holds no prompts; write one prompt per block, blocks separated by a blank line")
+    return prompts
+
+
 def _default_config() -> Path:
     if not DEFAULT_CONFIG.is_file():
         raise UserError(f"bundled default config {DEFAULT_CONFIG} is missing; pass --config FILE")
@@ -127,6 +240,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-documents", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_corpus)
+
+    p = sub.add_parser("generate", help="generate text from a Hugging Face directory or an llmjax checkpoint")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face directory, checkpoint directory or run directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", nargs="+", metavar="TEXT", help="prompt text(s)")
+    source.add_argument("--input-file", type=Path, help="text file, one prompt per block (blank line between blocks)")
+    source.add_argument("--dataset", metavar="bundled|PATH", help="dialogue data: 'bundled' or a DialogSum file/directory")
+    p.add_argument("--split", default="test", help="dataset split (default test)")
+    p.add_argument("--limit", type=int, default=5, help="dataset examples to run (default 5)")
+    p.add_argument("--template", help="prompt template filling its {dialogue} slot with each text "
+                                      "(default: raw prompts; 'summarize' for --dataset)")
+    p.add_argument("--shots", type=int, default=0, help="solved examples before each prompt (needs a template)")
+    p.add_argument("--shot-seed", type=int, default=0, help="seed choosing the shots")
+    p.add_argument("--show-prompt", action="store_true", help="print each full prompt before its output")
+    _add_decoding_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="score a model on dialogue summarization: ROUGE, BLEU, exact match")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face directory, checkpoint directory or run directory")
+    p.add_argument("--data", default="bundled", metavar="bundled|PATH", help="'bundled' (default) or a DialogSum file/directory")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples (default all)")
+    p.add_argument("--template", default="summarize", help="prompt template name (default summarize)")
+    p.add_argument("--shots", type=int, nargs="+", default=[0], help="shot counts to compare, e.g. 0 1 2 (default 0)")
+    p.add_argument("--shot-seed", type=int, default=0, help="seed choosing the shots")
+    p.add_argument("--out", required=True, type=Path, help="directory for scores.json, predictions.jsonl, report.md")
+    p.add_argument("--examples-shown", type=int, default=5, help="examples in report.md (default 5)")
+    _add_decoding_options(p)
+    p.set_defaults(func=cmd_evaluate)
 
     return parser
 

@@ -99,6 +99,45 @@ def _load_tokenizer(directory: Path, where: str) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+BUNDLED_DATA_NAMES = ("bundled", "bundled-dialogsum")
+
+
+def load_examples(data: str | Path, split: str | None = "test", limit: int | None = None) -> list[dict]:
+    """Examples of ``data``: "bundled" (the generated DialogSum-shaped set) or a DialogSum file/directory.
+
+    A directory gives its ``split`` file; a single file is read whole (``split`` ignored).
+    ``limit`` keeps the first examples.
+    """
+    from llmjax.data.dialogsum import bundled_dialogsum, load_dialogsum
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if str(data) in BUNDLED_DATA_NAMES:
+        examples = bundled_dialogsum(split or "test")
+    else:
+        path = Path(data)
+        examples = load_dialogsum(path, None if path.is_file() else (split or "test"))
+    return examples[:limit] if limit is not None else examples
+
+
+def shot_pool_for(data: str | Path, split: str | None = "test") -> list[dict] | None:
+    """Where shots come from: the train split beside ``data`` when there is one, else None (the
+    evaluated examples themselves, each query excluded from its own shots)."""
+    if str(data) in BUNDLED_DATA_NAMES:
+        return load_examples(data, "train")
+    path = Path(data)
+    if path.is_dir() and split != "train":
+        try:
+            return load_examples(path, "train")
+        except FileNotFoundError:
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Prompts to token ids, generated ids to text
 # ---------------------------------------------------------------------------
 
