@@ -1,0 +1,77 @@
+"""Loss functions of language models on the batch contract (``llmjax/batch.py``).
+
+Each factory returns a ``LossFn`` (contract in ``llmjax.train.step``): sums over
+target tokens, with ``sums["weights"]`` the number of target tokens.
+
+Compute runs in the model's dtype (bf16 for training); logits and the loss are fp32.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from llmjax.losses import cross_entropy_with_z_loss
+from llmjax.train.step import LossFn
+
+
+def _model_kwargs(rng):
+    if rng is None:
+        return {"deterministic": True}
+    return {"deterministic": False, "rngs": {"dropout": rng}}
+
+
+def seq2seq_loss_fn(model: nn.Module, z_loss: float = 0.0, label_smoothing: float = 0.0) -> LossFn:
+    """Cross-entropy (+ z-loss) of an encoder-decoder on T5 batch features.
+
+    Unpacked batches mask encoder padding with ``encoder_input_tokens != pad``; the
+    decoder needs no padding mask (padding is at the end, causality hides it, and
+    ``decoder_loss_weights`` is 0 there). Packed batches use segment ids and positions.
+    """
+    pad_id = model.config.pad_token_id
+
+    def loss_fn(params, batch, rng):
+        packed = "encoder_segment_ids" in batch
+        logits = model.apply(
+            {"params": params},
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            attention_mask=None if packed else (batch["encoder_input_tokens"] != pad_id).astype(jnp.int32),
+            encoder_segment_ids=batch.get("encoder_segment_ids"),
+            decoder_segment_ids=batch.get("decoder_segment_ids"),
+            encoder_positions=batch.get("encoder_positions"),
+            decoder_positions=batch.get("decoder_positions"),
+            **_model_kwargs(rng),
+        )
+        return _token_loss(logits, batch, z_loss, label_smoothing)
+
+    return loss_fn
+
+
+def causal_lm_loss_fn(model: nn.Module, z_loss: float = 0.0, label_smoothing: float = 0.0) -> LossFn:
+    """Cross-entropy (+ z-loss) of a decoder-only model on ``decoder_*`` batch features."""
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply(
+            {"params": params},
+            batch["decoder_input_tokens"],
+            None,
+            positions=batch.get("decoder_positions"),
+            segment_ids=batch.get("decoder_segment_ids"),
+            **_model_kwargs(rng),
+        )
+        return _token_loss(logits, batch, z_loss, label_smoothing)
+
+    return loss_fn
+
+
+def _token_loss(logits, batch, z_loss, label_smoothing):
+    objective, z, weights = cross_entropy_with_z_loss(
+        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss, label_smoothing
+    )
+    # "loss" is the cross-entropy alone, comparable across z-loss settings.
+    return objective, {"loss": objective - z, "z_loss": z, "weights": weights}
+
+
+LOSS_FNS = {"t5": seq2seq_loss_fn, "decoder": causal_lm_loss_fn}
+"""Model family -> loss-function factory ``(model, z_loss, label_smoothing) -> loss_fn``."""
