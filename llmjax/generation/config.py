@@ -23,7 +23,10 @@ HF_METADATA_KEYS = frozenset({
     "output_hidden_states", "max_time", "cache_implementation", "cache_config", "compile_config",
     "disable_compile", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
     "assistant_confidence_threshold", "prompt_lookup_num_tokens", "max_matching_ngram_size",
-    "low_memory", "prefill_chunk_size",
+    "low_memory", "prefill_chunk_size", "max_cache_len", "continuous_batching_config",
+    # assisted / speculative decoding: speeds, does not change greedy tokens
+    "assistant_early_exit", "assistant_ensemble_weight", "assistant_lookbehind", "target_lookbehind",
+    "speculation_type", "use_mtp",
 })
 
 # Hugging Face decoding features llmjax does not implement, with the value that makes each
