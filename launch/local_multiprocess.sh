@@ -11,7 +11,7 @@ port=${COORDINATOR_PORT:-$((20000 + RANDOM % 20000))}
 pids=()
 for ((i = 0; i < n; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$per" \
-  LLMJAX_COORDINATOR="localhost:$port" LLMJAX_NUM_PROCESSES=$n LLMJAX_PROCESS_ID=$i \
+  JAX_COORDINATOR_ADDRESS="localhost:$port" JAX_NUM_PROCESSES=$n JAX_PROCESS_ID=$i \
     llmjax train --config "$config" "$@" > "multiprocess_$i.log" 2>&1 &
   pids+=($!)
 done
