@@ -256,7 +256,7 @@ class Decoder(nn.Module):
         else:
             logits = Dense(
                 cfg.vocab_size, (axes.EMBED, axes.VOCAB), normal_init(cfg.initializer_range),
-                dtype, param_dtype, name="lm_head",
+                dtype, param_dtype, output_dtype=jnp.float32, name="lm_head",
             )(hidden)
         logits = nn.with_logical_constraint(
             logits.astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB)

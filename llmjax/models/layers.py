@@ -36,6 +36,8 @@ class Dense(nn.Module):
     kernel_init: Initializer = nn.initializers.lecun_normal()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # Accumulate and return in this dtype (fp32 for LM heads, so bf16 logits are never rounded).
+    output_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,7 +47,9 @@ class Dense(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return jnp.dot(
+            x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.output_dtype
+        )
 
 
 class Embed(nn.Module):
