@@ -247,7 +247,8 @@ def default_max_input_tokens(model, generation_config: GenerationConfig | None) 
     config = resolve_config(model, generation_config)
     room = model.config.max_position_embeddings - (config.max_new_tokens or 0)
     if config.max_new_tokens is None or room < 1:
-        raise ValueError(f"set max_new_tokens below the decoder's context length {model.config.max_position_embeddings} "
+        context = model.config.max_position_embeddings
+        raise ValueError(f"set max_new_tokens below the decoder's context length {context} "
                          f"(got {config.max_new_tokens}) so the prompt has room")
     return room
 
@@ -362,7 +363,8 @@ def write_report(out_dir: str | Path, examples: Sequence[dict], results: dict[st
             for row in zip(result.ids, result.prompts, result.references, result.predictions):
                 f.write(json.dumps(dict(zip(("id", "prompt", "reference", "prediction"), row), setting=name),
                                    ensure_ascii=False) + "\n")
-    settings_lines = [f"- **{key}**: `{json.dumps(value)}`" for key, value in settings.items() if key != "template_text"]
+    settings_lines = [f"- **{key}**: `{json.dumps(value)}`"
+                      for key, value in settings.items() if key != "template_text"]
     report = ["# Evaluation report", "", *settings_lines, "", "## Scores", "",
               "ROUGE F-measures and exact match in [0, 1]; BLEU in [0, 100].", "", scores_table(results), "",
               f"## Examples (first {min(num_examples_shown, len(examples))})", "",

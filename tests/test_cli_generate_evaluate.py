@@ -102,7 +102,7 @@ def test_evaluate_writes_report_equal_to_library_run(t5_dir, tmp_path, capsys):
     scores = json.loads((out_dir / "scores.json").read_text())
     assert {name: r["scores"] for name, r in scores["results"].items()} == {n: r.scores for n, r in results.items()}
     settings = scores["settings"]
-    assert (settings["model"], settings["data"], settings["split"], settings["limit"]) == (str(t5_dir), "bundled", "test", 2)
+    assert [settings[key] for key in ("model", "data", "split", "limit")] == [str(t5_dir), "bundled", "test", 2]
     assert settings["generation_config"]["max_new_tokens"] == 4
     assert settings["generation_config"]["decoder_start_token_id"] == 0
     assert (settings["template"], settings["num_examples"]) == ("tldr", 2)
@@ -130,9 +130,11 @@ def test_evaluate_in_a_subprocess(decoder_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--template", "nope", "--limit", "1"], "llmjax evaluate: error: unknown prompt template 'nope'; choose one of summarize,"),
+    (["--template", "nope", "--limit", "1"],
+     "llmjax evaluate: error: unknown prompt template 'nope'; choose one of summarize,"),
     (["--top-p", "1.5"], "llmjax evaluate: error: GenerationConfig: top_p=1.5 must be in (0, 1]"),
-    (["--min-new-tokens", "9", "--max-new-tokens", "3"], "llmjax evaluate: error: GenerationConfig: min_new_tokens=9 exceeds"),
+    (["--min-new-tokens", "9", "--max-new-tokens", "3"],
+     "llmjax evaluate: error: GenerationConfig: min_new_tokens=9 exceeds"),
     (["--data", "/no/such/data"], "llmjax evaluate: error: DialogSum path /no/such/data does not exist"),
     (["--limit", "0"], "llmjax evaluate: error: limit must be >= 1, got 0"),
 ])
@@ -146,8 +148,10 @@ def test_generate_user_errors_exit_2(t5_dir, tmp_path, capsys):
     cases = [
         (["--model", str(tmp_path), "--prompt", "x"], f"{tmp_path} is neither a Hugging Face directory"),
         (["--model", str(t5_dir), "--prompt", "x", "--shots", "1"], "--shots needs --template"),
-        (["--model", str(t5_dir), "--input-file", str(tmp_path / "none.txt")], f"input file {tmp_path / 'none.txt'} does not exist"),
-        (["--model", str(t5_dir), "--prompt", "x", "--num-beams", "0"], "GenerationConfig: num_beams=0 must be a positive integer"),
+        (["--model", str(t5_dir), "--input-file", str(tmp_path / "none.txt")],
+         f"input file {tmp_path / 'none.txt'} does not exist"),
+        (["--model", str(t5_dir), "--prompt", "x", "--num-beams", "0"],
+         "GenerationConfig: num_beams=0 must be a positive integer"),
     ]
     for args, message in cases:
         assert main(["generate", *args]) == 2

@@ -41,8 +41,8 @@ GREEDY = GenerationConfig(max_new_tokens=6)
 
 def tiny_config(family: str, vocab_size: int):
     if family == "t5":
-        return T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
-                        dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        return T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                        num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     # T5-convention tokenizer: pad 0, eos 1; the decoder's bos is the eos id, as in GPT-2 style setups.
     return DecoderConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
@@ -223,8 +223,8 @@ def test_evaluate_scores_equal_metrics_on_its_predictions(loaded, examples):
 def test_perfect_and_hand_checked_scores(examples):
     references = [example["summary"] for example in examples]
     perfect = score_predictions(references, references)
-    assert perfect == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0, "bleu": 100.0,
-                       "exact_match": 1.0}
+    assert perfect == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0, "bleu": 100.0,
+                                     "exact_match": 1.0}, abs=1e-9)
     # "the cat sat" vs "the cat ran": unigram P = R = 2/3; bigram 1/2; LCS 2 -> F 2/3.
     scores = score_predictions(["the cat sat", "b c d."], ["the cat ran", "B c d"])
     assert scores["rouge1"] == pytest.approx((2 / 3 + 1) / 2)
