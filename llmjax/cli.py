@@ -1,4 +1,6 @@
-"""``llmjax <command>``: the only place that parses arguments or talks to the user directly.
+"""llmjax: train, tune, evaluate and export language models with JAX.
+
+``llmjax <command>`` is the only place that parses arguments or talks to the user directly.
 
 Each subcommand is a small function registered in ``COMMANDS``; heavy imports happen inside
 it so ``llmjax --help`` is instant. A user error (bad config, missing file, unsupported
