@@ -39,6 +39,7 @@ VARIANTS = {
                     feed_forward_proj="gated-silu", tie_word_embeddings=False),
 }
 ENC_LEN, DEC_LEN = 12, 7
+init = jax.jit(init_params, static_argnums=0)  # compiled: eager init dispatches hundreds of small ops
 
 
 def make_torch_t5(seed: int, **config) -> transformers.T5ForConditionalGeneration:
@@ -77,7 +78,7 @@ def batch():
 
 
 def llmjax_logits(model, params, inputs):
-    return np.asarray(model.apply({"params": params}, **inputs))
+    return np.asarray(jax.jit(model.apply)({"params": params}, **inputs))
 
 
 def test_logits_match_transformers_with_padding(hf_dir):
@@ -105,7 +106,7 @@ def test_hf_to_llmjax_to_hf_is_bitwise_identical(hf_dir, tmp_path):
 def test_llmjax_init_exports_to_transformers(name, tmp_path):
     config = T5Config(**{k: v for k, v in VARIANTS[name].items()})
     model = build_model(config)
-    params = init_params(model, jax.random.key(3))
+    params = init(model, jax.random.key(3))
     llmjax.hf.save_pretrained(model, params, tmp_path)
     torch_model = load_torch_model(transformers.AutoModelForSeq2SeqLM, tmp_path)
     assert isinstance(torch_model, transformers.T5ForConditionalGeneration)
@@ -138,7 +139,7 @@ def test_bfloat16_compute_is_close_to_float32(hf_dir):
     model16, params16 = llmjax.hf.from_pretrained(path, dtype="bfloat16")
     inputs = batch()
     logits32 = llmjax_logits(model32, params, inputs)
-    logits16 = model16.apply({"params": params16}, **inputs)
+    logits16 = jax.jit(model16.apply)({"params": params16}, **inputs)
     assert logits16.dtype == np.float32 and params16["shared"]["embedding"].dtype == np.float32
     scale = np.abs(logits32).max()
     diff = max_abs_diff(logits16, logits32, mask=inputs["decoder_attention_mask"])
@@ -203,7 +204,7 @@ def test_unsupported_model_type(tmp_path):
 def hf_tensors():
     config = T5Config(**VARIANTS["v1_1"])
     model = build_model(config)
-    return config, hf_t5.params_to_hf(jax.device_get(init_params(model, jax.random.key(0))), config)
+    return config, hf_t5.params_to_hf(jax.device_get(init(model, jax.random.key(0))), config)
 
 
 def test_wrong_tensor_shape_names_key_and_shapes(hf_tensors):
