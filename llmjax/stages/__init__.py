@@ -1,0 +1,24 @@
+"""Training stages: each module defines one (data + loss + trainable filter + init source) and runs the loop.
+
+``run_stage(config)`` picks the stage from the run config; the CLI calls it.
+"""
+
+from __future__ import annotations
+
+from llmjax.config import RunConfig
+
+# data.objective -> stage module (under llmjax.stages) that trains with it
+STAGE_FOR_OBJECTIVE = {"span_corruption": "pretrain", "causal_lm": "pretrain"}
+
+
+def run_stage(config: RunConfig, *, progress: bool = True) -> dict:
+    """Run the stage ``config`` describes; returns its summary dict (see ``llmjax.train.loop.train``)."""
+    import importlib
+
+    objective = config.data.objective
+    if objective not in STAGE_FOR_OBJECTIVE:
+        raise ValueError(
+            f"no training stage handles data.objective={objective!r} yet; available: {sorted(STAGE_FOR_OBJECTIVE)}"
+        )
+    stage = importlib.import_module(f"llmjax.stages.{STAGE_FOR_OBJECTIVE[objective]}")
+    return stage.run(config, progress=progress)

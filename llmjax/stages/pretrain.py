@@ -1,0 +1,174 @@
+"""Pre-training: span corruption for T5, causal LM for decoders, on text documents.
+
+The stage is data + loss + trainable filter + init source; the shared loop does the rest:
+
+* data:      documents from ``data.kind``/``data.source`` -> tokenizer -> objective -> packed batches
+             (``DataIterator``: deterministic, split across processes, resumable)
+* loss:      token cross-entropy (+ z-loss) of the family (``llmjax.train.lm_loss``)
+* trainable: everything
+* init:      random from ``train.seed``
+
+Tokenizer: ``data.tokenizer`` (a ``spiece.model`` file or a directory holding one), or, when
+unset, one trained on the training documents with ``data.tokenizer_vocab_size`` ids and
+cached in ``<train.output_dir>/tokenizer`` (a rerun or a resume reuses it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from llmjax.config import RunConfig, dump_config
+from llmjax.data.objectives import causal_lm_example, span_corruption_budget, span_corruption_example
+from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, hf_dataset_source, tfds_source
+from llmjax.data.tokenizer import Tokenizer, train_tokenizer
+from llmjax.models import build_model
+from llmjax.train.lm_loss import LOSS_FNS
+from llmjax.train.loop import Stage, train
+
+OBJECTIVES = {"t5": "span_corruption", "decoder": "causal_lm"}
+BUNDLED_DOCUMENTS = {"corpus": (10_000, 0), "corpus_heldout": (500, 1)}  # name -> (documents, seed)
+TOKENIZER_TRAINING_DOCUMENTS = 5_000
+
+
+def run(config: RunConfig, *, progress: bool = True) -> dict:
+    """Pre-train the model of ``config`` and return the loop's summary dict."""
+    return train(build_stage(config), config, progress=progress)
+
+
+def build_stage(config: RunConfig) -> Stage:
+    """The pre-training stage of ``config``: model, loss, data iterators, tokenizer."""
+    family, dc = config.family, config.data
+    if dc.objective != OBJECTIVES[family]:
+        raise ValueError(
+            f"data.objective={dc.objective!r} does not pre-train a {family} model; use {OBJECTIVES[family]!r}"
+        )
+    output_dir = Path(config.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        dump_config(config, output_dir / "config.yaml")
+
+    train_source = build_source(dc.kind, dc.source, dc.text_field)
+    tokenizer, tokenizer_dir = load_or_train_tokenizer(config, train_source)
+    check_vocab(tokenizer, config.model)
+    model = build_model(config.model)
+    example_fn = _example_fn(config, tokenizer)
+    process_count = jax.process_count()
+    local_batch = config.train.batch_size // process_count
+
+    def iterator(source, **kwargs):
+        return DataIterator(
+            source, example_fn, batch_size=local_batch, decoder_length=dc.decoder_length,
+            encoder_length=dc.encoder_length if family == "t5" else None, pack=dc.packing,
+            seed=config.train.seed, process_index=jax.process_index(), process_count=process_count, **kwargs,
+        )
+
+    eval_data = None
+    if dc.eval_source:
+        eval_source = build_source(dc.kind, dc.eval_source, dc.text_field)
+        eval_data = lambda: iterator(eval_source, shuffle=False, num_epochs=1)  # noqa: E731
+
+    return Stage(
+        name="pretrain",
+        model=model,
+        loss_fn=LOSS_FNS[family](model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
+        train_data=iterator(train_source),
+        eval_data=eval_data,
+        tokenizer=tokenizer,
+        meta={"tokenizer_dir": str(tokenizer_dir)},
+    )
+
+
+# -- data ------------------------------------------------------------------------
+
+def build_source(kind: str, source: str, text_field: str):
+    """A random-access source of ``{text_field: str}`` documents."""
+    if kind == "bundled":
+        if source not in BUNDLED_DOCUMENTS:
+            raise ValueError(f"data.source={source!r} is not a bundled dataset; choose from {sorted(BUNDLED_DOCUMENTS)}")
+        from llmjax.data.bundled.corpus import generate_corpus
+
+        count, seed = BUNDLED_DOCUMENTS[source]
+        return [{text_field: text} for text in generate_corpus(count, seed)]
+    if kind == "text":
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.source={source!r}: no such text file (one document per line)")
+        return [{text_field: line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    builders: dict[str, Callable] = {
+        "jsonl": lambda: JsonlSource(source, [text_field]),
+        "parquet": lambda: ParquetSource(source, [text_field]),
+        "hf": lambda: hf_dataset_source(source, format=Path(source).suffix.lstrip(".") or "json", fields=[text_field]),
+        "tfds": lambda: tfds_source(source, split="train", fields=[text_field]),
+    }
+    return builders[kind]()
+
+
+def load_or_train_tokenizer(config: RunConfig, train_source) -> tuple[Tokenizer, Path]:
+    """``data.tokenizer`` if set; else the cached one in the output dir; else train and cache one."""
+    dc = config.data
+    if dc.tokenizer:
+        path = Path(dc.tokenizer)
+        return Tokenizer.load(path), (path if path.is_dir() else path.parent).absolute()
+    cache = (Path(config.train.output_dir) / "tokenizer").absolute()
+    if (cache / "spiece.model").is_file():
+        tokenizer = Tokenizer.load(cache)
+        if tokenizer.vocab_size == dc.tokenizer_vocab_size:
+            return tokenizer, cache
+    if jax.process_index() == 0:
+        count = min(len(train_source), TOKENIZER_TRAINING_DOCUMENTS)
+        texts = (train_source[i][dc.text_field] for i in range(count))
+        train_tokenizer(texts, cache, vocab_size=dc.tokenizer_vocab_size, seed=config.train.seed)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("llmjax_tokenizer")
+    return Tokenizer.load(cache), cache
+
+
+def check_vocab(tokenizer: Tokenizer, model_config) -> None:
+    """Every token id must have an embedding row."""
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_config.vocab_size}; "
+            f"set model.vocab_size >= {tokenizer.vocab_size} (or data.tokenizer_vocab_size <= "
+            f"{model_config.vocab_size} when llmjax trains the tokenizer)"
+        )
+
+
+def _example_fn(config: RunConfig, tokenizer: Tokenizer):
+    """Raw document -> list of model examples that each fit the configured lengths."""
+    dc, family = config.data, config.family
+    text_field = dc.text_field
+    if family == "t5":
+        chunk, targets_length = span_corruption_budget(dc.encoder_length, dc.noise_density, dc.mean_noise_span_length)
+        if targets_length > dc.decoder_length:
+            raise ValueError(
+                f"span corruption of {dc.encoder_length}-token inputs makes targets of {targets_length} tokens but "
+                f"data.decoder_length={dc.decoder_length}; set data.decoder_length >= {targets_length}"
+            )
+        sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_extra_ids)]
+        start_id = config.model.decoder_start_token_id
+
+        def span_corruption(raw, rng):
+            ids = np.asarray(tokenizer.encode(raw[text_field], add_eos=False), np.int32)
+            return [
+                span_corruption_example(ids[i:i + chunk], rng, sentinels, tokenizer.eos_id, start_id,
+                                        dc.noise_density, dc.mean_noise_span_length)
+                for i in range(0, len(ids), chunk)
+            ] or None
+
+        return span_corruption
+
+    window = dc.decoder_length + 1  # inputs and targets are the window shifted by one
+
+    def causal_lm(raw, rng):
+        del rng
+        ids = np.asarray(tokenizer.encode(raw[text_field], add_eos=True), np.int32)
+        return [causal_lm_example(ids[i:i + window]) for i in range(0, len(ids) - 1, window - 1)] or None
+
+    return causal_lm
+

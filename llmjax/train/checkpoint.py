@@ -1,0 +1,360 @@
+"""Checkpoints: orbax save/restore of the train state, data-iterator state and run metadata.
+
+Layout of ``checkpoint.dir``::
+
+    <step>/state/...              TrainState as a nested dict (orbax PyTree, sharded arrays)
+    <step>/data/...               data-iterator state (JSON)
+    <step>/meta/...               model family + config, tokenizer dir, stage (JSON)
+    <step>/llmjax_manifest.json   size and sha256 of every file above, written last
+
+Atomic: orbax writes a step into a temporary directory and renames it when complete,
+so a step directory either exists whole or not at all. The manifest is written after
+the rename; a step without one (the run died in between) or whose files do not match
+it (truncated, corrupted) is refused with ``CheckpointCorruptError`` naming the step and
+path. ``restore_latest(..., fallback=True)`` then tries the previous step and says so.
+
+Retention keeps the newest ``keep`` complete (manifest-verified-at-save) steps and is
+applied only after the newest manifest is written, so the newest complete checkpoint
+is never deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import flax.serialization
+import jax
+import orbax.checkpoint as ocp
+
+from llmjax.train.state import TrainState, merge_params
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "llmjax_manifest.json"
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint step is incomplete, truncated or corrupted."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """What ``restore``/``restore_latest`` return."""
+
+    step: int
+    state: Any               # TrainState (or a nested dict of params for ``restore_params``)
+    data_state: dict | None  # the data iterator's ``state()`` at save time
+    meta: dict
+    skipped: list[str] = dataclasses.field(default_factory=list)  # newer steps refused, with reasons
+
+
+class Checkpointer:
+    """Save and restore train states under one directory. See the module docstring.
+
+    ``keep``: complete checkpoints to keep (None: all). ``async_save``: ``save`` returns once
+    the arrays are copied off the devices and writes in the background; the manifest and
+    retention follow when that write is done (at the next ``save``, ``wait_until_finished``
+    or ``close``).
+    """
+
+    def __init__(self, directory: str | Path, keep: int | None = 3, async_save: bool = False,
+                 verify_on_restore: bool = True):
+        if keep is not None and keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1 or null (the newest checkpoint is always kept), got {keep}")
+        self.directory = Path(directory).absolute()
+        self.keep = keep
+        self.verify_on_restore = verify_on_restore
+        self.async_save = async_save
+        self._unfinished: int | None = None  # step written asynchronously, manifest not yet written
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=None, create=True, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # leftovers of a run killed while saving
+            ),
+            item_names=ITEMS,
+        )
+
+    # -- saving -------------------------------------------------------------
+    def save(self, state: TrainState, data_state: dict | None, meta: dict) -> Path:
+        """Write ``state`` at its step, then (once written) its manifest, then apply retention."""
+        self.wait_until_finished()
+        step = int(jax.device_get(state.step))
+        if step in self._manager.all_steps():
+            if self.has_step(step):
+                return self.step_dir(step)  # the same step saved twice (e.g. final save after a periodic one)
+            self._manager.delete(step)  # an incomplete leftover of this step: write it again
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
+                data=ocp.args.JsonSave(data_state or {}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+        self._unfinished = step
+        if not self.async_save:
+            self.wait_until_finished()
+        return self.step_dir(step)
+
+    def wait_until_finished(self) -> None:
+        """Block until a background save is written, then write its manifest and apply retention."""
+        if self._unfinished is None:
+            return
+        step, self._unfinished = self._unfinished, None
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            _write_manifest(self.step_dir(step), step)
+        _sync(f"llmjax_manifest_{step}")
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        if self.keep is None:
+            return
+        complete = [s for s in self.all_steps() if self.has_step(s)]
+        if not complete:
+            return
+        kept = set(complete[-self.keep:])
+        newest_complete = complete[-1]
+        for step in self.all_steps():
+            if step < newest_complete and step not in kept:
+                self._manager.delete(step)
+
+    # -- inspecting ---------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def has_step(self, step: int) -> bool:
+        """True when ``step`` was saved completely (its manifest exists; files not re-hashed)."""
+        return (self.step_dir(step) / MANIFEST).is_file()
+
+    def verify(self, step: int) -> None:
+        """Raise ``CheckpointCorruptError`` unless every file of ``step`` matches its manifest."""
+        verify_step_dir(self.step_dir(step), step)
+
+    # -- restoring ----------------------------------------------------------
+    def restore(self, step: int, abstract_state: TrainState) -> Restored:
+        """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
+
+        ``abstract_state``: a TrainState of ``jax.ShapeDtypeStruct`` with ``sharding`` set,
+        so every array lands directly on its devices.
+        """
+        if self.verify_on_restore:
+            self.verify(step)
+        target = flax.serialization.to_state_dict(abstract_state)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        state = flax.serialization.from_state_dict(abstract_state, restored["state"])
+        return Restored(step, state, restored["data"] or None, restored["meta"])
+
+    def restore_latest(self, abstract_state: TrainState, fallback: bool = False) -> Restored | None:
+        """Restore the newest step; None when the directory has no checkpoint.
+
+        With ``fallback``, a newest step that fails verification is moved aside
+        (``quarantine``) with a warning naming it and the reason, and the previous one is
+        tried; ``Restored.skipped`` lists what was skipped.
+        """
+        skipped: list[str] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(step, abstract_state)
+            except CheckpointCorruptError as e:
+                if not fallback:
+                    raise CheckpointCorruptError(
+                        f"{e}; set checkpoint.fallback=true to resume from the previous checkpoint instead"
+                    ) from None
+                moved = self.quarantine(step) if jax.process_index() == 0 else None
+                _sync(f"llmjax_quarantine_{step}")
+                skipped.append(f"{e} (moved to {moved})")
+                warnings.warn(f"{e}; moved it to {moved} and falling back to the previous checkpoint", stacklevel=2)
+                continue
+            restored.skipped = skipped
+            return restored
+        if skipped:
+            raise CheckpointCorruptError(
+                f"no usable checkpoint in {self.directory}: " + "; ".join(skipped)
+            )
+        return None
+
+    def restore_params(self, step: int | None = None) -> Restored:
+        """Only the model parameters (trainable and frozen merged) of ``step`` (default: newest
+        complete), as host arrays: an init source for the next stage or an export."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory} (expected numbered step directories)")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; available: {steps}")
+        self.verify(step)
+        metadata = self._manager.item_metadata(step)["state"]
+        wanted = {k: metadata[k] for k in ("params", "frozen_params") if k in metadata}
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    target,
+                    restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=None), target),
+                    partial_restore=True,
+                ),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        state = restored["state"]
+        params = merge_params(state.get("params") or {}, state.get("frozen_params") or {})
+        return Restored(step, params, None, restored["meta"])
+
+    def quarantine(self, step: int) -> Path:
+        """Move a bad step aside (``<dir>/corrupt/<step>``) so it is neither resumed nor overwritten."""
+        target = self.directory / "corrupt" / str(step)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        self.step_dir(step).rename(target)
+        self._manager.reload()
+        return target
+
+    def close(self) -> None:
+        self.wait_until_finished()
+        self._manager.close()
+
+
+# -- integrity ----------------------------------------------------------------
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(step_dir: Path, step: int) -> None:
+    files = {
+        str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(step_dir)
+    }
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    tmp.rename(step_dir / MANIFEST)  # atomic: a manifest is whole or absent
+
+
+def verify_step_dir(step_dir: Path, step: int) -> None:
+    """Check every file of a step directory against its manifest (size, then sha256)."""
+    where = f"checkpoint step {step} at {step_dir}"
+    manifest_path = step_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointCorruptError(f"{where} is incomplete: {MANIFEST} is missing (the run stopped while saving?)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointCorruptError(f"{where} has an unreadable {MANIFEST}: {e}") from None
+    for name, expected in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            raise CheckpointCorruptError(f"{where} is incomplete: file {name} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointCorruptError(
+                f"{where} is truncated or corrupted: file {name} has {size} bytes, the manifest says {expected['bytes']}"
+            )
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointCorruptError(f"{where} is corrupted: file {name} does not match its sha256 checksum")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# -- Hugging Face bridge --------------------------------------------------------
+
+def model_from_meta(meta: dict):
+    """Rebuild the flax model recorded in a checkpoint's metadata."""
+    from llmjax.models import MODEL_CONFIGS, build_model
+
+    family = meta.get("family")
+    if family not in MODEL_CONFIGS:
+        raise ValueError(f"checkpoint metadata names model family {family!r}; known: {sorted(MODEL_CONFIGS)}")
+    return build_model(MODEL_CONFIGS[family](**meta["model_config"]))
+
+
+def model_meta(model, **extra) -> dict:
+    """The metadata a checkpoint needs to rebuild ``model`` (plus ``extra`` JSON fields)."""
+    from llmjax.models import family_of
+
+    return {"family": family_of(model.config), "model_config": dataclasses.asdict(model.config), **extra}
+
+
+def export_checkpoint_to_hf(checkpoint_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Write a Hugging Face directory (config, safetensors, tokenizer if recorded) from a checkpoint."""
+    from llmjax import hf
+
+    checkpointer = Checkpointer(checkpoint_dir)
+    restored = checkpointer.restore_params(step)
+    model = model_from_meta(restored.meta)
+    hf.save_pretrained(model, restored.state, out)
+    _copy_tokenizer(restored.meta.get("tokenizer_dir"), Path(out))
+    checkpointer.close()
+    return Path(out)
+
+
+def import_hf_to_checkpoint(hf_dir: str | Path, out: str | Path) -> Path:
+    """Write a Hugging Face directory as an llmjax checkpoint (step 0, params only, all trainable)."""
+    import numpy as np
+
+    from llmjax import hf
+
+    model, params = hf.from_pretrained(hf_dir)
+    state = TrainState(
+        step=np.zeros((), np.int32), params=params, frozen_params={}, opt_state={},
+        rng=np.zeros((2,), np.uint32), skipped_steps=np.zeros((), np.int32),
+    )
+    tokenizer_dir = str(Path(hf_dir).absolute()) if _has_tokenizer(Path(hf_dir)) else None
+    checkpointer = Checkpointer(out)
+    checkpointer.save(state, None, model_meta(model, tokenizer_dir=tokenizer_dir, stage="import"))
+    checkpointer.close()
+    return Path(out)
+
+
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _copy_tokenizer(tokenizer_dir: str | None, out: Path) -> None:
+    if not tokenizer_dir:
+        return
+    source = Path(tokenizer_dir)
+    if not source.is_dir():
+        log.warning("tokenizer directory %s recorded in the checkpoint is gone; exported without a tokenizer", source)
+        return
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)

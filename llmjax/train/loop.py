@@ -1,0 +1,273 @@
+"""The training loop every stage runs: data -> step -> metrics, eval, checkpoints, signals, export.
+
+A stage hands the loop a :class:`Stage` (model, loss, data, trainable filter, init
+params); the loop owns everything else and never imports a stage. It speaks to the
+user only through its progress bar and metrics writers.
+
+Resume is exact: the checkpoint holds params, optimizer state, step, the rng and
+the data iterator's position, and a step's randomness is ``fold_in(rng, step)``, so a
+resumed run computes bitwise what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+
+from llmjax import sharding
+from llmjax.models import family_of
+from llmjax.config import RunConfig, config_to_dict
+from llmjax.train.checkpoint import Checkpointer, model_meta
+from llmjax.train.flops import step_flops
+from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
+from llmjax.train.optim import make_optimizer
+from llmjax.train.state import TrainableFilter, abstract_train_state, init_train_state, train_everything
+from llmjax.train.step import LossFn, compile_step, finish_eval, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The loss or gradient became NaN/inf under ``train.nan_policy=abort``."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a stage hands the loop.
+
+    train_data:   iterator of host batches (dicts of ``[local_batch, length]`` numpy arrays, this
+                  process's rows) with ``state() -> dict`` and ``restore(dict)`` (see ``DataIterator``).
+    eval_data:    ``() -> iterator`` of host batches, a fresh pass each call; None: no eval.
+    is_trainable: which params train (``llmjax.train.state``); the rest are frozen.
+    init_params:  the init source's weights (full host param tree), or None: random from ``train.seed``.
+    tokenizer:    object with ``save_pretrained(dir)`` exported beside the model, or None.
+    meta:         extra JSON saved in every checkpoint (e.g. ``tokenizer_dir``).
+    """
+
+    name: str
+    model: nn.Module
+    loss_fn: LossFn
+    train_data: Any
+    eval_data: Callable[[], Iterator[dict]] | None = None
+    is_trainable: TrainableFilter = train_everything
+    init_params: dict | None = None
+    tokenizer: Any = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
+          peak_flops_per_sec: float | None = None) -> dict:
+    """Run ``config.train.steps`` steps of ``stage`` (resuming from ``checkpoint.dir`` if asked).
+
+    Returns a summary dict: ``start_step``, ``step``, ``loss`` (last logged), ``eval_loss``
+    (last eval or None), ``skipped_steps``, ``interrupted`` (signal name or None),
+    ``checkpoint`` (last saved step dir), ``export`` (HF dir or None), ``tokens_per_sec``, ``mfu``.
+    Raises ``NonFiniteLossError`` under ``nan_policy=abort`` naming the step.
+    """
+    tc = config.train
+    mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    tx, schedule = make_optimizer(config.optim, tc.steps)
+    checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
+    output_dir = Path(tc.output_dir)
+    writer = MetricsWriter(output_dir)
+    summary: dict[str, Any] = {"interrupted": None, "eval_loss": None, "export": None, "loss": None}
+
+    with sharding.activate(mesh), _StopSignals() as stop:
+        state, shardings, notes = _initial_state(stage, config, tx, mesh, checkpointer)
+        for note in notes:
+            _print(note, progress)
+        summary["start_step"] = start_step = int(jax.device_get(state.step))
+        batch_sharding = sharding.batch_sharding(mesh)
+        train_step = compile_step(
+            make_train_step(stage.loss_fn, tx, microbatches=tc.microbatches, learning_rate_fn=schedule),
+            updates_state=True, state_shardings=shardings, batch_sharding=batch_sharding,
+        )
+        eval_step = compile_step(make_eval_step(stage.loss_fn), updates_state=False,
+                                 state_shardings=shardings, batch_sharding=batch_sharding)
+        throughput = _throughput(stage, config, peak_flops_per_sec)
+        bar = _progress_bar(progress, tc.steps, start_step)
+        pending = None  # (step, metrics) of the previous step, read after the next one is dispatched
+        step = start_step
+        saved_step = start_step if checkpointer.has_step(start_step) else None
+        try:
+            while step < tc.steps and not stop.signal_name:
+                try:
+                    batch = next(stage.train_data)
+                except StopIteration:
+                    _print(f"training data ran out after step {step}; stopping early", progress)
+                    break
+                state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
+                step += 1
+                if step == start_step + 1:
+                    throughput.reset()  # the first call compiled the step: not training throughput
+                else:
+                    throughput.add_step()
+                if pending is not None:
+                    _check_finite(*pending, tc.nan_policy, progress)
+                pending = (step, metrics)
+                if step % tc.log_every_steps == 0 or step == tc.steps:
+                    _check_finite(*pending, tc.nan_policy, progress)
+                    pending = None
+                    logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    logged.update(throughput.report())
+                    writer.write(step, logged, "train")
+                    summary.update(loss=logged["loss"], tokens_per_sec=logged.get("tokens_per_sec"),
+                                   mfu=logged.get("mfu"))
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{logged['loss']:.4f}", tok_s=f"{logged.get('tokens_per_sec', 0):.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if tc.eval_every_steps and stage.eval_data and step % tc.eval_every_steps == 0:
+                    summary["eval_loss"] = _evaluate(stage, eval_step, state, mesh, tc.eval_steps, writer, step)
+                    throughput.reset()  # eval time is not training throughput
+                if step % config.checkpoint.every_steps == 0:
+                    checkpointer.save(state, stage.train_data.state(), meta)
+                    saved_step = step
+                    throughput.reset()
+            if pending is not None:
+                _check_finite(*pending, tc.nan_policy, progress)
+            if stop.signal_name:
+                summary["interrupted"] = stop.signal_name
+                _print(f"received {stop.signal_name} at step {step}: saving a checkpoint and stopping", progress)
+            if saved_step != step:
+                checkpointer.save(state, stage.train_data.state(), meta)
+            checkpointer.wait_until_finished()
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+
+        summary.update(step=step, skipped_steps=int(jax.device_get(state.skipped_steps)),
+                       checkpoint=str(checkpointer.step_dir(step)))
+    checkpointer.close()
+    # Outside the mesh context: the export rebuilds abstract params, which must not pick up its rules.
+    if tc.export_hf and not summary["interrupted"]:
+        summary["export"] = _export(stage, state, tc.export_hf)
+    return summary
+
+
+# -- pieces of the loop ----------------------------------------------------------
+
+def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Checkpointer):
+    """Resume from the newest good checkpoint, or build a fresh state; ``(state, shardings, notes)``."""
+    notes = []
+    steps = checkpointer.all_steps()
+    if steps and not config.train.resume:
+        raise ValueError(
+            f"checkpoint dir {checkpointer.directory} already has checkpoints (newest step {steps[-1]}) and "
+            "train.resume=false; set train.resume=true to continue it or point checkpoint.dir elsewhere"
+        )
+    if steps:
+        abstract = abstract_train_state(stage.model, tx, stage.is_trainable, mesh)
+        restored = checkpointer.restore_latest(abstract, fallback=True)
+        notes.extend(f"skipped unusable checkpoint: {reason}" for reason in restored.skipped)
+        if restored.data_state:
+            stage.train_data.restore(restored.data_state)
+        shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+        notes.append(f"resumed from step {restored.step} ({checkpointer.step_dir(restored.step)})")
+        return restored.state, shardings, notes
+    state, shardings = init_train_state(
+        stage.model, tx, stage.is_trainable, config.train.seed, mesh, params=stage.init_params
+    )
+    return state, shardings, notes
+
+
+def _check_finite(step: int, metrics: dict, policy: str, progress: bool) -> None:
+    if float(jax.device_get(metrics["finite"])) == 1.0:
+        return
+    loss, grad_norm = float(jax.device_get(metrics["loss"])), float(jax.device_get(metrics["grad_norm"]))
+    if policy == "abort":
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); the update was discarded and "
+            "training stopped. Lower optim.learning_rate, check the data, or set train.nan_policy=skip"
+        )
+    skipped = int(jax.device_get(metrics["skipped_steps"]))
+    _print(f"step {step}: non-finite loss (loss={loss}, grad_norm={grad_norm}), update skipped "
+           f"({skipped} skipped so far)", progress)
+
+
+def _evaluate(stage: Stage, eval_step, state, mesh, max_batches: int, writer: MetricsWriter, step: int) -> float:
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(stage.eval_data()):
+        if max_batches and index >= max_batches:
+            break
+        sums = jax.device_get(eval_step(state, sharding.shard_batch(batch, mesh)))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    if not totals:
+        return float("nan")
+    means = finish_eval(totals)
+    writer.write(step, means, "eval")
+    return means["loss"]
+
+
+def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | None) -> Throughput:
+    dc, batch_size = config.data, config.train.batch_size
+    encoder_length = dc.encoder_length if family_of(stage.model.config) == "t5" else None
+    flops = step_flops(stage.model.config, batch_size, dc.decoder_length, encoder_length)
+    if peak_flops_per_sec is None and jax.process_index() == 0:
+        # CPU "devices" (fake ones included) share the host's cores, which one matmul already uses.
+        devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
+        peak_flops_per_sec = measure_matmul_peak_flops(dtype=jax.numpy.dtype(stage.model.config.dtype)) * devices
+    return Throughput(flops.tokens, flops.total, peak_flops_per_sec)
+
+
+def _export(stage: Stage, state, out: str) -> str:
+    from llmjax import hf
+
+    params = jax.device_get(state.full_params())
+    if jax.process_index() == 0:
+        hf.save_pretrained(stage.model, params, out)
+        if stage.tokenizer is not None:
+            stage.tokenizer.save_pretrained(out)
+    return str(Path(out).absolute())
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _print(message: str, progress: bool) -> None:
+    if jax.process_index() != 0:
+        return
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(message)
+    else:
+        print(message, flush=True)
+
+
+class _StopSignals(contextlib.AbstractContextManager):
+    """Turn SIGTERM/SIGINT into a flag the loop checks after each step (previous handlers restored on exit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
