@@ -31,6 +31,7 @@ from typing import Any
 
 import flax.serialization
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llmjax.train.state import TrainState, merge_params
@@ -38,7 +39,6 @@ from llmjax.train.state import TrainState, merge_params
 log = logging.getLogger(__name__)
 
 MANIFEST = "llmjax_manifest.json"
-ITEMS = ("state", "data", "meta")
 
 
 class CheckpointCorruptError(ValueError):
@@ -80,7 +80,8 @@ class Checkpointer:
                 max_to_keep=None, create=True, enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,  # leftovers of a run killed while saving
             ),
-            item_names=ITEMS,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
         )
 
     # -- saving -------------------------------------------------------------
@@ -212,7 +213,7 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
                     target,
-                    restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=None), target),
+                    restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
                     partial_restore=True,
                 ),
                 meta=ocp.args.JsonRestore(),
@@ -324,8 +325,6 @@ def export_checkpoint_to_hf(checkpoint_dir: str | Path, out: str | Path, step: i
 
 def import_hf_to_checkpoint(hf_dir: str | Path, out: str | Path) -> Path:
     """Write a Hugging Face directory as an llmjax checkpoint (step 0, params only, all trainable)."""
-    import numpy as np
-
     from llmjax import hf
 
     model, params = hf.from_pretrained(hf_dir)
