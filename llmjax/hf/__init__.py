@@ -12,6 +12,7 @@ A family module (``llmjax.hf.t5``, ``llmjax.hf.llama``) provides:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -55,8 +56,12 @@ def from_pretrained(path: str | Path, **config_overrides):
     family = family_for_model_type(hf_config.get("model_type"))
     config = family.config_from_hf(hf_config)
     if config_overrides:
-        import dataclasses
-
+        valid = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(config_overrides) - valid)
+        if unknown:
+            raise ValueError(
+                f"from_pretrained: {unknown} are not fields of {type(config).__name__}; valid: {sorted(valid)}"
+            )
         config = dataclasses.replace(config, **config_overrides)
     tensors = read_tensors(path)
     params = family.params_from_hf(tensors, config)

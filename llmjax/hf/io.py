@@ -65,6 +65,12 @@ def load_safetensors(file: str | Path) -> dict[str, np.ndarray]:
         if dtype is None:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
+        expected_bytes = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - begin != expected_bytes:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {info['shape']} ({expected_bytes} bytes) but its data offsets "
+                f"span {end - begin} bytes; the file is corrupt"
+            )
         if data_start + end > size:
             raise CheckpointError(
                 f"{file}: tensor {name!r} runs past the end of the file; the file is truncated, "

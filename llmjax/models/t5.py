@@ -245,6 +245,7 @@ class T5(nn.Module):
             self.lm_head = Dense(
                 cfg.vocab_size, (axes.EMBED, axes.VOCAB),
                 normal_init(cfg.initializer_factor * cfg.d_model**-0.5), dtype, param_dtype,
+                output_dtype=jnp.float32,
             )
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, *,
@@ -334,7 +335,7 @@ class T5(nn.Module):
             scaled = hidden * jnp.asarray(cfg.d_model**-0.5, hidden.dtype)
             logits = self.shared.attend(scaled)
         else:
-            logits = self.lm_head(hidden).astype(jnp.float32)
+            logits = self.lm_head(hidden)
         return nn.with_logical_constraint(logits, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
 
     def _cache_length(self, length: int) -> int:

@@ -241,3 +241,12 @@ def test_export_refuses_params_without_hf_name(hf_tensors):
     params["value_head"] = {"kernel": np.zeros((32, 1), np.float32)}
     with pytest.raises(CheckpointError, match=r"params \['value_head/kernel'\] have no Hugging Face T5 name"):
         hf_t5.params_to_hf(params, config)
+
+
+def test_bfloat16_checkpoint_loads_as_float32_params(tmp_path):
+    torch_model = make_torch_t5(6, **VARIANTS["v1_1"]).to(torch.bfloat16)
+    save_torch_model(torch_model, tmp_path)
+    _, params = llmjax.hf.from_pretrained(tmp_path)
+    q = params["encoder"]["layers_0"]["self_attention"]["q"]["kernel"]
+    expected = torch_model.encoder.block[0].layer[0].SelfAttention.q.weight.detach().float().numpy().T
+    assert q.dtype == np.float32 and np.array_equal(q, expected)
