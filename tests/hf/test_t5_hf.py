@@ -250,3 +250,18 @@ def test_bfloat16_checkpoint_loads_as_float32_params(tmp_path):
     q = params["encoder"]["layers_0"]["self_attention"]["q"]["kernel"]
     expected = torch_model.encoder.block[0].layer[0].SelfAttention.q.weight.detach().float().numpy().T
     assert q.dtype == np.float32 and np.array_equal(q, expected)
+
+
+def test_mt5_logits_match_transformers(tmp_path):
+    torch.manual_seed(7)
+    config = transformers.MT5Config(**{k: v for k, v in SMALL.items()})
+    torch_model = transformers.MT5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # mT5 checkpoints have their own head; transformers ties it at construction
+        torch_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(torch_model.shared.weight) * 0.2)
+    save_torch_model(torch_model, tmp_path)
+    model, params = llmjax.hf.from_pretrained(tmp_path)
+    assert model.config.feed_forward_proj == "gated-gelu" and not model.config.tie_word_embeddings
+    inputs = batch()
+    diff = max_abs_diff(llmjax_logits(model, params, inputs), torch_logits(torch_model, **inputs),
+                        mask=inputs["decoder_attention_mask"])
+    assert diff <= 1e-4
