@@ -1,0 +1,210 @@
+"""The loop: exact resume, SIGTERM/SIGKILL, NaN policy both ways, metrics and progress outputs.
+
+In-process tests drive ``train`` with a tiny decoder on synthetic token documents. The
+subprocess tests (marked slow) run the real CLI on the bundled corpus and signal it.
+"""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llmjax.config import CheckpointConfig, DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
+from llmjax.data.objectives import causal_lm_example
+from llmjax.data.sources import DataIterator
+from llmjax.models import build_model
+from llmjax.train.checkpoint import Checkpointer
+from llmjax.train.loop import NonFiniteLossError, Stage, train
+from llmjax.train.lm_loss import LOSS_FNS
+from tests.train.helpers import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+DOCUMENTS = [{"ids": list(np.random.default_rng(i).integers(3, 128, 5 + i % 23))} for i in range(200)]
+
+
+def _config(tmp_path, steps=6, **train):
+    return RunConfig(
+        model=TINY["decoder"],
+        data=DataConfig(objective="causal_lm", decoder_length=16, tokenizer_vocab_size=128),
+        train=TrainConfig(steps=steps, batch_size=8, log_every_steps=1, output_dir=str(tmp_path / "out"), **train),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=2, keep=None, async_save=False),
+        mesh=MeshConfig(data=2, fsdp=2, tensor=2),
+    )
+
+
+class _Recording:
+    """Wraps the data iterator: records what each step consumed; optional hooks by batch number."""
+
+    def __init__(self, iterator, hooks=None):
+        self.iterator, self.hooks, self.seen = iterator, hooks or {}, []
+
+    def __next__(self):
+        batch = next(self.iterator)
+        self.seen.append(hashlib.sha256(batch["decoder_input_tokens"].tobytes()).hexdigest())
+        hook = self.hooks.get(len(self.seen))
+        return hook(batch) if hook else batch
+
+    def state(self):
+        return self.iterator.state()
+
+    def restore(self, state):
+        self.iterator.restore(state)
+
+
+def _stage(hooks=None):
+    model = build_model(TINY["decoder"])
+
+    def example_fn(raw, rng):
+        del rng
+        ids = np.asarray(raw["ids"], np.int32)
+        return [causal_lm_example(ids[i:i + 17]) for i in range(0, len(ids) - 1, 16)]
+
+    data = DataIterator(DOCUMENTS, example_fn, batch_size=8, decoder_length=16, seed=0)
+    return Stage(name="test", model=model, loss_fn=LOSS_FNS["decoder"](model), train_data=_Recording(data, hooks))
+
+
+def _final_params(config):
+    return jax.device_get(Checkpointer(config.checkpoint_dir).restore_params().state)
+
+
+def _bitwise_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _sigterm(batch):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path):
+    whole_config = _config(tmp_path / "whole")
+    whole_stage = _stage()
+    summary = train(whole_stage, whole_config, progress=False, peak_flops_per_sec=1e9)
+    assert summary["step"] == 6 and summary["interrupted"] is None
+
+    config = _config(tmp_path / "parts")
+    first = _stage(hooks={3: _sigterm})  # SIGTERM arrives while step 3 runs
+    summary = train(first, config, progress=False, peak_flops_per_sec=1e9)
+    assert summary["interrupted"] == "SIGTERM" and summary["step"] == 3
+    assert Checkpointer(config.checkpoint_dir).all_steps() == [2, 3]  # periodic + the one saved on SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop gave the handler back
+
+    second = _stage()
+    summary = train(second, config, progress=False, peak_flops_per_sec=1e9)
+    assert summary["start_step"] == 3 and summary["step"] == 6
+    assert first.train_data.seen + second.train_data.seen == whole_stage.train_data.seen  # same data order
+    assert _bitwise_equal(_final_params(config), _final_params(whole_config))
+
+    lines = [json.loads(line) for line in (tmp_path / "parts" / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "z_loss", "learning_rate", "grad_norm", "tokens"):
+        assert all(np.isfinite(line[key]) for line in lines), key
+    assert "tokens_per_sec" in lines[-1] and 0 < lines[-1]["mfu"]
+    assert any((tmp_path / "parts" / "out" / "tensorboard").iterdir())
+
+
+def test_existing_checkpoints_without_resume_is_a_clear_error(tmp_path):
+    train(_stage(), _config(tmp_path, steps=3), progress=False, peak_flops_per_sec=1e9)
+    with pytest.raises(ValueError, match=r"already has checkpoints \(newest step 3\) and train.resume=false"):
+        train(_stage(), _config(tmp_path, steps=4, resume=False), progress=False, peak_flops_per_sec=1e9)
+
+
+def _poison(batch):
+    weights = batch["decoder_loss_weights"].astype(np.float32)
+    weights[0, 0] = np.nan
+    return dict(batch, decoder_loss_weights=weights)
+
+
+def test_nan_policy_abort_stops_with_the_step(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*train.nan_policy=skip"):
+        train(_stage(hooks={3: _poison}), _config(tmp_path), progress=False, peak_flops_per_sec=1e9)
+
+
+def test_nan_policy_skip_discards_the_update_and_logs_it(tmp_path, capsys):
+    summary = train(_stage(hooks={3: _poison}), _config(tmp_path, nan_policy="skip"), progress=False,
+                    peak_flops_per_sec=1e9)
+    assert summary["step"] == 6 and summary["skipped_steps"] == 1
+    assert "step 3: non-finite loss" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["finite"] for line in lines] == [1, 1, 0, 1, 1, 1]
+    assert lines[-1]["skipped_steps"] == 1 and np.isfinite(lines[-1]["loss"])
+
+
+# -- the real CLI in a subprocess -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from llmjax.data.bundled.corpus import generate_corpus
+    from llmjax.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(generate_corpus(2000, 0), out, vocab_size=512)
+    return out
+
+
+def _cli(out_dir, tokenizer_dir, steps=40):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    command = [
+        sys.executable, "-m", "llmjax.cli", "train", "--config", str(REPO / "configs" / "pretrain_t5_tiny.yaml"),
+        f"train.steps={steps}", "train.batch_size=8", "train.log_every_steps=1", "train.eval_every_steps=0",
+        f"train.output_dir={out_dir}", "checkpoint.every_steps=4", "checkpoint.keep=null",
+        f"data.tokenizer={tokenizer_dir}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
+    ]
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(out_dir, step, process, timeout=300):
+    metrics = Path(out_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode}):\n{process.stdout.read()}")
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tokenizer_dir):
+    process = _cli(tmp_path, tokenizer_dir, steps=1000)
+    _wait_for_step(tmp_path, 6, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    match = [line for line in output.splitlines() if "received SIGTERM at step" in line]
+    assert match, output
+    stopped_at = int(match[0].split("at step ")[1].split(":")[0])
+    steps = Checkpointer(tmp_path / "checkpoints").all_steps()
+    assert steps[-1] == stopped_at and stopped_at < 1000
+    assert '"interrupted": "SIGTERM"' in output
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
+    whole = _cli(tmp_path / "whole", tokenizer_dir)
+    killed = _cli(tmp_path / "killed", tokenizer_dir)
+    kill_step = random.Random().randint(5, 30)
+    _wait_for_step(tmp_path / "killed", kill_step, killed)
+    killed.kill()  # SIGKILL: no handler runs, whatever was being written is left half done
+    killed.wait()
+    resumed = _cli(tmp_path / "killed", tokenizer_dir)
+    for process in (whole, resumed):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+    assert "resumed from step" in output, output
+    a = Checkpointer(tmp_path / "whole" / "checkpoints").restore_params(40)
+    b = Checkpointer(tmp_path / "killed" / "checkpoints").restore_params(40)
+    assert _bitwise_equal(a.state, b.state), f"killed at step {kill_step}"
