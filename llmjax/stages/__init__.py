@@ -12,8 +12,16 @@ STAGE_FOR_OBJECTIVE = {"span_corruption": "pretrain", "causal_lm": "pretrain"}
 
 
 def run_stage(config: RunConfig, *, progress: bool = True) -> dict:
-    """Run the stage ``config`` describes; returns its summary dict (see ``llmjax.train.loop.train``)."""
+    """Run the stage ``config`` describes; returns its summary dict (see ``llmjax.train.loop.train``).
+
+    Joins a multi-process run first when the launcher set ``JAX_COORDINATOR_ADDRESS`` (and
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); a single process is left alone.
+    """
     import importlib
+
+    from llmjax.sharding import initialize_distributed
+
+    initialize_distributed()
 
     objective = config.data.objective
     if objective not in STAGE_FOR_OBJECTIVE:
