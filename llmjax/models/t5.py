@@ -271,9 +271,11 @@ class T5(nn.Module):
 
     def encode(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, deterministic=True):
         """``input_ids [b, s]`` -> encoder outputs ``[b, s, d_model]`` (compute dtype)."""
-        b, s = input_ids.shape
+        s = input_ids.shape[1]
         if positions is None:
-            positions = _arange_positions(b, s)
+            # One row, broadcast over the batch: the relative bias is then gathered (and its gradient
+            # scattered) once instead of once per example.
+            positions = _arange_positions(1, s)
         mask = attention_mask_fn(
             None, attention_mask, q_segment_ids=segment_ids, k_segment_ids=segment_ids
         )
@@ -312,7 +314,8 @@ class T5(nn.Module):
             )
         else:
             # Causality by index in the (possibly packed) sequence; the relative bias by example position.
-            index = _arange_positions(b, t)
+            # One row broadcast over the batch, as in `encode`.
+            index = _arange_positions(1, t)
             q_positions = k_positions = index if positions is None else positions
             mask = attention_mask_fn(
                 None, decoder_attention_mask, causal=True, q_positions=index, k_positions=index,
