@@ -43,6 +43,9 @@ DECODER_SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, 
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
 
 
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown cpu"
     try:
@@ -119,14 +122,24 @@ def bench(family: str, batch: int, args, bandwidth: float, workdir: Path) -> dic
 
     ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
-    def run_hf():
+    def run_hf(**overrides):
         with torch.inference_mode():
-            return torch_model.generate(input_ids=ids_t, attention_mask=mask_t, **settings).numpy()
+            return torch_model.generate(input_ids=ids_t, attention_mask=mask_t, **{**settings, **overrides}).numpy()
 
     def run_llmjax():
         return np.asarray(jax.block_until_ready(generate(model, params, ids, mask, **settings)))
 
+    # HF at its best: probe torch's default thread count and 1 thread on a short run, time the
+    # faster (OpenMP spin-waits make the default far slower when other processes share the cores).
+    probe = dict(settings, max_new_tokens=4, min_new_tokens=4)
+    probe_s = {}
+    for threads in sorted({1, DEFAULT_TORCH_THREADS}):
+        torch.set_num_threads(threads)
+        probe_s[threads] = timed(lambda: run_hf(**probe), repeats=1)[0]
+    hf_threads = min(probe_s, key=probe_s.get)
+    torch.set_num_threads(hf_threads)
     hf_s, hf_out = timed(run_hf, args.repeats)
+    torch.set_num_threads(DEFAULT_TORCH_THREADS)
     jx_s, jx_out = timed(run_llmjax, args.repeats)
     assert hf_out.shape == jx_out.shape and (hf_out == jx_out).all(), (
         f"{family} batch {batch}: llmjax tokens differ from transformers")
@@ -134,7 +147,9 @@ def bench(family: str, batch: int, args, bandwidth: float, workdir: Path) -> dic
     step_bytes = weight_bytes_per_step(torch_model, family)
     ceiling = batch * bandwidth * 1e9 / step_bytes
     return dict(family=family, batch=batch, hf=new / hf_s, llmjax=new / jx_s, ratio=hf_s / jx_s,
-                step_mb=step_bytes / 2**20, ceiling=ceiling)
+                step_mb=step_bytes / 2**20, ceiling=ceiling,
+                hf_threads=hf_threads,
+                probe=", ".join(f"{t} thr {1e3 * s / 4:.0f} ms/step" for t, s in sorted(probe_s.items())))
 
 
 def main(argv=None):
@@ -163,11 +178,13 @@ def main(argv=None):
                 print(f"  {r['family']:8s} batch {r['batch']}: done", flush=True)
     print()
     print("| model | batch | transformers tok/s | llmjax tok/s | llmjax / HF | weights read per step | "
-          "bandwidth ceiling tok/s | llmjax % of ceiling |")
-    print("|---|---|---|---|---|---|---|---|")
+          "bandwidth ceiling tok/s | llmjax % of ceiling | torch threads (probe) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['family']} | {r['batch']} | {r['hf']:.1f} | {r['llmjax']:.1f} | {r['ratio']:.2f}x | "
-              f"{r['step_mb']:.0f} MiB | {r['ceiling']:.0f} | {100 * r['llmjax'] / r['ceiling']:.0f}% |")
+              f"{r['step_mb']:.0f} MiB | {r['ceiling']:.0f} | {100 * r['llmjax'] / r['ceiling']:.0f}% | "
+              f"{r['hf_threads']} ({r['probe']}) |")
+    print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
     print("output tokens identical in every row (asserted)")
 
 

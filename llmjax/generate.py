@@ -65,7 +65,7 @@ def generate(
     input_ids,
     attention_mask=None,
     *,
-    rng: jax.Array | None = None,
+    rng: jax.Array | int | None = None,
     generation_config: GenerationConfig | None = None,
     **kwargs,
 ) -> jax.Array:
@@ -73,11 +73,13 @@ def generate(
 
     Args:
       model: a ``T5`` or ``Decoder`` built by ``llmjax.models.build_model``.
-      params: its parameters (plain nested dict; may be sharded over a mesh).
+      params: its parameters (plain nested dict; may be sharded over a mesh). Put host
+        (numpy) params on the device once, ``jax.device_put(params)``, before many calls.
       input_ids: ``[batch, length]`` int. Decoder prompts must be left-padded.
       attention_mask: ``[batch, length]`` 1 = token, 0 = pad. Default as in Hugging Face:
         ``input_ids != pad_token_id`` when the pad token occurs and is not an eos, else ones.
-      rng: a ``jax.random.key``; required when ``do_sample=True`` (same key -> same output).
+      rng: a ``jax.random.key`` or an int seed; required when ``do_sample=True`` (same key,
+        same output).
       generation_config: a :class:`GenerationConfig`; ``kwargs`` (Hugging Face names:
         ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``num_beams``, ``length_penalty``, ``early_stopping``, ``eos_token_id``, ...) override it.
@@ -93,7 +95,9 @@ def generate(
     max_new_tokens = config.new_tokens(prefix.shape[1])
     if config.do_sample:
         if rng is None:
-            raise ValueError("generate: do_sample=True needs rng, e.g. rng=jax.random.key(0)")
+            raise ValueError("generate: do_sample=True needs rng, e.g. rng=jax.random.key(0) or rng=0")
+        if isinstance(rng, int):
+            rng = jax.random.key(rng)
     else:
         rng = jax.random.key(0)  # unused; keeps one call signature for the compiled loop
     tokens, new_length = _decode_loop(
@@ -135,8 +139,12 @@ def _check_inputs(model, config, input_ids, attention_mask):
                              "tokenize with padding_side='left'")
         if (mask.sum(axis=1) == 0).any():
             raise ValueError("generate: a prompt row has no tokens (attention_mask all 0)")
-    as_int32 = lambda x: x.astype(jnp.int32) if isinstance(x, jax.Array) else jnp.asarray(x, jnp.int32)  # noqa: E731
-    return as_int32(input_ids), as_int32(attention_mask)
+    # jax.Array inputs keep their placement (e.g. sharded over a mesh); host arrays go to the default device.
+    return _as_int32(input_ids), _as_int32(attention_mask)
+
+
+def _as_int32(x) -> jax.Array:
+    return x.astype(jnp.int32) if isinstance(x, jax.Array) else jnp.asarray(x, jnp.int32)
 
 
 # ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from llmjax.models import family_of
 from llmjax.models.decoder import default_positions
+from llmjax.models.t5 import T5
 
 
 def _repeat_rows(tree, copies: int):
@@ -38,8 +39,6 @@ class EncoderDecoderFamily:
 
     @staticmethod
     def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id):
-        from llmjax.models.t5 import T5
-
         encoded = model.apply({"params": params}, input_ids, attention_mask, method=T5.encode)
         encoded, encoder_mask = _repeat_rows((encoded, attention_mask), copies)
         rows = encoded.shape[0]
@@ -54,8 +53,6 @@ class EncoderDecoderFamily:
 
     @staticmethod
     def step(model, params, cache, context, tokens, step):
-        from llmjax.models.t5 import T5
-
         logits, variables = model.apply(
             {"params": params, "cache": cache}, tokens[:, None], None, context["encoder_mask"], None,
             decode=True, cache_index=step + 1, method=T5.decode, mutable=["cache"],
