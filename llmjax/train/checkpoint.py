@@ -97,7 +97,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
-                data=ocp.args.JsonSave(data_state or {}),
+                data=ocp.args.JsonSave({"per_process": _gather_from_processes(data_state or {})}),
                 meta=ocp.args.JsonSave(meta),
             ),
         )
@@ -164,7 +164,7 @@ class Checkpointer:
             ),
         )
         state = flax.serialization.from_state_dict(abstract_state, restored["state"])
-        return Restored(step, state, restored["data"] or None, restored["meta"])
+        return Restored(step, state, _this_process(restored["data"], self.step_dir(step)), restored["meta"])
 
     def restore_latest(self, abstract_state: TrainState, fallback: bool = False) -> Restored | None:
         """Restore the newest step; None when the directory has no checkpoint.
@@ -282,6 +282,33 @@ def verify_step_dir(step_dir: Path, step: int) -> None:
             )
         if _sha256(path) != expected["sha256"]:
             raise CheckpointCorruptError(f"{where} is corrupted: file {name} does not match its sha256 checksum")
+
+
+def _gather_from_processes(data_state: dict) -> list[dict]:
+    """Every process's data-iterator state (each reads its own stripe of the data), in process order."""
+    if jax.process_count() == 1:
+        return [data_state]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([encoded.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [json.loads(row[:n].tobytes()) for row, n in zip(gathered, lengths)]
+
+
+def _this_process(data_item: dict | None, where: Path) -> dict | None:
+    """This process's data-iterator state from a checkpoint's ``data`` item."""
+    per_process = (data_item or {}).get("per_process")
+    if not per_process:
+        return None
+    if len(per_process) != jax.process_count():
+        raise ValueError(
+            f"checkpoint {where} was written by {len(per_process)} processes but this run has "
+            f"{jax.process_count()}; resume with the same number of processes so the data order is the same"
+        )
+    return per_process[jax.process_index()] or None
 
 
 def _sync(name: str) -> None:
