@@ -137,3 +137,15 @@ def test_export_to_hugging_face_loads_in_transformers(model, tmp_path):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
     with pytest.raises(FileNotFoundError, match="checkpoint step 9 not in"):
         Checkpointer(tmp_path / "ckpt").restore_params(9)
+
+
+def test_import_from_hugging_face_gives_the_same_params(model, tmp_path):
+    from llmjax.train.checkpoint import import_hf_to_checkpoint
+
+    checkpointer, states, _ = _save_steps(model, tmp_path / "ckpt", [6])
+    checkpointer.close()
+    export_checkpoint_to_hf(tmp_path / "ckpt", tmp_path / "hf")
+    import_hf_to_checkpoint(tmp_path / "hf", tmp_path / "imported")
+    restored = Checkpointer(tmp_path / "imported").restore_params()
+    assert restored.step == 0 and restored.meta["family"] == FAMILY
+    assert _leaves_equal(restored.state, jax.device_get(states[6].full_params()))

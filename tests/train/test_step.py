@@ -157,3 +157,26 @@ def test_eval_step_sums_over_batches_to_the_token_mean():
     w = every["decoder_loss_weights"]
     assert means["tokens"] == w.sum()
     assert abs(means["loss"] - (nll * w).sum() / w.sum()) <= 1e-5
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_loss():
+    import dataclasses
+
+    family = "t5"
+    model = build_model(dataclasses.replace(TINY[family], dtype="bfloat16"))
+    mesh = _mesh(MESHES["data=2,fsdp=2,tensor=2"])
+    tx = optax.adamw(3e-3)
+    state, shardings = init_train_state(model, tx, train_everything, 0, mesh, params=_initial_params(family)[1])
+    step = compile_step(make_train_step(LOSS_FNS[family](model), tx), updates_state=True,
+                        state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
+    batch = random_batch(family, 8)
+    with sharding.activate(mesh):
+        losses = []
+        for _ in range(4):
+            state, metrics = step(state, sharding.shard_batch(batch, mesh))
+            losses.append(metrics["loss"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    assert losses[0].dtype == jnp.float32 and float(losses[-1]) < float(losses[0])
+    # The fp32 model's loss on the same params: bf16 rounding moves it, but not far.
+    fp32_history, _ = _run(family, _mesh(MESHES["1 device"]), [batch], tx)
+    assert 0 < abs(float(losses[0]) - fp32_history[0]["loss"]) < 0.02
