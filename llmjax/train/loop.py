@@ -137,15 +137,14 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                 _print(f"received {stop.signal_name} at step {step}: saving a checkpoint and stopping", progress)
             if saved_step != step:
                 checkpointer.save(state, stage.train_data.state(), meta)
-            checkpointer.wait_until_finished()
         finally:
             if bar is not None:
                 bar.close()
             writer.close()
+            checkpointer.close()  # finishes a background save (and its manifest) even on an error
 
         summary.update(step=step, skipped_steps=int(jax.device_get(state.skipped_steps)),
                        checkpoint=str(checkpointer.step_dir(step)))
-    checkpointer.close()
     # Outside the mesh context: the export rebuilds abstract params, which must not pick up its rules.
     if tc.export_hf and not summary["interrupted"]:
         summary["export"] = _export(stage, state, tc.export_hf)
