@@ -114,8 +114,10 @@ def batch_sharding(mesh: Mesh, rules: Rules = axes.LOGICAL_AXIS_RULES) -> NamedS
 def shard_batch(batch: dict, mesh: Mesh, rules: Rules = axes.LOGICAL_AXIS_RULES) -> dict:
     """Host numpy batch -> global ``jax.Array``s with the batch dimension sharded over (data, fsdp).
 
-    ``batch`` holds this process's rows (``[local_batch, ...]``); on one host that is the whole global
-    batch. The global batch is ``local_batch * jax.process_count()`` rows.
+    ``batch`` holds this process's rows: process ``p`` of ``n`` feeds the contiguous block
+    ``[p * local, (p + 1) * local)`` of the ``local * n``-row global batch (what ``DataIterator`` returns);
+    on one process that is the whole batch. The mesh must give each process's devices exactly that block
+    (checked; true when processes own consecutive slots of the data/fsdp axes, as ``make_mesh`` lays out).
     """
     sharding = batch_sharding(mesh, rules)
     parallel = math.prod(mesh.shape[a] for a in _as_tuple(sharding.spec[0]))
@@ -126,9 +128,25 @@ def shard_batch(batch: dict, mesh: Mesh, rules: Rules = axes.LOGICAL_AXIS_RULES)
         if global_rows % parallel:
             raise ValueError(f"batch feature {name!r}: global batch {global_rows} is not divisible by the "
                              f"{parallel} data-parallel devices (mesh data*fsdp); change train.batch_size")
+        if jax.process_count() > 1:
+            _check_process_rows(sharding, global_rows, value.shape[0])
         global_shape = (global_rows, *value.shape[1:])
         out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def _check_process_rows(sharding: NamedSharding, global_rows: int, local_rows: int) -> None:
+    """This process's devices must hold exactly its block of rows, else its data would land on wrong rows."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map((global_rows,)).values():
+        held.update(range(global_rows)[index[0]])
+    start = jax.process_index() * local_rows
+    if held != set(range(start, start + local_rows)):
+        raise ValueError(
+            f"process {jax.process_index()} feeds batch rows [{start}, {start + local_rows}) but the mesh "
+            f"{dict(sharding.mesh.shape)} gives its devices {len(held)} rows from row {min(held)}; split the batch across "
+            f"processes: make mesh.data*mesh.fsdp a multiple of the {jax.process_count()} processes"
+        )
 
 
 def initialize_distributed(

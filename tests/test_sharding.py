@@ -183,6 +183,14 @@ def test_shard_batch():
         shard_batch({"decoder_input_tokens": np.zeros((6, 4), np.int32)}, mesh)
 
 
+def test_shard_batch_refuses_a_mesh_that_does_not_split_rows_by_process(monkeypatch):
+    # As process 0 of 2 it feeds rows [0, 4) of 8, but all 8 devices (here all addressable) hold all rows.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"process 0 feeds batch rows \[0, 4\) but the mesh .* gives its devices "
+                                         r"8 rows from row 0; .*multiple of the 2 processes"):
+        shard_batch({"decoder_input_tokens": np.zeros((4, 3), np.int32)}, make_mesh(2, 2, 2))
+
+
 def test_initialize_distributed_single_process(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)

@@ -1,8 +1,8 @@
 """Example sources and the deterministic, resumable iterator that turns them into batches.
 
 A *source* is random access: ``len(source)`` and ``source[i] -> dict`` (one raw example, e.g.
-``{"text": ...}``). Random access is what makes shuffling, per-process striping and exact resumption
-cheap: the iterator's whole state is ``(epoch, position, offset, seed)``.
+``{"text": ...}``). Random access is what makes shuffling and exact resumption cheap: the
+iterator's whole state is ``(epoch, position, offset, seed)``.
 
 Sources here: JSONL, Parquet (pyarrow), Hugging Face ``datasets`` on local files or a saved dataset
 directory, TFDS / seqio (optional extra), ``MappedSource`` (per-source field mapping) and ``Mixture``
@@ -264,7 +264,7 @@ ExampleFn = Callable[[dict[str, Any], np.random.Generator], Any]
 
 
 class DataIterator:
-    """Batches ``[batch_size, length]`` int32 from a source, deterministic and exactly resumable.
+    """Batches ``[batch_size / process_count, length]`` int32 from a source, deterministic, exactly resumable.
 
     Pipeline: ``source[i]`` -> ``example_fn(raw, rng)`` -> first-fit packing (or one example per row) ->
     batch dict with ``llmjax.batch`` names (packed batches add segment ids and positions).
@@ -273,9 +273,16 @@ class DataIterator:
     long document cut into chunks), or None to skip the row. Its ``rng`` is seeded from
     ``(seed, epoch, source index)``, so an example is the same however the data is split or resumed.
 
-    Each epoch visits the source in a seed-determined order (``shuffle=True``); process ``p`` of ``n``
-    takes every ``n``-th item of that order starting at ``p``, so processes see disjoint stripes. Batches
-    run across epoch boundaries; with ``num_epochs`` set, the last batch is padded with empty rows.
+    Each epoch visits the source in a seed-determined order (``shuffle=True``). Batches run across epoch
+    boundaries; with ``num_epochs`` set, the last batch is padded with empty rows.
+
+    Multi-process: ``batch_size`` is the *global* batch. Every process walks the same global sequence
+    of batches (it depends only on the source, ``example_fn``, seed and lengths, never on the process
+    layout) and returns only its contiguous block of rows ``[p * batch_size / n, (p + 1) * batch_size / n)``
+    for process ``p`` of ``n`` (``llmjax.sharding.shard_batch`` puts the blocks together). So a run on
+    any number of processes trains on bitwise the same global batches as one process, every process runs
+    out of data at the same step, and the state is the same on every process. The price: each process
+    runs ``example_fn`` over the whole global batch (tokenizing a batch is cheap next to a train step).
 
     Example (decoder-only causal LM)::
 
@@ -302,10 +309,11 @@ class DataIterator:
     ):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-        if len(source) < process_count:
-            raise ValueError(f"source has {len(source)} examples, fewer than process_count={process_count}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size % process_count:
+            raise ValueError(f"global batch_size {batch_size} is not divisible by the {process_count} processes; "
+                             "change train.batch_size")
         self.source, self.example_fn = source, example_fn
         self.batch_size, self.decoder_length, self.encoder_length = batch_size, decoder_length, encoder_length
         self.pack, self.truncate, self.seed, self.shuffle = pack, truncate, seed, shuffle
@@ -313,27 +321,30 @@ class DataIterator:
         self._epoch, self._position, self._offset = 0, 0, 0
         self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
         self._pending: list[dict[str, np.ndarray]] | None = None  # example_fn output of the current row
+        rows_per_process = batch_size // process_count
+        self._rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
 
     def state(self) -> dict[str, int]:
-        """JSON-serializable position: the next example not yet in any returned batch."""
+        """JSON-serializable position in the global sequence: the next example not in any returned batch.
+
+        The same on every process (nothing in it depends on the process layout).
+        """
         return {
             "epoch": self._epoch,
             "position": self._position,
             "offset": self._offset,
             "seed": self.seed,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
             "num_examples": len(self.source),
         }
 
     def restore(self, state: Mapping[str, int]) -> None:
-        """Continue exactly where the iterator that produced ``state`` stopped."""
+        """Continue exactly where the iterator that produced ``state`` stopped (on any process layout)."""
         mine = self.state()
-        for key in ("seed", "process_index", "process_count", "num_examples"):
+        for key in ("seed", "num_examples"):
             if key in state and state[key] != mine[key]:
                 raise ValueError(
                     f"iterator state has {key}={state[key]} but this iterator has {key}={mine[key]}; "
-                    "restore into an iterator built with the same source, seed and process layout"
+                    "restore into an iterator built with the same source and seed"
                 )
         missing = [key for key in ("epoch", "position", "offset") if key not in state]
         if missing:
@@ -359,14 +370,15 @@ class DataIterator:
             self._offset += 1
         if len(packer) == 0:
             raise StopIteration
-        return packer.to_batch(num_rows=self.batch_size, include_segments=self.pack)
+        global_batch = packer.to_batch(num_rows=self.batch_size, include_segments=self.pack)
+        return {name: value[self._rows] for name, value in global_batch.items()}
 
-    def _stripe(self, epoch: int) -> np.ndarray:
-        """This process's source indices for ``epoch``, in visiting order."""
+    def _visiting_order(self, epoch: int) -> np.ndarray:
+        """Source indices for ``epoch``, in visiting order (the same on every process)."""
         if self._order_epoch != epoch:
             n = len(self.source)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order, self._order_epoch = order[self.process_index :: self.process_count], epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
         return self._order
 
     def _peek(self) -> tuple[int, dict[str, np.ndarray]] | None:
@@ -375,11 +387,11 @@ class DataIterator:
         while True:
             if self.num_epochs is not None and self._epoch >= self.num_epochs:
                 return None
-            stripe = self._stripe(self._epoch)
-            if self._position >= len(stripe):
+            order = self._visiting_order(self._epoch)
+            if self._position >= len(order):
                 self._epoch, self._position, self._offset, self._pending = self._epoch + 1, 0, 0, None
                 continue
-            source_index = int(stripe[self._position])
+            source_index = int(order[self._position])
             if self._pending is None:
                 rng = np.random.default_rng([self.seed, self._epoch, source_index])
                 produced = self.example_fn(self.source[source_index], rng)
@@ -388,5 +400,5 @@ class DataIterator:
                 return source_index, self._pending[self._offset]
             self._position, self._offset, self._pending = self._position + 1, 0, None
             rows_without_examples += 1
-            if rows_without_examples > len(stripe):
+            if rows_without_examples > len(order):
                 raise ValueError("example_fn returned no examples for a whole epoch; check it and the source")

@@ -3,7 +3,7 @@
 The stage is data + loss + trainable filter + init source; the shared loop does the rest:
 
 * data:      documents from ``data.kind``/``data.source`` -> tokenizer -> objective -> packed batches
-             (``DataIterator``: deterministic, split across processes, resumable)
+             (``DataIterator``: deterministic, the same global batches on any process layout, resumable)
 * loss:      token cross-entropy (+ z-loss) of the family (``llmjax.train.lm_loss``)
 * trainable: everything
 * init:      random from ``train.seed``
@@ -56,14 +56,13 @@ def build_stage(config: RunConfig) -> Stage:
     check_vocab(tokenizer, config.model)
     model = build_model(config.model)
     example_fn = _example_fn(config, tokenizer)
-    process_count = jax.process_count()
-    local_batch = config.train.batch_size // process_count
 
     def iterator(source, **kwargs):
+        # The global batch; each process keeps its rows, so the batches match a one-process run.
         return DataIterator(
-            source, example_fn, batch_size=local_batch, decoder_length=dc.decoder_length,
+            source, example_fn, batch_size=config.train.batch_size, decoder_length=dc.decoder_length,
             encoder_length=dc.encoder_length if family == "t5" else None, pack=dc.packing,
-            seed=config.train.seed, process_index=jax.process_index(), process_count=process_count, **kwargs,
+            seed=config.train.seed, process_index=jax.process_index(), process_count=jax.process_count(), **kwargs,
         )
 
     eval_data = None

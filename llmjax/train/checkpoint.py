@@ -285,7 +285,8 @@ def verify_step_dir(step_dir: Path, step: int) -> None:
 
 
 def _gather_from_processes(data_state: dict) -> list[dict]:
-    """Every process's data-iterator state (each reads its own stripe of the data), in process order."""
+    """Every process's data-iterator state, in process order (``DataIterator``'s is the same on all of them;
+    a stage's own iterator may differ per process)."""
     if jax.process_count() == 1:
         return [data_state]
     from jax.experimental import multihost_utils
@@ -303,6 +304,8 @@ def _this_process(data_item: dict | None, where: Path) -> dict | None:
     per_process = (data_item or {}).get("per_process")
     if not per_process:
         return None
+    if all(state == per_process[0] for state in per_process):
+        return per_process[0] or None  # a layout-independent state (DataIterator's) resumes on any layout
     if len(per_process) != jax.process_count():
         raise ValueError(
             f"checkpoint {where} was written by {len(per_process)} processes but this run has "
