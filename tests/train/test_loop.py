@@ -152,29 +152,42 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-def _cli(out_dir, tokenizer_dir, steps=40):
+# A 1-layer T5 on short rows: these tests are about processes, signals and files, not model size.
+SMALL_T5 = ["model.num_layers=1", "model.d_model=32", "model.d_kv=8", "model.d_ff=64", "model.num_heads=4",
+            "data.encoder_length=32", "data.decoder_length=8", "optim.warmup_steps=2"]
+
+
+def _cli(out_dir, tokenizer_dir, steps, every_steps=4):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     command = [
         sys.executable, "-m", "llmjax.cli", "train", "--config", str(REPO / "configs" / "pretrain_t5_tiny.yaml"),
         f"train.steps={steps}", "train.batch_size=8", "train.log_every_steps=1", "train.eval_every_steps=0",
-        f"train.output_dir={out_dir}", "checkpoint.every_steps=4", "checkpoint.keep=null",
-        f"data.tokenizer={tokenizer_dir}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
+        "train.export_hf=null", f"train.output_dir={out_dir}", f"checkpoint.every_steps={every_steps}",
+        "checkpoint.keep=null", f"data.tokenizer={tokenizer_dir}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
+        *SMALL_T5,
     ]
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_step(out_dir, step, process, timeout=300):
-    metrics = Path(out_dir) / "metrics.jsonl"
+def _wait_until(ready, process, what, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"training exited early ({process.returncode}):\n{process.stdout.read()}")
-        if metrics.is_file():
-            lines = metrics.read_text().splitlines()
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s")
+            raise AssertionError(f"training exited ({process.returncode}) before {what}:\n{process.stdout.read()}")
+        if ready():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {what} within {timeout}s")
+
+
+def _wait_for_step(out_dir, step, process):
+    metrics = Path(out_dir) / "metrics.jsonl"
+
+    def logged():
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return bool(lines) and json.loads(lines[-1])["step"] >= step
+
+    _wait_until(logged, process, f"step {step}")
 
 
 @pytest.mark.slow
@@ -194,17 +207,25 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tokenizer_dir):
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
-    whole = _cli(tmp_path / "whole", tokenizer_dir)
-    killed = _cli(tmp_path / "killed", tokenizer_dir)
-    kill_step = random.Random().randint(5, 30)
-    _wait_for_step(tmp_path / "killed", kill_step, killed)
+    steps, every = 60, 4
+    whole = _cli(tmp_path / "whole", tokenizer_dir, steps, every)
+    killed = _cli(tmp_path / "killed", tokenizer_dir, steps, every)
+    # Kill once checkpoint k is complete on disk (with async saves its manifest lands while step k + every
+    # runs, a later save possibly half written), so there is something to resume from and 40+ steps with
+    # 10+ saves (seconds) are still ahead: the kill lands mid-run even when this test process lags.
+    kill_after = random.Random().choice(range(every, steps // 3, every))
+    checkpoints = Checkpointer(tmp_path / "killed" / "checkpoints")
+    _wait_until(lambda: checkpoints.has_step(kill_after), killed, f"checkpoint {kill_after}")
     killed.kill()  # SIGKILL: no handler runs, whatever was being written is left half done
     killed.wait()
-    resumed = _cli(tmp_path / "killed", tokenizer_dir)
+    assert not checkpoints.has_step(steps), "the run ended before the kill landed"
+    resumed = _cli(tmp_path / "killed", tokenizer_dir, steps, every)
     for process in (whole, resumed):
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output
-    assert "resumed from step" in output, output
-    a = Checkpointer(tmp_path / "whole" / "checkpoints").restore_params(40)
-    b = Checkpointer(tmp_path / "killed" / "checkpoints").restore_params(40)
-    assert _bitwise_equal(a.state, b.state), f"killed at step {kill_step}"
+    resumed_from = [line for line in output.splitlines() if "resumed from step" in line]
+    assert resumed_from, output
+    assert int(resumed_from[0].split("resumed from step ")[1].split()[0]) >= kill_after
+    a = Checkpointer(tmp_path / "whole" / "checkpoints").restore_params(steps)
+    b = Checkpointer(tmp_path / "killed" / "checkpoints").restore_params(steps)
+    assert _bitwise_equal(a.state, b.state), f"killed after checkpoint {kill_after}: {resumed_from[0]}"
