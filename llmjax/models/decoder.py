@@ -18,7 +18,7 @@ kernels are ``[in, out]``, the transpose of a torch ``Linear.weight``)::
     lm_head/kernel                          [H, V]  (embed, vocab)    only if not tie_word_embeddings
 
 KV cache (``decode=True``), per layer ``layers_{i}/self_attention/cached_key`` and
-``cached_value`` ``[b, cache_len, num_key_value_heads, head_dim]`` in the compute dtype.
+``cached_value`` ``[b, num_key_value_heads, cache_len, head_dim]`` (heads-major) in the compute dtype.
 Create it with :meth:`Decoder.init_cache` (or ``model.init(rng, ids_of_cache_len, decode=True)["cache"]``).
 """
 
@@ -277,4 +277,4 @@ class Decoder(nn.Module):
         cache = self.variables.get("cache")
         if not cache:  # init call: the input only sizes the cache
             return chunk_len
-        return cache["layers_0"]["self_attention"]["cached_key"].shape[1]
+        return cache["layers_0"]["self_attention"]["cached_key"].shape[2]

@@ -238,7 +238,8 @@ class Attention(nn.Module):
       * cross-attention (``is_cross=True``) computes keys/values from
         ``inputs_kv`` once and stores them; later calls pass ``inputs_kv=None``.
     The cache is created by ``init`` with ``decode=True`` on inputs whose length
-    is the cache length.
+    is the cache length. Cached keys/values are stored heads-major,
+    ``[b, kv_heads, len, head_dim]``, so decoding attends over them without a copy.
     """
 
     num_heads: int
@@ -305,21 +306,42 @@ class Attention(nn.Module):
         if self.scale_queries:
             q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
         groups = self.num_heads // self.num_kv_heads
-        lk = k.shape[1]
         qg = q.reshape(b, lq, self.num_kv_heads, groups, self.head_dim)
-        logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+        if decode:
+            # The cache is stored heads-major [b, kv_heads, len, head_dim], so both products are
+            # batched over (b, kv_heads) with the cache as is; the [b, len, heads, d] layout
+            # made XLA transpose every layer's whole cache on every decoding step.
+            lk = k.shape[2]
+            qh = jnp.transpose(qg, (0, 2, 3, 1, 4))  # [b, kv_heads, groups, q, d]: small
+            qh = qh.reshape(b, self.num_kv_heads, groups * lq, self.head_dim)
+            logits = jnp.einsum("bhqd,bhkd->bhqk", qh, k, preferred_element_type=jnp.float32)
+        else:
+            lk = k.shape[1]
+            logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
         logits = logits.reshape(b, self.num_heads, lq, lk)
         if bias is not None:
             logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1)
         if self.dropout_rate > 0.0 and not deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        weights = weights.astype(self.dtype).reshape(b, self.num_kv_heads, groups, lq, lk)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(self.dtype))
+        weights = weights.astype(self.dtype)
+        if decode:
+            weights = weights.reshape(b, self.num_kv_heads, groups * lq, lk)
+            out = jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(self.dtype))
+            out = out.reshape(b, self.num_kv_heads, groups, lq, self.head_dim)
+            out = jnp.transpose(out, (0, 3, 1, 2, 4))
+        else:
+            weights = weights.reshape(b, self.num_kv_heads, groups, lq, lk)
+            out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(self.dtype))
         out = out.reshape(b, lq, self.num_heads * self.head_dim)
         return self._dense(inputs_q.shape[-1], (axes.HEADS, axes.EMBED), self.o_init, "o")(out)
 
     def _self_cache(self, k, v, cache_index):
+        """Write ``k, v [b, len, kv_heads, d]`` from slot ``cache_index`` on.
+
+        Returns the whole cache, ``[b, kv_heads, slots, d]`` each.
+        """
+        k, v = _heads_major(k), _heads_major(v)
         initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -328,16 +350,18 @@ class Attention(nn.Module):
         index = jnp.asarray(cache_index, jnp.int32)
         zero = jnp.zeros((), jnp.int32)
         cached_k.value = jax.lax.dynamic_update_slice(
-            cached_k.value, k.astype(cached_k.value.dtype), (zero, index, zero, zero)
+            cached_k.value, k.astype(cached_k.value.dtype), (zero, zero, index, zero)
         )
         cached_v.value = jax.lax.dynamic_update_slice(
-            cached_v.value, v.astype(cached_v.value.dtype), (zero, index, zero, zero)
+            cached_v.value, v.astype(cached_v.value.dtype), (zero, zero, index, zero)
         )
         return cached_k.value, cached_v.value
 
     def _cross_cache(self, inputs_kv):
+        """Keys/values of the encoder outputs, computed once; -> ``[b, kv_heads, encoder_len, d]``."""
         if inputs_kv is not None:
             k, v = self._project_kv(inputs_kv, None)
+            k, v = _heads_major(k), _heads_major(v)
             self.put_variable("cache", "cross_key", k)
             self.put_variable("cache", "cross_value", v)
             return k, v
@@ -346,6 +370,11 @@ class Attention(nn.Module):
                 "cross-attention cache is empty: run the first decode step with the encoder outputs"
             )
         return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+
+
+def _heads_major(x: jax.Array) -> jax.Array:
+    """``[b, len, heads, d]`` -> ``[b, heads, len, d]``, the KV cache layout."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 class FeedForward(nn.Module):

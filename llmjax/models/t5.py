@@ -102,8 +102,8 @@ def _check_dtype(name: str, value: str) -> None:
 #   decoder/layers_{i}/cross_attention_norm/scale, decoder/layers_{i}/cross_attention/{q,k,v,o}/kernel
 #   lm_head/kernel                                     [d_model, vocab]  (only when not tied)
 # Cache tree (``T5.init_cache``): decoder/layers_{i}/self_attention/{cached_key,cached_value}
-# [b, cache_len, heads, d_kv] and decoder/layers_{i}/cross_attention/{cross_key,cross_value}
-# [b, encoder_len, heads, d_kv], in the compute dtype.
+# [b, heads, cache_len, d_kv] and decoder/layers_{i}/cross_attention/{cross_key,cross_value}
+# [b, heads, encoder_len, d_kv] (heads-major, see ``layers.Attention``), in the compute dtype.
 # ----------------------------------------------------------------------------
 
 _ACT = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
@@ -345,7 +345,7 @@ class T5(nn.Module):
         cache = self.variables.get("cache")
         if cache is None:  # the init call: these inputs size the cache
             return length
-        return cache["decoder"]["layers_0"]["self_attention"]["cached_key"].shape[1]
+        return cache["decoder"]["layers_0"]["self_attention"]["cached_key"].shape[2]
 
     def init_cache(self, batch_size: int, cache_len: int, encoder_len: int) -> dict:
         """A zero ``"cache"`` collection for ``decode(..., decode=True)``; no parameters are computed.

@@ -155,7 +155,7 @@ def test_init_cache_matches_model_init():
     assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), cache) == jax.tree_util.tree_map(
         lambda x: (x.shape, x.dtype), reference
     )
-    assert cache["layers_1"]["self_attention"]["cached_key"].shape == (3, 7, 2, 8)
+    assert cache["layers_1"]["self_attention"]["cached_key"].shape == (3, 2, 7, 8)  # [b, kv_heads, slots, d]
 
 
 def test_bf16_compute_is_close_to_fp32(model_and_params):

@@ -131,8 +131,8 @@ def test_cache_shapes_and_decode_refuses_packing():
     model = build_model(dataclasses.replace(UNTIED, dtype="bfloat16"))
     cache = model.init_cache(2, 5, 7)
     layer = cache["decoder"]["layers_1"]
-    assert layer["self_attention"]["cached_key"].shape == (2, 5, 3, 6)
-    assert layer["cross_attention"]["cross_value"].shape == (2, 7, 3, 6)
+    assert layer["self_attention"]["cached_key"].shape == (2, 3, 5, 6)  # [b, heads, slots, d_kv]
+    assert layer["cross_attention"]["cross_value"].shape == (2, 3, 7, 6)
     assert layer["self_attention"]["cached_value"].dtype == jnp.bfloat16
     params = init(model, 0)
     with pytest.raises(ValueError, match="does not support packing"):
