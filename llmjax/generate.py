@@ -25,7 +25,7 @@ import numpy as np
 from llmjax.generation.beam import BeamSettings, beam_results, beam_search_open, beam_step, init_beam_state
 from llmjax.generation.config import GenerationConfig
 from llmjax.generation.families import family_for
-from llmjax.generation.processors import process_scores
+from llmjax.generation.processors import greedy_tokens, process_scores
 from llmjax.models import family_of
 
 __all__ = ["GenerationConfig", "generate", "resolve_config"]
@@ -173,7 +173,7 @@ class _TokenSearch:
         if cfg.do_sample:
             token = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
         else:
-            token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+            token = greedy_tokens(scores)
         finished = state.finished
         if cfg.eos_token_id is not None:
             token = jnp.where(finished, cfg.pad_token_id, token)

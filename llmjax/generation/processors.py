@@ -2,7 +2,8 @@
 
 ``process_scores`` applies, as ``transformers`` does: min-new-tokens (eos suppressed),
 then, only when sampling, temperature -> top-k -> top-p. Filtered entries become
-``-inf``, so ``softmax`` of the result is the distribution that is sampled.
+``-inf``, so ``softmax`` of the result is the distribution that is sampled; greedy
+decoding picks ``greedy_tokens`` of it.
 """
 
 from __future__ import annotations
@@ -70,3 +71,16 @@ def process_scores(
         if config.top_p < 1.0:
             scores = top_p_filter(scores, config.top_p, min_tokens_to_keep)
     return scores
+
+
+def greedy_tokens(scores: jax.Array) -> jax.Array:
+    """``[..., vocab]`` -> int32 ``[...]``: the first index of the maximum, as ``argmax`` (and torch's).
+
+    A max, then a min over the indices that reach it: two plain reductions that XLA on CPU
+    vectorizes, several times faster over a 32k vocabulary than ``argmax``'s (value, index)
+    pair reduction. NaN counts as +inf, so a NaN row still gives an index in range.
+    """
+    scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
+    best = jnp.max(scores, axis=-1, keepdims=True)
+    ids = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(scores == best, ids, scores.shape[-1]), axis=-1)

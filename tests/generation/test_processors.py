@@ -10,7 +10,9 @@ import torch
 from transformers.generation import logits_process as hf
 
 from llmjax.generation.config import GenerationConfig
-from llmjax.generation.processors import process_scores, suppress_tokens, top_k_filter, top_p_filter
+from llmjax.generation.processors import (
+    greedy_tokens, process_scores, suppress_tokens, top_k_filter, top_p_filter,
+)
 
 LOGITS = np.array([[2.0, 1.0, 0.5, 0.0, -1.0]], np.float32)
 # softmax(LOGITS): e^2, e^1, e^.5, e^0, e^-1 = 7.3891, 2.7183, 1.6487, 1, 0.3679 over 13.1240
@@ -113,3 +115,13 @@ def test_sampled_frequencies_match_the_filtered_distribution(name):
     frequencies = np.bincount(samples, minlength=LOGITS.shape[1]) / samples.size
     assert np.abs(frequencies - np.asarray(expected)).max() < 0.01, frequencies
     assert (frequencies[np.asarray(expected) == 0] == 0).all()  # filtered tokens never drawn
+
+
+def test_greedy_tokens_pick_the_first_maximum_like_torch_argmax():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(2, 32, 300)).astype(np.float32)  # many ties
+    scores[0, 0, :] = -np.inf       # every token suppressed
+    scores[0, 1, 7] = np.inf
+    got = np.asarray(greedy_tokens(jnp.asarray(scores)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, torch.argmax(torch.from_numpy(scores), dim=-1).numpy())
