@@ -164,6 +164,8 @@ def main(argv=None):
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("machine:", machine())
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none: XLA CPU defaults)'}; "
+          f"load average (1, 5, 15 min) at the start: {os.getloadavg()}")
     bandwidth = memory_bandwidth_gb_s()
     print(f"memory bandwidth (numpy copy, read+write): {bandwidth:.1f} GB/s")
     print(f"greedy, fp32, prompt {args.prompt_len} tokens (batch rows padded to different lengths), "
