@@ -8,7 +8,7 @@ That is how a run names a model size or a mesh preset without restating it::
     model: {include: model/t5_tiny.yaml, dropout_rate: 0.0}
     mesh: {include: mesh/single.yaml}
 
-The ``model`` section is ``family`` (a key of ``llmjax.models.MODEL_CONFIGS``) plus that family's config
+The ``model`` section is ``family`` (a key of ``llmjax.model_config.MODEL_CONFIGS``) plus that family's config
 fields; its defaults live in the family's dataclass only. Unknown keys and wrong types are errors that
 name the key, the closest valid key and the expected type.
 """
@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmjax.models import MODEL_CONFIGS, family_of
+from llmjax.model_config import MODEL_CONFIGS, family_of
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG_PATH = CONFIGS_DIR / "pretrain_t5_tiny.yaml"

@@ -16,7 +16,7 @@ import numpy as np
 
 from llmjax.hf.io import CheckpointError
 from llmjax.models import build_model, dummy_inputs  # noqa: F401  (build_model is part of the family protocol)
-from llmjax.models.t5 import T5Config
+from llmjax.model_config import T5Config
 
 MODEL_TYPES = ("t5", "mt5")
 CONFIG_CLASS = T5Config

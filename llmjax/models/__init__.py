@@ -8,18 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.models.decoder import DecoderConfig
-from llmjax.models.t5 import T5Config
-
-# family name -> config class (the name used in run configs: `model.family: t5`)
-MODEL_CONFIGS = {"t5": T5Config, "decoder": DecoderConfig}
-
-
-def family_of(config) -> str:
-    for name, cls in MODEL_CONFIGS.items():
-        if isinstance(config, cls):
-            return name
-    raise TypeError(f"unknown model config type {type(config).__name__}")
+from llmjax.model_config import MODEL_CONFIGS, DecoderConfig, T5Config, family_of  # noqa: F401 (re-exported)
 
 
 def build_model(config) -> nn.Module:

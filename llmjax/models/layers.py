@@ -426,6 +426,8 @@ def _gelu_exact(x):
 
 
 # Names follow Hugging Face's ACT2FN keys so configs round-trip unchanged.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu_new": _gelu_tanh,

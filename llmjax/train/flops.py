@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 from llmjax.models import family_of
-from llmjax.models.decoder import DecoderConfig
-from llmjax.models.t5 import T5Config
+from llmjax.model_config import DecoderConfig
+from llmjax.model_config import T5Config
 
 FORMULAS = {
     "t5": (
