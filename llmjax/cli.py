@@ -19,8 +19,7 @@ from typing import Callable
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain_t5_tiny.yaml"
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line."""
+from llmjax.errors import UserError  # noqa: E402  (re-exported: the one user-error type)
 
 
 # ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from llmjax.errors import UserError
 from llmjax.model_config import MODEL_CONFIGS, family_of
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -32,7 +33,7 @@ DEFAULT_CONFIG_PATH = CONFIGS_DIR / "pretrain_t5_tiny.yaml"
 INCLUDE_KEY = "include"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing configuration mistake; the message says which key and how to fix it."""
 
 

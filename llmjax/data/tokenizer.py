@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from llmjax.errors import UserError
 
 SPIECE_NAME = "spiece.model"
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -31,7 +32,7 @@ WORD_BOUNDARY = "\u2581"  # SentencePiece's visible space, "▁"
 PADDING_MODES = ("max_length", "longest")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file or call that cannot work, with the reason and the fix."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
+from llmjax.errors import UserError
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -24,7 +25,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A Hugging Face directory that llmjax cannot read, with the reason and the fix."""
 
 

@@ -35,13 +35,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llmjax.train.state import TrainState, merge_params
+from llmjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "llmjax_manifest.json"
 
 
-class CheckpointCorruptError(ValueError):
+class CheckpointCorruptError(UserError, ValueError):
     """A checkpoint step is incomplete, truncated or corrupted."""
 
 
