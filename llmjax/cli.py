@@ -54,10 +54,12 @@ def cmd_import(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from llmjax.data.tokenizer import read_texts, train_tokenizer
+    from llmjax.data.sources import file_source
+    from llmjax.data.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(read_texts(args.input), args.out, args.vocab_size,
-                          num_extra_ids=args.num_extra_ids, seed=args.seed)
+    sources = [file_source(path, "text") for path in args.input]  # every row checked before training
+    texts = (source[i]["text"] for source in sources for i in range(len(source)))
+    tok = train_tokenizer(texts, args.out, args.vocab_size, num_extra_ids=args.num_extra_ids, seed=args.seed)
     print(f"trained tokenizer with {tok.vocab_size} ids -> {args.out}")
     return 0
 
@@ -274,11 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    # ValueError covers config, checkpoint, data and tokenizer validation errors across the package.
-    return (UserError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -288,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return func(args)
-    except _user_error_types() as e:
+    except UserError as e:  # only the user's mistakes: anything else is a bug and keeps its traceback
         if os.environ.get("LLMJAX_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        message = " ".join(str(e).split("\n"))
         print(f"llmjax {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -19,38 +19,21 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax import axes
+from llmjax.config import MeshConfig
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
-
-
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-    """Fill the one ``-1`` axis with the remaining devices; check the product equals ``device_count``."""
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    fill = [name for name, size in sizes.items() if size == -1]
-    if len(fill) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got {fill}; give the others explicit sizes")
-    if any(size < 1 and size != -1 for size in sizes.values()):
-        raise ValueError(f"mesh sizes must be >= 1 or -1 (all remaining devices), got {sizes}")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if fill:
-        if device_count % fixed:
-            raise ValueError(f"mesh {sizes}: {device_count} devices are not divisible by the fixed axes' "
-                             f"product {fixed}; change mesh.data/fsdp/tensor")
-        sizes[fill[0]] = device_count // fixed
-    elif fixed != device_count:
-        raise ValueError(f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} = {fixed} but there are "
-                         f"{device_count} devices; make the product {device_count} or set one axis to -1")
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: all global devices).
 
-    The fastest-varying axis (tensor) gets neighbouring devices, so tensor parallelism talks over the
+    One axis may be -1 (all remaining devices); ``MeshConfig.resolve`` checks the sizes. The
+    fastest-varying axis (tensor) gets neighbouring devices, so tensor parallelism talks over the
     fastest links (``mesh_utils`` knows TPU/GPU topologies).
     """
     devices = list(devices) if devices is not None else jax.devices()
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    mesh = MeshConfig(data, fsdp, tensor).resolve(len(devices), jax.process_count())
+    shape = (mesh.data, mesh.fsdp, mesh.tensor)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
@@ -116,18 +99,15 @@ def shard_batch(batch: dict, mesh: Mesh, rules: Rules = axes.LOGICAL_AXIS_RULES)
 
     ``batch`` holds this process's rows: process ``p`` of ``n`` feeds the contiguous block
     ``[p * local, (p + 1) * local)`` of the ``local * n``-row global batch (what ``DataIterator`` returns);
-    on one process that is the whole batch. The mesh must give each process's devices exactly that block
-    (checked; true when processes own consecutive slots of the data/fsdp axes, as ``make_mesh`` lays out).
+    on one process that is the whole batch. The global batch divides over the data-parallel devices
+    (``RunConfig`` checks it against the mesh). The mesh must give each process's devices exactly its
+    block (checked; true when processes own consecutive slots of the data/fsdp axes, as ``make_mesh`` lays out).
     """
     sharding = batch_sharding(mesh, rules)
-    parallel = math.prod(mesh.shape[a] for a in _as_tuple(sharding.spec[0]))
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
         global_rows = value.shape[0] * jax.process_count()
-        if global_rows % parallel:
-            raise ValueError(f"batch feature {name!r}: global batch {global_rows} is not divisible by the "
-                             f"{parallel} data-parallel devices (mesh data*fsdp); change train.batch_size")
         if jax.process_count() > 1:
             _check_process_rows(sharding, global_rows, value.shape[0])
         global_shape = (global_rows, *value.shape[1:])

@@ -23,7 +23,7 @@ import jax
 
 from llmjax import sharding
 from llmjax.models import family_of
-from llmjax.config import RunConfig, config_to_dict
+from llmjax.config import MeshConfig, RunConfig, config_to_dict
 from llmjax.train.checkpoint import Checkpointer, model_meta
 from llmjax.train.flops import step_flops
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
@@ -69,8 +69,12 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     ``checkpoint`` (last saved step dir), ``export`` (HF dir or None), ``tokens_per_sec``, ``mfu``.
     Raises ``NonFiniteLossError`` under ``nan_policy=abort`` naming the step.
     """
+    if mesh is None:
+        config = config.for_devices(jax.device_count(), jax.process_count())
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    else:  # the given mesh replaces the config's, and the batch is checked against it
+        config = dataclasses.replace(config, mesh=MeshConfig(**dict(mesh.shape)))
     tc = config.train
-    mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     tx, schedule = make_optimizer(config.optim, tc.steps)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
@@ -146,8 +150,8 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
         summary.update(step=step, skipped_steps=int(jax.device_get(state.skipped_steps)),
                        checkpoint=str(checkpointer.step_dir(step)))
     # Outside the mesh context: the export rebuilds abstract params, which must not pick up its rules.
-    if tc.export_hf and not summary["interrupted"]:
-        summary["export"] = _export(stage, state, tc.export_hf)
+    if config.export_dir is not None and not summary["interrupted"]:
+        summary["export"] = _export(stage, state, config.export_dir)
     return summary
 
 
@@ -217,7 +221,7 @@ def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | Non
     return Throughput(flops.tokens, flops.total, peak_flops_per_sec)
 
 
-def _export(stage: Stage, state, out: str) -> str:
+def _export(stage: Stage, state, out: Path) -> str:
     from llmjax import hf
 
     params = jax.device_get(state.full_params())
