@@ -276,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_logs() -> None:
+    """Drop what libraries log through absl (orbax: its background threads' failures, tracebacks included,
+    and notes such as "directory is read only"). A failure reaches llmjax as an exception too, reported
+    in one line; ``LLMJAX_DEBUG=1`` keeps the logs."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL + 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -283,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    if not os.environ.get("LLMJAX_DEBUG"):
+        _quiet_library_logs()
     try:
         return func(args)
     except UserError as e:  # only the user's mistakes: anything else is a bug and keeps its traceback

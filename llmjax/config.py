@@ -35,7 +35,18 @@ INCLUDE_KEY = "include"
 
 
 class ConfigError(UserError, ValueError):
-    """A user-facing configuration mistake; the message says which key and how to fix it."""
+    """A user-facing configuration mistake; the message says which key and how to fix it.
+
+    ``problems``: each problem found (several when a config was checked in one pass); the message lists them.
+    """
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        if len(problems) == 1:
+            message = problems[0]
+        else:
+            message = f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +311,7 @@ def config_from_dict(raw: dict) -> RunConfig:
             try:
                 sections[name] = _build_section(name, raw.get(name, {}))
             except ConfigError as e:
-                problems.append(str(e))
+                problems.extend(e.problems)
     _raise_all(problems)
     return _construct(RunConfig, sections)
 
@@ -419,17 +430,15 @@ def _build_dataclass(cls, raw: dict, prefix: str):
             try:
                 values[key] = _coerce(value, hints[key], f"{prefix}.{key}")
             except ConfigError as e:
-                problems.append(str(e))
+                problems.extend(e.problems)
     _raise_all(problems)
     return _construct(cls, values)
 
 
 def _raise_all(problems: list[str]) -> None:
     """One ConfigError listing every problem (one line: the CLI prints it as the error)."""
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
     if problems:
-        raise ConfigError(f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+        raise ConfigError(*problems)
 
 
 def _construct(cls, values: dict):

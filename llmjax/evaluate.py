@@ -66,7 +66,7 @@ def load_model_for_inference(path: str | Path):
         )
     from llmjax.train.checkpoint import Checkpointer, model_from_meta
 
-    checkpointer = Checkpointer(checkpoint_dir)
+    checkpointer = Checkpointer(checkpoint_dir, read_only=True)
     try:
         restored = checkpointer.restore_params()
     finally:

@@ -99,7 +99,7 @@ class _LineFile:
 
     def _decode(self, line: bytes, line_number: int) -> str:
         try:
-            return line.decode("utf-8")
+            return line.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
             raise DataError(f"{self.path} line {line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -124,7 +124,7 @@ class TextSource(_LineFile):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         text, _ = self._line(index)
-        return {self.field: text.rstrip("\r\n")}
+        return {self.field: text}
 
 
 class JsonlSource(_LineFile):

@@ -20,10 +20,13 @@ is never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -34,8 +37,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llmjax.errors import InputError, InputNotFoundError, UserError
 from llmjax.train.state import TrainState, merge_params
-from llmjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,10 @@ MANIFEST = "llmjax_manifest.json"
 
 class CheckpointCorruptError(UserError, ValueError):
     """A checkpoint step is incomplete, truncated or corrupted."""
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint step could not be written (disk full, no permission); earlier steps are intact."""
 
 
 @dataclasses.dataclass
@@ -67,19 +74,25 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | Path, keep: int | None = 3, async_save: bool = False,
-                 verify_on_restore: bool = True):
+                 verify_on_restore: bool = True, read_only: bool = False):
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1 or null (the newest checkpoint is always kept), got {keep}")
         self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            # Reading must create and change nothing: orbax would create the directory.
+            raise InputNotFoundError(f"checkpoint directory {directory} does not exist; pass the checkpoint.dir "
+                                     "of a run (e.g. runs/NAME/checkpoints)")
         self.keep = keep
         self.verify_on_restore = verify_on_restore
         self.async_save = async_save
+        self.read_only = read_only
         self._unfinished: int | None = None  # step written asynchronously, manifest not yet written
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None, create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True,  # leftovers of a run killed while saving
+                max_to_keep=None, create=not read_only, enable_async_checkpointing=async_save and not read_only,
+                read_only=read_only, **({"save_interval_steps": 0} if read_only else {}),
+                cleanup_tmp_directories=not read_only,  # leftovers of a run killed while saving
             ),
             item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()},
@@ -87,21 +100,28 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------
     def save(self, state: TrainState, data_state: dict | None, meta: dict) -> Path:
-        """Write ``state`` at its step, then (once written) its manifest, then apply retention."""
+        """Write ``state`` at its step, then (once written) its manifest, then apply retention.
+
+        Raises ``CheckpointSaveError`` (one line: what failed, where, the last complete step) when the
+        disk cannot take the step: checked before writing, and for failures while writing.
+        """
         self.wait_until_finished()
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             if self.has_step(step):
                 return self.step_dir(step)  # the same step saved twice (e.g. final save after a periodic one)
             self._manager.delete(step)  # an incomplete leftover of this step: write it again
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
-                data=ocp.args.JsonSave({"per_process": _gather_from_processes(data_state or {})}),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
+        state_dict = flax.serialization.to_state_dict(state)
+        self._check_free_space(step, sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(state_dict)))
+        with self._save_errors(step):
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state_dict),
+                    data=ocp.args.JsonSave({"per_process": _gather_from_processes(data_state or {})}),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
         self._unfinished = step
         if not self.async_save:
             self.wait_until_finished()
@@ -112,11 +132,41 @@ class Checkpointer:
         if self._unfinished is None:
             return
         step, self._unfinished = self._unfinished, None
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            _write_manifest(self.step_dir(step), step)
+        with self._save_errors(step):
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                _write_manifest(self.step_dir(step), step)
         _sync(f"llmjax_manifest_{step}")
         self._apply_retention()
+
+    def _check_free_space(self, step: int, state_bytes: int) -> None:
+        """Refuse a save the disk cannot hold before orbax starts it (a failed write leaves a mess of
+        background-thread errors behind); the state's array bytes bound what the step needs."""
+        free = _free_bytes(self.directory)
+        if free < state_bytes:
+            raise CheckpointSaveError(self._save_failure(
+                step, f"it needs about {_megabytes(state_bytes)} and the disk has {_megabytes(free)} free"))
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int):
+        """Turn an OS-level write failure (disk full, permission, quota) into ``CheckpointSaveError``.
+
+        Orbax reports tensorstore's failures as ``ValueError`` text carrying ``os_error_code``.
+        """
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - only OS failures are converted; the rest re-raised as is
+            code = e.errno if isinstance(e, OSError) else _os_error_code(str(e))
+            if code is None:
+                raise
+            raise CheckpointSaveError(self._save_failure(step, os.strerror(code))) from None
+
+    def _save_failure(self, step: int, reason: str) -> str:
+        complete = [s for s in self.all_steps() if s != step and self.has_step(s)]
+        last = (f"the last complete checkpoint is step {complete[-1]} ({self.step_dir(complete[-1])}); free space "
+                "or set checkpoint.dir elsewhere and rerun to resume from it") if complete else \
+            "there is no complete checkpoint yet; free space or set checkpoint.dir elsewhere"
+        return f"saving checkpoint step {step} to {self.directory} failed: {reason}; {last}"
 
     def _apply_retention(self) -> None:
         if self.keep is None:
@@ -201,10 +251,10 @@ class Checkpointer:
         complete), as host arrays: an init source for the next stage or an export."""
         steps = self.all_steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoint in {self.directory} (expected numbered step directories)")
+            raise InputNotFoundError(f"no checkpoint in {self.directory} (expected numbered step directories)")
         step = steps[-1] if step is None else step
         if step not in steps:
-            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; available: {steps}")
+            raise InputNotFoundError(f"checkpoint step {step} not in {self.directory}; available: {steps}")
         self.verify(step)
         metadata = self._manager.item_metadata(step)["state"]
         wanted = {k: metadata[k] for k in ("params", "frozen_params") if k in metadata}
@@ -237,6 +287,19 @@ class Checkpointer:
     def close(self) -> None:
         self.wait_until_finished()
         self._manager.close()
+
+
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def _os_error_code(message: str) -> int | None:
+    match = re.search(r"os_error_code='?(\d+)", message)
+    return int(match.group(1)) if match else None
 
 
 # -- integrity ----------------------------------------------------------------
@@ -308,7 +371,7 @@ def _this_process(data_item: dict | None, where: Path) -> dict | None:
     if all(state == per_process[0] for state in per_process):
         return per_process[0] or None  # a layout-independent state (DataIterator's) resumes on any layout
     if len(per_process) != jax.process_count():
-        raise ValueError(
+        raise InputError(
             f"checkpoint {where} was written by {len(per_process)} processes but this run has "
             f"{jax.process_count()}; resume with the same number of processes so the data order is the same"
         )
@@ -330,7 +393,7 @@ def model_from_meta(meta: dict):
 
     family = meta.get("family")
     if family not in MODEL_CONFIGS:
-        raise ValueError(f"checkpoint metadata names model family {family!r}; known: {sorted(MODEL_CONFIGS)}")
+        raise CheckpointCorruptError(f"checkpoint metadata names model family {family!r}; known: {sorted(MODEL_CONFIGS)}")
     return build_model(MODEL_CONFIGS[family](**meta["model_config"]))
 
 
@@ -345,12 +408,14 @@ def export_checkpoint_to_hf(checkpoint_dir: str | Path, out: str | Path, step: i
     """Write a Hugging Face directory (config, safetensors, tokenizer if recorded) from a checkpoint."""
     from llmjax import hf
 
-    checkpointer = Checkpointer(checkpoint_dir)
-    restored = checkpointer.restore_params(step)
+    checkpointer = Checkpointer(checkpoint_dir, read_only=True)
+    try:
+        restored = checkpointer.restore_params(step)
+    finally:
+        checkpointer.close()
     model = model_from_meta(restored.meta)
     hf.save_pretrained(model, restored.state, out)
     _copy_tokenizer(restored.meta.get("tokenizer_dir"), Path(out))
-    checkpointer.close()
     return Path(out)
 
 
