@@ -223,5 +223,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(sm
 
     monkeypatch.undo()  # space freed: the same command resumes from step 5 and finishes
     assert cli.main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert out.startswith(f"resumed from step 5 ({checkpoints / '5'})\n")
+    summary = json.loads(out[out.index("{"):])
     assert summary["start_step"] == 5 and summary["step"] == 10
