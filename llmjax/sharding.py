@@ -19,7 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax import axes
-from llmjax.config import MeshConfig
+from llmjax.config import ConfigError, MeshConfig
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
 
@@ -122,7 +122,7 @@ def _check_process_rows(sharding: NamedSharding, global_rows: int, local_rows: i
         held.update(range(global_rows)[index[0]])
     start = jax.process_index() * local_rows
     if held != set(range(start, start + local_rows)):
-        raise ValueError(
+        raise ConfigError(
             f"process {jax.process_index()} feeds batch rows [{start}, {start + local_rows}) but the mesh "
             f"{dict(sharding.mesh.shape)} gives its devices {len(held)} rows from row {min(held)}; split the batch across "
             f"processes: make mesh.data*mesh.fsdp a multiple of the {jax.process_count()} processes"
@@ -153,7 +153,7 @@ def initialize_distributed(
     if coordinator_address is None and not auto_detect:
         return 1
     if coordinator_address is not None and (num_processes is None or process_id is None) and not auto_detect:
-        raise ValueError("a coordinator address was given without num_processes and process_id; set "
+        raise ConfigError("a coordinator address was given without num_processes and process_id; set "
                          "JAX_NUM_PROCESSES and JAX_PROCESS_ID (or pass them), or use auto_detect on a cluster")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
@@ -197,7 +197,7 @@ def _check_divisible(path, shape, names, sharding: NamedSharding) -> None:
     for dim, (size, axis) in enumerate(zip(shape, sharding.spec)):
         parts = math.prod(sharding.mesh.shape[a] for a in _as_tuple(axis))
         if size % parts:
-            raise ValueError(
+            raise ConfigError(
                 f"{jax.tree_util.keystr(path)}: dimension {dim} (logical axis {names[dim]!r}) of size {size} "
                 f"cannot be split "
                 f"into {parts} shards over mesh axis {axis!r}; change the mesh (mesh.{_as_tuple(axis)[0]}) "

@@ -159,7 +159,7 @@ def test_adafactor_factored_statistics_are_replicated_and_params_sharded():
 
 def test_indivisible_parameter_names_it():
     mesh = make_mesh(1, 2, 4)
-    with pytest.raises(ValueError, match=r"\['Dense_0'\]\['kernel'\]: dimension 1 \(logical axis 'mlp'\) of "
+    with pytest.raises(ConfigError, match=r"\['Dense_0'\]\['kernel'\]: dimension 1 \(logical axis 'mlp'\) of "
                                          r"size 6 cannot be split into 4 shards over mesh axis 'tensor'"):
         init_sharded(lambda r: _Wide(6).init(r, jnp.ones((1, 8)))["params"], mesh, jax.random.key(0))
 
@@ -178,7 +178,7 @@ def test_shard_batch():
 def test_shard_batch_refuses_a_mesh_that_does_not_split_rows_by_process(monkeypatch):
     # As process 0 of 2 it feeds rows [0, 4) of 8, but all 8 devices (here all addressable) hold all rows.
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match=r"process 0 feeds batch rows \[0, 4\) but the mesh .* gives its devices "
+    with pytest.raises(ConfigError, match=r"process 0 feeds batch rows \[0, 4\) but the mesh .* gives its devices "
                                          r"8 rows from row 0; .*multiple of the 2 processes"):
         shard_batch({"decoder_input_tokens": np.zeros((4, 3), np.int32)}, make_mesh(2, 2, 2))
 
@@ -188,7 +188,7 @@ def test_initialize_distributed_single_process(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert initialize_distributed() == 1
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
-    with pytest.raises(ValueError, match="without num_processes and process_id"):
+    with pytest.raises(ConfigError, match="without num_processes and process_id"):
         initialize_distributed()
 
 

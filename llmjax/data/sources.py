@@ -409,7 +409,7 @@ class DataIterator:
         mine = self.state()
         for key in ("seed", "num_examples"):
             if key in state and state[key] != mine[key]:
-                raise ValueError(
+                raise InputError(
                     f"iterator state has {key}={state[key]} but this iterator has {key}={mine[key]}; "
                     "restore into an iterator built with the same source and seed"
                 )
@@ -468,4 +468,5 @@ class DataIterator:
             self._position, self._offset, self._pending = self._position + 1, 0, None
             rows_without_examples += 1
             if rows_without_examples > len(order):
-                raise ValueError("example_fn returned no examples for a whole epoch; check it and the source")
+                raise DataError("no example in a whole epoch of the data: every document is empty or too short; "
+                                "check the source (and example_fn)")

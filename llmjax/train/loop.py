@@ -23,7 +23,8 @@ import jax
 
 from llmjax import sharding
 from llmjax.models import family_of
-from llmjax.config import MeshConfig, RunConfig, config_to_dict
+from llmjax.config import ConfigError, MeshConfig, RunConfig, config_to_dict
+from llmjax.errors import UserError
 from llmjax.train.checkpoint import Checkpointer, model_meta
 from llmjax.train.flops import step_flops
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
@@ -32,8 +33,8 @@ from llmjax.train.state import TrainableFilter, abstract_train_state, init_train
 from llmjax.train.step import LossFn, compile_step, finish_eval, make_eval_step, make_train_step
 
 
-class NonFiniteLossError(FloatingPointError, ValueError):
-    """The loss or gradient became NaN/inf under ``train.nan_policy=abort``."""
+class NonFiniteLossError(UserError, FloatingPointError, ValueError):
+    """The loss or gradient became NaN/inf under ``train.nan_policy=abort`` (the message says what to change)."""
 
 
 @dataclasses.dataclass
@@ -162,7 +163,7 @@ def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Chec
     notes = []
     steps = checkpointer.all_steps()
     if steps and not config.train.resume:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint dir {checkpointer.directory} already has checkpoints (newest step {steps[-1]}) and "
             "train.resume=false; set train.resume=true to continue it or point checkpoint.dir elsewhere"
         )

@@ -19,7 +19,7 @@ from llmjax.data.sources import (
     seqio_source,
     tfds_source,
 )
-from llmjax.errors import DataError, InputNotFoundError
+from llmjax.errors import DataError, InputError, InputNotFoundError
 
 EOS = 1
 SENTINELS = list(range(299, 199, -1))
@@ -112,7 +112,7 @@ def test_hf_datasets_json_parquet_and_disk(tmp_path, jsonl):
     assert hf_dataset_source(parquet, "parquet", cache_dir=tmp_path / "cache")[1] == {"text": "y"}
     with pytest.raises(DataError, match="has no field 'summary'"):
         hf_dataset_source(jsonl, "json", fields=["summary"], cache_dir=tmp_path / "cache")
-    with pytest.raises(ValueError, match="format must be 'json', 'parquet' or 'disk', got 'csv'"):
+    with pytest.raises(InputError, match="format must be 'json', 'parquet' or 'disk', got 'csv'"):
         hf_dataset_source(jsonl, "csv")
 
 
@@ -189,7 +189,7 @@ def test_resume_with_span_corruption_and_chunked_documents(jsonl):
 
 def test_restore_refuses_a_different_layout(jsonl):
     state = _iterator(JsonlSource(jsonl, ["text"]), seed=3).state()
-    with pytest.raises(ValueError, match="iterator state has seed=3 but this iterator has seed=4"):
+    with pytest.raises(InputError, match="iterator state has seed=3 but this iterator has seed=4"):
         _iterator(JsonlSource(jsonl, ["text"]), seed=4).restore(state)
 
 
