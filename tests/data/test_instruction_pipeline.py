@@ -72,6 +72,20 @@ def test_file_tasks_name_missing_fields_and_splits(tmp_path):
     assert len(tasks[0].source) == 1 and weights == [1]
 
 
+def test_parquet_and_datasets_files_with_the_template_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet.", "extra": 1}] * 3
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    _write_jsonl(tmp_path / "train.jsonl", rows)
+    for spec in (f"dialogsum@parquet:{tmp_path}/train.parquet", f"dialogsum@hf:{tmp_path}/train.jsonl"):
+        batch = next(instruction_batches(_config([spec], encoder_length=128, decoder_length=16), CharTokenizer(),
+                                         family="t5", batch_size=3, seed=0, num_epochs=1))
+        targets = batch["decoder_target_tokens"][batch["decoder_loss_weights"] == 1]
+        assert "".join("|" if t == EOS else chr(t) for t in targets) == "They greet.|" * 3, spec
+
+
 def test_mixture_rates_are_observed(tmp_path):
     a = _write_jsonl(tmp_path / "a.jsonl", [{"q": f"a{i}", "a": "x"} for i in range(40)])
     b = _write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(60)])
