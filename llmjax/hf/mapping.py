@@ -28,6 +28,7 @@ import functools
 import itertools
 import re
 import string
+import types
 from collections.abc import Iterable, Mapping
 
 import flax.linen as nn
@@ -79,14 +80,14 @@ def expand(table: Iterable[TableRow], **values: Iterable) -> list[Row]:
 
 
 @functools.lru_cache(maxsize=32)
-def param_shapes(config) -> dict[ParamPath, tuple[int, ...]]:
+def param_shapes(config) -> Mapping[ParamPath, tuple[int, ...]]:
     """Every param path of the unscanned model ``config`` builds -> its shape (traced, nothing computed)."""
     if getattr(config, "scan_layers", False):  # the tables describe the unscanned tree
         config = dataclasses.replace(config, scan_layers=False)
     model = build_model(config)
     abstract = jax.eval_shape(lambda rng: model.init(rng, *dummy_inputs(config)), jax.random.key(0))
     flat = traverse_util.flatten_dict(nn.meta.unbox(abstract["params"]))
-    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+    return types.MappingProxyType({path: tuple(leaf.shape) for path, leaf in flat.items()})  # cached: read-only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 def import_tensors(tensors: Mapping[str, np.ndarray], weights: WeightMap) -> dict:
     """HF tensors (name -> array, ``[out, in]`` for projections) -> llmjax params (nested dict).
 
-    Values keep their dtype and are views of ``tensors`` where no transpose is needed, so memory-mapped
+    Values keep their dtype and are views of ``tensors`` (a transpose is a view too), so memory-mapped
     files stay mapped until the caller casts them. Raises :class:`CheckpointError` naming every missing
     and unexpected tensor, a tied copy that differs, or the first tensor with the wrong shape.
     """
