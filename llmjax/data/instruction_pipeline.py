@@ -14,7 +14,7 @@ examples-proportional mixing). A task is written ``TEMPLATES`` (a built-in task)
   or a Mixture, which is expanded into its tasks at their seqio rates). A path holding ``{split}`` serves
   every split (``data/{split}.jsonl``); a path without it serves the train split only.
 
-``instruction_batches`` is the one entry point: data config + tokenizer + family -> a ``DataIterator`` of
+``instruction_batches`` is the one entry point: data config + tokenizer + batch format -> a ``DataIterator`` of
 packed ``[batch, length]`` batches with segment ids, positions and loss weights on responses only;
 its ``state()``/``restore()`` resume exactly.
 """
@@ -157,7 +157,7 @@ def instruction_batches(
     data: DataConfig,
     tokenizer,
     *,
-    family: str,
+    batch_format: str,
     batch_size: int,
     seed: int,
     split: str = "train",
@@ -168,7 +168,8 @@ def instruction_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> DataIterator:
-    """Packed instruction batches for ``family`` ("t5" or "decoder") from ``data.tasks`` / ``data.task_rates``.
+    """Instruction batches in ``batch_format`` ("seq2seq" for T5, "causal" for decoder-only models; a
+    model family's ``batch_format``) from ``data.tasks`` / ``data.task_rates``.
 
     Rows are ``data.encoder_length`` / ``data.decoder_length`` long (``data.packing`` packs several
     examples per row with segment ids; off, one per row). Examples longer than a row are truncated.
@@ -181,11 +182,11 @@ def instruction_batches(
         task = tasks[row["task"]]
         pieces = task.formatter(row["example"], rng)
         encode = lambda text: tokenizer.encode(text, add_eos=False)  # noqa: E731
-        return encode_pieces(pieces, encode, family=family, eos_id=tokenizer.eos_id, bos_id=bos_id,
+        return encode_pieces(pieces, encode, batch_format=batch_format, eos_id=tokenizer.eos_id, bos_id=bos_id,
                              decoder_start_id=decoder_start_id)
 
     return DataIterator(
         mixed_source(tasks, weights, seed), example_fn, batch_size=batch_size, decoder_length=data.decoder_length,
-        encoder_length=data.encoder_length if family == "t5" else None, pack=data.packing, truncate=True,
+        encoder_length=data.encoder_length if batch_format == "seq2seq" else None, pack=data.packing, truncate=True,
         seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index, process_count=process_count,
     )

@@ -10,12 +10,13 @@ A *format* turns one raw example into *pieces*, ``[(text, trained), ...]`` in re
 * ``template`` (any registered set or a wordings file): ``[(prompt, False), (response, True)]``.
 * ``alpaca``: ``{instruction, input, output}``; the wording has an input section only when ``input``
   is non-empty.
-* ``chat`` (decoder-only): ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``;
+* ``chat`` (several turns: causal models; one exchange also seq2seq): ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``;
   role headers and system/user turns are untrained, every assistant turn is trained.
 
-``encode_pieces`` then builds model features (``llmjax.batch`` names, 1-D int32): a T5 encoder reads the
-prompt, its decoder predicts the response (every target weighted); a decoder reads
-``[bos] + pieces`` and is weighted only on the trained pieces and the eos that closes each of them.
+``encode_pieces`` then builds model features (``llmjax.batch`` names, 1-D int32) in a batch format:
+``"seq2seq"`` (T5): the encoder reads the prompt, the decoder predicts the response (every target
+weighted); ``"causal"`` (decoder-only): the model reads ``[bos] + pieces`` and is weighted only on the
+trained pieces and the eos that closes each of them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import yaml
 
 from llmjax.data.objectives import decoder_turns_example, render_template, seq2seq_instruction_example
 from llmjax.errors import UserError
-from llmjax.prompts import TEMPLATES as DIALOGUE_PROMPTS
 
 
 class InstructionDataError(UserError, ValueError):
@@ -56,10 +56,19 @@ Pieces = list[tuple[str, bool]]
 
 # ------------------------------------------------------------------------------------------------ template sets
 
-# Dialogue summarization reuses the evaluation prompts (the course's "Summarize the following
-# conversation." and Lab 1's "What was going on?" among them), so tuning and evaluation share wordings.
+# Dialogue summarization: the course's two wordings ("Summarize the following conversation." and Lab 1's
+# "What was going on?", the same text as ``llmjax.prompts`` evaluates with; a test keeps them equal)
+# and five more, so the model learns the task rather than one phrasing.
 TEMPLATE_SETS: dict[str, tuple[Wording, ...]] = {
-    "dialogsum": tuple(Wording(t.template, "{" + t.target_field + "}") for t in DIALOGUE_PROMPTS.values()),
+    "dialogsum": tuple(Wording(prompt, "{summary}") for prompt in (
+        "Summarize the following conversation.\n\n{dialogue}\n\nSummary: ",
+        "Dialogue:\n\n{dialogue}\n\nWhat was going on?\n",
+        "Read this conversation and write a one-sentence summary of it.\n\n{dialogue}\n",
+        "{dialogue}\n\nWhat happened in the dialogue above? Answer briefly.\n",
+        "Here is a conversation:\n{dialogue}\n\nSum it up in a sentence or two.\n",
+        "Conversation:\n{dialogue}\n\nWhat did the speakers talk about and decide?\n",
+        "Write a short summary of this dialogue.\n\n{dialogue}\n\nSummary: ",
+    )),
     "dialogsum_topic": (
         Wording("What is the topic of this conversation?\n\n{dialogue}\n\nTopic: ", "{topic}"),
         Wording("{dialogue}\n\nWhich everyday situation is this dialogue about?\n", "{topic}"),
@@ -203,7 +212,7 @@ def encode_pieces(
     pieces: Pieces,
     encode: Callable[[str], Sequence[int]],
     *,
-    family: str,
+    batch_format: str,
     eos_id: int,
     bos_id: int | None = None,
     decoder_start_id: int = 0,
@@ -213,17 +222,17 @@ def encode_pieces(
     ``encode``: text -> token ids without eos. Pieces are encoded one by one, so a piece boundary is a
     token boundary and the loss mask is exact.
 
-    * ``family="t5"``: exactly one trained piece, last: the untrained text before it (+ eos) is the
+    * ``"seq2seq"``: exactly one trained piece, last: the untrained text before it (+ eos) is the
       encoder input, the trained piece (+ eos) the decoder target.
-    * ``family="decoder"``: ``[bos] + pieces``, trained pieces each closed by a trained eos.
+    * ``"causal"``: ``[bos] + pieces``, trained pieces each closed by a trained eos.
     """
     ids = [(encode(text), trained) for text, trained in pieces]
-    if family == "t5":
+    if batch_format == "seq2seq":
         if [trained for _, trained in pieces].count(True) != 1 or not pieces[-1][1]:
-            raise InstructionDataError("a T5 example needs one response after its prompt; chat with several "
-                                       "assistant turns is for decoder models")
+            raise InstructionDataError("a seq2seq (T5) example needs one response after its prompt; chat with "
+                                       "several assistant turns is for decoder-only models")
         prompt = [token for piece, _ in ids[:-1] for token in piece]
         return seq2seq_instruction_example(prompt, ids[-1][0], eos_id, decoder_start_id)
-    if family == "decoder":
+    if batch_format == "causal":
         return decoder_turns_example(ids, eos_id, bos_id)
-    raise ValueError(f"family must be 't5' or 'decoder', got {family!r}")
+    raise ValueError(f"batch_format must be 'seq2seq' or 'causal', got {batch_format!r}")

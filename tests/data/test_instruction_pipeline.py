@@ -81,7 +81,7 @@ def test_parquet_and_datasets_files_with_the_template_fields(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", rows)
     for spec in (f"dialogsum@parquet:{tmp_path}/train.parquet", f"dialogsum@hf:{tmp_path}/train.jsonl"):
         batch = next(instruction_batches(_config([spec], encoder_length=128, decoder_length=16), CharTokenizer(),
-                                         family="t5", batch_size=3, seed=0, num_epochs=1))
+                                         batch_format="seq2seq", batch_size=3, seed=0, num_epochs=1))
         targets = batch["decoder_target_tokens"][batch["decoder_loss_weights"] == 1]
         assert "".join("|" if t == EOS else chr(t) for t in targets) == "They greet.|" * 3, spec
 
@@ -107,7 +107,7 @@ def test_mixture_rates_are_observed(tmp_path):
 def test_batches_follow_the_seed_and_resume(tmp_path):
     path = _write_jsonl(tmp_path / "qa.jsonl", [{"instruction": f"task {i}", "output": f"out {i}"} for i in range(30)])
     config = _config([f"alpaca@jsonl:{path}"], decoder_length=128)
-    make = lambda seed: instruction_batches(config, CharTokenizer(), family="decoder", batch_size=2, seed=seed,  # noqa: E731
+    make = lambda seed: instruction_batches(config, CharTokenizer(), batch_format="causal", batch_size=2, seed=seed,  # noqa: E731
                                             bos_id=BOS)
     first = [next(it) for it in [make(0)] for _ in range(4)]
     second = make(0)
@@ -126,7 +126,7 @@ def test_batches_follow_the_seed_and_resume(tmp_path):
     assert all(span.startswith("out ") for span in trained.split("|")[:-1])
 
 
-def _total_loss(family, batches, params, loss_fn):
+def _total_loss(batches, params, loss_fn):
     total, tokens = 0.0, 0
     for batch in batches:
         _, sums = loss_fn(params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, None)
@@ -144,7 +144,8 @@ def test_packed_target_only_loss_equals_unpacked(family, tmp_path):
     params = jax.jit(model.init)(jax.random.key(0), np.ones((1, 8), np.int32),
                                  *([np.ones((1, 8), np.int32)] if family == "t5" else []))["params"]
     loss_fn = jax.jit(LOSS_FNS[family](model))
-    common = dict(family=family, seed=0, bos_id=BOS, shuffle=False, num_epochs=1)
+    batch_format = {"t5": "seq2seq", "decoder": "causal"}[family]
+    common = dict(batch_format=batch_format, seed=0, bos_id=BOS, shuffle=False, num_epochs=1)
     packed = list(instruction_batches(_config([f"chat@jsonl:{path}"], encoder_length=48, decoder_length=96),
                                       CharTokenizer(), batch_size=4, **common))
     unpacked = list(instruction_batches(_config([f"chat@jsonl:{path}"], encoder_length=48, decoder_length=96,
@@ -152,8 +153,8 @@ def test_packed_target_only_loss_equals_unpacked(family, tmp_path):
     assert len(unpacked) == 1 and "decoder_segment_ids" not in unpacked[0]
     assert sum(int(b["decoder_segment_ids"].max(axis=1).sum()) for b in packed) == 9
     assert max(int(b["decoder_segment_ids"].max()) for b in packed) >= 2  # rows really hold several examples
-    packed_loss, packed_tokens = _total_loss(family, packed, params, loss_fn)
-    unpacked_loss, unpacked_tokens = _total_loss(family, unpacked, params, loss_fn)
+    packed_loss, packed_tokens = _total_loss(packed, params, loss_fn)
+    unpacked_loss, unpacked_tokens = _total_loss(unpacked, params, loss_fn)
     # Target-only: the trained tokens are the 9 answers plus their eos, nothing else.
     assert packed_tokens == unpacked_tokens == sum(len(f"answer {i}") + 1 for i in range(9))
     # Equal up to fp32 summation order: ~1e-7 relative (the mean is ~4.8 = ln 128 at init).
@@ -195,7 +196,7 @@ def seqio_mixture():
 @requires_seqio
 def test_seqio_task_feeds_the_pipeline(seqio_mixture):
     config = _config(["inputs_targets@seqio:llmjax_test_ask"], encoder_length=16, decoder_length=8, packing=False)
-    batch = next(instruction_batches(config, CharTokenizer(), family="t5", batch_size=20, seed=0, shuffle=False))
+    batch = next(instruction_batches(config, CharTokenizer(), batch_format="seq2seq", batch_size=20, seed=0, shuffle=False))
     inputs = ["".join(map(chr, row[row > EOS])) for row in batch["encoder_input_tokens"]]
     targets = ["".join(map(chr, row[row > EOS])) for row in batch["decoder_target_tokens"]]
     assert inputs == [f"q{i}" for i in range(20)] and targets == [f"a{i}" for i in range(20)]
@@ -210,7 +211,7 @@ def test_seqio_mixture_expands_to_its_tasks_at_its_rates(seqio_mixture):
                                              f"inputs_targets@seqio:{seqio_mixture}/llmjax_test_echo", "dialogsum"]
     assert weights == pytest.approx([0.125, 0.375, 0.5])
     config = dataclasses.replace(_config([f"inputs_targets@seqio:{seqio_mixture}"], decoder_length=32), packing=False)
-    batch = next(instruction_batches(config, CharTokenizer(), family="decoder", batch_size=400, seed=0, bos_id=BOS))
+    batch = next(instruction_batches(config, CharTokenizer(), batch_format="causal", batch_size=400, seed=0, bos_id=BOS))
     answers = ["".join(chr(t) for t, w in zip(row, weights_row) if w and t != EOS)
                for row, weights_row in zip(batch["decoder_target_tokens"], batch["decoder_loss_weights"])]
     echo_share = np.mean([answer.startswith("q") for answer in answers])  # the echo task answers with the question

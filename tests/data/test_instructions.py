@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from llmjax.prompts import TEMPLATES as EVAL_PROMPTS
+
 from llmjax.data.instructions import (
     TEMPLATE_SETS,
     InstructionDataError,
@@ -33,7 +35,9 @@ def test_dialogsum_wordings_include_the_course_prompts():
     prompts = [w.prompt for w in TEMPLATE_SETS["dialogsum"]]
     assert "Summarize the following conversation.\n\n{dialogue}\n\nSummary: " in prompts
     assert "Dialogue:\n\n{dialogue}\n\nWhat was going on?\n" in prompts
-    assert len(prompts) >= 3 and all(w.response == "{summary}" for w in TEMPLATE_SETS["dialogsum"])
+    # Tuned on the very text evaluation prompts with (data/ does not import prompts.py; this keeps them equal).
+    assert {EVAL_PROMPTS["summarize"].template, EVAL_PROMPTS["what_happened"].template} <= set(prompts)
+    assert len(set(prompts)) == 7 and all(w.response == "{summary}" for w in TEMPLATE_SETS["dialogsum"])
 
 
 def test_template_rendering():
@@ -50,8 +54,8 @@ def test_wording_choice_is_uniform_and_fixed_by_the_generator():
     other_seed = [choose_wording(wordings, np.random.default_rng([1, 0, i])) for i in range(2000)]
     assert picks == again and picks != other_seed
     counts = np.array([picks.count(w) for w in wordings])
-    # Uniform over 5 wordings: 400 each, binomial sd ~18.
-    assert np.all(np.abs(counts - 400) < 80), counts
+    # Uniform over 7 wordings: ~286 each, binomial sd ~16.
+    assert np.all(np.abs(counts - 2000 / 7) < 70), counts
 
 
 def test_alpaca_uses_the_input_section_only_when_there_is_an_input():
@@ -66,7 +70,7 @@ def test_alpaca_uses_the_input_section_only_when_there_is_an_input():
 
 
 def test_seq2seq_loss_covers_exactly_the_decoder_targets():
-    features = encode_pieces([("ab", False), ("cd", True)], encode, family="t5", eos_id=EOS)
+    features = encode_pieces([("ab", False), ("cd", True)], encode, batch_format="seq2seq", eos_id=EOS)
     np.testing.assert_array_equal(features["encoder_input_tokens"], [97, 98, EOS])
     np.testing.assert_array_equal(features["decoder_input_tokens"], [0, 99, 100])
     np.testing.assert_array_equal(features["decoder_target_tokens"], [99, 100, EOS])
@@ -74,7 +78,7 @@ def test_seq2seq_loss_covers_exactly_the_decoder_targets():
 
 
 def test_decoder_loss_covers_exactly_the_response_after_the_prompt():
-    features = encode_pieces([("ab", False), ("cd", True)], encode, family="decoder", eos_id=EOS, bos_id=BOS)
+    features = encode_pieces([("ab", False), ("cd", True)], encode, batch_format="causal", eos_id=EOS, bos_id=BOS)
     np.testing.assert_array_equal(features["decoder_input_tokens"], [BOS, 97, 98, 99, 100])
     np.testing.assert_array_equal(features["decoder_target_tokens"], [97, 98, 99, 100, EOS])
     np.testing.assert_array_equal(features["decoder_loss_weights"], [0, 0, 1, 1, 1])
@@ -92,7 +96,7 @@ def test_chat_loss_mask_covers_exactly_the_assistant_tokens():
     pieces = chat_pieces(messages)
     text = "".join(piece for piece, _ in pieces)
     assert text == "System: Be brief.\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant: Ciao"
-    features = encode_pieces(pieces, encode, family="decoder", eos_id=EOS, bos_id=BOS)
+    features = encode_pieces(pieces, encode, batch_format="causal", eos_id=EOS, bos_id=BOS)
     assert trained_text(features) == "Hello|Ciao|"
     # Position by position: weight 1 exactly where the target is an assistant character or its closing eos.
     full = [BOS] + encode("System: Be brief.\nUser: Hi\nAssistant: ") + encode("Hello") + [EOS] \
@@ -121,9 +125,9 @@ def test_malformed_chats_are_named(messages, error):
 def test_multi_turn_chat_is_for_decoders():
     pieces = chat_pieces([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])
-    with pytest.raises(InstructionDataError, match="for decoder models"):
-        encode_pieces(pieces, encode, family="t5", eos_id=EOS)
-    single = encode_pieces(pieces[:2], encode, family="t5", eos_id=EOS)  # one exchange works for T5
+    with pytest.raises(InstructionDataError, match="for decoder-only models"):
+        encode_pieces(pieces, encode, batch_format="seq2seq", eos_id=EOS)
+    single = encode_pieces(pieces[:2], encode, batch_format="seq2seq", eos_id=EOS)  # one exchange works for T5
     np.testing.assert_array_equal(single["decoder_target_tokens"], [ord("b"), EOS])
     assert "".join(map(chr, single["encoder_input_tokens"][:-1])) == "User: a\nAssistant: "
 
