@@ -10,8 +10,9 @@ A *format* turns one raw example into *pieces*, ``[(text, trained), ...]`` in re
 * ``template`` (any registered set or a wordings file): ``[(prompt, False), (response, True)]``.
 * ``alpaca``: ``{instruction, input, output}``; the wording has an input section only when ``input``
   is non-empty.
-* ``chat`` (several turns: causal models; one exchange also seq2seq): ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``;
-  role headers and system/user turns are untrained, every assistant turn is trained.
+* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]}``; role headers and
+  system/user turns are untrained, every assistant turn is trained (several assistant turns need a
+  causal model; one exchange also makes a seq2seq example).
 
 ``encode_pieces`` then builds model features (``llmjax.batch`` names, 1-D int32) in a batch format:
 ``"seq2seq"`` (T5): the encoder reads the prompt, the decoder predicts the response (every target
