@@ -144,3 +144,17 @@ def test_wordings_file(tmp_path):
         load_templates(path)
     with pytest.raises(InstructionDataError, match="unknown template set 'dialogsumm'"):
         make_formatter("dialogsumm")
+
+
+def test_registered_template_sets(monkeypatch):
+    from llmjax.data import instructions
+
+    monkeypatch.setattr(instructions, "TEMPLATE_SETS", dict(TEMPLATE_SETS))  # leave the real registry alone
+    instructions.register_templates("qa_test", [("Q: {q}", "{a}"), Wording("Question: {q}\n", "{a}")])
+    formatter, fields = make_formatter("qa_test")
+    assert fields == {"q", "a"}
+    assert formatter({"q": "x", "a": "y"}, np.random.default_rng(0))[0][0] in {"Q: x", "Question: x\n"}
+    with pytest.raises(InstructionDataError, match="'qa_test' already exists"):
+        instructions.register_templates("qa_test", [("{q}", "{a}")])
+    with pytest.raises(InstructionDataError, match="names no example field"):
+        instructions.register_templates("constant", [("{q}", "yes")])
