@@ -277,12 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_library_logs() -> None:
-    """Drop what libraries log through absl (orbax: its background threads' failures, tracebacks included,
-    and notes such as "directory is read only"). A failure reaches llmjax as an exception too, reported
-    in one line; ``LLMJAX_DEBUG=1`` keeps the logs."""
+    """Drop what libraries log through absl and asyncio: orbax's background threads log each failed write
+    (tracebacks included) and notes such as "directory is read only"; its asyncio tasks log their
+    exceptions again. A failure reaches llmjax as an exception too, reported in one line;
+    ``LLMJAX_DEBUG=1`` keeps the logs. (llmjax itself uses neither logger.)"""
     import logging
 
-    logging.getLogger("absl").setLevel(logging.CRITICAL + 1)
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def main(argv: list[str] | None = None) -> int:
