@@ -6,7 +6,7 @@
 - ``generate_texts(...)``: prompts in, texts out, in batches (left padding for decoder-only
   models, right padding for T5), each output cut at its eos and stripped of its prefix.
 - ``evaluate_dataset(...)``: zero/one/few-shot prompts from a template (``llmjax.prompts``),
-  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.metrics``).
+  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.text_metrics``).
 - ``compare_shots(...)``: the same examples at several shot counts, one result per setting
   (the course's first lab: zero-, one- and few-shot side by side).
 - ``write_report(out_dir, results, settings)``: ``scores.json``, ``predictions.jsonl`` and a
@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llmjax import metrics
+from llmjax import text_metrics
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.generate import GenerationConfig, generate, resolve_config
 from llmjax.models import family_of
@@ -111,7 +111,7 @@ def load_examples(data: str | Path, split: str | None = "test", limit: int | Non
     A directory gives its ``split`` file; a single file is read whole (``split`` ignored).
     ``limit`` keeps the first examples.
     """
-    from llmjax.data.dialogsum import bundled_dialogsum, load_dialogsum
+    from llmjax.data.bundled.dialogsum import bundled_dialogsum, load_dialogsum
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -227,8 +227,8 @@ class EvalResult:
 
 def score_predictions(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """ROUGE-1/2/L/Lsum F-measures in [0, 1], corpus BLEU in [0, 100], exact match in [0, 1]."""
-    return {**metrics.rouge(predictions, references), "bleu": metrics.bleu(predictions, references),
-            "exact_match": metrics.exact_match(predictions, references)}
+    return {**text_metrics.rouge(predictions, references), "bleu": text_metrics.bleu(predictions, references),
+            "exact_match": text_metrics.exact_match(predictions, references)}
 
 
 def get_template(template: PromptTemplate | str) -> PromptTemplate:

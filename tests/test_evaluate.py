@@ -1,6 +1,6 @@
 """Evaluation end to end on tiny random T5 and LLaMA models saved as Hugging Face directories.
 
-References: scores come from llmjax.metrics (itself checked against rouge-score/sacrebleu) on the
+References: scores come from llmjax.text_metrics (itself checked against rouge-score/sacrebleu) on the
 produced predictions; batched outputs are checked against one-prompt-at-a-time `generate` calls on
 unpadded ids; prompts against `llmjax.prompts.build_prompt` with `select_shots`.
 """
@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import hf, metrics
-from llmjax.data.dialogsum import bundled_dialogsum
+from llmjax import hf, text_metrics
+from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import train_tokenizer
 from llmjax.evaluate import (
     build_prompts,
@@ -214,9 +214,9 @@ def test_evaluate_scores_equal_metrics_on_its_predictions(loaded, examples):
     assert result.references == references and result.ids == [e["id"] for e in examples]
     assert result.predictions == one_at_a_time(model, params, tokenizer, result.prompts[:1], GREEDY) + \
         generate_texts(model, params, tokenizer, result.prompts[1:], generation_config=GREEDY, batch_size=4)
-    assert result.scores == {**metrics.rouge(result.predictions, references),
-                             "bleu": metrics.bleu(result.predictions, references),
-                             "exact_match": metrics.exact_match(result.predictions, references)}
+    assert result.scores == {**text_metrics.rouge(result.predictions, references),
+                             "bleu": text_metrics.bleu(result.predictions, references),
+                             "exact_match": text_metrics.exact_match(result.predictions, references)}
     assert set(result.scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match"}
 
 
