@@ -29,6 +29,7 @@ import numpy as np
 from llmjax import text_metrics
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.generate import GenerationConfig, generate, resolve_config
+from llmjax.loading import ModelPathError, load_model
 from llmjax.models import family_of
 from llmjax.prompts import TEMPLATES, PromptTemplate, fit_prompt, select_shots
 
@@ -42,40 +43,16 @@ INPUT_PREVIEW_CHARS = 240
 # ---------------------------------------------------------------------------
 
 def load_model_for_inference(path: str | Path):
-    """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory.
-
-    HF directory: ``config.json`` + safetensors, with ``spiece.model`` beside them. Checkpoint:
-    the newest complete step's parameters, the model config and the tokenizer directory recorded in
-    its metadata. Params are host fp32 arrays.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist; pass a Hugging Face directory "
-                                "(config.json + model.safetensors) or an llmjax checkpoint directory")
-    if (path / "config.json").is_file():
-        from llmjax import hf
-
-        model, params = hf.from_pretrained(path)
-        return model, params, _load_tokenizer(path, f"Hugging Face directory {path}")
-    checkpoint_dir = _checkpoint_dir(path)
-    if checkpoint_dir is None:
-        raise FileNotFoundError(
-            f"{path} is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint directory "
-            "(no numbered step directories, no checkpoints/); pass one of those"
-        )
-    from llmjax.train.checkpoint import Checkpointer, model_from_meta
-
-    checkpointer = Checkpointer(checkpoint_dir)
-    try:
-        restored = checkpointer.restore_params()
-    finally:
-        checkpointer.close()
-    model = model_from_meta(restored.meta)
-    tokenizer_dir = restored.meta.get("tokenizer_dir")
-    if not tokenizer_dir:
-        raise ValueError(f"checkpoint {checkpoint_dir} records no tokenizer directory; export it with "
-                         "`llmjax export` and add spiece.model to the exported directory")
-    return model, restored.state, _load_tokenizer(Path(tokenizer_dir), f"the tokenizer directory of {checkpoint_dir}")
+    """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory
+    (``llmjax.loading.load_model``); the tokenizer is the HF directory's ``spiece.model`` or the one the
+    checkpoint's metadata records. Params are host fp32 arrays."""
+    loaded = load_model(path)
+    if loaded.kind == "hf":
+        return loaded.model, loaded.params, _load_tokenizer(loaded.path, f"Hugging Face directory {loaded.path}")
+    if loaded.tokenizer_dir is None:
+        raise ModelPathError(f"checkpoint {loaded.path} records no tokenizer directory; export it with "
+                             "`llmjax export` and add spiece.model to the exported directory")
+    return loaded.model, loaded.params, _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
 
 
 def load_generation_config(path: str | Path) -> GenerationConfig:
@@ -84,17 +61,10 @@ def load_generation_config(path: str | Path) -> GenerationConfig:
     return GenerationConfig.from_hf(file) if file.is_file() else GenerationConfig()
 
 
-def _checkpoint_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "checkpoints"):
-        if candidate.is_dir() and any(child.is_dir() and child.name.isdigit() for child in candidate.iterdir()):
-            return candidate
-    return None
-
-
 def _load_tokenizer(directory: Path, where: str) -> Tokenizer:
     if not (directory / "spiece.model").is_file():
-        raise FileNotFoundError(f"{where} has no spiece.model; save the tokenizer there "
-                                "(Tokenizer.save_pretrained or `llmjax tokenizer train --out`)")
+        raise ModelPathError(f"{where} has no spiece.model; save the tokenizer there "
+                             "(Tokenizer.save_pretrained or `llmjax tokenizer train --out`)")
     return Tokenizer.load(directory)
 
 
