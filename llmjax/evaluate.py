@@ -30,7 +30,7 @@ from llmjax import text_metrics
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.generate import GenerationConfig, generate, resolve_config
 from llmjax.loading import ModelPathError, load_model
-from llmjax.models import family_of
+from llmjax.models import model_family
 from llmjax.prompts import TEMPLATES, PromptTemplate, fit_prompt, select_shots
 
 DEFAULT_T5_MAX_INPUT_TOKENS = 512  # FLAN-T5's training input length; T5's relative positions have no hard limit
@@ -112,8 +112,8 @@ def shot_pool_for(data: str | Path, split: str | None = "test") -> list[dict] | 
 # ---------------------------------------------------------------------------
 
 def prompt_ids(model, tokenizer: Tokenizer, text: str) -> list[int]:
-    """The token ids one prompt gives the model: T5 ``prompt + eos``; decoder ``bos + prompt``."""
-    if family_of(model.config) == "t5":
+    """The token ids one prompt gives the model: encoder-decoder (T5) ``prompt + eos``; decoder ``bos + prompt``."""
+    if model_family(model.config).seq2seq:
         return tokenizer.encode(text, add_eos=True)
     bos = getattr(model.config, "bos_token_id", None)
     return ([] if bos is None else [bos]) + tokenizer.encode(text, add_eos=False)
@@ -129,7 +129,7 @@ def encode_prompts(model, tokenizer: Tokenizer, texts: Sequence[str], bucket: bo
     sequences = [prompt_ids(model, tokenizer, text) for text in texts]
     longest = max(len(ids) for ids in sequences)
     length = max(MIN_PROMPT_BUCKET, 1 << (longest - 1).bit_length()) if bucket else longest
-    left = family_of(model.config) == "decoder"
+    left = not model_family(model.config).seq2seq
     ids = np.full((len(sequences), length), model.config.pad_token_id, np.int32)
     mask = np.zeros((len(sequences), length), np.int32)
     for row, sequence in enumerate(sequences):
@@ -164,7 +164,7 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
     if config.num_return_sequences != 1:
         raise ValueError("generate_texts returns one text per prompt; set num_return_sequences=1")
     rng = jax.random.key(0) if rng is None else rng
-    is_t5 = family_of(model.config) == "t5"
+    seq2seq = model_family(model.config).seq2seq
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
@@ -172,7 +172,7 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
         ids, mask = encode_prompts(model, tokenizer, filled, bucket=True)
         sequences = generate(model, params, ids, mask, generation_config=config,
                              rng=jax.random.fold_in(rng, start // batch_size))
-        prefix_length = 1 if is_t5 else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
+        prefix_length = 1 if seq2seq else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
         tokens = new_tokens(np.asarray(jax.device_get(sequences)), prefix_length, config.eos_token_id)
         outputs.extend(tokenizer.decode(row).strip() for row in tokens[: len(batch)])
     return outputs
@@ -212,7 +212,7 @@ def get_template(template: PromptTemplate | str) -> PromptTemplate:
 
 def default_max_input_tokens(model, generation_config: GenerationConfig | None) -> int:
     """Prompt budget: T5 512 tokens; a decoder its context length minus the tokens it will generate."""
-    if family_of(model.config) == "t5":
+    if model_family(model.config).seq2seq:
         return DEFAULT_T5_MAX_INPUT_TOKENS
     config = resolve_config(model, generation_config)
     room = model.config.max_position_embeddings - (config.max_new_tokens or 0)
