@@ -3,9 +3,9 @@
 A batch is a dict of rank-2 arrays ``[batch, length]``, in one of two formats (a model family's
 ``batch_format``, ``llmjax.models.family``; the data pipeline knows formats, not models):
 
-* ``"seq2seq"`` (encoder-decoder, e.g. T5): ``encoder_input_tokens``, ``decoder_input_tokens``, ``decoder_target_tokens``,
-  ``decoder_loss_weights``; packed batches add ``encoder_segment_ids``, ``decoder_segment_ids``,
-  ``encoder_positions``, ``decoder_positions``.
+* ``"seq2seq"`` (encoder-decoder, e.g. T5): ``encoder_input_tokens``, ``decoder_input_tokens``,
+  ``decoder_target_tokens``, ``decoder_loss_weights``; packed batches add ``encoder_segment_ids``,
+  ``decoder_segment_ids``, ``encoder_positions``, ``decoder_positions``.
 * ``"causal"`` (decoder-only): the ``decoder_*`` names only.
 
 Tokens, segment ids and positions are int32 (segment ids are 1-based, 0 marks padding; positions restart

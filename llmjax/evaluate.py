@@ -52,7 +52,8 @@ def load_model_for_inference(path: str | Path):
     if loaded.tokenizer_dir is None:
         raise ModelPathError(f"checkpoint {loaded.path} records no tokenizer directory; export it with "
                              "`llmjax export` and add spiece.model to the exported directory")
-    return loaded.model, loaded.params, _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
+    tokenizer = _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
+    return loaded.model, loaded.params, tokenizer
 
 
 def load_generation_config(path: str | Path) -> GenerationConfig:

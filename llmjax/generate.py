@@ -55,7 +55,8 @@ def resolve_config(model, generation_config: GenerationConfig | None = None, **k
     if config.pad_token_id is None and config.eos_token_id is not None:
         config = dataclasses.replace(config, pad_token_id=config.eos_token_id[0])
     if model_family(model_config).seq2seq and config.decoder_start_token_id is None:
-        raise ValueError("generate: an encoder-decoder needs decoder_start_token_id (set it in the model or generation config)")
+        raise ValueError("generate: an encoder-decoder needs decoder_start_token_id "
+                         "(set it in the model or generation config)")
     return config
 
 

@@ -206,7 +206,9 @@ def model_from_meta(meta: dict):
 
     family = meta.get("family")
     if family not in MODEL_CONFIGS:
-        raise CheckpointCorruptError(f"checkpoint metadata names model family {family!r}; known: {sorted(MODEL_CONFIGS)}")
+        raise CheckpointCorruptError(
+            f"checkpoint metadata names model family {family!r}; known: {sorted(MODEL_CONFIGS)}"
+        )
     return build_model(MODEL_CONFIGS[family](**meta["model_config"]))
 
 
