@@ -1,6 +1,6 @@
 """Evaluation end to end on tiny random T5 and LLaMA models saved as Hugging Face directories.
 
-References: scores come from llmjax.metrics (itself checked against rouge-score/sacrebleu) on the
+References: scores come from llmjax.text_metrics (itself checked against rouge-score/sacrebleu) on the
 produced predictions; batched outputs are checked against one-prompt-at-a-time `generate` calls on
 unpadded ids; prompts against `llmjax.prompts.build_prompt` with `select_shots`.
 """
@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import hf, metrics
-from llmjax.data.dialogsum import bundled_dialogsum
+from llmjax import hf, text_metrics
+from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import train_tokenizer
-from llmjax.errors import InputError, InputNotFoundError
+from llmjax.errors import InputError
 from llmjax.evaluate import (
     build_prompts,
     compare_shots,
@@ -31,6 +31,7 @@ from llmjax.evaluate import (
     write_report,
 )
 from llmjax.generate import GenerationConfig, generate
+from llmjax.loading import ModelPathError
 from llmjax.models import build_model, init_params
 from llmjax.models.decoder import DecoderConfig
 from llmjax.models.t5 import T5Config
@@ -110,17 +111,17 @@ def test_load_checkpoint_and_run_dir(model_dir, loaded, tmp_path):
 
 
 def test_load_errors_name_the_problem(tmp_path, model_dir):
-    with pytest.raises(InputNotFoundError, match="model directory .*missing does not exist"):
+    with pytest.raises(ModelPathError, match="model directory .*missing does not exist"):
         load_model_for_inference(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputNotFoundError, match="neither a Hugging Face directory .* nor an llmjax checkpoint"):
+    with pytest.raises(ModelPathError, match="neither a Hugging Face directory .* nor an llmjax checkpoint"):
         load_model_for_inference(tmp_path / "empty")
     _, path = model_dir
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((path / name).read_bytes())
-    with pytest.raises(InputNotFoundError, match="has no spiece.model"):
+    with pytest.raises(ModelPathError, match="has no spiece.model"):
         load_model_for_inference(no_tokenizer)
 
 
@@ -218,8 +219,8 @@ def test_evaluate_scores_equal_metrics_on_its_predictions(loaded, examples):
     first = [example["summary"] for example in examples]
 
     def library_scores(refs):
-        return {**metrics.rouge(result.predictions, refs), "bleu": metrics.bleu(result.predictions, refs),
-                "exact_match": metrics.exact_match(result.predictions, refs)}
+        return {**text_metrics.rouge(result.predictions, refs), "bleu": text_metrics.bleu(result.predictions, refs),
+                "exact_match": text_metrics.exact_match(result.predictions, refs)}
 
     assert result.scores == {**library_scores(references),
                              **{key + "_first_ref": value for key, value in library_scores(first).items()}}

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from llmjax.data.dialogsum import (
+from llmjax.data.bundled.dialogsum import (
     SCENARIOS, bundled_dialogsum, dialogsum_stats, generate_dialogsum, load_dialogsum, write_dialogsum,
 )
 from llmjax.errors import DataError, InputError, InputNotFoundError
