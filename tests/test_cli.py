@@ -156,7 +156,8 @@ def test_export_of_an_empty_checkpoint_dir_is_one_line_and_changes_nothing(tmp_p
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"llmjax export: error: no checkpoint in {tmp_path / 'ckpt'} (expected numbered step directories)"]
+        "llmjax export: error: ckpt is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint "
+        "directory (no numbered step directories, no checkpoints/); pass one of those"]
     assert [p.name for p in tmp_path.rglob("*")] == ["ckpt"]
 
 
