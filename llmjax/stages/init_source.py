@@ -12,7 +12,8 @@ resolved against it:
 
 Either way only the fields in :data:`RUNTIME_FIELDS` (compute dtype, dropout, activation
 recomputation, layer scanning) may differ from the init source: every other field shapes or
-numbers the weights, and a difference is a ``ConfigError`` naming the field and both values.
+numbers the weights, and a difference is a ``ConfigError`` naming the field and both values (a field
+left null, which asks for a derived value, takes the init source's).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"model keys {unknown} do not apply to init_from's {family_of(source)} model; remove them")
+    # None asks for a derived value (T5's num_decoder_layers = num_layers, ...): the source's stands.
     different = [(k, v, getattr(source, k)) for k, v in overrides.items()
-                 if k not in RUNTIME_FIELDS and v != getattr(source, k)]
+                 if k not in RUNTIME_FIELDS and v is not None and v != getattr(source, k)]
     if different:
         name, ours, theirs = different[0]
         raise ConfigError(
