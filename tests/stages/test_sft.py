@@ -132,3 +132,45 @@ def test_frozen_base_checkpoints_only_what_trains_resumes_exactly_and_refuses_a_
     with pytest.raises(BaseChangedError, match=f"base model changed: checkpoint step 4 .* trained from {base_dir}"):
         run_stage(_sft(base_dir, tmp_path / "split", "train.steps=6", FROZEN_EMBEDDINGS), progress=False)
 
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_step0_loss_from_a_transformers_dir_equals_transformers(pretrained, tmp_path, family):
+    """SFT from a directory ``transformers`` wrote: the stage's loss on its first batch is torch's."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "t5":
+        hf_config = transformers.T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                          feed_forward_proj="gated-gelu", dropout_rate=0.0)
+        torch_model = transformers.T5ForConditionalGeneration(hf_config)
+        run_config, decoder_length = SFT_CONFIG, 96
+    else:
+        hf_config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        torch_model = transformers.LlamaForCausalLM(hf_config)
+        run_config, decoder_length = CONFIGS_DIR / "sft_decoder_tiny.yaml", 384  # prompt and response
+    torch_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    config = load_config(run_config, [
+        "model={}", f"init_from={tmp_path / 'hf'}", f"data.tokenizer={pretrained / 'tokenizer'}", "data.packing=false",
+        "data.encoder_length=128", f"data.decoder_length={decoder_length}", "train.batch_size=8", f"train.output_dir={tmp_path / 'out'}",
+        "train.eval_every_steps=0", "train.rouge_every_steps=0"])
+    stage = stage_module("sft").build_stage(config)
+    batch = next(stage.train_data)
+    _, sums = stage.loss_fn(stage.base.params, batch, None)
+    ours = float(sums["loss"] / sums["weights"])
+
+    as_torch = lambda name: torch.from_numpy(np.asarray(batch[name], np.int64))  # noqa: E731
+    with torch.no_grad():
+        if family == "t5":
+            logits = torch_model.eval()(input_ids=as_torch("encoder_input_tokens"),
+                                        attention_mask=(as_torch("encoder_input_tokens") != 0).long(),
+                                        decoder_input_ids=as_torch("decoder_input_tokens")).logits
+        else:
+            logits = torch_model.eval()(input_ids=as_torch("decoder_input_tokens")).logits
+    nll = -torch.log_softmax(logits.double(), -1).gather(-1, as_torch("decoder_target_tokens")[..., None])[..., 0]
+    weights = torch.from_numpy(np.asarray(batch["decoder_loss_weights"], np.float64))
+    theirs = float((nll * weights).sum() / weights.sum())
+    assert weights.sum() > 0 and (weights == 0).any()  # target-only weights: prompts and padding carry none
+    assert abs(ours - theirs) <= 1e-4, (ours, theirs)
