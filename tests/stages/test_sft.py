@@ -174,3 +174,40 @@ def test_step0_loss_from_a_transformers_dir_equals_transformers(pretrained, tmp_
     theirs = float((nll * weights).sum() / weights.sum())
     assert weights.sum() > 0 and (weights == 0).any()  # target-only weights: prompts and padding carry none
     assert abs(ours - theirs) <= 1e-4, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_sigkill_during_sft_then_resume_equals_uninterrupted(pretrained, tmp_path):
+    """Frozen embeddings (checkpoints without the base), killed after a random checkpoint, resumed: bitwise."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from tests.train.test_loop import _wait_until
+
+    steps, every = 24, 2
+
+    def cli(out):
+        env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+        overrides = [*SMALL_T5, *SFT_QUICK, f"init_from={pretrained}", f"train.output_dir={out}", f"train.steps={steps}",
+                     f"checkpoint.every_steps={every}", "checkpoint.async_save=true", FROZEN_EMBEDDINGS,
+                     "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+        return subprocess.Popen([sys.executable, "-m", "llmjax.cli", "train", "--config", str(SFT_CONFIG), *overrides],
+                                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    whole, killed = cli(tmp_path / "whole"), cli(tmp_path / "killed")
+    kill_after = random.Random().choice(range(every, steps // 2, every))
+    checkpoints = Checkpointer(tmp_path / "killed" / "checkpoints")
+    _wait_until(lambda: checkpoints.has_step(kill_after), killed, f"checkpoint {kill_after}")
+    killed.kill()
+    killed.wait()
+    assert not checkpoints.has_step(steps), "the run ended before the kill landed"
+    resumed = cli(tmp_path / "killed")
+    for process in (whole, resumed):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+    assert "resumed from step" in output, output
+    a = load_model(tmp_path / "whole" / "checkpoints").params
+    b = load_model(tmp_path / "killed" / "checkpoints").params
+    assert _bitwise_equal(a, b), f"killed after checkpoint {kill_after}"
