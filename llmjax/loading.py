@@ -104,7 +104,7 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     step, params, meta = read_checkpoint_params(checkpoint_dir, step)
     if meta.get("base"):
         # A run with a frozen base saved only what trained: lay that over the base it names.
-        params = overlay_params(load_model(meta["base"]["path"]).params, params)
+        params = overlay_params(load_model(meta["base"]["path"], meta["base"].get("step")).params, params)
     tokenizer_dir = meta.get("tokenizer_dir")
     return LoadedModel(model_from_meta(meta), params, "checkpoint", checkpoint_dir, step,
                        Path(tokenizer_dir) if tokenizer_dir else None, meta)

@@ -67,7 +67,8 @@ def base_of(loaded: LoadedModel | None) -> Base | None:
     """The loop's :class:`Base` of an init source: its params, path and sha256."""
     if loaded is None:
         return None
-    return Base(params=loaded.params, path=str(Path(loaded.path).absolute()), sha256=model_sha256(loaded))
+    return Base(params=loaded.params, path=str(Path(loaded.path).absolute()), sha256=model_sha256(loaded),
+                step=loaded.step)
 
 
 def init_tokenizer(config: RunConfig, loaded: LoadedModel | None) -> tuple[Tokenizer, Path]:

@@ -9,7 +9,7 @@ The stage is data + loss + trainable filter + init source; the shared loop does 
 * init:      ``init_from`` (continued pre-training) or random from ``train.seed``
 
 Tokenizer: ``data.tokenizer`` (a ``spiece.model`` file or a directory holding one), or, when
-unset, one trained on the training documents with ``data.tokenizer_vocab_size`` ids and
+unset, the ``init_from`` model's (continued pre-training), or else one trained on the training documents with ``data.tokenizer_vocab_size`` ids and
 cached in ``<train.output_dir>/tokenizer`` (a rerun or a resume reuses it).
 """
 
@@ -27,7 +27,7 @@ from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, TextSo
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
 from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
-from llmjax.stages.init_source import base_of, resolve_init, run_trainable_filter
+from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import Stage, train
 
@@ -61,7 +61,10 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
         _span_corruption_chunk(config)
     train_source = build_source(dc.kind, dc.source, dc.text_field)
     eval_source = build_source(dc.kind, dc.eval_source, dc.text_field) if dc.eval_source else None
-    tokenizer, tokenizer_dir = load_or_train_tokenizer(config, train_source)
+    if dc.tokenizer is None and loaded is not None and loaded.tokenizer_dir is not None:
+        tokenizer, tokenizer_dir = init_tokenizer(config, loaded)  # continued pre-training keeps its tokenizer
+    else:
+        tokenizer, tokenizer_dir = load_or_train_tokenizer(config, train_source)
     check_vocab(tokenizer, config.model)
     model = build_model(config.model)
     example_fn = _example_fn(config, tokenizer)

@@ -53,6 +53,7 @@ class Base:
     params: dict
     path: str
     sha256: str
+    step: int | None = None  # the checkpoint step read; None for a Hugging Face directory
 
 
 @dataclasses.dataclass
@@ -111,7 +112,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
     if stage.base is not None:
-        meta["base"] = {"path": stage.base.path, "sha256": stage.base.sha256}
+        meta["base"] = {"path": stage.base.path, "step": stage.base.step, "sha256": stage.base.sha256}
     output_dir = Path(tc.output_dir)
     writer = MetricsWriter(output_dir)
     summary: dict[str, Any] = {"interrupted": None, "eval_loss": None, "export": None, "loss": None}

@@ -117,6 +117,7 @@ def test_frozen_base_checkpoints_only_what_trains_resumes_exactly_and_refuses_a_
     saved_paths = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(saved["params"])]
     assert "lm_head/kernel" in saved_paths and not [p for p in saved_paths if p.startswith("shared/")]
     assert meta["base"]["path"] == str(base_dir.absolute()) and len(meta["base"]["sha256"]) == 64
+    assert meta["base"]["step"] is None  # a Hugging Face directory has no steps
 
     # Reading the checkpoint lays the trained part over the base: bitwise what one uninterrupted run gives,
     # and the frozen embeddings are the base's.
@@ -211,3 +212,16 @@ def test_sigkill_during_sft_then_resume_equals_uninterrupted(pretrained, tmp_pat
     a = load_model(tmp_path / "whole" / "checkpoints").params
     b = load_model(tmp_path / "killed" / "checkpoints").params
     assert _bitwise_equal(a, b), f"killed after checkpoint {kill_after}"
+
+
+def test_continued_pretraining_from_a_run_dir_keeps_its_tokenizer_and_records_its_base(pretrained, tmp_path):
+    out = tmp_path / "more"
+    summary = run_stage(load_config(DEFAULT_CONFIG_PATH, [
+        "model={}", f"init_from={pretrained}", "train.steps=1", "train.batch_size=8", f"train.output_dir={out}",
+        "train.eval_every_steps=0", "data.encoder_length=64", "data.decoder_length=16", "optim.warmup_steps=0",
+        "train.export_hf=null"]), progress=False)
+    meta = Checkpointer(out / "checkpoints").restore_params().meta
+    assert summary["step"] == 1 and not (out / "tokenizer").exists()
+    assert meta["tokenizer_dir"] == str((pretrained / "tokenizer").absolute())
+    base = load_model(pretrained)
+    assert meta["base"]["path"] == str(base.path) and meta["base"]["step"] == base.step == 2
