@@ -35,7 +35,8 @@ def _config(tmp_path, steps=6, **train):
     return RunConfig(
         model=TINY["decoder"],
         data=DataConfig(objective="causal_lm", decoder_length=16, tokenizer_vocab_size=128),
-        train=TrainConfig(steps=steps, batch_size=8, log_every_steps=1, output_dir=str(tmp_path / "out"), **train),
+        train=TrainConfig(**{"steps": steps, "batch_size": 8, "log_every_steps": 1, "output_dir": str(tmp_path / "out"),
+                             **train}),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
         checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=2, keep=None, async_save=False),
         mesh=MeshConfig(data=2, fsdp=2, tensor=2),
@@ -129,6 +130,18 @@ def _poison(batch):
 def test_nan_policy_abort_stops_with_the_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*train.nan_policy=skip"):
         train(_stage(hooks={3: _poison}), _config(tmp_path), progress=False, peak_flops_per_sec=1e9)
+
+
+@pytest.mark.parametrize("nan_step", [3, 4])
+def test_nan_policy_abort_between_logging_steps_names_the_step_and_saves_nothing_after_it(tmp_path, nan_step):
+    # Logging every 5 steps: steps 3 and 4 are read only by the deferred check (a step's metrics are read
+    # after the next step is dispatched, or before a checkpoint is saved). Step 4 is a checkpoint step: its
+    # state must not be saved, or a resume would carry on past the bad batch as if the run had not aborted.
+    config = _config(tmp_path, log_every_steps=5)
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step {nan_step} "):
+        train(_stage(hooks={nan_step: _poison}), config, progress=False, peak_flops_per_sec=1e9)
+    assert Checkpointer(config.checkpoint_dir).all_steps() == [2]
+    assert not (tmp_path / "out" / "metrics.jsonl").read_text().strip()  # no logging step was reached
 
 
 def test_nan_policy_skip_discards_the_update_and_logs_it(tmp_path, capsys):
