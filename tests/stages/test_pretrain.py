@@ -4,12 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from llmjax.config import DEFAULT_CONFIG_PATH, load_config
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.stages import run_stage
 from llmjax.stages.pretrain import build_stage
 from llmjax.train.checkpoint import Checkpointer
+from tests.train.helpers import tensorboard_scalars
 
 SHARDED = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]  # tests see 8 fake devices
 
@@ -36,7 +38,20 @@ def test_default_config_pretrains_t5_and_exports_to_transformers(tmp_path):
     assert summary["step"] == 60 and summary["eval_loss"] == pytest.approx(evals[1]["loss"])
     assert Checkpointer(out / "checkpoints").all_steps() == [30, 60]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "config.yaml").is_file() and (out / "tokenizer" / "spiece.model").is_file()
+    assert (out / "tokenizer" / "spiece.model").is_file()
+    # config.yaml is the resolved config (defaults, includes and overrides): it loads back to the same run.
+    assert load_config(out / "config.yaml") == config
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 60
+    # TensorBoard holds the scalars the README names, at the logged steps, with the values of metrics.jsonl.
+    scalars = tensorboard_scalars(out / "tensorboard")
+    logged = [m for m in _read_metrics(out) if m["split"] == "train"]
+    for name in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"):
+        expected = [(m["step"], m[name]) for m in logged if name in m]
+        assert len(expected) >= 5, name
+        steps, values = zip(*scalars[f"train/{name}"])
+        assert list(steps) == [step for step, _ in expected], name
+        np.testing.assert_allclose(values, [value for _, value in expected], rtol=1e-6, err_msg=name)
+    assert [step for step, _ in scalars["eval/loss"]] == [30, 60]
 
     # The exported directory: transformers gives our logits, and its tokenizer our ids.
     hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(summary["export"])
