@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,26 @@ def test_existing_checkpoints_without_resume_is_a_clear_error(tmp_path):
         train(_stage(), _config(tmp_path, steps=7, resume=False), progress=False, peak_flops_per_sec=1e9)
 
 
+def test_resume_from_a_corrupt_newest_checkpoint_uses_the_previous_one_with_a_note(tmp_path, capsys):
+    config = _config(tmp_path)
+    train(_stage(), config, progress=False, peak_flops_per_sec=1e9)
+    final = _final_params(config)
+    newest = Path(config.checkpoint_dir) / "6"
+    victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a save cut short
+    capsys.readouterr()
+
+    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
+        summary = train(_stage(), config, progress=False, peak_flops_per_sec=1e9)
+    out = capsys.readouterr().out
+    assert re.search(r"skipped unusable checkpoint: checkpoint step 6 at .* is truncated or corrupted", out), out
+    assert "resumed from step 4" in out
+    assert summary["start_step"] == 4 and summary["step"] == 6
+    assert (Path(config.checkpoint_dir) / "corrupt" / "6").is_dir()  # moved aside, then step 6 saved afresh
+    assert Checkpointer(config.checkpoint_dir).all_steps() == [2, 4, 6]
+    assert _bitwise_equal(_final_params(config), final)  # steps 5 and 6 redone exactly
+
+
 def _poison(batch):
     weights = batch["decoder_loss_weights"].astype(np.float32)
     weights[0, 0] = np.nan
@@ -205,18 +226,19 @@ def _wait_for_step(out_dir, step, process):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])  # SIGINT: what Ctrl-C sends
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_exits_zero(tmp_path, tokenizer_dir, signal_name):
     process = _cli(tmp_path, tokenizer_dir, steps=1000)
     _wait_for_step(tmp_path, 6, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signal_name))
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    match = [line for line in output.splitlines() if "received SIGTERM at step" in line]
+    match = [line for line in output.splitlines() if f"received {signal_name} at step" in line]
     assert match, output
     stopped_at = int(match[0].split("at step ")[1].split(":")[0])
     steps = Checkpointer(tmp_path / "checkpoints").all_steps()
     assert steps[-1] == stopped_at and stopped_at < 1000
-    assert '"interrupted": "SIGTERM"' in output
+    assert f'"interrupted": "{signal_name}"' in output
 
 
 @pytest.mark.slow
