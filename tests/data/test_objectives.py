@@ -16,6 +16,7 @@ from llmjax.data.objectives import (
     span_corruption_lengths,
     span_counts,
 )
+from tests.stats import chi_square, chi_square_bound
 
 VOCAB = 300
 SENTINELS = list(range(VOCAB - 1, VOCAB - 101, -1))  # extra_id_0 = 299, extra_id_1 = 298, ...
@@ -174,18 +175,6 @@ def _composition_pmf(total, parts):
     return counts / counts.sum()
 
 
-def _chi_square(observed_lengths, pmf):
-    """Pearson's statistic and degrees of freedom; bins with expected count < 5 are pooled into one."""
-    observed = np.bincount(observed_lengths, minlength=len(pmf))[: len(pmf)].astype(float)
-    assert observed.sum() == len(observed_lengths)  # no length outside the support
-    expected = pmf * len(observed_lengths)
-    small = expected < 5
-    observed = np.append(observed[~small], observed[small].sum())
-    expected = np.append(expected[~small], expected[small].sum())
-    keep = expected > 0
-    return float(np.sum((observed[keep] - expected[keep]) ** 2 / expected[keep])), int(keep.sum()) - 1
-
-
 def test_span_lengths_are_a_random_partition_like_t5():
     # Length 60: 9 noise tokens in 3 spans, 51 kept tokens in 3 runs. Over 1000 seeds the span lengths must
     # follow the law of a uniformly random composition (an even split of 9 into 3 x 3 has no spread at all).
@@ -202,8 +191,10 @@ def test_span_lengths_are_a_random_partition_like_t5():
         masks.add(mask.tobytes())
     for observed, total in ((noise_lengths, num_noise), (kept_lengths, length - num_noise)):
         pmf = _composition_pmf(total, num_spans)
-        statistic, dof = _chi_square(np.asarray(observed), pmf)
-        assert statistic < dof + 6 * np.sqrt(2 * dof), (total, statistic, dof)  # chi2 mean dof, std sqrt(2 dof)
+        counts = np.bincount(observed, minlength=len(pmf))
+        assert len(counts) == len(pmf)  # no length beyond the total
+        statistic, dof = chi_square(counts, pmf * len(observed))
+        assert statistic < chi_square_bound(dof), (total, statistic, dof)
         support = np.arange(len(pmf))
         variance = np.sum(pmf * support**2) - np.sum(pmf * support) ** 2
         assert abs(np.var(observed) / variance - 1) < 0.15, (total, np.var(observed), variance)

@@ -12,6 +12,7 @@ from transformers.generation import logits_process as hf
 
 from llmjax.generate import generate
 from tests.generation.models import prompts, small_model
+from tests.stats import chi_square, chi_square_bound
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +88,6 @@ def _processed_probs(torch_model, ids, settings):
     return torch.softmax(logits.double(), -1).numpy()
 
 
-def _chi_square(observed, expected):
-    """Pearson's statistic and degrees of freedom over cells; cells expecting < 5 are pooled into one."""
-    observed, expected = np.ravel(observed).astype(float), np.ravel(expected).astype(float)
-    assert observed[expected == 0].sum() == 0, "drew an outcome of probability 0"
-    small = expected < 5
-    observed = np.append(observed[~small], observed[small].sum())
-    expected = np.append(expected[~small], expected[small].sum())
-    keep = expected > 0
-    return float(np.sum((observed[keep] - expected[keep]) ** 2 / expected[keep])), int(keep.sum()) - 1
-
-
 def test_two_token_sequences_follow_the_model_step_by_step(llama):
     """4096 two-token continuations of one prompt against p(t1) * p(t2 | t1) from the torch model.
 
@@ -127,9 +117,9 @@ def test_two_token_sequences_follow_the_model_step_by_step(llama):
     expected = p_first[:, None] * p_second * draws
     observed = np.zeros((vocab, vocab))
     np.add.at(observed, (first, second), 1)
-    statistic, dof = _chi_square(observed, expected)
+    statistic, dof = chi_square(observed, expected)
     assert dof >= 15
-    assert statistic < dof + 6 * np.sqrt(2 * dof), (statistic, dof)  # chi2: mean dof, std sqrt(2 dof)
+    assert statistic < chi_square_bound(dof), (statistic, dof)
 
 
 def test_beam_sampling_returns_the_best_two_of_four_drawn_without_replacement(llama):
@@ -163,5 +153,5 @@ def test_beam_sampling_returns_the_best_two_of_four_drawn_without_replacement(ll
     cells = sorted(expected)
     observed = [sum(1 for a, b in pairs if (a, b) == cell) for cell in cells]
     assert sum(observed) == rows  # every returned pair is a possible one
-    statistic, dof = _chi_square(observed, [expected[cell] * rows for cell in cells])
-    assert statistic < dof + 6 * np.sqrt(2 * dof), (statistic, dof)
+    statistic, dof = chi_square(observed, [expected[cell] * rows for cell in cells])
+    assert statistic < chi_square_bound(dof), (statistic, dof)
