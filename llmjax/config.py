@@ -49,8 +49,8 @@ class DataConfig:
     source: str = "corpus"             # bundled dataset name, file path/glob, or dataset name
     eval_source: str | None = None     # same kind; None: no eval data
     text_field: str = "text"           # span_corruption / causal_lm read this field
-    prompt_template: str = "{inputs}"    # instruction: example fields rendered into the prompt
-    target_template: str = "{targets}"   # instruction: ... and into the response
+    tasks: tuple[str, ...] = ()        # instruction: "dialogsum" or "TEMPLATES@KIND:SOURCE" (data/instruction_pipeline.py)
+    task_rates: tuple[float, ...] = ()  # instruction: one mixing rate per task; empty: proportional to task sizes
     tokenizer: str | None = None       # saved tokenizer directory; None: train one on `source`
     tokenizer_vocab_size: int = 32000  # ids of a trained tokenizer, the 100 sentinels included
     objective: Literal["span_corruption", "causal_lm", "instruction"] = "span_corruption"
@@ -71,6 +71,14 @@ class DataConfig:
                  f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}")
         _require(self.tokenizer_vocab_size > 0,
                  f"data.tokenizer_vocab_size must be positive, got {self.tokenizer_vocab_size}")
+        instruction = self.objective == "instruction"
+        _require(instruction == bool(self.tasks),
+                 "data.objective=instruction needs data.tasks (e.g. [dialogsum])" if instruction else
+                 f"data.tasks is for data.objective=instruction, not {self.objective!r}; remove it")
+        _require(not self.task_rates or len(self.task_rates) == len(self.tasks),
+                 f"data.task_rates has {len(self.task_rates)} rates for {len(self.tasks)} data.tasks; give one per task")
+        _require(all(rate >= 0 for rate in self.task_rates) and (not self.task_rates or sum(self.task_rates) > 0),
+                 f"data.task_rates must be >= 0 with a positive sum, got {list(self.task_rates)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@
 - ``generate_texts(...)``: prompts in, texts out, in batches (left padding for decoder-only
   models, right padding for T5), each output cut at its eos and stripped of its prefix.
 - ``evaluate_dataset(...)``: zero/one/few-shot prompts from a template (``llmjax.prompts``),
-  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.metrics``).
+  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.metrics``)
+  against all of an example's references (DialogSum's test set has three) and against the first only.
 - ``compare_shots(...)``: the same examples at several shot counts, one result per setting
   (the course's first lab: zero-, one- and few-shot side by side).
 - ``write_report(out_dir, results, settings)``: ``scores.json``, ``predictions.jsonl`` and a
@@ -214,21 +215,39 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
 
 @dataclasses.dataclass
 class EvalResult:
-    """One setting's run: prompts, outputs, references, how many shots each prompt kept, scores."""
+    """One setting's run: prompts, outputs, references (all of each example's), shots kept, scores."""
 
     shots: int
     ids: list[str]
     prompts: list[str]
     predictions: list[str]
-    references: list[str]
+    references: list[list[str]]
     shots_kept: list[int]
     scores: dict[str, float]
 
 
-def score_predictions(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum F-measures in [0, 1], corpus BLEU in [0, 100], exact match in [0, 1]."""
-    return {**metrics.rouge(predictions, references), "bleu": metrics.bleu(predictions, references),
-            "exact_match": metrics.exact_match(predictions, references)}
+FIRST_REFERENCE_SUFFIX = "_first_ref"
+
+
+def score_predictions(predictions: Sequence[str], references: metrics.References) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum F-measures in [0, 1], corpus BLEU in [0, 100], exact match in [0, 1].
+
+    ``references``: per prediction a string or a list of references. The plain keys score against all
+    references (ROUGE: best reference per example; BLEU: multi-reference); the ``_first_ref`` keys
+    against the first reference only (equal to the plain keys when every example has one).
+    """
+    def scores(refs):
+        return {**metrics.rouge(predictions, refs), "bleu": metrics.bleu(predictions, refs),
+                "exact_match": metrics.exact_match(predictions, refs)}
+
+    first = scores(metrics.first_reference(references))
+    return {**scores(references), **{key + FIRST_REFERENCE_SUFFIX: value for key, value in first.items()}}
+
+
+def example_references(example: dict, template: PromptTemplate) -> list[str]:
+    """All references of an example: ``references_field`` when present, else the one ``target_field``."""
+    several = example.get(template.references_field)
+    return [str(text) for text in several] if several else [str(example[template.target_field])]
 
 
 def get_template(template: PromptTemplate | str) -> PromptTemplate:
@@ -287,7 +306,7 @@ def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dic
                                   shot_seed=shot_seed, max_input_tokens=max_input_tokens)
     predictions = generate_texts(model, params, tokenizer, prompts, generation_config=generation_config,
                                  batch_size=batch_size, rng=rng)
-    references = [str(example[template.target_field]) for example in examples]
+    references = [example_references(example, template) for example in examples]
     return EvalResult(shots, [str(e.get("id", i)) for i, e in enumerate(examples)], prompts, predictions,
                       references, kept, score_predictions(predictions, references))
 
@@ -310,12 +329,14 @@ SCORE_COLUMNS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", 
 
 
 def scores_table(results: dict[str, EvalResult]) -> str:
-    """A Markdown table, one row per setting: ROUGE and exact match as fractions, BLEU on 0-100."""
-    lines = ["| setting | " + " | ".join(SCORE_COLUMNS.values()) + " |",
-             "|---|" + "---:|" * len(SCORE_COLUMNS)]
+    """A Markdown table, two rows per setting (all references, first reference only): ROUGE and exact
+    match as fractions, BLEU on 0-100."""
+    lines = ["| setting | references | " + " | ".join(SCORE_COLUMNS.values()) + " |",
+             "|---|---|" + "---:|" * len(SCORE_COLUMNS)]
     for name, result in results.items():
-        cells = [f"{result.scores[key]:.2f}" if key == "bleu" else f"{result.scores[key]:.4f}" for key in SCORE_COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for label, suffix in (("all", ""), ("first", FIRST_REFERENCE_SUFFIX)):
+            cells = [f"{result.scores[key + suffix]:{'.2f' if key == 'bleu' else '.4f'}}" for key in SCORE_COLUMNS]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -335,7 +356,7 @@ def examples_table(examples: Sequence[dict], results: dict[str, EvalResult], tem
     for row, example in enumerate(examples[:count]):
         first = results[names[0]]
         cells = [first.ids[row], _cell(str(example[template.truncate_field]), INPUT_PREVIEW_CHARS),
-                 _cell(first.references[row])] + [_cell(results[name].predictions[row]) for name in names]
+                 _cell(first.references[row][0])] + [_cell(results[name].predictions[row]) for name in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -360,13 +381,17 @@ def write_report(out_dir: str | Path, examples: Sequence[dict], results: dict[st
     paths["scores"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     with open(paths["predictions"], "w", encoding="utf-8") as f:
         for name, result in results.items():
-            for row in zip(result.ids, result.prompts, result.references, result.predictions):
-                f.write(json.dumps(dict(zip(("id", "prompt", "reference", "prediction"), row), setting=name),
-                                   ensure_ascii=False) + "\n")
+            for id_, prompt, references, prediction in zip(result.ids, result.prompts, result.references,
+                                                           result.predictions):
+                row = {"id": id_, "prompt": prompt, "reference": references[0], "references": references,
+                       "prediction": prediction, "setting": name}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     settings_lines = [f"- **{key}**: `{json.dumps(value)}`"
                       for key, value in settings.items() if key != "template_text"]
     report = ["# Evaluation report", "", *settings_lines, "", "## Scores", "",
-              "ROUGE F-measures and exact match in [0, 1]; BLEU in [0, 100].", "", scores_table(results), "",
+              "ROUGE F-measures and exact match in [0, 1]; BLEU in [0, 100]. \"all\": against every reference of "
+              "an example (ROUGE: the best one per example; BLEU: multi-reference corpus BLEU); \"first\": the "
+              "first reference only.", "", scores_table(results), "",
               f"## Examples (first {min(num_examples_shown, len(examples))})", "",
               examples_table(examples, results, template, num_examples_shown), ""]
     paths["report"].write_text("\n".join(report), encoding="utf-8")

@@ -36,6 +36,8 @@ class PromptTemplate:
 
     template: text with `{field}` slots filled from the example, ending with the answer cue.
     target_field: the example field holding the answer written after a shot.
+    references_field: the example field holding every reference answer when there are several (the
+      real DialogSum test set's three annotators); its first item equals `target_field`'s value.
     shot_separator: text after each shot's answer, before the next example.
     truncate_field: the query field shortened when the prompt is over budget.
     """
@@ -43,6 +45,7 @@ class PromptTemplate:
     name: str
     template: str
     target_field: str = "summary"
+    references_field: str = "summaries"
     shot_separator: str = "\n\n\n"
     truncate_field: str = "dialogue"
 

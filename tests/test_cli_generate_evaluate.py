@@ -118,8 +118,9 @@ def test_evaluate_in_a_subprocess(decoder_dir, tmp_path):
                    "--max-input-tokens", "400", "--out", str(tmp_path / "eval")],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("| setting | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | Exact match |\n")
-    assert "| 0-shot |" in done.stdout
+    assert done.stdout.startswith(
+        "| setting | references | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | Exact match |\n")
+    assert "| 0-shot | all |" in done.stdout and "| 0-shot | first |" in done.stdout
     assert json.loads((tmp_path / "eval" / "scores.json").read_text())["settings"]["num_examples"] == 2
 
     done = subprocess.run(command + ["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"],

@@ -4,7 +4,9 @@ Examples are dicts `{"id", "dialogue", "summary", "topic"}`; a dialogue is newli
 "#Person1#: ...\\n#Person2#: ...", a summary is a short third-person account of what happened.
 
 - `generate_dialogsum(num_examples, seed)` -> `{"train", "validation", "test"}` lists, deterministic
-  for a seed, split 80/10/10, no dialogue repeated anywhere (so no split leaks into another).
+  for a seed, split 80/10/10, no dialogue repeated anywhere (so no split leaks into another). Test
+  examples also carry `summaries`: three references (the `summary` first), as DialogSum's test set has
+  three annotators' summaries; they state the same facts in different words.
 - `bundled_dialogsum(split)`: the default generated set, built once per process.
 - `write_dialogsum(directory, ...)` writes `{split}.jsonl`; `load_dialogsum(path)` reads those and the
   real releases (JSONL from the DialogSum GitHub repo with `fname`, `summary1..3` in its test file;
@@ -27,6 +29,7 @@ from llmjax.data.dialogsum_words import Draw, maybe_close, person1_speaks_first
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 DEFAULT_NUM_EXAMPLES = 4000
+TEST_REFERENCES = 3  # references per test dialogue, as in DialogSum's test set
 SCENARIOS = {**dialogsum_scenarios.SCENARIOS, **dialogsum_errands.SCENARIOS}
 # The real releases name the validation split "dev" and the id "fname"; accept either spelling.
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
@@ -53,20 +56,32 @@ def generate_dialogsum(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) 
         if attempts > 20 * num_examples:
             raise RuntimeError(f"could only draw {len(examples)} distinct dialogues of {num_examples}; ask for fewer")
         topic = topics[len(examples) % len(topics)]
+        draw.references = []
         turns, summary = SCENARIOS[topic](draw)
-        turns, summary = person1_speaks_first(maybe_close(draw, turns), summary)
+        if draw.references[:1] != [summary]:
+            raise RuntimeError(f"scenario {topic!r} must choose its summary with Draw.summarize")
+        turns, references = person1_speaks_first(maybe_close(draw, turns), draw.references[:TEST_REFERENCES])
         dialogue = turns.render()
         if dialogue in seen:  # a repeat would leak between splits; draw again
             continue
         seen.add(dialogue)
-        examples.append({"dialogue": dialogue, "summary": summary, "topic": topic})
+        examples.append({"dialogue": dialogue, "summary": references[0], "topic": topic, "summaries": references})
     rng.shuffle(examples)
     n_validation = n_test = max(1, round(num_examples * SPLIT_FRACTIONS["test"]))
     bounds = {"train": (0, num_examples - n_validation - n_test),
               "validation": (num_examples - n_validation - n_test, num_examples - n_test),
               "test": (num_examples - n_test, num_examples)}
-    return {split: [{"id": f"{split}_{i}", **example} for i, example in enumerate(examples[lo:hi])]
+    return {split: [_with_id(f"{split}_{i}", example, keep_references=split == "test")
+                    for i, example in enumerate(examples[lo:hi])]
             for split, (lo, hi) in bounds.items()}
+
+
+def _with_id(id_: str, example: dict, keep_references: bool) -> dict:
+    """``{"id", "dialogue", "summary", "topic"}``, plus ``summaries`` for the test split."""
+    out = {"id": id_, **example}
+    if not keep_references:
+        del out["summaries"]
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,10 +90,12 @@ def _bundled() -> dict[str, list[dict]]:
 
 
 def bundled_dialogsum(split: str) -> list[dict]:
-    """The default generated split (4000 examples in all, seed 0); generated once per process, copied per call."""
+    """The default generated split (4000 examples in all, seed 0; test examples with three references in
+    `summaries`); generated once per process, copied per call."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return [dict(example) for example in _bundled()[split]]
+    return [{key: list(value) if isinstance(value, list) else value for key, value in example.items()}
+            for example in _bundled()[split]]
 
 
 def write_dialogsum(directory: str | Path, num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) -> dict[str, Path]:
@@ -172,9 +189,9 @@ def _to_example(row, path: Path, where: str) -> dict:
             raise ValueError(f"{path}, {where}: missing field {field!r} (accepted names: {', '.join(names)})")
         example[field] = str(value).replace("\r\n", "\n")
     example["topic"] = str(row.get("topic") or row.get("topic1") or "")
-    references = [row[k] for k in ("summary1", "summary2", "summary3") if row.get(k)]
+    references = row.get("summaries") or [row[k] for k in ("summary1", "summary2", "summary3") if row.get(k)]
     if len(references) > 1:
-        example["summaries"] = references
+        example["summaries"] = [str(text).replace("\r\n", "\n") for text in references]
     return example
 
 

@@ -70,6 +70,19 @@ def test_summaries_state_outcomes_inferred_across_turns(small):
         assert total == nights * nightly
 
 
+def test_test_split_has_three_references_with_the_same_facts(small):
+    assert all("summaries" not in e for split in ("train", "validation") for e in small[split])
+    for example in small["test"]:
+        references = example["summaries"]
+        assert len(set(references)) == 3 and references[0] == example["summary"], example
+    flights = [e for e in small["test"] if e["topic"] == "book a flight"]
+    assert flights
+    for example in flights:
+        # Three annotators, one departure time and one city.
+        times = {re.search(r"\d+:\d\d [ap]m", reference).group(0) for reference in example["summaries"]}
+        assert len(times) == 1 and times.pop() in example["summary"]
+
+
 def test_stats_show_abstractive_summaries(small):
     stats = dialogsum_stats(small)
     assert stats["all"]["examples"] == 600
