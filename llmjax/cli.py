@@ -63,7 +63,7 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_data_dialogsum(args) -> int:
-    from llmjax.data.dialogsum import write_dialogsum
+    from llmjax.data.bundled.dialogsum import write_dialogsum
 
     write_dialogsum(args.out, num_examples=args.num_examples, seed=args.seed)
     print(f"wrote dialogue-summarization splits to {args.out}")

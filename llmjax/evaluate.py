@@ -6,7 +6,7 @@
 - ``generate_texts(...)``: prompts in, texts out, in batches (left padding for decoder-only
   models, right padding for T5), each output cut at its eos and stripped of its prefix.
 - ``evaluate_dataset(...)``: zero/one/few-shot prompts from a template (``llmjax.prompts``),
-  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.metrics``)
+  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.text_metrics``)
   against all of an example's references (DialogSum's test set has three) and against the first only.
 - ``compare_shots(...)``: the same examples at several shot counts, one result per setting
   (the course's first lab: zero-, one- and few-shot side by side).
@@ -27,10 +27,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llmjax import metrics
+from llmjax import text_metrics
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.generate import GenerationConfig, generate, resolve_config
-from llmjax.models import family_of
+from llmjax.loading import ModelPathError, load_model
+from llmjax.models import model_family
 from llmjax.prompts import TEMPLATES, PromptTemplate, fit_prompt, select_shots
 
 DEFAULT_T5_MAX_INPUT_TOKENS = 512  # FLAN-T5's training input length; T5's relative positions have no hard limit
@@ -43,40 +44,17 @@ INPUT_PREVIEW_CHARS = 240
 # ---------------------------------------------------------------------------
 
 def load_model_for_inference(path: str | Path):
-    """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory.
-
-    HF directory: ``config.json`` + safetensors, with ``spiece.model`` beside them. Checkpoint:
-    the newest complete step's parameters, the model config and the tokenizer directory recorded in
-    its metadata. Params are host fp32 arrays.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist; pass a Hugging Face directory "
-                                "(config.json + model.safetensors) or an llmjax checkpoint directory")
-    if (path / "config.json").is_file():
-        from llmjax import hf
-
-        model, params = hf.from_pretrained(path)
-        return model, params, _load_tokenizer(path, f"Hugging Face directory {path}")
-    checkpoint_dir = _checkpoint_dir(path)
-    if checkpoint_dir is None:
-        raise FileNotFoundError(
-            f"{path} is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint directory "
-            "(no numbered step directories, no checkpoints/); pass one of those"
-        )
-    from llmjax.train.checkpoint import Checkpointer, model_from_meta
-
-    checkpointer = Checkpointer(checkpoint_dir)
-    try:
-        restored = checkpointer.restore_params()
-    finally:
-        checkpointer.close()
-    model = model_from_meta(restored.meta)
-    tokenizer_dir = restored.meta.get("tokenizer_dir")
-    if not tokenizer_dir:
-        raise ValueError(f"checkpoint {checkpoint_dir} records no tokenizer directory; export it with "
-                         "`llmjax export` and add spiece.model to the exported directory")
-    return model, restored.state, _load_tokenizer(Path(tokenizer_dir), f"the tokenizer directory of {checkpoint_dir}")
+    """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory
+    (``llmjax.loading.load_model``); the tokenizer is the HF directory's ``spiece.model`` or the one the
+    checkpoint's metadata records. Params are host fp32 arrays."""
+    loaded = load_model(path)
+    if loaded.kind == "hf":
+        return loaded.model, loaded.params, _load_tokenizer(loaded.path, f"Hugging Face directory {loaded.path}")
+    if loaded.tokenizer_dir is None:
+        raise ModelPathError(f"checkpoint {loaded.path} records no tokenizer directory; export it with "
+                             "`llmjax export` and add spiece.model to the exported directory")
+    tokenizer = _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
+    return loaded.model, loaded.params, tokenizer
 
 
 def load_generation_config(path: str | Path) -> GenerationConfig:
@@ -85,17 +63,10 @@ def load_generation_config(path: str | Path) -> GenerationConfig:
     return GenerationConfig.from_hf(file) if file.is_file() else GenerationConfig()
 
 
-def _checkpoint_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "checkpoints"):
-        if candidate.is_dir() and any(child.is_dir() and child.name.isdigit() for child in candidate.iterdir()):
-            return candidate
-    return None
-
-
 def _load_tokenizer(directory: Path, where: str) -> Tokenizer:
     if not (directory / "spiece.model").is_file():
-        raise FileNotFoundError(f"{where} has no spiece.model; save the tokenizer there "
-                                "(Tokenizer.save_pretrained or `llmjax tokenizer train --out`)")
+        raise ModelPathError(f"{where} has no spiece.model; save the tokenizer there "
+                             "(Tokenizer.save_pretrained or `llmjax tokenizer train --out`)")
     return Tokenizer.load(directory)
 
 
@@ -112,7 +83,7 @@ def load_examples(data: str | Path, split: str | None = "test", limit: int | Non
     A directory gives its ``split`` file; a single file is read whole (``split`` ignored).
     ``limit`` keeps the first examples.
     """
-    from llmjax.data.dialogsum import bundled_dialogsum, load_dialogsum
+    from llmjax.data.bundled.dialogsum import bundled_dialogsum, load_dialogsum
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -143,8 +114,8 @@ def shot_pool_for(data: str | Path, split: str | None = "test") -> list[dict] | 
 # ---------------------------------------------------------------------------
 
 def prompt_ids(model, tokenizer: Tokenizer, text: str) -> list[int]:
-    """The token ids one prompt gives the model: T5 ``prompt + eos``; decoder ``bos + prompt``."""
-    if family_of(model.config) == "t5":
+    """The token ids one prompt gives the model: encoder-decoder (T5) ``prompt + eos``; decoder ``bos + prompt``."""
+    if model_family(model.config).seq2seq:
         return tokenizer.encode(text, add_eos=True)
     bos = getattr(model.config, "bos_token_id", None)
     return ([] if bos is None else [bos]) + tokenizer.encode(text, add_eos=False)
@@ -160,7 +131,7 @@ def encode_prompts(model, tokenizer: Tokenizer, texts: Sequence[str], bucket: bo
     sequences = [prompt_ids(model, tokenizer, text) for text in texts]
     longest = max(len(ids) for ids in sequences)
     length = max(MIN_PROMPT_BUCKET, 1 << (longest - 1).bit_length()) if bucket else longest
-    left = family_of(model.config) == "decoder"
+    left = not model_family(model.config).seq2seq
     ids = np.full((len(sequences), length), model.config.pad_token_id, np.int32)
     mask = np.zeros((len(sequences), length), np.int32)
     for row, sequence in enumerate(sequences):
@@ -195,7 +166,7 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
     if config.num_return_sequences != 1:
         raise ValueError("generate_texts returns one text per prompt; set num_return_sequences=1")
     rng = jax.random.key(0) if rng is None else rng
-    is_t5 = family_of(model.config) == "t5"
+    seq2seq = model_family(model.config).seq2seq
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
@@ -203,7 +174,7 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
         ids, mask = encode_prompts(model, tokenizer, filled, bucket=True)
         sequences = generate(model, params, ids, mask, generation_config=config,
                              rng=jax.random.fold_in(rng, start // batch_size))
-        prefix_length = 1 if is_t5 else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
+        prefix_length = 1 if seq2seq else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
         tokens = new_tokens(np.asarray(jax.device_get(sequences)), prefix_length, config.eos_token_id)
         outputs.extend(tokenizer.decode(row).strip() for row in tokens[: len(batch)])
     return outputs
@@ -229,7 +200,7 @@ class EvalResult:
 FIRST_REFERENCE_SUFFIX = "_first_ref"
 
 
-def score_predictions(predictions: Sequence[str], references: metrics.References) -> dict[str, float]:
+def score_predictions(predictions: Sequence[str], references: text_metrics.References) -> dict[str, float]:
     """ROUGE-1/2/L/Lsum F-measures in [0, 1], corpus BLEU in [0, 100], exact match in [0, 1].
 
     ``references``: per prediction a string or a list of references. The plain keys score against all
@@ -237,10 +208,10 @@ def score_predictions(predictions: Sequence[str], references: metrics.References
     against the first reference only (equal to the plain keys when every example has one).
     """
     def scores(refs):
-        return {**metrics.rouge(predictions, refs), "bleu": metrics.bleu(predictions, refs),
-                "exact_match": metrics.exact_match(predictions, refs)}
+        return {**text_metrics.rouge(predictions, refs), "bleu": text_metrics.bleu(predictions, refs),
+                "exact_match": text_metrics.exact_match(predictions, refs)}
 
-    first = scores(metrics.first_reference(references))
+    first = scores(text_metrics.first_reference(references))
     return {**scores(references), **{key + FIRST_REFERENCE_SUFFIX: value for key, value in first.items()}}
 
 
@@ -261,7 +232,7 @@ def get_template(template: PromptTemplate | str) -> PromptTemplate:
 
 def default_max_input_tokens(model, generation_config: GenerationConfig | None) -> int:
     """Prompt budget: T5 512 tokens; a decoder its context length minus the tokens it will generate."""
-    if family_of(model.config) == "t5":
+    if model_family(model.config).seq2seq:
         return DEFAULT_T5_MAX_INPUT_TOKENS
     config = resolve_config(model, generation_config)
     room = model.config.max_position_embeddings - (config.max_new_tokens or 0)

@@ -127,7 +127,7 @@ def test_evaluate_in_a_subprocess(decoder_dir, tmp_path):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (f"llmjax generate: error: model directory {tmp_path / 'nowhere'} does not exist; pass a "
-                           "Hugging Face directory (config.json + model.safetensors) or an llmjax checkpoint directory\n")
+                           "Hugging Face directory (config.json + model.safetensors) or an llmjax checkpoint or run directory\n")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,6 +1,6 @@
 """Evaluation end to end on tiny random T5 and LLaMA models saved as Hugging Face directories.
 
-References: scores come from llmjax.metrics (itself checked against rouge-score/sacrebleu) on the
+References: scores come from llmjax.text_metrics (itself checked against rouge-score/sacrebleu) on the
 produced predictions; batched outputs are checked against one-prompt-at-a-time `generate` calls on
 unpadded ids; prompts against `llmjax.prompts.build_prompt` with `select_shots`.
 """
@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import hf, metrics
-from llmjax.data.dialogsum import bundled_dialogsum
+from llmjax import hf, text_metrics
+from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import train_tokenizer
 from llmjax.evaluate import (
     build_prompts,
@@ -217,8 +217,8 @@ def test_evaluate_scores_equal_metrics_on_its_predictions(loaded, examples):
     first = [example["summary"] for example in examples]
 
     def library_scores(refs):
-        return {**metrics.rouge(result.predictions, refs), "bleu": metrics.bleu(result.predictions, refs),
-                "exact_match": metrics.exact_match(result.predictions, refs)}
+        return {**text_metrics.rouge(result.predictions, refs), "bleu": text_metrics.bleu(result.predictions, refs),
+                "exact_match": text_metrics.exact_match(result.predictions, refs)}
 
     assert result.scores == {**library_scores(references),
                              **{key + "_first_ref": value for key, value in library_scores(first).items()}}

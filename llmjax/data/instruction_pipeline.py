@@ -70,7 +70,7 @@ def task_source(task: TaskSpec, split: str) -> Source:
         if task.source != "dialogsum":
             raise InstructionDataError(f"task {task.spec!r}: the bundled instruction set is 'dialogsum', "
                                        f"not {task.source!r}")
-        from llmjax.data.dialogsum import bundled_dialogsum
+        from llmjax.data.bundled.dialogsum import bundled_dialogsum
 
         return bundled_dialogsum(split)
     if task.kind == "seqio":

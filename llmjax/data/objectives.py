@@ -273,14 +273,14 @@ def instruction_example(
     target_template: str,
     encode: Callable[[str], Sequence[int]],
     eos_id: int,
-    family: str,
+    batch_format: str,
     bos_id: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Render both templates, encode them, and build seq2seq (``family="t5"``) or decoder-only features."""
+    """Render both templates, encode them, and build ``"seq2seq"`` or ``"causal"`` (decoder-only) features."""
     prompt_ids = encode(render_template(prompt_template, example))
     target_ids = encode(render_template(target_template, example))
-    if family == "t5":
+    if batch_format == "seq2seq":
         return seq2seq_instruction_example(prompt_ids, target_ids, eos_id)
-    if family == "decoder":
+    if batch_format == "causal":
         return decoder_instruction_example(prompt_ids, target_ids, eos_id, bos_id)
-    raise ValueError(f"family must be 't5' or 'decoder', got {family!r}")
+    raise ValueError(f"batch_format must be 'seq2seq' or 'causal', got {batch_format!r}")

@@ -25,11 +25,11 @@ from llmjax.config import RunConfig, dump_config
 from llmjax.data.objectives import causal_lm_example, span_corruption_budget, span_corruption_example
 from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, hf_dataset_source, tfds_source
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
-from llmjax.models import build_model
-from llmjax.train.lm_loss import LOSS_FNS
+from llmjax.models import build_model, model_family
+from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import Stage, train
 
-OBJECTIVES = {"t5": "span_corruption", "decoder": "causal_lm"}
+OBJECTIVES = {True: "span_corruption", False: "causal_lm"}  # Family.seq2seq -> the pre-training objective
 BUNDLED_DOCUMENTS = {"corpus": (10_000, 0), "corpus_heldout": (500, 1)}  # name -> (documents, seed)
 TOKENIZER_TRAINING_DOCUMENTS = 5_000
 
@@ -41,10 +41,11 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
 
 def build_stage(config: RunConfig) -> Stage:
     """The pre-training stage of ``config``: model, loss, data iterators, tokenizer."""
-    family, dc = config.family, config.data
-    if dc.objective != OBJECTIVES[family]:
+    family, dc = model_family(config.model), config.data
+    if dc.objective != OBJECTIVES[family.seq2seq]:
         raise ValueError(
-            f"data.objective={dc.objective!r} does not pre-train a {family} model; use {OBJECTIVES[family]!r}"
+            f"data.objective={dc.objective!r} does not pre-train a {family.name} model; "
+            f"use {OBJECTIVES[family.seq2seq]!r}"
         )
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def build_stage(config: RunConfig) -> Stage:
         # The global batch; each process keeps its rows, so the batches match a one-process run.
         return DataIterator(
             source, example_fn, batch_size=config.train.batch_size, decoder_length=dc.decoder_length,
-            encoder_length=dc.encoder_length if family == "t5" else None, pack=dc.packing,
+            encoder_length=dc.encoder_length if family.seq2seq else None, pack=dc.packing,
             seed=config.train.seed, process_index=jax.process_index(), process_count=jax.process_count(), **kwargs,
         )
 
@@ -73,7 +74,7 @@ def build_stage(config: RunConfig) -> Stage:
     return Stage(
         name="pretrain",
         model=model,
-        loss_fn=LOSS_FNS[family](model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
+        loss_fn=lm_loss_fn(model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
         train_data=iterator(train_source),
         eval_data=eval_data,
         tokenizer=tokenizer,
@@ -140,9 +141,8 @@ def check_vocab(tokenizer: Tokenizer, model_config) -> None:
 
 def _example_fn(config: RunConfig, tokenizer: Tokenizer):
     """Raw document -> list of model examples that each fit the configured lengths."""
-    dc, family = config.data, config.family
-    text_field = dc.text_field
-    if family == "t5":
+    dc, text_field = config.data, config.data.text_field
+    if model_family(config.model).seq2seq:
         chunk, targets_length = span_corruption_budget(dc.encoder_length, dc.noise_density, dc.mean_noise_span_length)
         if targets_length > dc.decoder_length:
             raise ValueError(

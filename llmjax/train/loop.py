@@ -22,10 +22,9 @@ import flax.linen as nn
 import jax
 
 from llmjax import sharding
-from llmjax.models import family_of
+from llmjax.models import model_family, step_flops
 from llmjax.config import RunConfig, config_to_dict
 from llmjax.train.checkpoint import Checkpointer, model_meta
-from llmjax.train.flops import step_flops
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
 from llmjax.train.optim import make_optimizer
 from llmjax.train.state import TrainableFilter, abstract_train_state, init_train_state, train_everything
@@ -211,7 +210,7 @@ def _evaluate(stage: Stage, eval_step, state, mesh, max_batches: int, writer: Me
 
 def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | None) -> Throughput:
     dc, batch_size = config.data, config.train.batch_size
-    encoder_length = dc.encoder_length if family_of(stage.model.config) == "t5" else None
+    encoder_length = dc.encoder_length if model_family(stage.model.config).seq2seq else None
     flops = step_flops(stage.model.config, batch_size, dc.decoder_length, encoder_length)
     if peak_flops_per_sec is None and jax.process_index() == 0:
         # CPU "devices" (fake ones included) share the host's cores, which one matmul already uses.

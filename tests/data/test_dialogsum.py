@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmjax.data.dialogsum import (
+from llmjax.data.bundled.dialogsum import (
     SCENARIOS, bundled_dialogsum, dialogsum_stats, generate_dialogsum, load_dialogsum, write_dialogsum,
 )
 

@@ -13,7 +13,7 @@ from llmjax.config import ConfigError, DataConfig, load_config
 from llmjax.data.instruction_pipeline import build_tasks, instruction_batches, mixed_source, parse_task
 from llmjax.data.instructions import InstructionDataError
 from llmjax.models import build_model
-from llmjax.train.lm_loss import LOSS_FNS
+from llmjax.train.lm_loss import lm_loss_fn
 from tests.train.helpers import TINY
 
 EOS, BOS = 1, 2
@@ -143,7 +143,7 @@ def test_packed_target_only_loss_equals_unpacked(family, tmp_path):
     model = build_model(dataclasses.replace(TINY[family], **layers))
     params = jax.jit(model.init)(jax.random.key(0), np.ones((1, 8), np.int32),
                                  *([np.ones((1, 8), np.int32)] if family == "t5" else []))["params"]
-    loss_fn = jax.jit(LOSS_FNS[family](model))
+    loss_fn = jax.jit(lm_loss_fn(model))
     batch_format = {"t5": "seq2seq", "decoder": "causal"}[family]
     common = dict(batch_format=batch_format, seed=0, bos_id=BOS, shuffle=False, num_epochs=1)
     packed = list(instruction_batches(_config([f"chat@jsonl:{path}"], encoder_length=48, decoder_length=96),

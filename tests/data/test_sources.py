@@ -119,10 +119,10 @@ def _iterator(source, **overrides):
 
 def test_batches_have_the_contract_shape(jsonl):
     batch = next(_iterator(JsonlSource(jsonl, ["text"])))
-    validate_batch(batch, "decoder", batch_size=4, lengths={"decoder": 16})
+    validate_batch(batch, "causal", batch_size=4, lengths={"decoder": 16})
     assert batch["decoder_segment_ids"].max() > 1  # rows really hold several examples
     unpacked = next(_iterator(JsonlSource(jsonl, ["text"]), pack=False))
-    validate_batch(unpacked, "decoder", batch_size=4, lengths={"decoder": 16})
+    validate_batch(unpacked, "causal", batch_size=4, lengths={"decoder": 16})
     assert "decoder_segment_ids" not in unpacked
 
 
@@ -159,7 +159,7 @@ def test_resume_with_span_corruption_and_chunked_documents(jsonl):
     resumed.restore(state)
     assert state["offset"] > 0 or state["position"] > 0
     for a, b in zip(expected, [next(resumed) for _ in range(5)]):
-        validate_batch(b, "t5", batch_size=2, lengths={"encoder": 8, "decoder": 8})
+        validate_batch(b, "seq2seq", batch_size=2, lengths={"encoder": 8, "decoder": 8})
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
 
@@ -265,5 +265,5 @@ def test_mixture_feeds_the_iterator(tmp_path):
         return seq2seq_instruction_example(_encode(example["q"]), _encode(example["a"]), EOS)
 
     batch = next(DataIterator(mixture, instruction, batch_size=2, decoder_length=6, encoder_length=9))
-    validate_batch(batch, "t5", batch_size=2, lengths={"encoder": 9, "decoder": 6})
+    validate_batch(batch, "seq2seq", batch_size=2, lengths={"encoder": 9, "decoder": 6})
     assert (batch["decoder_segment_ids"] == [[1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3]]).all()

@@ -25,7 +25,7 @@ from llmjax.data.sources import DataIterator
 from llmjax.models import build_model
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.loop import NonFiniteLossError, Stage, train
-from llmjax.train.lm_loss import LOSS_FNS
+from llmjax.train.lm_loss import lm_loss_fn
 from tests.train.helpers import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def _stage(hooks=None):
         return [causal_lm_example(ids[i:i + 17]) for i in range(0, len(ids) - 1, 16)]
 
     data = DataIterator(DOCUMENTS, example_fn, batch_size=8, decoder_length=16, seed=0)
-    return Stage(name="test", model=model, loss_fn=LOSS_FNS["decoder"](model), train_data=_Recording(data, hooks))
+    return Stage(name="test", model=model, loss_fn=lm_loss_fn(model), train_data=_Recording(data, hooks))
 
 
 def _final_params(config):

@@ -5,7 +5,7 @@ meetings, films. Same contract: `(Draw) -> (Turns, summary)`, the summary states
 
 from __future__ import annotations
 
-from llmjax.data.dialogsum_words import (
+from llmjax.data.bundled.dialogsum_words import (
     CITIES, WEEKDAYS, Draw, Turns, article, counted, dollars, number_words, scenario_registry,
 )
 

@@ -23,8 +23,8 @@ import random
 import re
 from pathlib import Path
 
-from llmjax.data import dialogsum_errands, dialogsum_scenarios
-from llmjax.data.dialogsum_words import Draw, maybe_close, person1_speaks_first
+from llmjax.data.bundled import dialogsum_errands, dialogsum_scenarios
+from llmjax.data.bundled.dialogsum_words import Draw, maybe_close, person1_speaks_first
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}

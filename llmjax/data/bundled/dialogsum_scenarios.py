@@ -10,7 +10,7 @@ label to its function `(Draw) -> (Turns, summary)`.
 
 from __future__ import annotations
 
-from llmjax.data.dialogsum_words import (
+from llmjax.data.bundled.dialogsum_words import (
     CITIES, COLORS, COMPANIES, WEEKDAYS, Draw, Turns, article, counted, dollars, number_words, scenario_registry,
 )
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import sacrebleu
 
-from llmjax.metrics import bleu, exact_match, first_reference, normalize_answer, rouge, sentences_per_line
+from llmjax.text_metrics import bleu, exact_match, first_reference, normalize_answer, rouge, sentences_per_line
 
 
 def f1(hits: int, predicted: int, reference: int) -> float:
