@@ -29,6 +29,7 @@ import numpy as np
 
 from llmjax import text_metrics
 from llmjax.data.tokenizer import Tokenizer
+from llmjax.errors import InputError, InputNotFoundError
 from llmjax.generate import GenerationConfig, generate, resolve_config
 from llmjax.loading import ModelPathError, load_model
 from llmjax.models import model_family
@@ -86,7 +87,7 @@ def load_examples(data: str | Path, split: str | None = "test", limit: int | Non
     from llmjax.data.bundled.dialogsum import bundled_dialogsum, load_dialogsum
 
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise InputError(f"limit must be >= 1, got {limit}")
     if str(data) in BUNDLED_DATA_NAMES:
         examples = bundled_dialogsum(split or "test")
     else:
@@ -161,10 +162,10 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
     folded with the batch number, so a seed gives the same outputs for the same batches.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     config = resolve_config(model, generation_config)
     if config.num_return_sequences != 1:
-        raise ValueError("generate_texts returns one text per prompt; set num_return_sequences=1")
+        raise InputError("generate_texts returns one text per prompt; set num_return_sequences=1")
     rng = jax.random.key(0) if rng is None else rng
     seq2seq = model_family(model.config).seq2seq
     outputs: list[str] = []
@@ -226,7 +227,7 @@ def get_template(template: PromptTemplate | str) -> PromptTemplate:
     if isinstance(template, PromptTemplate):
         return template
     if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        raise InputError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
     return TEMPLATES[template]
 
 
@@ -238,7 +239,7 @@ def default_max_input_tokens(model, generation_config: GenerationConfig | None) 
     room = model.config.max_position_embeddings - (config.max_new_tokens or 0)
     if config.max_new_tokens is None or room < 1:
         context = model.config.max_position_embeddings
-        raise ValueError(f"set max_new_tokens below the decoder's context length {context} "
+        raise InputError(f"set max_new_tokens below the decoder's context length {context} "
                          f"(got {config.max_new_tokens}) so the prompt has room")
     return room
 
@@ -269,7 +270,7 @@ def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dic
                      batch_size: int = 8, rng: jax.Array | None = None) -> EvalResult:
     """Prompt, generate and score every example (each needs the template's fields and ``summary``)."""
     if not examples:
-        raise ValueError("no examples to evaluate; check the data path, split and --limit")
+        raise InputError("no examples to evaluate; check the data path, split and --limit")
     template = get_template(template)
     if max_input_tokens is None:
         max_input_tokens = default_max_input_tokens(model, generation_config)
@@ -286,7 +287,7 @@ def compare_shots(model, params, tokenizer: Tokenizer, examples: Sequence[dict],
                   shot_counts: Sequence[int] = (0, 1, 2), **options) -> dict[str, EvalResult]:
     """``evaluate_dataset`` once per shot count -> ``{"0-shot": result, "1-shot": ...}``."""
     if len(set(shot_counts)) != len(shot_counts) or not shot_counts:
-        raise ValueError(f"shot counts must be distinct and non-empty, got {list(shot_counts)}")
+        raise InputError(f"shot counts must be distinct and non-empty, got {list(shot_counts)}")
     return {f"{k}-shot": evaluate_dataset(model, params, tokenizer, examples, template, shots=k, **options)
             for k in shot_counts}
 

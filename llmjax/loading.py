@@ -209,7 +209,11 @@ def model_from_meta(meta: dict):
         raise CheckpointCorruptError(
             f"checkpoint metadata names model family {family!r}; known: {sorted(MODEL_CONFIGS)}"
         )
-    return build_model(MODEL_CONFIGS[family](**meta["model_config"]))
+    try:
+        config = MODEL_CONFIGS[family](**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointCorruptError(f"checkpoint metadata has an unusable model config ({e})") from None
+    return build_model(config)
 
 
 def model_meta(model, **extra) -> dict:

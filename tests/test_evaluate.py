@@ -16,6 +16,7 @@ import pytest
 from llmjax import hf, text_metrics
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import train_tokenizer
+from llmjax.errors import InputError
 from llmjax.evaluate import (
     build_prompts,
     compare_shots,
@@ -30,6 +31,7 @@ from llmjax.evaluate import (
     write_report,
 )
 from llmjax.generate import GenerationConfig, generate
+from llmjax.loading import ModelPathError
 from llmjax.models import build_model, init_params
 from llmjax.models.decoder import DecoderConfig
 from llmjax.models.t5 import T5Config
@@ -109,17 +111,17 @@ def test_load_checkpoint_and_run_dir(model_dir, loaded, tmp_path):
 
 
 def test_load_errors_name_the_problem(tmp_path, model_dir):
-    with pytest.raises(FileNotFoundError, match="model directory .*missing does not exist"):
+    with pytest.raises(ModelPathError, match="model directory .*missing does not exist"):
         load_model_for_inference(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory .* nor an llmjax checkpoint"):
+    with pytest.raises(ModelPathError, match="neither a Hugging Face directory .* nor an llmjax checkpoint"):
         load_model_for_inference(tmp_path / "empty")
     _, path = model_dir
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((path / name).read_bytes())
-    with pytest.raises(FileNotFoundError, match="has no spiece.model"):
+    with pytest.raises(ModelPathError, match="has no spiece.model"):
         load_model_for_inference(no_tokenizer)
 
 
@@ -302,11 +304,11 @@ def test_report_cells_escape_markdown(tmp_path, examples):
 
 def test_evaluate_errors(loaded, examples):
     _, (model, params, tokenizer) = loaded
-    with pytest.raises(ValueError, match="unknown prompt template 'nope'; choose one of summarize, "):
+    with pytest.raises(InputError, match="unknown prompt template 'nope'; choose one of summarize, "):
         evaluate_dataset(model, params, tokenizer, examples, "nope", generation_config=GREEDY)
-    with pytest.raises(ValueError, match="no examples to evaluate"):
+    with pytest.raises(InputError, match="no examples to evaluate"):
         evaluate_dataset(model, params, tokenizer, [], "summarize", generation_config=GREEDY)
-    with pytest.raises(ValueError, match="cannot select 3 shots from 2 candidate examples"):
+    with pytest.raises(InputError, match="cannot select 3 shots from 2 candidate examples"):
         evaluate_dataset(model, params, tokenizer, examples, "summarize", shots=3, generation_config=GREEDY)
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(InputError, match="batch_size must be >= 1"):
         generate_texts(model, params, tokenizer, ["x"], generation_config=GREEDY, batch_size=0)

@@ -17,9 +17,12 @@ is never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llmjax.errors import InputError, UserError
 from llmjax.loading import (  # noqa: F401 (MANIFEST, CheckpointCorruptError, model_meta re-exported)
     MANIFEST, TOKENIZER_FILES, CheckpointCorruptError, ModelPathError, has_tokenizer, load_model, model_meta,
     open_manager, read_checkpoint_params, sha256, step_files, verify_step_dir,
@@ -37,6 +41,10 @@ from llmjax.loading import (  # noqa: F401 (MANIFEST, CheckpointCorruptError, mo
 from llmjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint step could not be written (disk full, no permission); earlier steps are intact."""
 
 
 @dataclasses.dataclass
@@ -72,21 +80,28 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------
     def save(self, state: TrainState, data_state: dict | None, meta: dict) -> Path:
-        """Write ``state`` at its step, then (once written) its manifest, then apply retention."""
+        """Write ``state`` at its step, then (once written) its manifest, then apply retention.
+
+        Raises ``CheckpointSaveError`` (one line: what failed, where, the last complete step) when the
+        disk cannot take the step: checked before writing, and for failures while writing.
+        """
         self.wait_until_finished()
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             if self.has_step(step):
                 return self.step_dir(step)  # the same step saved twice (e.g. final save after a periodic one)
             self._manager.delete(step)  # an incomplete leftover of this step: write it again
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
-                data=ocp.args.JsonSave({"per_process": _gather_from_processes(data_state or {})}),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
+        state_dict = flax.serialization.to_state_dict(state)
+        self._check_free_space(step, sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(state_dict)))
+        with self._save_errors(step):
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state_dict),
+                    data=ocp.args.JsonSave({"per_process": _gather_from_processes(data_state or {})}),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
         self._unfinished = step
         if not self.async_save:
             self.wait_until_finished()
@@ -97,11 +112,41 @@ class Checkpointer:
         if self._unfinished is None:
             return
         step, self._unfinished = self._unfinished, None
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            _write_manifest(self.step_dir(step), step)
+        with self._save_errors(step):
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                _write_manifest(self.step_dir(step), step)
         _sync(f"llmjax_manifest_{step}")
         self._apply_retention()
+
+    def _check_free_space(self, step: int, state_bytes: int) -> None:
+        """Refuse a save the disk cannot hold before orbax starts it (a failed write leaves a mess of
+        background-thread errors behind); the state's array bytes bound what the step needs."""
+        free = _free_bytes(self.directory)
+        if free < state_bytes:
+            raise CheckpointSaveError(self._save_failure(
+                step, f"it needs about {_megabytes(state_bytes)} and the disk has {_megabytes(free)} free"))
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int):
+        """Turn an OS-level write failure (disk full, permission, quota) into ``CheckpointSaveError``.
+
+        Orbax reports tensorstore's failures as ``ValueError`` text carrying ``os_error_code``.
+        """
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - only OS failures are converted; the rest re-raised as is
+            code = e.errno if isinstance(e, OSError) else _os_error_code(str(e))
+            if code is None:
+                raise
+            raise CheckpointSaveError(self._save_failure(step, os.strerror(code))) from None
+
+    def _save_failure(self, step: int, reason: str) -> str:
+        complete = [s for s in self.all_steps() if s != step and self.has_step(s)]
+        last = (f"the last complete checkpoint is step {complete[-1]} ({self.step_dir(complete[-1])}); free space "
+                "or set checkpoint.dir elsewhere and rerun to resume from it") if complete else \
+            "there is no complete checkpoint yet; free space or set checkpoint.dir elsewhere"
+        return f"saving checkpoint step {step} to {self.directory} failed: {reason}; {last}"
 
     def _apply_retention(self) -> None:
         if self.keep is None:
@@ -204,6 +249,19 @@ class Checkpointer:
 
 # -- integrity ----------------------------------------------------------------
 
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def _os_error_code(message: str) -> int | None:
+    match = re.search(r"os_error_code='?(\d+)", message)
+    return int(match.group(1)) if match else None
+
+
 def _write_manifest(step_dir: Path, step: int) -> None:
     files = {
         str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in step_files(step_dir)
@@ -236,7 +294,7 @@ def _this_process(data_item: dict | None, where: Path) -> dict | None:
     if all(state == per_process[0] for state in per_process):
         return per_process[0] or None  # a layout-independent state (DataIterator's) resumes on any layout
     if len(per_process) != jax.process_count():
-        raise ValueError(
+        raise InputError(
             f"checkpoint {where} was written by {len(per_process)} processes but this run has "
             f"{jax.process_count()}; resume with the same number of processes so the data order is the same"
         )

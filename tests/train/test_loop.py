@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax.config import CheckpointConfig, DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
+from llmjax.config import CheckpointConfig, ConfigError, DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
 from llmjax.data.objectives import causal_lm_example
 from llmjax.data.sources import DataIterator
 from llmjax.models import build_model
@@ -118,7 +118,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path):
 def test_existing_checkpoints_without_resume_is_a_clear_error(tmp_path):
     # The same config as the other tests here: the same compiled step (the schedule's step count is in it).
     train(_stage(), _config(tmp_path), progress=False, peak_flops_per_sec=1e9)
-    with pytest.raises(ValueError, match=r"already has checkpoints \(newest step 6\) and train.resume=false"):
+    with pytest.raises(ConfigError, match=r"already has checkpoints \(newest step 6\) and train.resume=false"):
         train(_stage(), _config(tmp_path, steps=7, resume=False), progress=False, peak_flops_per_sec=1e9)
 
 

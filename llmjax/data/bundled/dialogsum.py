@@ -25,6 +25,7 @@ from pathlib import Path
 
 from llmjax.data.bundled import dialogsum_errands, dialogsum_scenarios
 from llmjax.data.bundled.dialogsum_words import Draw, maybe_close, person1_speaks_first
+from llmjax.errors import DataError, InputError, InputNotFoundError
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
@@ -44,7 +45,7 @@ def generate_dialogsum(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) 
     shuffled with the seed before splitting, and ids are `"{split}_{index}"`.
     """
     if num_examples < len(SPLITS):
-        raise ValueError(f"num_examples must be at least {len(SPLITS)} (one per split), got {num_examples}")
+        raise InputError(f"num_examples must be at least {len(SPLITS)} (one per split), got {num_examples}")
     rng = random.Random(seed)
     draw = Draw(rng)
     topics = sorted(SCENARIOS)
@@ -93,7 +94,7 @@ def bundled_dialogsum(split: str) -> list[dict]:
     """The default generated split (4000 examples in all, seed 0; test examples with three references in
     `summaries`); generated once per process, copied per call."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     return [{key: list(value) if isinstance(value, list) else value for key, value in example.items()}
             for example in _bundled()[split]]
 
@@ -122,22 +123,22 @@ def load_dialogsum(path_or_dir: str | Path, split: str | None = None) -> list[di
     """
     path = Path(path_or_dir)
     if not path.exists():
-        raise FileNotFoundError(f"DialogSum path {path} does not exist; pass a .jsonl/.json/.csv file or a directory of them")
+        raise InputNotFoundError(f"DialogSum path {path} does not exist; pass a .jsonl/.json/.csv file or a directory of them")
     if path.is_file():
         if split is not None:
-            raise ValueError(f"{path} is a single file; drop split={split!r} or pass the directory that holds the split files")
+            raise InputError(f"{path} is a single file; drop split={split!r} or pass the directory that holds the split files")
         return _read_file(path)
     if split is not None:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+            raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         found = _split_file(path, split)
         if found is None:
             expected = ", ".join(f"{stem}{ext}" for stem in _split_stems(split) for ext in _FORMATS)
-            raise FileNotFoundError(f"no {split} file in {path}; expected one of: {expected}")
+            raise InputNotFoundError(f"no {split} file in {path}; expected one of: {expected}")
         return _read_file(found)
     splits = {name: _read_file(found) for name in SPLITS if (found := _split_file(path, name)) is not None}
     if not splits:
-        raise FileNotFoundError(f"no DialogSum split files in {path}; expected e.g. train.jsonl, validation.jsonl, test.jsonl")
+        raise InputNotFoundError(f"no DialogSum split files in {path}; expected e.g. train.jsonl, validation.jsonl, test.jsonl")
     return splits
 
 
@@ -161,14 +162,14 @@ def _read_file(path: Path) -> list[dict]:
     elif path.suffix == ".json":
         data = _parse_json(path.read_text(encoding="utf-8"), path, "the file")
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
+            raise DataError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
         rows = [(f"item {i}", row) for i, row in enumerate(data)]
     elif path.suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             # Row 1 is the header, so the first example is row 2 as a spreadsheet shows it.
             rows = [(f"row {n}", row) for n, row in enumerate(csv.DictReader(f), 2)]
     else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
     return [_to_example(row, path, where) for where, row in rows]
 
 
@@ -176,17 +177,17 @@ def _parse_json(text: str, path: Path, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}, {where}: not valid JSON ({error.msg})") from None
+        raise DataError(f"{path}, {where}: not valid JSON ({error.msg})") from None
 
 
 def _to_example(row, path: Path, where: str) -> dict:
     if not isinstance(row, dict):
-        raise ValueError(f"{path}, {where}: expected an object with id, dialogue, summary; got {type(row).__name__}")
+        raise DataError(f"{path}, {where}: expected an object with id, dialogue, summary; got {type(row).__name__}")
     example = {}
     for field, names in _FIELD_ALIASES.items():
         value = next((row[name] for name in names if row.get(name) not in (None, "")), None)
         if value is None:
-            raise ValueError(f"{path}, {where}: missing field {field!r} (accepted names: {', '.join(names)})")
+            raise DataError(f"{path}, {where}: missing field {field!r} (accepted names: {', '.join(names)})")
         example[field] = str(value).replace("\r\n", "\n")
     example["topic"] = str(row.get("topic") or row.get("topic1") or "")
     references = row.get("summaries") or [row[k] for k in ("summary1", "summary2", "summary3") if row.get(k)]
