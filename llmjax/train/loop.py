@@ -171,6 +171,9 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                     summary[stage.eval_hook_split] = hooked
                     throughput.reset()
                 if step % config.checkpoint.every_steps == 0:
+                    if pending is not None:  # under nan_policy=abort a non-finite step must never be saved
+                        _check_finite(*pending, tc.nan_policy, progress)
+                        pending = None
                     checkpointer.save(_saved_part(state, stage), stage.train_data.state(), meta)
                     saved_step = step
                     throughput.reset()
