@@ -8,8 +8,8 @@ The stage is data + loss + trainable filter + init source; the shared loop does 
 * loss:      token cross-entropy (+ z-loss) of the family on the response tokens only
 * trainable: everything (full fine-tuning), unless ``train.trainable`` / ``train.frozen`` say otherwise
 * init:      ``init_from`` (Hugging Face dir, llmjax checkpoint or run dir); None: random from ``train.seed``
-* eval hook: every ``train.rouge_every_steps`` steps, greedy generations (``data.decoder_length`` new
-             tokens at most) for the first ``train.rouge_examples`` validation examples, scored with
+* eval hook: every ``train.rouge_every_steps`` steps, greedy generations (as many new tokens as a
+             training row leaves a response: ``generation_budget``) for the first ``train.rouge_examples`` validation examples, scored with
              ROUGE-1/2/L/Lsum against their responses; written as split ``generate`` (TensorBoard
              ``generate/rougeL``, ``metrics.jsonl`` rows ``{"split": "generate", "rougeL": ...}``)
 
@@ -74,7 +74,8 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     eval_hook = None
     if tc.rouge_every_steps:
         prompts, references = rouge_sample(config)
-        eval_hook = rouge_hook(model, tokenizer, prompts, references, max_new_tokens=dc.decoder_length)
+        eval_hook = rouge_hook(model, tokenizer, prompts, references,
+                               max_new_tokens=generation_budget(model, tokenizer, prompts, dc.decoder_length))
 
     output_dir = Path(tc.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,20 @@ def rouge_sample(config: RunConfig) -> tuple[list[str], list[str]]:
         prompts.append("".join(text for text, _ in pieces[:first_trained]))
         references.append(pieces[first_trained][0])
     return prompts, references
+
+
+def generation_budget(model, tokenizer, prompts: list[str], decoder_length: int) -> int:
+    """New tokens the ROUGE generations may take: what a training row gives a response. T5: the whole
+    decoder row; a decoder-only model: the row (``data.decoder_length``) less the longest prompt."""
+    if model_family(model.config).seq2seq:
+        return decoder_length
+    from llmjax.evaluate import prompt_ids
+
+    longest = max(len(prompt_ids(model, tokenizer, text)) for text in prompts)
+    if longest >= decoder_length:
+        raise ConfigError(f"the ROUGE sample's longest prompt has {longest} tokens, which fills data.decoder_length="
+                          f"{decoder_length}; raise data.decoder_length so responses fit after the prompt")
+    return decoder_length - longest
 
 
 def rouge_hook(model, tokenizer, prompts: list[str], references: list[str], *, max_new_tokens: int):

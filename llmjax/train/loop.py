@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from functools import partial
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

@@ -225,3 +225,15 @@ def test_continued_pretraining_from_a_run_dir_keeps_its_tokenizer_and_records_it
     assert meta["tokenizer_dir"] == str((pretrained / "tokenizer").absolute())
     base = load_model(pretrained)
     assert meta["base"]["path"] == str(base.path) and meta["base"]["step"] == base.step == 2
+
+
+def test_rouge_sample_is_fixed_validation_prompts_with_their_summaries(tmp_path):
+    from llmjax.data.bundled.dialogsum import bundled_dialogsum
+    from llmjax.stages.sft import rouge_sample
+
+    config = load_config(SFT_CONFIG, ["train.rouge_examples=4", f"train.output_dir={tmp_path}"])
+    prompts, references = rouge_sample(config)
+    assert (prompts, references) == rouge_sample(config)  # the same sample at every evaluation
+    validation = {example["summary"]: example["dialogue"] for example in bundled_dialogsum("validation")}
+    assert len(prompts) == 4 and all(reference in validation for reference in references)
+    assert all(validation[reference] in prompt for prompt, reference in zip(prompts, references))
