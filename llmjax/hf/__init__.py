@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from llmjax.hf.io import CheckpointError, read_config, read_tensors, write_model_dir
+from llmjax.models.scan import stack_layers, unstack_layers
 
 FAMILY_MODULES = ("llmjax.hf.t5", "llmjax.hf.llama")
 
@@ -47,6 +48,10 @@ def family_for_config(config) -> ModuleType:
     raise TypeError(f"no Hugging Face mapping for model config of type {type(config).__name__}")
 
 
+def _unscanned(config):
+    return dataclasses.replace(config, scan_layers=False)
+
+
 def from_pretrained(path: str | Path, **config_overrides):
     """Read a local Hugging Face directory -> ``(model, params)``; params are fp32 numpy-backed jax arrays.
 
@@ -64,8 +69,11 @@ def from_pretrained(path: str | Path, **config_overrides):
             )
         config = dataclasses.replace(config, **config_overrides)
     tensors = read_tensors(path)
-    params = family.params_from_hf(tensors, config)
+    # The mapping speaks the unscanned layout (layers_0, layers_1, ...); scanned models stack it after.
+    params = family.params_from_hf(tensors, _unscanned(config))
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.dtype(config.param_dtype)), params)
+    if config.scan_layers:
+        params = stack_layers(params, config)
     return family.build_model(config), params
 
 
@@ -73,7 +81,9 @@ def save_pretrained(model, params, path: str | Path) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads with the same logits."""
     family = family_for_config(model.config)
     host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
-    tensors = family.params_to_hf(host_params, model.config)
+    if model.config.scan_layers:
+        host_params = unstack_layers(host_params, model.config)
+    tensors = family.params_to_hf(host_params, _unscanned(model.config))
     write_model_dir(path, family.config_to_hf(model.config), tensors)
     if hasattr(family, "generation_config_to_hf"):
         generation = family.generation_config_to_hf(model.config)
