@@ -71,7 +71,7 @@ def layer_stack(layer_cls: type[nn.Module], layer_args: tuple, config, num_layer
 
 
 def _stack_roots(config) -> list[tuple[tuple[str, ...], int]]:
-    """``(path of the dict holding the layers, number of layers)`` for each stack of the family."""
+    """``(path of the dict holding the layers, number of layers)`` for each stack of the family (see STACKS)."""
     if family_of(config) == "t5":
         return [(("encoder",), config.num_layers), (("decoder",), config.decoder_layers)]
     return [((), config.num_hidden_layers)]
@@ -134,6 +134,21 @@ def unstack_layers(params: dict, config) -> dict:
         for i in range(count):
             node[f"layers_{i}"] = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stacked)
     return out
+
+
+# Where scanned stacks sit in the param trees of all families (the ``layers`` entries).
+STACKS = ("layers", "encoder/layers", "decoder/layers")
+
+
+def stack_of(path) -> str | None:
+    """The entry of :data:`STACKS` holding the leaf at ``path`` (a jax key path), or None if not in a stack.
+
+    Leaves of a stack have a leading layer axis.
+    """
+    keys = [str(getattr(key, "key", key)) for key in path]
+    if "layers" not in keys:
+        return None
+    return "/".join(keys[: keys.index("layers") + 1])
 
 
 def cache_batch_axis(config) -> int:

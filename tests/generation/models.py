@@ -61,10 +61,10 @@ def torch_llama(seed: int, **config) -> transformers.LlamaForCausalLM:
     return decisive_init_(transformers.LlamaForCausalLM(config), seed)
 
 
-def to_llmjax(torch_model: torch.nn.Module, directory: Path):
+def to_llmjax(torch_model: torch.nn.Module, directory: Path, **config_overrides):
     """Save with transformers (safetensors), read with ``llmjax.hf.from_pretrained`` -> ``(model, params)``."""
     torch_model.save_pretrained(str(directory), safe_serialization=True)
-    return llmjax.hf.from_pretrained(directory)
+    return llmjax.hf.from_pretrained(directory, **config_overrides)
 
 
 # Small models for the tests: T5 v1.0 (ReLU, tied), T5 v1.1 (gated GELU, untied), LLaMA with GQA.
@@ -78,11 +78,14 @@ SMALL = {
 }
 
 
-def small_model(name: str, seed: int, directory: Path):
-    """``(family, torch_model, llmjax_model, params)`` for one of :data:`SMALL`."""
+def small_model(name: str, seed: int, directory: Path, **config_overrides):
+    """``(family, torch_model, llmjax_model, params)`` for one of :data:`SMALL`.
+
+    ``config_overrides`` change the llmjax side's config (e.g. ``scan_layers=False``).
+    """
     family, config = SMALL[name]
     torch_model = torch_t5(seed, **config) if family == "t5" else torch_llama(seed, **config)
-    model, params = to_llmjax(torch_model, directory)
+    model, params = to_llmjax(torch_model, directory, **config_overrides)
     return family, torch_model, model, params
 
 
