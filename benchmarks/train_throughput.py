@@ -214,8 +214,9 @@ def llmjax_side(work: Workload, scan_layers: bool, params=None):
     model = build_model(dataclasses.replace(work.config, scan_layers=scan_layers, remat_policy="none"))
     tx, _ = make_optimizer(OPTIM, total_steps=1000)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    # Outside `activate`: the init places every leaf itself (and checks given params against abstract boxes).
+    state, state_shardings = init_train_state(model, tx, train_everything, seed=0, mesh=mesh, params=params)
     with sharding.activate(mesh):
-        state, state_shardings = init_train_state(model, tx, train_everything, seed=0, mesh=mesh, params=params)
         params = jax.device_get(state.params)
         step = compile_step(make_train_step(LOSS_FNS[work.family](model), tx), updates_state=True,
                             state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh))
