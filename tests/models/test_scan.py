@@ -22,7 +22,7 @@ from llmjax.model_config import REMAT_POLICY_NAMES
 from llmjax.models import (
     DecoderConfig, T5Config, build_model, family_of, init_params, stack_layers, unstack_layers,
 )
-from llmjax.train.lm_loss import LOSS_FNS
+from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.optim import make_optimizer
 from llmjax.train.state import init_train_state, train_everything
 from llmjax.train.step import compile_step, make_train_step
@@ -130,7 +130,7 @@ def train(family: str, config, optimizer: str, steps: int = 5):
                                        clip_grad_norm=0.5), total_steps=steps)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
     state, shardings = init_train_state(model, tx, train_everything, 0, mesh, params=params)
-    step = compile_step(make_train_step(LOSS_FNS[family](model, z_loss=1e-4), tx), updates_state=True,
+    step = compile_step(make_train_step(lm_loss_fn(model, z_loss=1e-4), tx), updates_state=True,
                         state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
     losses = []
     with sharding.activate(mesh):
