@@ -56,12 +56,19 @@ def weight_map(config) -> WeightMap:
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
-    """HF tensors (name -> array) -> unscanned llmjax params (nested dict, the tensors' dtype)."""
-    return import_tensors(tensors, weight_map(config))
+    """HF tensors (name -> array) -> llmjax params in ``config``'s layout (nested dict, the tensors' dtype).
+
+    The mapping speaks the unscanned tree (``layers_0``, ``layers_1``, ...); with ``config.scan_layers``
+    the layers are then stacked (``llmjax.models.stack_layers``).
+    """
+    params = import_tensors(tensors, weight_map(config))
+    return stack_layers(params, config) if config.scan_layers else params
 
 
 def params_to_hf(params: dict, config) -> dict[str, np.ndarray]:
-    """Unscanned llmjax params (nested dict of host arrays) -> HF tensors (name -> contiguous numpy array)."""
+    """llmjax params in ``config``'s layout (nested dict of host arrays) -> HF tensors (name -> numpy array)."""
+    if config.scan_layers:
+        params = unstack_layers(params, config)
     return export_params(params, weight_map(config))
 
 
@@ -84,8 +91,6 @@ def from_pretrained(path: str | Path, **config_overrides):
     tensors = read_tensors(path)
     params = params_from_hf(tensors, config)
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.dtype(config.param_dtype)), params)
-    if config.scan_layers:  # the mapping speaks the unscanned tree (layers_0, layers_1, ...)
-        params = stack_layers(params, config)
     return family.build_model(config), params
 
 
@@ -93,8 +98,6 @@ def save_pretrained(model, params, path: str | Path) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads with the same logits."""
     family = family_for_config(model.config)
     host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
-    if model.config.scan_layers:
-        host_params = unstack_layers(host_params, model.config)
     tensors = params_to_hf(host_params, model.config)
     write_model_dir(path, family.config_to_hf(model.config), tensors)
     if hasattr(family, "generation_config_to_hf"):
