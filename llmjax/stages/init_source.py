@@ -25,11 +25,12 @@ from llmjax.config import ConfigError, RunConfig
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.loading import LoadedModel, load_model, model_sha256
 from llmjax.model_config import family_of
+from llmjax.models import build_model, stack_layers, unstack_layers
 from llmjax.train.loop import Base
 from llmjax.train.state import TrainableFilter, trainable_filter
 
 # Model-config fields that change how the model computes, not what its weights are.
-RUNTIME_FIELDS = frozenset({"dtype", "dropout_rate", "attention_dropout", "remat", "remat_policy", "scan_layers"})
+RUNTIME_FIELDS = frozenset({"dtype", "dropout_rate", "attention_dropout", "remat_policy", "scan_layers"})
 
 
 def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
@@ -60,7 +61,11 @@ def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
             f"({len(different)} field(s) differ: {[d[0] for d in different]}); only {sorted(RUNTIME_FIELDS)} may "
             "differ from the init source: drop the model section (or those keys) to take its config")
     runtime = {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}
-    return dataclasses.replace(config, model=dataclasses.replace(source, **runtime)), loaded
+    model = dataclasses.replace(source, **runtime)
+    if model.scan_layers != source.scan_layers:  # the same weights in the run's layer layout
+        convert = stack_layers if model.scan_layers else unstack_layers
+        loaded = dataclasses.replace(loaded, model=build_model(model), params=convert(loaded.params, source))
+    return dataclasses.replace(config, model=model), loaded
 
 
 def base_of(loaded: LoadedModel | None) -> Base | None:

@@ -237,3 +237,16 @@ def test_rouge_sample_is_fixed_validation_prompts_with_their_summaries(tmp_path)
     validation = {example["summary"]: example["dialogue"] for example in bundled_dialogsum("validation")}
     assert len(prompts) == 4 and all(reference in validation for reference in references)
     assert all(validation[reference] in prompt for prompt, reference in zip(prompts, references))
+
+
+def test_init_from_in_the_other_layer_layout_converts_the_weights(pretrained):
+    """A scanned init source trained unrolled (and back) starts from the same weights, restacked."""
+    from llmjax.models import stack_layers
+
+    _, scanned = resolve_init(load_config(SFT_CONFIG, [f"init_from={pretrained}", "model={}"]))
+    assert scanned.config.scan_layers and "layers" in scanned.params["encoder"]
+    resolved, unrolled = resolve_init(load_config(SFT_CONFIG, [f"init_from={pretrained}", "model={}",
+                                                               "model.scan_layers=false"]))
+    assert not resolved.model.scan_layers and unrolled.model.config == resolved.model
+    assert "layers_0" in unrolled.params["encoder"] and "layers" not in unrolled.params["encoder"]
+    assert _bitwise_equal(stack_layers(unrolled.params, resolved.model), scanned.params)
