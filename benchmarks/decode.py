@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llmjax, tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llmjax
 
 from llmjax.generate import generate  # noqa: E402
-from tests.generation.models import to_llmjax, torch_llama, torch_t5  # noqa: E402
+from llmjax.testing import to_llmjax, torch_llama, torch_t5  # noqa: E402
 
 # T5-small (v1.0: ReLU, tied embeddings) and a LLaMA-style decoder of similar size (~60M params).
 T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,

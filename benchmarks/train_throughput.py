@@ -19,7 +19,7 @@ What it does, in one process (plus one subprocess for the AOT part):
    The first-step losses of both sides are printed: equal weights and batch give equal losses, which
    shows the two sides compute the same thing.
 3. MFU = (matmul FLOPs per step / median step time) / measured peak, FLOPs from
-   ``llmjax.train.flops`` (the formula is printed). Every figure is given twice: per second of wall
+   ``llmjax.models.flops`` (the formula is printed). Every figure is given twice: per second of wall
    time, and per CPU-second of this process (user + system time of all its threads). On a machine
    shared with other work the wall figures fall with the load; the CPU-time figures (step FLOPs per
    CPU-second against matmul FLOPs per CPU-second) do not, as long as threads do not spin.
@@ -58,10 +58,9 @@ sys.path.insert(0, str(REPO))
 from llmjax import sharding  # noqa: E402
 from llmjax.batch import shift_right  # noqa: E402
 from llmjax.config import OptimConfig, load_section  # noqa: E402
-from llmjax.models import build_model, family_of  # noqa: E402
+from llmjax.models import FAMILIES, build_model, family_of, step_flops  # noqa: E402
 from llmjax.models.decoder import DecoderConfig  # noqa: E402
-from llmjax.train.flops import FORMULAS, step_flops  # noqa: E402
-from llmjax.train.lm_loss import LOSS_FNS  # noqa: E402
+from llmjax.train.lm_loss import lm_loss_fn  # noqa: E402
 from llmjax.train.optim import make_optimizer  # noqa: E402
 from llmjax.train.state import abstract_train_state, count_params, init_train_state, train_everything  # noqa: E402
 from llmjax.train.step import compile_step, make_train_step  # noqa: E402
@@ -210,7 +209,7 @@ def llmjax_side(work: Workload):
     with sharding.activate(mesh):
         state, state_shardings = init_train_state(model, tx, train_everything, seed=0, mesh=mesh)
         params = jax.device_get(state.params)
-        step = compile_step(make_train_step(LOSS_FNS[work.family](model), tx), updates_state=True,
+        step = compile_step(make_train_step(lm_loss_fn(model), tx), updates_state=True,
                             state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh))
         batch = sharding.shard_batch(work.batch, mesh)
     holder = {"state": state}
@@ -368,7 +367,7 @@ def aot_worker(batch_size: int, encoder_length: int, decoder_length: int) -> Non
     config = load_section(REPO / "configs/model/t5_base.yaml", "model")
     model = build_model(config)
     tx, _ = make_optimizer(OPTIM, total_steps=1000)
-    step = make_train_step(LOSS_FNS["t5"](model), tx)
+    step = make_train_step(lm_loss_fn(model), tx)
     print(f"== AOT: T5 v1.1 base ({config.num_layers}+{config.decoder_layers} layers, d_model {config.d_model}), "
           f"AdamW, {len(jax.devices())} fake CPU devices, batch {batch_size}, {encoder_length}/{decoder_length} "
           "tokens ==")
@@ -425,8 +424,8 @@ def main() -> None:
         print(line, flush=True)
     peak = MatmulPeak(args.peak_size)
     peak.measure(repeats=5)
-    for family, formula in FORMULAS.items():
-        indented = formula.replace("\n", "\n  ")
+    for family, record in FAMILIES.items():
+        indented = record.flops_formula.replace("\n", "\n  ")
         print(f"FLOPs per train step, {family} (matmuls only, forward + backward):\n  {indented}")
     workloads = []
     if args.only in (None, "t5"):

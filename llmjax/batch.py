@@ -1,11 +1,12 @@
 """The batch contract: t5x feature names, their dtypes and shapes, and their validation.
 
-A batch is a dict of rank-2 arrays ``[batch, length]``:
+A batch is a dict of rank-2 arrays ``[batch, length]``, in one of two formats (a model family's
+``batch_format``, ``llmjax.models.family``; the data pipeline knows formats, not models):
 
-* T5 (``family="t5"``): ``encoder_input_tokens``, ``decoder_input_tokens``, ``decoder_target_tokens``,
-  ``decoder_loss_weights``; packed batches add ``encoder_segment_ids``, ``decoder_segment_ids``,
-  ``encoder_positions``, ``decoder_positions``.
-* decoder-only (``family="decoder"``): the ``decoder_*`` names only.
+* ``"seq2seq"`` (encoder-decoder, e.g. T5): ``encoder_input_tokens``, ``decoder_input_tokens``,
+  ``decoder_target_tokens``, ``decoder_loss_weights``; packed batches add ``encoder_segment_ids``,
+  ``decoder_segment_ids``, ``encoder_positions``, ``decoder_positions``.
+* ``"causal"`` (decoder-only): the ``decoder_*`` names only.
 
 Tokens, segment ids and positions are int32 (segment ids are 1-based, 0 marks padding; positions restart
 at 0 in every segment). Loss weights are int32 (0/1) or float32 (weighted losses).
@@ -25,20 +26,20 @@ DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_lo
 ENCODER_PACKING_FEATURES = ("encoder_segment_ids", "encoder_positions")
 DECODER_PACKING_FEATURES = ("decoder_segment_ids", "decoder_positions")
 
-FAMILIES = ("t5", "decoder")
+FORMATS = ("seq2seq", "causal")
 LOSS_WEIGHT_DTYPES = (np.dtype(np.int32), np.dtype(np.float32))
 
 
-def required_features(family: str) -> tuple[str, ...]:
-    """Features every batch of ``family`` must carry."""
-    _check_family(family)
-    return (ENCODER_FEATURES if family == "t5" else ()) + DECODER_FEATURES
+def required_features(batch_format: str) -> tuple[str, ...]:
+    """Features every batch of ``batch_format`` must carry."""
+    _check_format(batch_format)
+    return (ENCODER_FEATURES if batch_format == "seq2seq" else ()) + DECODER_FEATURES
 
 
-def packing_features(family: str) -> tuple[str, ...]:
-    """Features a packed batch of ``family`` carries on top of ``required_features``."""
-    _check_family(family)
-    return (ENCODER_PACKING_FEATURES if family == "t5" else ()) + DECODER_PACKING_FEATURES
+def packing_features(batch_format: str) -> tuple[str, ...]:
+    """Features a packed batch of ``batch_format`` carries on top of ``required_features``."""
+    _check_format(batch_format)
+    return (ENCODER_PACKING_FEATURES if batch_format == "seq2seq" else ()) + DECODER_PACKING_FEATURES
 
 
 def is_packed(batch: Mapping[str, Any]) -> bool:
@@ -48,7 +49,7 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
 
 def validate_batch(
     batch: Mapping[str, Any],
-    family: str,
+    batch_format: str,
     batch_size: int | None = None,
     lengths: Mapping[str, int] | None = None,
 ) -> None:
@@ -56,26 +57,25 @@ def validate_batch(
 
     Args:
       batch: feature name -> array ``[batch, length]``.
-      family: ``"t5"`` or ``"decoder"``.
+      batch_format: ``"seq2seq"`` or ``"causal"``.
       batch_size: if given, the leading dimension every feature must have.
       lengths: if given, ``{"encoder": n, "decoder": m}`` (either key optional): the length every
         ``encoder_*`` / ``decoder_*`` feature must have.
     """
-    _check_family(family)
-    required = required_features(family)
-    packing = packing_features(family)
+    required = required_features(batch_format)
+    packing = packing_features(batch_format)
 
     missing = [name for name in required if name not in batch]
     if missing:
         raise ValueError(
-            f"batch for family {family!r} is missing feature(s) {missing}; "
+            f"{batch_format} batch is missing feature(s) {missing}; "
             f"it needs {list(required)} (plus {list(packing)} when packed)"
         )
     unknown = sorted(set(batch) - set(required) - set(packing))
     if unknown:
-        hint = " (decoder-only batches use decoder_* names only)" if family == "decoder" else ""
+        hint = " (causal batches use decoder_* names only)" if batch_format == "causal" else ""
         raise ValueError(
-            f"batch for family {family!r} has unknown feature(s) {unknown}{hint}; "
+            f"{batch_format} batch has unknown feature(s) {unknown}{hint}; "
             f"allowed: {list(required) + list(packing)}"
         )
     present_packing = [name for name in packing if name in batch]
@@ -111,7 +111,7 @@ def validate_batch(
         if side not in ("encoder", "decoder"):
             raise ValueError(f"lengths keys must be 'encoder' or 'decoder', got {side!r}")
         if side not in side_lengths:
-            raise ValueError(f"lengths names side {side!r} but family {family!r} has no {side}_* features")
+            raise ValueError(f"lengths names side {side!r} but a {batch_format} batch has no {side}_* features")
         name, actual = side_lengths[side]
         if actual != expected:
             raise ValueError(f"expected {side} length {expected}, got {actual} (feature {name!r})")
@@ -137,9 +137,9 @@ def shift_right(targets: Any, start_id: int, segment_ids: Any | None = None) -> 
     return xp.where(segment_ids == previous_segment, shifted, xp.asarray(start_id, dtype=targets.dtype))
 
 
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+def _check_format(batch_format: str) -> None:
+    if batch_format not in FORMATS:
+        raise ValueError(f"batch format must be one of {FORMATS}, got {batch_format!r}")
 
 
 def _check_array(name: str, array: Any) -> None:

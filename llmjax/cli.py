@@ -54,16 +54,18 @@ def cmd_import(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from llmjax.data.tokenizer import read_texts, train_tokenizer
+    from llmjax.data.sources import file_source
+    from llmjax.data.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(read_texts(args.input), args.out, args.vocab_size,
-                          num_extra_ids=args.num_extra_ids, seed=args.seed)
+    sources = [file_source(path, "text") for path in args.input]  # every row checked before training
+    texts = (source[i]["text"] for source in sources for i in range(len(source)))
+    tok = train_tokenizer(texts, args.out, args.vocab_size, num_extra_ids=args.num_extra_ids, seed=args.seed)
     print(f"trained tokenizer with {tok.vocab_size} ids -> {args.out}")
     return 0
 
 
 def cmd_data_dialogsum(args) -> int:
-    from llmjax.data.dialogsum import write_dialogsum
+    from llmjax.data.bundled.dialogsum import write_dialogsum
 
     write_dialogsum(args.out, num_examples=args.num_examples, seed=args.seed)
     print(f"wrote dialogue-summarization splits to {args.out}")
@@ -274,9 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    # ValueError covers config, checkpoint, data and tokenizer validation errors across the package.
-    return (UserError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+def _quiet_library_logs() -> None:
+    """Drop what libraries log through absl and asyncio: orbax's background threads log each failed write
+    (tracebacks included) and notes such as "directory is read only"; its asyncio tasks log their
+    exceptions again. A failure reaches llmjax as an exception too, reported in one line;
+    ``LLMJAX_DEBUG=1`` keeps the logs. (llmjax itself uses neither logger.)"""
+    import logging
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,12 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    if not os.environ.get("LLMJAX_DEBUG"):
+        _quiet_library_logs()
     try:
         return func(args)
-    except _user_error_types() as e:
+    except UserError as e:  # only the user's mistakes: anything else is a bug and keeps its traceback
         if os.environ.get("LLMJAX_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        message = " ".join(str(e).split("\n"))
         print(f"llmjax {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -34,7 +35,18 @@ INCLUDE_KEY = "include"
 
 
 class ConfigError(UserError, ValueError):
-    """A user-facing configuration mistake; the message says which key and how to fix it."""
+    """A user-facing configuration mistake; the message says which key and how to fix it.
+
+    ``problems``: each problem found (several when a config was checked in one pass); the message lists them.
+    """
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        if len(problems) == 1:
+            message = problems[0]
+        else:
+            message = f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +61,8 @@ class DataConfig:
     source: str = "corpus"             # bundled dataset name, file path/glob, or dataset name
     eval_source: str | None = None     # same kind; None: no eval data
     text_field: str = "text"           # span_corruption / causal_lm read this field
-    prompt_template: str = "{inputs}"    # instruction: example fields rendered into the prompt
-    target_template: str = "{targets}"   # instruction: ... and into the response
+    tasks: tuple[str, ...] = ()        # instruction: "dialogsum" or "TEMPLATES@KIND:SOURCE" (data/instruction_pipeline.py)
+    task_rates: tuple[float, ...] = ()  # instruction: one mixing rate per task; empty: proportional to task sizes
     tokenizer: str | None = None       # saved tokenizer directory; None: train one on `source`
     tokenizer_vocab_size: int = 32000  # ids of a trained tokenizer, the 100 sentinels included
     objective: Literal["span_corruption", "causal_lm", "instruction"] = "span_corruption"
@@ -71,6 +83,14 @@ class DataConfig:
                  f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}")
         _require(self.tokenizer_vocab_size > 0,
                  f"data.tokenizer_vocab_size must be positive, got {self.tokenizer_vocab_size}")
+        instruction = self.objective == "instruction"
+        _require(instruction == bool(self.tasks),
+                 "data.objective=instruction needs data.tasks (e.g. [dialogsum])" if instruction else
+                 f"data.tasks is for data.objective=instruction, not {self.objective!r}; remove it")
+        _require(not self.task_rates or len(self.task_rates) == len(self.tasks),
+                 f"data.task_rates has {len(self.task_rates)} rates for {len(self.tasks)} data.tasks; give one per task")
+        _require(all(rate >= 0 for rate in self.task_rates) and (not self.task_rates or sum(self.task_rates) > 0),
+                 f"data.task_rates must be >= 0 with a positive sum, got {list(self.task_rates)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +106,7 @@ class TrainConfig:
     log_every_steps: int = 10
     nan_policy: Literal["abort", "skip"] = "abort"
     resume: bool = True              # continue from the latest checkpoint in checkpoint.dir if any
-    export_hf: str | None = None     # write a Hugging Face directory here at the end
+    export_hf: str | None = None     # write a Hugging Face directory here at the end; relative: inside output_dir
     output_dir: str = "runs/default"  # metrics, tokenizer and the resolved config
 
     def __post_init__(self):
@@ -95,9 +115,6 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("eval_every_steps", "eval_steps"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.batch_size % self.microbatches == 0,
-                 f"train.batch_size={self.batch_size} is not divisible by train.microbatches="
-                 f"{self.microbatches}; pick a batch size that is a multiple of it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +175,13 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape over the axes (data, fsdp, tensor). One axis may be -1: all remaining devices."""
+    """Device mesh shape over the axes (data, fsdp, tensor). One axis may be -1: all remaining devices.
+
+    The one place that says whether a mesh is valid: the sizes here, and against the devices in
+    :meth:`resolve` (``llmjax.sharding.make_mesh`` builds every mesh through it). The default puts all
+    devices on ``data``: data parallelism replicates the weights, so it runs any model on any device
+    count, where fsdp and tensor split weight dimensions that must divide by the axis size.
+    """
 
     data: int = -1
     fsdp: int = 1
@@ -166,7 +189,7 @@ class MeshConfig:
 
     def __post_init__(self):
         sizes = dataclasses.asdict(self)
-        bad = {k: v for k, v in sizes.items() if v != -1 and v < 1}
+        bad = {k: v for k, v in sizes.items() if v != -1 and (not isinstance(v, int) or v < 1)}
         _require(not bad, f"mesh sizes must be >= 1 or -1 (all remaining devices), got {bad}")
         fill = [k for k, v in sizes.items() if v == -1]
         _require(len(fill) <= 1, f"only one mesh axis may be -1, got {fill}; give the others explicit sizes")
@@ -175,6 +198,29 @@ class MeshConfig:
     def data_parallel_size(self) -> int | None:
         """Devices the batch is split over (data * fsdp), or None while one of them is -1."""
         return None if -1 in (self.data, self.fsdp) else self.data * self.fsdp
+
+    def resolve(self, device_count: int, process_count: int = 1) -> MeshConfig:
+        """The concrete mesh for ``device_count`` devices: the -1 axis filled, the product checked.
+
+        Each process feeds its own rows of the batch, so with several processes the batch axes
+        (data * fsdp) must be a multiple of the process count.
+        """
+        sizes = dataclasses.asdict(self)
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        fill = [name for name, size in sizes.items() if size == -1]
+        if fill:
+            _require(device_count % fixed == 0,
+                     f"mesh {sizes}: {device_count} devices are not divisible by the fixed axes' product "
+                     f"{fixed}; change mesh.data/fsdp/tensor")
+            sizes[fill[0]] = device_count // fixed
+        _require(math.prod(sizes.values()) == device_count,
+                 f"mesh data*fsdp*tensor = {self.data}*{self.fsdp}*{self.tensor} = {fixed} but there are "
+                 f"{device_count} devices; make the product {device_count} or set one axis to -1")
+        resolved = MeshConfig(**sizes)
+        _require(resolved.data_parallel_size % process_count == 0,
+                 f"mesh data*fsdp = {resolved.data_parallel_size} is not a multiple of the {process_count} "
+                 f"processes, so the processes cannot each feed their own rows; change mesh.data/fsdp")
+        return resolved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +240,7 @@ class RunConfig:
             _require(self.data.tokenizer_vocab_size <= self.model.vocab_size,
                      f"data.tokenizer_vocab_size={self.data.tokenizer_vocab_size} exceeds model.vocab_size="
                      f"{self.model.vocab_size}: token ids would index past the embedding; lower one or raise the other")
-        dp = self.mesh.data_parallel_size
-        if dp is not None:
-            check_batch_fits_mesh(self.train, dp)
+        _check_batch_fits_mesh(self.train, self.mesh.data_parallel_size)
         if self.optim.schedule in ("cosine", "linear"):
             _require(self.optim.warmup_steps < self.train.steps,
                      f"optim.warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps} "
@@ -206,17 +250,33 @@ class RunConfig:
     def family(self) -> str:
         return family_of(self.model)
 
+    def for_devices(self, device_count: int, process_count: int = 1) -> RunConfig:
+        """This config with a concrete mesh for the devices at hand (the batch checked against it)."""
+        return dataclasses.replace(self, mesh=self.mesh.resolve(device_count, process_count))
+
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.train.output_dir) / "checkpoints"
+
+    @property
+    def export_dir(self) -> Path | None:
+        """``train.export_hf`` resolved: a relative path lies inside ``train.output_dir``, so runs with
+        different output dirs never export over each other."""
+        return None if self.train.export_hf is None else Path(self.train.output_dir) / self.train.export_hf
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
 
 
-def check_batch_fits_mesh(train: TrainConfig, data_parallel_size: int) -> None:
-    """Each microbatch is split over the data-parallel devices, so it must divide evenly."""
+def _check_batch_fits_mesh(train: TrainConfig, data_parallel_size: int | None) -> None:
+    """The one batch-divisibility check: each microbatch is split evenly over the data-parallel devices
+    (data * fsdp; None until the mesh is resolved, then only the microbatches are checked)."""
+    if data_parallel_size is None:
+        _require(train.batch_size % train.microbatches == 0,
+                 f"train.batch_size={train.batch_size} is not divisible by train.microbatches="
+                 f"{train.microbatches}; pick a batch size that is a multiple of it")
+        return
     per_step = train.microbatches * data_parallel_size
     _require(train.batch_size % per_step == 0,
              f"train.batch_size={train.batch_size} must be divisible by train.microbatches * "
@@ -245,11 +305,23 @@ def load_section(path: str | Path, section: str):
 
 
 def config_from_dict(raw: dict) -> RunConfig:
-    """Nested plain dict (includes already resolved) -> validated :class:`RunConfig`."""
-    _check_keys(raw, ["model", *SECTIONS], "")
+    """Nested plain dict (includes already resolved) -> validated :class:`RunConfig`.
+
+    Every problem the sections show on their own is found in one pass (unknown keys first), so a user
+    fixing a config sees them all at once; checks across sections follow once each section is valid.
+    """
+    problems = _unknown_keys(raw, ["model", *SECTIONS], "")
     if "model" not in raw:
-        raise ConfigError("missing section 'model': add e.g. `model: {include: model/t5_tiny.yaml}`")
-    return _construct(RunConfig, {name: _build_section(name, raw.get(name, {})) for name in ["model", *SECTIONS]})
+        problems.append("missing section 'model': add e.g. `model: {include: model/t5_tiny.yaml}`")
+    sections = {}
+    for name in ["model", *SECTIONS]:
+        if name in raw or name != "model":
+            try:
+                sections[name] = _build_section(name, raw.get(name, {}))
+            except ConfigError as e:
+                problems.extend(e.problems)
+    _raise_all(problems)
+    return _construct(RunConfig, sections)
 
 
 def config_to_dict(config: RunConfig) -> dict:
@@ -274,8 +346,16 @@ def _dataclass_to_dict(obj) -> dict:
 def _read_yaml_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -350,9 +430,23 @@ def _build_section(name: str, raw):
 
 
 def _build_dataclass(cls, raw: dict, prefix: str):
-    _check_keys(raw, [f.name for f in dataclasses.fields(cls)], prefix)
+    problems = _unknown_keys(raw, [f.name for f in dataclasses.fields(cls)], prefix)
     hints = typing.get_type_hints(cls)
-    return _construct(cls, {key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in raw.items()})
+    values = {}
+    for key, value in raw.items():
+        if key in hints:
+            try:
+                values[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+            except ConfigError as e:
+                problems.extend(e.problems)
+    _raise_all(problems)
+    return _construct(cls, values)
+
+
+def _raise_all(problems: list[str]) -> None:
+    """One ConfigError listing every problem (one line: the CLI prints it as the error)."""
+    if problems:
+        raise ConfigError(*problems)
 
 
 def _construct(cls, values: dict):
@@ -365,12 +459,15 @@ def _construct(cls, values: dict):
         raise ConfigError(str(e)) from e
 
 
-def _check_keys(raw: dict, valid: list[str], prefix: str) -> None:
+def _unknown_keys(raw: dict, valid: list[str], prefix: str) -> list[str]:
+    """One message per key of ``raw`` not in ``valid``, naming the closest valid key."""
+    problems = []
     for key in raw:
         if key not in valid:
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"unknown config key {dotted!r}{_closest(str(key), valid, prefix)}; "
-                              f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(valid)}")
+            problems.append(f"unknown config key {dotted!r}{_closest(str(key), valid, prefix)}; "
+                            f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(valid)}")
+    return problems
 
 
 def _closest(key: str, valid, prefix: str = "") -> str:

@@ -6,7 +6,8 @@
 - ``generate_texts(...)``: prompts in, texts out, in batches (left padding for decoder-only
   models, right padding for T5), each output cut at its eos and stripped of its prefix.
 - ``evaluate_dataset(...)``: zero/one/few-shot prompts from a template (``llmjax.prompts``),
-  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.metrics``).
+  generation, and ``score_predictions`` (ROUGE-1/2/L/Lsum, BLEU, exact match from ``llmjax.text_metrics``)
+  against all of an example's references (DialogSum's test set has three) and against the first only.
 - ``compare_shots(...)``: the same examples at several shot counts, one result per setting
   (the course's first lab: zero-, one- and few-shot side by side).
 - ``write_report(out_dir, results, settings)``: ``scores.json``, ``predictions.jsonl`` and a
@@ -26,10 +27,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llmjax import metrics
+from llmjax import text_metrics
 from llmjax.data.tokenizer import Tokenizer
+from llmjax.errors import InputError, InputNotFoundError
 from llmjax.generate import GenerationConfig, generate, resolve_config
-from llmjax.models import family_of
+from llmjax.loading import ModelPathError, load_model
+from llmjax.models import model_family
 from llmjax.prompts import TEMPLATES, PromptTemplate, fit_prompt, select_shots
 
 DEFAULT_T5_MAX_INPUT_TOKENS = 512  # FLAN-T5's training input length; T5's relative positions have no hard limit
@@ -42,40 +45,17 @@ INPUT_PREVIEW_CHARS = 240
 # ---------------------------------------------------------------------------
 
 def load_model_for_inference(path: str | Path):
-    """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory.
-
-    HF directory: ``config.json`` + safetensors, with ``spiece.model`` beside them. Checkpoint:
-    the newest complete step's parameters, the model config and the tokenizer directory recorded in
-    its metadata. Params are host fp32 arrays.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist; pass a Hugging Face directory "
-                                "(config.json + model.safetensors) or an llmjax checkpoint directory")
-    if (path / "config.json").is_file():
-        from llmjax import hf
-
-        model, params = hf.from_pretrained(path)
-        return model, params, _load_tokenizer(path, f"Hugging Face directory {path}")
-    checkpoint_dir = _checkpoint_dir(path)
-    if checkpoint_dir is None:
-        raise FileNotFoundError(
-            f"{path} is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint directory "
-            "(no numbered step directories, no checkpoints/); pass one of those"
-        )
-    from llmjax.train.checkpoint import Checkpointer, model_from_meta
-
-    checkpointer = Checkpointer(checkpoint_dir)
-    try:
-        restored = checkpointer.restore_params()
-    finally:
-        checkpointer.close()
-    model = model_from_meta(restored.meta)
-    tokenizer_dir = restored.meta.get("tokenizer_dir")
-    if not tokenizer_dir:
-        raise ValueError(f"checkpoint {checkpoint_dir} records no tokenizer directory; export it with "
-                         "`llmjax export` and add spiece.model to the exported directory")
-    return model, restored.state, _load_tokenizer(Path(tokenizer_dir), f"the tokenizer directory of {checkpoint_dir}")
+    """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory
+    (``llmjax.loading.load_model``); the tokenizer is the HF directory's ``spiece.model`` or the one the
+    checkpoint's metadata records. Params are host fp32 arrays."""
+    loaded = load_model(path)
+    if loaded.kind == "hf":
+        return loaded.model, loaded.params, _load_tokenizer(loaded.path, f"Hugging Face directory {loaded.path}")
+    if loaded.tokenizer_dir is None:
+        raise ModelPathError(f"checkpoint {loaded.path} records no tokenizer directory; export it with "
+                             "`llmjax export` and add spiece.model to the exported directory")
+    tokenizer = _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
+    return loaded.model, loaded.params, tokenizer
 
 
 def load_generation_config(path: str | Path) -> GenerationConfig:
@@ -84,17 +64,10 @@ def load_generation_config(path: str | Path) -> GenerationConfig:
     return GenerationConfig.from_hf(file) if file.is_file() else GenerationConfig()
 
 
-def _checkpoint_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "checkpoints"):
-        if candidate.is_dir() and any(child.is_dir() and child.name.isdigit() for child in candidate.iterdir()):
-            return candidate
-    return None
-
-
 def _load_tokenizer(directory: Path, where: str) -> Tokenizer:
     if not (directory / "spiece.model").is_file():
-        raise FileNotFoundError(f"{where} has no spiece.model; save the tokenizer there "
-                                "(Tokenizer.save_pretrained or `llmjax tokenizer train --out`)")
+        raise ModelPathError(f"{where} has no spiece.model; save the tokenizer there "
+                             "(Tokenizer.save_pretrained or `llmjax tokenizer train --out`)")
     return Tokenizer.load(directory)
 
 
@@ -111,10 +84,10 @@ def load_examples(data: str | Path, split: str | None = "test", limit: int | Non
     A directory gives its ``split`` file; a single file is read whole (``split`` ignored).
     ``limit`` keeps the first examples.
     """
-    from llmjax.data.dialogsum import bundled_dialogsum, load_dialogsum
+    from llmjax.data.bundled.dialogsum import bundled_dialogsum, load_dialogsum
 
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise InputError(f"limit must be >= 1, got {limit}")
     if str(data) in BUNDLED_DATA_NAMES:
         examples = bundled_dialogsum(split or "test")
     else:
@@ -142,8 +115,8 @@ def shot_pool_for(data: str | Path, split: str | None = "test") -> list[dict] | 
 # ---------------------------------------------------------------------------
 
 def prompt_ids(model, tokenizer: Tokenizer, text: str) -> list[int]:
-    """The token ids one prompt gives the model: T5 ``prompt + eos``; decoder ``bos + prompt``."""
-    if family_of(model.config) == "t5":
+    """The token ids one prompt gives the model: encoder-decoder (T5) ``prompt + eos``; decoder ``bos + prompt``."""
+    if model_family(model.config).seq2seq:
         return tokenizer.encode(text, add_eos=True)
     bos = getattr(model.config, "bos_token_id", None)
     return ([] if bos is None else [bos]) + tokenizer.encode(text, add_eos=False)
@@ -159,7 +132,7 @@ def encode_prompts(model, tokenizer: Tokenizer, texts: Sequence[str], bucket: bo
     sequences = [prompt_ids(model, tokenizer, text) for text in texts]
     longest = max(len(ids) for ids in sequences)
     length = max(MIN_PROMPT_BUCKET, 1 << (longest - 1).bit_length()) if bucket else longest
-    left = family_of(model.config) == "decoder"
+    left = not model_family(model.config).seq2seq
     ids = np.full((len(sequences), length), model.config.pad_token_id, np.int32)
     mask = np.zeros((len(sequences), length), np.int32)
     for row, sequence in enumerate(sequences):
@@ -189,12 +162,12 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
     folded with the batch number, so a seed gives the same outputs for the same batches.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     config = resolve_config(model, generation_config)
     if config.num_return_sequences != 1:
-        raise ValueError("generate_texts returns one text per prompt; set num_return_sequences=1")
+        raise InputError("generate_texts returns one text per prompt; set num_return_sequences=1")
     rng = jax.random.key(0) if rng is None else rng
-    is_t5 = family_of(model.config) == "t5"
+    seq2seq = model_family(model.config).seq2seq
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
@@ -202,7 +175,7 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
         ids, mask = encode_prompts(model, tokenizer, filled, bucket=True)
         sequences = generate(model, params, ids, mask, generation_config=config,
                              rng=jax.random.fold_in(rng, start // batch_size))
-        prefix_length = 1 if is_t5 else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
+        prefix_length = 1 if seq2seq else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
         tokens = new_tokens(np.asarray(jax.device_get(sequences)), prefix_length, config.eos_token_id)
         outputs.extend(tokenizer.decode(row).strip() for row in tokens[: len(batch)])
     return outputs
@@ -214,21 +187,39 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
 
 @dataclasses.dataclass
 class EvalResult:
-    """One setting's run: prompts, outputs, references, how many shots each prompt kept, scores."""
+    """One setting's run: prompts, outputs, references (all of each example's), shots kept, scores."""
 
     shots: int
     ids: list[str]
     prompts: list[str]
     predictions: list[str]
-    references: list[str]
+    references: list[list[str]]
     shots_kept: list[int]
     scores: dict[str, float]
 
 
-def score_predictions(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum F-measures in [0, 1], corpus BLEU in [0, 100], exact match in [0, 1]."""
-    return {**metrics.rouge(predictions, references), "bleu": metrics.bleu(predictions, references),
-            "exact_match": metrics.exact_match(predictions, references)}
+FIRST_REFERENCE_SUFFIX = "_first_ref"
+
+
+def score_predictions(predictions: Sequence[str], references: text_metrics.References) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum F-measures in [0, 1], corpus BLEU in [0, 100], exact match in [0, 1].
+
+    ``references``: per prediction a string or a list of references. The plain keys score against all
+    references (ROUGE: best reference per example; BLEU: multi-reference); the ``_first_ref`` keys
+    against the first reference only (equal to the plain keys when every example has one).
+    """
+    def scores(refs):
+        return {**text_metrics.rouge(predictions, refs), "bleu": text_metrics.bleu(predictions, refs),
+                "exact_match": text_metrics.exact_match(predictions, refs)}
+
+    first = scores(text_metrics.first_reference(references))
+    return {**scores(references), **{key + FIRST_REFERENCE_SUFFIX: value for key, value in first.items()}}
+
+
+def example_references(example: dict, template: PromptTemplate) -> list[str]:
+    """All references of an example: ``references_field`` when present, else the one ``target_field``."""
+    several = example.get(template.references_field)
+    return [str(text) for text in several] if several else [str(example[template.target_field])]
 
 
 def get_template(template: PromptTemplate | str) -> PromptTemplate:
@@ -236,19 +227,19 @@ def get_template(template: PromptTemplate | str) -> PromptTemplate:
     if isinstance(template, PromptTemplate):
         return template
     if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        raise InputError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
     return TEMPLATES[template]
 
 
 def default_max_input_tokens(model, generation_config: GenerationConfig | None) -> int:
     """Prompt budget: T5 512 tokens; a decoder its context length minus the tokens it will generate."""
-    if family_of(model.config) == "t5":
+    if model_family(model.config).seq2seq:
         return DEFAULT_T5_MAX_INPUT_TOKENS
     config = resolve_config(model, generation_config)
     room = model.config.max_position_embeddings - (config.max_new_tokens or 0)
     if config.max_new_tokens is None or room < 1:
         context = model.config.max_position_embeddings
-        raise ValueError(f"set max_new_tokens below the decoder's context length {context} "
+        raise InputError(f"set max_new_tokens below the decoder's context length {context} "
                          f"(got {config.max_new_tokens}) so the prompt has room")
     return room
 
@@ -279,7 +270,7 @@ def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dic
                      batch_size: int = 8, rng: jax.Array | None = None) -> EvalResult:
     """Prompt, generate and score every example (each needs the template's fields and ``summary``)."""
     if not examples:
-        raise ValueError("no examples to evaluate; check the data path, split and --limit")
+        raise InputError("no examples to evaluate; check the data path, split and --limit")
     template = get_template(template)
     if max_input_tokens is None:
         max_input_tokens = default_max_input_tokens(model, generation_config)
@@ -287,7 +278,7 @@ def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dic
                                   shot_seed=shot_seed, max_input_tokens=max_input_tokens)
     predictions = generate_texts(model, params, tokenizer, prompts, generation_config=generation_config,
                                  batch_size=batch_size, rng=rng)
-    references = [str(example[template.target_field]) for example in examples]
+    references = [example_references(example, template) for example in examples]
     return EvalResult(shots, [str(e.get("id", i)) for i, e in enumerate(examples)], prompts, predictions,
                       references, kept, score_predictions(predictions, references))
 
@@ -296,7 +287,7 @@ def compare_shots(model, params, tokenizer: Tokenizer, examples: Sequence[dict],
                   shot_counts: Sequence[int] = (0, 1, 2), **options) -> dict[str, EvalResult]:
     """``evaluate_dataset`` once per shot count -> ``{"0-shot": result, "1-shot": ...}``."""
     if len(set(shot_counts)) != len(shot_counts) or not shot_counts:
-        raise ValueError(f"shot counts must be distinct and non-empty, got {list(shot_counts)}")
+        raise InputError(f"shot counts must be distinct and non-empty, got {list(shot_counts)}")
     return {f"{k}-shot": evaluate_dataset(model, params, tokenizer, examples, template, shots=k, **options)
             for k in shot_counts}
 
@@ -310,12 +301,14 @@ SCORE_COLUMNS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", 
 
 
 def scores_table(results: dict[str, EvalResult]) -> str:
-    """A Markdown table, one row per setting: ROUGE and exact match as fractions, BLEU on 0-100."""
-    lines = ["| setting | " + " | ".join(SCORE_COLUMNS.values()) + " |",
-             "|---|" + "---:|" * len(SCORE_COLUMNS)]
+    """A Markdown table, two rows per setting (all references, first reference only): ROUGE and exact
+    match as fractions, BLEU on 0-100."""
+    lines = ["| setting | references | " + " | ".join(SCORE_COLUMNS.values()) + " |",
+             "|---|---|" + "---:|" * len(SCORE_COLUMNS)]
     for name, result in results.items():
-        cells = [f"{result.scores[key]:.2f}" if key == "bleu" else f"{result.scores[key]:.4f}" for key in SCORE_COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for label, suffix in (("all", ""), ("first", FIRST_REFERENCE_SUFFIX)):
+            cells = [f"{result.scores[key + suffix]:{'.2f' if key == 'bleu' else '.4f'}}" for key in SCORE_COLUMNS]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -335,7 +328,7 @@ def examples_table(examples: Sequence[dict], results: dict[str, EvalResult], tem
     for row, example in enumerate(examples[:count]):
         first = results[names[0]]
         cells = [first.ids[row], _cell(str(example[template.truncate_field]), INPUT_PREVIEW_CHARS),
-                 _cell(first.references[row])] + [_cell(results[name].predictions[row]) for name in names]
+                 _cell(first.references[row][0])] + [_cell(results[name].predictions[row]) for name in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -360,13 +353,17 @@ def write_report(out_dir: str | Path, examples: Sequence[dict], results: dict[st
     paths["scores"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     with open(paths["predictions"], "w", encoding="utf-8") as f:
         for name, result in results.items():
-            for row in zip(result.ids, result.prompts, result.references, result.predictions):
-                f.write(json.dumps(dict(zip(("id", "prompt", "reference", "prediction"), row), setting=name),
-                                   ensure_ascii=False) + "\n")
+            for id_, prompt, references, prediction in zip(result.ids, result.prompts, result.references,
+                                                           result.predictions):
+                row = {"id": id_, "prompt": prompt, "reference": references[0], "references": references,
+                       "prediction": prediction, "setting": name}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     settings_lines = [f"- **{key}**: `{json.dumps(value)}`"
                       for key, value in settings.items() if key != "template_text"]
     report = ["# Evaluation report", "", *settings_lines, "", "## Scores", "",
-              "ROUGE F-measures and exact match in [0, 1]; BLEU in [0, 100].", "", scores_table(results), "",
+              "ROUGE F-measures and exact match in [0, 1]; BLEU in [0, 100]. \"all\": against every reference of "
+              "an example (ROUGE: the best one per example; BLEU: multi-reference corpus BLEU); \"first\": the "
+              "first reference only.", "", scores_table(results), "",
               f"## Examples (first {min(num_examples_shown, len(examples))})", "",
               examples_table(examples, results, template, num_examples_shown), ""]
     paths["report"].write_text("\n".join(report), encoding="utf-8")

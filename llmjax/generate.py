@@ -26,7 +26,7 @@ from llmjax.generation.beam import BeamSettings, beam_results, beam_search_open,
 from llmjax.generation.config import GenerationConfig
 from llmjax.generation.families import family_for
 from llmjax.generation.processors import greedy_tokens, process_scores
-from llmjax.models import family_of
+from llmjax.models import model_family
 
 __all__ = ["GenerationConfig", "generate", "resolve_config"]
 
@@ -54,8 +54,9 @@ def resolve_config(model, generation_config: GenerationConfig | None = None, **k
     config = dataclasses.replace(config, **fill)
     if config.pad_token_id is None and config.eos_token_id is not None:
         config = dataclasses.replace(config, pad_token_id=config.eos_token_id[0])
-    if family_of(model_config) == "t5" and config.decoder_start_token_id is None:
-        raise ValueError("generate: T5 needs decoder_start_token_id (set it in the model or generation config)")
+    if model_family(model_config).seq2seq and config.decoder_start_token_id is None:
+        raise ValueError("generate: an encoder-decoder needs decoder_start_token_id "
+                         "(set it in the model or generation config)")
     return config
 
 
@@ -133,7 +134,7 @@ def _check_inputs(model, config, input_ids, attention_mask):
             raise ValueError(f"generate: attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("generate: attention_mask must hold only 0 (pad) and 1 (token)")
-    if family_of(model.config) == "decoder":
+    if not model_family(model.config).seq2seq:
         if (np.diff(mask.astype(np.int32), axis=1) < 0).any():
             raise ValueError("generate: decoder prompts must be left-padded (pads before the tokens); "
                              "tokenize with padding_side='left'")

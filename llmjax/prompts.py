@@ -27,6 +27,8 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from llmjax.errors import DataError, InputError
+
 TRUNCATION_MARKER = "..."
 
 
@@ -36,6 +38,8 @@ class PromptTemplate:
 
     template: text with `{field}` slots filled from the example, ending with the answer cue.
     target_field: the example field holding the answer written after a shot.
+    references_field: the example field holding every reference answer when there are several (the
+      real DialogSum test set's three annotators); its first item equals `target_field`'s value.
     shot_separator: text after each shot's answer, before the next example.
     truncate_field: the query field shortened when the prompt is over budget.
     """
@@ -43,6 +47,7 @@ class PromptTemplate:
     name: str
     template: str
     target_field: str = "summary"
+    references_field: str = "summaries"
     shot_separator: str = "\n\n\n"
     truncate_field: str = "dialogue"
 
@@ -77,7 +82,7 @@ def render_example(template: PromptTemplate, example: dict, with_answer: bool) -
     needed = template.fields + ([template.target_field] if with_answer else [])
     missing = [name for name in needed if name not in example]
     if missing:
-        raise KeyError(f"example {example.get('id', '?')!r} lacks field(s) {missing} that template "
+        raise DataError(f"example {example.get('id', '?')!r} lacks field(s) {missing} that template "
                        f"{template.name!r} needs (it has {sorted(example)})")
     text = template.template.format(**{name: example[name] for name in template.fields})
     if with_answer:
@@ -129,7 +134,7 @@ def fit_prompt(template: PromptTemplate, query: dict, shots: Sequence[dict] = ()
         return render_example(template, {**query, template.truncate_field: value.rstrip()}, with_answer=False)
 
     if count_tokens(shortened(0)) > max_tokens:
-        raise ValueError(f"template {template.name!r} needs {count_tokens(shortened(0))} tokens without any "
+        raise InputError(f"template {template.name!r} needs {count_tokens(shortened(0))} tokens without any "
                          f"{template.truncate_field}, more than max_tokens={max_tokens}; raise max_tokens or use a shorter template")
     low, high = 0, len(pieces) - 1  # the largest keep that fits lies in [low, high]; all pieces do not fit
     while low < high:
@@ -149,7 +154,7 @@ def build_prompt(template: PromptTemplate | str, query: dict, shots: Sequence[di
     """
     if isinstance(template, str):
         if template not in TEMPLATES:
-            raise KeyError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+            raise InputError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
         template = TEMPLATES[template]
     return fit_prompt(template, query, shots, **budget).text
 
@@ -159,5 +164,5 @@ def select_shots(examples: Sequence[dict], k: int, seed: int, exclude_id: str | 
     whose id is `exclude_id` (the query, so its own answer never appears in its prompt)."""
     pool = [example for example in examples if exclude_id is None or example.get("id") != exclude_id]
     if not 0 <= k <= len(pool):
-        raise ValueError(f"cannot select {k} shots from {len(pool)} candidate examples; choose 0 <= k <= {len(pool)}")
+        raise InputError(f"cannot select {k} shots from {len(pool)} candidate examples; choose 0 <= k <= {len(pool)}")
     return random.Random(seed).sample(pool, k)

@@ -19,38 +19,21 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmjax import axes
+from llmjax.config import ConfigError, MeshConfig
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
-
-
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-    """Fill the one ``-1`` axis with the remaining devices; check the product equals ``device_count``."""
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    fill = [name for name, size in sizes.items() if size == -1]
-    if len(fill) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got {fill}; give the others explicit sizes")
-    if any(size < 1 and size != -1 for size in sizes.values()):
-        raise ValueError(f"mesh sizes must be >= 1 or -1 (all remaining devices), got {sizes}")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if fill:
-        if device_count % fixed:
-            raise ValueError(f"mesh {sizes}: {device_count} devices are not divisible by the fixed axes' "
-                             f"product {fixed}; change mesh.data/fsdp/tensor")
-        sizes[fill[0]] = device_count // fixed
-    elif fixed != device_count:
-        raise ValueError(f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} = {fixed} but there are "
-                         f"{device_count} devices; make the product {device_count} or set one axis to -1")
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: all global devices).
 
-    The fastest-varying axis (tensor) gets neighbouring devices, so tensor parallelism talks over the
+    One axis may be -1 (all remaining devices); ``MeshConfig.resolve`` checks the sizes. The
+    fastest-varying axis (tensor) gets neighbouring devices, so tensor parallelism talks over the
     fastest links (``mesh_utils`` knows TPU/GPU topologies).
     """
     devices = list(devices) if devices is not None else jax.devices()
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    mesh = MeshConfig(data, fsdp, tensor).resolve(len(devices), jax.process_count())
+    shape = (mesh.data, mesh.fsdp, mesh.tensor)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
@@ -116,18 +99,15 @@ def shard_batch(batch: dict, mesh: Mesh, rules: Rules = axes.LOGICAL_AXIS_RULES)
 
     ``batch`` holds this process's rows: process ``p`` of ``n`` feeds the contiguous block
     ``[p * local, (p + 1) * local)`` of the ``local * n``-row global batch (what ``DataIterator`` returns);
-    on one process that is the whole batch. The mesh must give each process's devices exactly that block
-    (checked; true when processes own consecutive slots of the data/fsdp axes, as ``make_mesh`` lays out).
+    on one process that is the whole batch. The global batch divides over the data-parallel devices
+    (``RunConfig`` checks it against the mesh). The mesh must give each process's devices exactly its
+    block (checked; true when processes own consecutive slots of the data/fsdp axes, as ``make_mesh`` lays out).
     """
     sharding = batch_sharding(mesh, rules)
-    parallel = math.prod(mesh.shape[a] for a in _as_tuple(sharding.spec[0]))
     out = {}
     for name, value in batch.items():
         value = np.asarray(value)
         global_rows = value.shape[0] * jax.process_count()
-        if global_rows % parallel:
-            raise ValueError(f"batch feature {name!r}: global batch {global_rows} is not divisible by the "
-                             f"{parallel} data-parallel devices (mesh data*fsdp); change train.batch_size")
         if jax.process_count() > 1:
             _check_process_rows(sharding, global_rows, value.shape[0])
         global_shape = (global_rows, *value.shape[1:])
@@ -142,7 +122,7 @@ def _check_process_rows(sharding: NamedSharding, global_rows: int, local_rows: i
         held.update(range(global_rows)[index[0]])
     start = jax.process_index() * local_rows
     if held != set(range(start, start + local_rows)):
-        raise ValueError(
+        raise ConfigError(
             f"process {jax.process_index()} feeds batch rows [{start}, {start + local_rows}) but the mesh "
             f"{dict(sharding.mesh.shape)} gives its devices {len(held)} rows from row {min(held)}; split the batch across "
             f"processes: make mesh.data*mesh.fsdp a multiple of the {jax.process_count()} processes"
@@ -173,7 +153,7 @@ def initialize_distributed(
     if coordinator_address is None and not auto_detect:
         return 1
     if coordinator_address is not None and (num_processes is None or process_id is None) and not auto_detect:
-        raise ValueError("a coordinator address was given without num_processes and process_id; set "
+        raise ConfigError("a coordinator address was given without num_processes and process_id; set "
                          "JAX_NUM_PROCESSES and JAX_PROCESS_ID (or pass them), or use auto_detect on a cluster")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
@@ -217,7 +197,7 @@ def _check_divisible(path, shape, names, sharding: NamedSharding) -> None:
     for dim, (size, axis) in enumerate(zip(shape, sharding.spec)):
         parts = math.prod(sharding.mesh.shape[a] for a in _as_tuple(axis))
         if size % parts:
-            raise ValueError(
+            raise ConfigError(
                 f"{jax.tree_util.keystr(path)}: dimension {dim} (logical axis {names[dim]!r}) of size {size} "
                 f"cannot be split "
                 f"into {parts} shards over mesh axis {axis!r}; change the mesh (mesh.{_as_tuple(axis)[0]}) "

@@ -97,3 +97,134 @@ def test_pickle_checkpoint_is_refused_with_conversion_hint(tmp_path, capsys):
     assert cli.main(["import", str(hf_dir), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "will not unpickle" in err and "safe_serialization=True" in err
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+# Each: one line on stderr, exit 2, nothing created on disk.
+
+
+def _one_line_error(capsys, command: str) -> str:
+    """The error line; any other stderr output may only be the training progress bar."""
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert all("step/s" in line for line in lines[:-1]), lines
+    err = lines[-1]
+    assert err.startswith(f"llmjax {command}: error: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text("model: {include: model/t5_tiny.yaml}\ntrain: [unclosed\n")
+    assert cli.main(["train", "--config", "run.yaml"]) == 2
+    err = _one_line_error(capsys, "train")
+    assert "run.yaml: not valid YAML at line 3, column 1" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_every_config_problem_is_reported_in_one_pass(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text("trian: {steps: 3}\noptim: {lerning_rate: 0.1, name: adam}\n")
+    assert cli.main(["train", "--config", "run.yaml"]) == 2
+    err = _one_line_error(capsys, "train")
+    problems = ["unknown config key 'trian' (did you mean 'train'?)", "missing section 'model'",
+                "unknown config key 'optim.lerning_rate' (did you mean 'optim.learning_rate'?)",
+                "optim.name='adam' is not allowed"]
+    positions = [err.find(problem) for problem in problems]
+    assert -1 not in positions and positions == sorted(positions), err  # the misspelling first
+    assert "4 problems: (1) " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "--checkpoint", "missing", "--out", "hf"],
+    ["generate", "--model", "missing", "--prompt", "hello"],
+    ["evaluate", "--model", "missing", "--out", "report"],
+    ["import", "missing", "--out", "ckpt"],
+], ids=lambda argv: argv[0])
+def test_read_only_inputs_that_do_not_exist_create_nothing(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert "missing" in _one_line_error(capsys, argv[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_of_an_empty_checkpoint_dir_is_one_line_and_changes_nothing(tmp_path):
+    # A subprocess: orbax used to print a traceback at interpreter exit, after the error line.
+    (tmp_path / "ckpt").mkdir()
+    result = subprocess.run([sys.executable, "-m", "llmjax.cli", "export", "--checkpoint", "ckpt", "--out", "hf"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "llmjax export: error: ckpt is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint "
+        "directory (no numbered step directories, no checkpoints/); pass one of those"]
+    assert [p.name for p in tmp_path.rglob("*")] == ["ckpt"]
+
+
+BAD_ROWS = [
+    ('{"text": 5}', "line 2 (row 1): field 'text' must be a string, got int 5"),
+    ('{"text": "unclosed', "line 2 (row 1) is not valid JSON: Unterminated string"),
+    ('["text"]', "line 2 (row 1) is a JSON list, expected an object"),
+]
+
+
+@pytest.mark.parametrize("row, message", BAD_ROWS, ids=["not_a_string", "malformed", "not_an_object"])
+@pytest.mark.parametrize("command", ["train", "tokenizer"])
+def test_bad_jsonl_rows_name_file_line_and_field(command, row, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text('{"text": "a fine first document"}\n' + row + "\n")
+    if command == "train":
+        argv = ["train", "data.kind=jsonl", "data.source=data.jsonl", "data.eval_source=null", "train.output_dir=run"]
+    else:
+        argv = ["tokenizer", "train", "--input", "data.jsonl", "--vocab-size", "400", "--out", "tok"]
+    assert cli.main(argv) == 2
+    assert f"data.jsonl {message}" in _one_line_error(capsys, command)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]  # no output directory left behind
+
+
+def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    # Only UserError is the user's mistake; a ValueError from inside llmjax is a bug and must not read as one.
+    import llmjax.data.bundled.corpus as corpus
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(corpus, "write_corpus", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["data", "corpus", "--out", str(tmp_path / "c.jsonl")])
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    from llmjax.data.bundled.corpus import generate_corpus
+    from llmjax.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(generate_corpus(2000, 0), out, vocab_size=512)
+    return out
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(small_tokenizer, tmp_path,
+                                                                               monkeypatch, capsys):
+    from llmjax.train import checkpoint
+
+    argv = ["train", "train.steps=10", "train.batch_size=8", "train.eval_every_steps=0", "train.export_hf=null",
+            f"train.output_dir={tmp_path / 'run'}", "checkpoint.every_steps=5", "checkpoint.keep=null",
+            f"data.tokenizer={small_tokenizer}", "model.num_layers=1", "model.d_model=32", "model.d_kv=8",
+            "model.d_ff=64", "model.num_heads=4", "data.encoder_length=32", "data.decoder_length=8",
+            "optim.warmup_steps=2"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    # The disk has room for the first checkpoint only (a real full disk is a tmpfs mount, which needs root).
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda directory: 0 if (directory / "5").exists() else 2**40)
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, "train")
+    assert err.startswith(f"llmjax train: error: saving checkpoint step 10 to {checkpoints} failed: it needs about ")
+    assert f"the last complete checkpoint is step 5 ({checkpoints / '5'})" in err
+    checkpoint.verify_step_dir(checkpoints / "5", 5)
+
+    monkeypatch.undo()  # space freed: the same command resumes from step 5 and finishes
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"resumed from step 5 ({checkpoints / '5'})\n")
+    summary = json.loads(out[out.index("{"):])
+    assert summary["start_step"] == 5 and summary["step"] == 10

@@ -118,15 +118,16 @@ def test_evaluate_in_a_subprocess(decoder_dir, tmp_path):
                    "--max-input-tokens", "400", "--out", str(tmp_path / "eval")],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("| setting | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | Exact match |\n")
-    assert "| 0-shot |" in done.stdout
+    assert done.stdout.startswith(
+        "| setting | references | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | Exact match |\n")
+    assert "| 0-shot | all |" in done.stdout and "| 0-shot | first |" in done.stdout
     assert json.loads((tmp_path / "eval" / "scores.json").read_text())["settings"]["num_examples"] == 2
 
     done = subprocess.run(command + ["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (f"llmjax generate: error: model directory {tmp_path / 'nowhere'} does not exist; pass a "
-                           "Hugging Face directory (config.json + model.safetensors) or an llmjax checkpoint directory\n")
+                           "Hugging Face directory (config.json + model.safetensors) or an llmjax checkpoint or run directory\n")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -92,7 +92,7 @@ def test_bad_overrides_name_the_key(run_file, override, message):
 
 @pytest.mark.parametrize("override,message", [
     ("train.batch_size=9", "train.batch_size=9 must be divisible by train.microbatches * (mesh.data * mesh.fsdp)"),
-    ("train.microbatches=3", "train.batch_size=8 is not divisible by train.microbatches=3"),
+    ("train.microbatches=3", "train.batch_size=8 must be divisible by train.microbatches * (mesh.data * mesh.fsdp) = 3 * 2 = 6"),
     ("mesh.data=-1", None),  # data-parallel size unknown until devices are: checked by the mesh
     ("mesh.fsdp=-1", "only one mesh axis may be -1"),
     ("mesh.tensor=0", "mesh sizes must be >= 1 or -1"),
@@ -152,3 +152,22 @@ def test_default_run_config_loads():
     assert DEFAULT_CONFIG_PATH.name == "pretrain_t5_tiny.yaml"
     assert cfg.family == "t5" and cfg.data.objective == "span_corruption"
     assert cfg.model.d_model <= 128 and cfg.train.steps >= 100
+
+
+def test_mesh_resolves_against_the_devices():
+    assert MeshConfig(data=2, fsdp=-1).resolve(8) == MeshConfig(data=2, fsdp=4, tensor=1)
+    assert MeshConfig().resolve(8) == MeshConfig(data=8, fsdp=1, tensor=1)  # the default: all devices on data
+    assert MeshConfig(2, 2, 2).resolve(8) == MeshConfig(2, 2, 2)
+    with pytest.raises(ConfigError, match=r"data\*fsdp\*tensor = 2\*2\*1 = 4 but there are 8 devices"):
+        MeshConfig(2, 2, 1).resolve(8)
+    with pytest.raises(ConfigError, match="8 devices are not divisible by the fixed axes' product 3"):
+        MeshConfig(3, -1, 1).resolve(8)
+    with pytest.raises(ConfigError, match="mesh data\\*fsdp = 2 is not a multiple of the 4 processes"):
+        MeshConfig(1, 2, 4).resolve(8, process_count=4)
+
+
+def test_batch_is_checked_against_the_resolved_mesh(run_file):
+    cfg = load_config(run_file, ["mesh.data=-1", "train.batch_size=12"])  # 12 rows: fine until devices are known
+    assert cfg.for_devices(4).mesh == MeshConfig(data=4, fsdp=1, tensor=1)
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 must be divisible by .* = 1 \* 8 = 8"):
+        cfg.for_devices(8)

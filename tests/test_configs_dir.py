@@ -11,7 +11,7 @@ import yaml
 
 from llmjax.config import CONFIGS_DIR, MeshConfig, load_config, load_section
 from llmjax.models import MODEL_CONFIGS, DecoderConfig, T5Config, build_model, dummy_inputs
-from llmjax.sharding import make_mesh, resolve_mesh_shape
+from llmjax.sharding import make_mesh
 
 MODEL_FILES = sorted((CONFIGS_DIR / "model").glob("*.yaml"))
 MESH_FILES = sorted((CONFIGS_DIR / "mesh").glob("*.yaml"))
@@ -97,7 +97,8 @@ def test_mesh_presets(path):
     mesh = load_section(path, "mesh")
     assert isinstance(mesh, MeshConfig)
     devices = {"single": 1, "gpu8": 8, "tpu_pod_slice": 64}[path.stem]
-    shape = resolve_mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, devices)
+    resolved = mesh.resolve(devices)
+    shape = (resolved.data, resolved.fsdp, resolved.tensor)
     assert math.prod(shape) == devices
     if devices <= len(jax.devices()):
         assert make_mesh(*shape, devices=jax.devices()[:devices]).size == devices

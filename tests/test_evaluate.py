@@ -1,6 +1,6 @@
 """Evaluation end to end on tiny random T5 and LLaMA models saved as Hugging Face directories.
 
-References: scores come from llmjax.metrics (itself checked against rouge-score/sacrebleu) on the
+References: scores come from llmjax.text_metrics (itself checked against rouge-score/sacrebleu) on the
 produced predictions; batched outputs are checked against one-prompt-at-a-time `generate` calls on
 unpadded ids; prompts against `llmjax.prompts.build_prompt` with `select_shots`.
 """
@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import hf, metrics
-from llmjax.data.dialogsum import bundled_dialogsum
+from llmjax import hf, text_metrics
+from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import train_tokenizer
+from llmjax.errors import InputError
 from llmjax.evaluate import (
     build_prompts,
     compare_shots,
@@ -30,6 +31,7 @@ from llmjax.evaluate import (
     write_report,
 )
 from llmjax.generate import GenerationConfig, generate
+from llmjax.loading import ModelPathError
 from llmjax.models import build_model, init_params
 from llmjax.models.decoder import DecoderConfig
 from llmjax.models.t5 import T5Config
@@ -109,17 +111,17 @@ def test_load_checkpoint_and_run_dir(model_dir, loaded, tmp_path):
 
 
 def test_load_errors_name_the_problem(tmp_path, model_dir):
-    with pytest.raises(FileNotFoundError, match="model directory .*missing does not exist"):
+    with pytest.raises(ModelPathError, match="model directory .*missing does not exist"):
         load_model_for_inference(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory .* nor an llmjax checkpoint"):
+    with pytest.raises(ModelPathError, match="neither a Hugging Face directory .* nor an llmjax checkpoint"):
         load_model_for_inference(tmp_path / "empty")
     _, path = model_dir
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_tokenizer / name).write_bytes((path / name).read_bytes())
-    with pytest.raises(FileNotFoundError, match="has no spiece.model"):
+    with pytest.raises(ModelPathError, match="has no spiece.model"):
         load_model_for_inference(no_tokenizer)
 
 
@@ -210,26 +212,40 @@ def test_evaluate_scores_equal_metrics_on_its_predictions(loaded, examples):
     result = evaluate_dataset(model, params, tokenizer, examples, "summarize", shots=1,
                               shot_pool=bundled_dialogsum("train")[:10], max_input_tokens=200,
                               generation_config=GREEDY, batch_size=4)
-    references = [example["summary"] for example in examples]
+    references = [example.get("summaries", [example["summary"]]) for example in examples]
     assert result.references == references and result.ids == [e["id"] for e in examples]
     assert result.predictions == one_at_a_time(model, params, tokenizer, result.prompts[:1], GREEDY) + \
         generate_texts(model, params, tokenizer, result.prompts[1:], generation_config=GREEDY, batch_size=4)
-    assert result.scores == {**metrics.rouge(result.predictions, references),
-                             "bleu": metrics.bleu(result.predictions, references),
-                             "exact_match": metrics.exact_match(result.predictions, references)}
-    assert set(result.scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match"}
+    first = [example["summary"] for example in examples]
+
+    def library_scores(refs):
+        return {**text_metrics.rouge(result.predictions, refs), "bleu": text_metrics.bleu(result.predictions, refs),
+                "exact_match": text_metrics.exact_match(result.predictions, refs)}
+
+    assert result.scores == {**library_scores(references),
+                             **{key + "_first_ref": value for key, value in library_scores(first).items()}}
+    assert len(result.scores) == 12
 
 
 def test_perfect_and_hand_checked_scores(examples):
     references = [example["summary"] for example in examples]
     perfect = score_predictions(references, references)
-    assert perfect == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0, "bleu": 100.0,
-                                     "exact_match": 1.0}, abs=1e-9)
+    ones = {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0, "bleu": 100.0, "exact_match": 1.0}
+    assert perfect == pytest.approx({**ones, **{key + "_first_ref": value for key, value in ones.items()}}, abs=1e-9)
     # "the cat sat" vs "the cat ran": unigram P = R = 2/3; bigram 1/2; LCS 2 -> F 2/3.
     scores = score_predictions(["the cat sat", "b c d."], ["the cat ran", "B c d"])
-    assert scores["rouge1"] == pytest.approx((2 / 3 + 1) / 2)
+    assert scores["rouge1"] == scores["rouge1_first_ref"] == pytest.approx((2 / 3 + 1) / 2)
     assert scores["rouge2"] == pytest.approx((1 / 2 + 1) / 2)
     assert scores["exact_match"] == 0.5
+
+
+def test_scores_against_several_references():
+    # The second reference "the cat sat" matches the first prediction exactly: all-reference ROUGE-1
+    # is (1 + 1) / 2; against the first references only, (2/3 + 1) / 2 as above.
+    scores = score_predictions(["the cat sat", "b c d."], [["the cat ran", "the cat sat"], ["B c d"]])
+    assert scores["rouge1"] == pytest.approx(1.0) and scores["exact_match"] == 1.0
+    assert scores["rouge1_first_ref"] == pytest.approx((2 / 3 + 1) / 2) and scores["exact_match_first_ref"] == 0.5
+    assert scores["bleu"] > scores["bleu_first_ref"]
 
 
 def test_compare_shots_and_report_files(loaded, examples, tmp_path):
@@ -256,17 +272,20 @@ def test_compare_shots_and_report_files(loaded, examples, tmp_path):
     assert len(lines) == 6
     assert json.loads(lines[4]) == {"id": examples[1]["id"], "prompt": results["1-shot"].prompts[1],
                                     "reference": examples[1]["summary"],
+                                    "references": examples[1].get("summaries", [examples[1]["summary"]]),
                                     "prediction": results["1-shot"].predictions[1], "setting": "1-shot"}
 
     report = paths["report"].read_text()
     assert report.startswith("# Evaluation report")
     table_rows = [line for line in report.splitlines() if line.startswith("| ")]
-    assert table_rows[0] == "| setting | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | Exact match |"
-    assert table_rows[1] == ("| 0-shot | " + " | ".join(
-        f"{results['0-shot'].scores[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
-        + f" | {results['0-shot'].scores['bleu']:.2f} | {results['0-shot'].scores['exact_match']:.4f} |")
-    assert table_rows[3] == "| id | input | reference | 0-shot | 1-shot |"
-    example_rows = table_rows[4:]
+    assert table_rows[0] == "| setting | references | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | Exact match |"
+    for row, (label, suffix) in zip(table_rows[1:3], (("all", ""), ("first", "_first_ref"))):
+        scores = results["0-shot"].scores
+        assert row == (f"| 0-shot | {label} | " + " | ".join(
+            f"{scores[k + suffix]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
+            + f" | {scores['bleu' + suffix]:.2f} | {scores['exact_match' + suffix]:.4f} |")
+    assert table_rows[5] == "| id | input | reference | 0-shot | 1-shot |"
+    example_rows = table_rows[6:]
     assert len(example_rows) == 2
     first = example_rows[0].split(" | ")
     assert first[0] == f"| {examples[0]['id']}"
@@ -277,7 +296,7 @@ def test_compare_shots_and_report_files(loaded, examples, tmp_path):
 def test_report_cells_escape_markdown(tmp_path, examples):
     from llmjax.evaluate import EvalResult
 
-    result = EvalResult(0, ["a"], ["p"], ["x | y\nz"], ["ref"], [0], score_predictions(["x | y\nz"], ["ref"]))
+    result = EvalResult(0, ["a"], ["p"], ["x | y\nz"], [["ref"]], [0], score_predictions(["x | y\nz"], ["ref"]))
     paths = write_report(tmp_path, [{"id": "a", "dialogue": "d | e", "summary": "ref"}], {"0-shot": result},
                          "summarize", {})
     assert "| a | d \\| e | ref | x \\| y<br>z |" in paths["report"].read_text()
@@ -285,11 +304,11 @@ def test_report_cells_escape_markdown(tmp_path, examples):
 
 def test_evaluate_errors(loaded, examples):
     _, (model, params, tokenizer) = loaded
-    with pytest.raises(ValueError, match="unknown prompt template 'nope'; choose one of summarize, "):
+    with pytest.raises(InputError, match="unknown prompt template 'nope'; choose one of summarize, "):
         evaluate_dataset(model, params, tokenizer, examples, "nope", generation_config=GREEDY)
-    with pytest.raises(ValueError, match="no examples to evaluate"):
+    with pytest.raises(InputError, match="no examples to evaluate"):
         evaluate_dataset(model, params, tokenizer, [], "summarize", generation_config=GREEDY)
-    with pytest.raises(ValueError, match="cannot select 3 shots from 2 candidate examples"):
+    with pytest.raises(InputError, match="cannot select 3 shots from 2 candidate examples"):
         evaluate_dataset(model, params, tokenizer, examples, "summarize", shots=3, generation_config=GREEDY)
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(InputError, match="batch_size must be >= 1"):
         generate_texts(model, params, tokenizer, ["x"], generation_config=GREEDY, batch_size=0)

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from llmjax.errors import DataError, InputError
 from llmjax.prompts import TEMPLATES, PromptTemplate, build_prompt, fit_prompt, select_shots
 
 SHOT_A = {"id": "a", "dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet."}
@@ -85,14 +86,14 @@ def test_truncation_keeps_the_most_words_that_fit():
 
 
 def test_budget_too_small_for_the_template_is_a_clear_error():
-    with pytest.raises(ValueError, match="needs 6 tokens without any dialogue, more than max_tokens=3"):
+    with pytest.raises(InputError, match="needs 6 tokens without any dialogue, more than max_tokens=3"):
         fit_prompt(TEMPLATES["summarize"], QUERY, count_tokens=count_words, max_tokens=3)
 
 
 def test_bad_inputs_name_the_problem():
-    with pytest.raises(KeyError, match="lacks field"):
+    with pytest.raises(DataError, match="lacks field"):
         build_prompt("summarize", {"id": "x", "text": "hi"})
-    with pytest.raises(KeyError, match="unknown prompt template 'nope'"):
+    with pytest.raises(InputError, match="unknown prompt template 'nope'"):
         build_prompt("nope", QUERY)
     with pytest.raises(ValueError, match="no \\{dialogue\\} slot"):
         PromptTemplate("bad", "Summarize: {text}")
@@ -107,5 +108,5 @@ def test_select_shots_is_deterministic_and_excludes_the_query():
     assert len({e["id"] for e in first}) == 3
     assert select_shots(pool, 3, seed=8) != first
     assert all(e["id"] != "e5" for seed in range(50) for e in select_shots(pool, 19, seed=seed, exclude_id="e5"))
-    with pytest.raises(ValueError, match="cannot select 20 shots from 19"):
+    with pytest.raises(InputError, match="cannot select 20 shots from 19"):
         select_shots(pool, 20, seed=0, exclude_id="e0")

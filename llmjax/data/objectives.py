@@ -227,13 +227,35 @@ def decoder_instruction_example(
     The first position that predicts a target token is the last prompt token's, so exactly
     ``len(target) + 1`` weights are 1 (target and eos).
     """
-    prefix = ([] if bos_id is None else [bos_id]) + list(_as_tokens(prompt_ids))
-    target = _as_tokens(target_ids)
-    if not prefix:
+    return decoder_turns_example([(prompt_ids, False), (target_ids, True)], eos_id, bos_id)
+
+
+def decoder_turns_example(
+    pieces: Sequence[tuple[Sequence[int] | np.ndarray, bool]],
+    eos_id: int,
+    bos_id: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Causal LM over ``[bos] + piece_1 + piece_2 + ...`` with loss only on the pieces marked trained.
+
+    ``pieces`` are ``(token ids, trained)`` in order: prompts and chat headers untrained, responses and
+    assistant turns trained. Every trained piece is followed by ``eos`` (trained too), so the model learns
+    where its turn ends. A weight is 1 exactly where the *target* token belongs to a trained piece.
+    """
+    tokens, trained = ([] if bos_id is None else [bos_id]), ([] if bos_id is None else [False])
+    for ids, is_trained in pieces:
+        ids = _as_tokens(ids).tolist() + ([eos_id] if is_trained else [])
+        tokens += ids
+        trained += [is_trained] * len(ids)
+    if not any(trained):
+        raise ValueError("decoder example has no trained piece (no response or assistant turn)")
+    if not trained.index(True):
         raise ValueError("decoder-only instruction example needs a non-empty prompt or a bos_id to predict from")
-    example = causal_lm_example(np.concatenate([np.asarray(prefix, dtype=np.int32), target]), eos_id=eos_id)
-    example["decoder_loss_weights"][: len(prefix) - 1] = 0
-    return example
+    tokens_array = np.asarray(tokens, dtype=np.int32)
+    return {
+        "decoder_input_tokens": tokens_array[:-1],
+        "decoder_target_tokens": tokens_array[1:],
+        "decoder_loss_weights": np.asarray(trained[1:], dtype=np.int32),
+    }
 
 
 def render_template(template: str, example: Mapping[str, object]) -> str:
@@ -251,14 +273,14 @@ def instruction_example(
     target_template: str,
     encode: Callable[[str], Sequence[int]],
     eos_id: int,
-    family: str,
+    batch_format: str,
     bos_id: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Render both templates, encode them, and build seq2seq (``family="t5"``) or decoder-only features."""
+    """Render both templates, encode them, and build ``"seq2seq"`` or ``"causal"`` (decoder-only) features."""
     prompt_ids = encode(render_template(prompt_template, example))
     target_ids = encode(render_template(target_template, example))
-    if family == "t5":
+    if batch_format == "seq2seq":
         return seq2seq_instruction_example(prompt_ids, target_ids, eos_id)
-    if family == "decoder":
+    if batch_format == "causal":
         return decoder_instruction_example(prompt_ids, target_ids, eos_id, bos_id)
-    raise ValueError(f"family must be 't5' or 'decoder', got {family!r}")
+    raise ValueError(f"batch_format must be 'seq2seq' or 'causal', got {batch_format!r}")

@@ -4,7 +4,7 @@ A *source* is random access: ``len(source)`` and ``source[i] -> dict`` (one raw 
 ``{"text": ...}``). Random access is what makes shuffling and exact resumption cheap: the
 iterator's whole state is ``(epoch, position, offset, seed)``.
 
-Sources here: JSONL, Parquet (pyarrow), Hugging Face ``datasets`` on local files or a saved dataset
+Sources here: JSONL, plain text, Parquet (pyarrow), Hugging Face ``datasets`` on local files or a saved dataset
 directory, TFDS / seqio (optional extra), ``MappedSource`` (per-source field mapping) and ``Mixture``
 (weighted sampling across sources). ``DataIterator`` runs source -> ``example_fn`` (tokenize + objective)
 -> packing into ``[batch, length]`` int32 batches named as in ``llmjax.batch``.
@@ -20,12 +20,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from llmjax.data.packing import RowPacker
+from llmjax.errors import DataError, InputError, InputNotFoundError
 
 SEQIO_HINT = "pip install 'llmjax[seqio]'"
 
 
 class Source(Protocol):
-    """Random-access examples: ``len(source)`` and ``source[i] -> dict``."""
+    """Random-access examples: ``len(source)`` and ``source[i] -> dict``.
+
+    File sources take ``fields``: the text fields the pipeline reads; each row must hold each of them
+    as a string, and the source returns only those (None: whole rows, unchecked).
+    """
 
     def __len__(self) -> int: ...
 
@@ -33,27 +38,35 @@ class Source(Protocol):
 
 
 def _require_fields(example: Mapping[str, Any], fields: Sequence[str] | None, where: str) -> dict[str, Any]:
-    """The example restricted to ``fields`` (all of it if None); a missing or null field names ``where``."""
+    """The example restricted to ``fields`` (all of it if None); each must be present and a string."""
     if fields is None:
         return dict(example)
     for field in fields:
-        if example.get(field) is None:
-            raise KeyError(f"{where} has no field {field!r} (it has {sorted(example)})")
+        value = example.get(field)
+        if value is None:
+            raise DataError(f"{where} has no field {field!r} (it has {sorted(example)})")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r:.60}")
     return {field: example[field] for field in fields}
 
 
 def _existing_file(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{kind} file {path} does not exist")
+        raise InputNotFoundError(f"{kind} file {path} does not exist")
     return path
 
 
-def _check_columns(columns: Sequence[str], fields: Sequence[str] | None, name: str) -> None:
-    """Columnar sources know up front that a field is absent from every row: say so at construction."""
-    absent = [field for field in fields or () if field not in columns]
-    if absent:
-        raise KeyError(f"{name} row 0 has no field {absent[0]!r} (columns: {list(columns)})")
+def _check_columns(columns: Mapping[str, bool], fields: Sequence[str] | None, name: str) -> None:
+    """Columnar sources know up front that a field is absent from every row, or not text: say so at construction.
+
+    ``columns``: column name -> whether it holds strings.
+    """
+    for field in fields or ():
+        if field not in columns:
+            raise DataError(f"{name} row 0 has no field {field!r} (columns: {list(columns)})")
+        if not columns[field]:
+            raise DataError(f"{name}: field {field!r} must be a string column")
 
 
 def _check_index(index: int, length: int, what: str) -> int:
@@ -62,11 +75,11 @@ def _check_index(index: int, length: int, what: str) -> int:
     return index % length
 
 
-class JsonlSource:
-    """One JSON object per line; blank lines are skipped. Rows are read by byte offset, not held in memory."""
+class _LineFile:
+    """The non-blank lines of a UTF-8 file, indexed by byte offset (rows are read on demand, not held)."""
 
-    def __init__(self, path: str | Path, fields: Sequence[str] | None = None):
-        self.path, self.fields = _existing_file(path, "JSONL"), fields
+    def __init__(self, path: str | Path, kind: str):
+        self.path = _existing_file(path, kind)
         self._offsets: list[int] = []  # byte offset of each non-blank line
         self._line_numbers: list[int] = []
         with self.path.open("rb") as f:
@@ -75,24 +88,73 @@ class JsonlSource:
                 if line.strip():
                     self._offsets.append(offset)
                     self._line_numbers.append(line_number)
+                    self._check_line(self._decode(line, line_number), self._where(len(self._offsets) - 1))
                 offset += len(line)
+
+    def _check_line(self, text: str, where: str) -> None:
+        """Raise ``DataError`` if the row is unusable; called for every row when the file is opened."""
+
+    def _where(self, index: int) -> str:
+        return f"{self.path} line {self._line_numbers[index]} (row {index})"
+
+    def _decode(self, line: bytes, line_number: int) -> str:
+        try:
+            return line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self.path} line {line_number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _line(self, index: int) -> tuple[str, str]:
+        """``(text, where)`` of row ``index``."""
         index = _check_index(index, len(self), str(self.path))
-        where = f"{self.path} line {self._line_numbers[index]} (row {index})"
         with self.path.open("rb") as f:
             f.seek(self._offsets[index])
             line = f.readline()
+        return self._decode(line, self._line_numbers[index]), self._where(index)
+
+
+class TextSource(_LineFile):
+    """A plain text file, one document per non-blank line: ``source[i] == {field: line}``."""
+
+    def __init__(self, path: str | Path, field: str = "text"):
+        self.field = field
+        super().__init__(path, "text")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        text, _ = self._line(index)
+        return {self.field: text}
+
+
+class JsonlSource(_LineFile):
+    """One JSON object per line; blank lines are skipped. Every row is checked when the file is opened
+    (JSON object, ``fields`` present and strings), so a bad row stops a run before it starts, naming the
+    file, the line and the field; rows are then read by byte offset, not held in memory."""
+
+    def __init__(self, path: str | Path, fields: Sequence[str] | None = None):
+        self.fields = fields
+        super().__init__(path, "JSONL")
+
+    def _parse(self, text: str, where: str) -> dict[str, Any]:
         try:
-            example = json.loads(line)
+            example = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where} is not valid JSON: {error.msg}") from None
+            raise DataError(f"{where} is not valid JSON: {error.msg} (column {error.colno})") from None
         if not isinstance(example, dict):
-            raise ValueError(f"{where} is a JSON {type(example).__name__}, expected an object")
+            raise DataError(f"{where} is a JSON {type(example).__name__}, expected an object")
         return _require_fields(example, self.fields, where)
+
+    def _check_line(self, text: str, where: str) -> None:
+        self._parse(text, where)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._parse(*self._line(index))
+
+
+def file_source(path: str | Path, field: str = "text") -> JsonlSource | TextSource:
+    """Documents of a user's file: ``.jsonl`` rows' ``field``, any other file's non-blank lines."""
+    return JsonlSource(path, [field]) if Path(path).suffix == ".jsonl" else TextSource(path, field)
 
 
 class ParquetSource:
@@ -101,8 +163,12 @@ class ParquetSource:
     def __init__(self, path: str | Path, fields: Sequence[str] | None = None):
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
         self.path, self.fields = _existing_file(path, "Parquet"), fields
-        _check_columns(pq.read_schema(self.path).names, fields, str(self.path))
+        schema = pq.read_schema(self.path)
+        _check_columns({f.name: pa.types.is_string(f.type) or pa.types.is_large_string(f.type) for f in schema},
+                       fields, str(self.path))
         self._table = pq.read_table(self.path, columns=list(fields) if fields else None)
 
     def __len__(self) -> int:
@@ -119,7 +185,9 @@ class HFDatasetSource:
 
     def __init__(self, dataset: Any, fields: Sequence[str] | None = None, name: str = "dataset"):
         self.dataset, self.fields, self.name = dataset, fields, name
-        _check_columns(dataset.column_names, fields, name)
+        features = dataset.features
+        _check_columns({column: getattr(features[column], "dtype", None) in ("string", "large_string")
+                        for column in dataset.column_names}, fields, name)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -144,20 +212,22 @@ def hf_dataset_source(
     paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
     name = ", ".join(paths)
     if format == "disk":
+        if not Path(paths[0]).is_dir():
+            raise InputNotFoundError(f"dataset directory {paths[0]} does not exist (format 'disk' reads a save_to_disk directory)")
         dataset = datasets.load_from_disk(paths[0])
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
-                raise KeyError(f"{name} has splits {sorted(dataset)}, not {split!r}")
+                raise InputError(f"{name} has splits {sorted(dataset)}, not {split!r}")
             dataset = dataset[split]
     elif format in ("json", "parquet"):
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
-            raise FileNotFoundError(f"data file(s) {missing} do not exist")
+            raise InputNotFoundError(f"data file(s) {missing} do not exist")
         dataset = datasets.load_dataset(
             format, data_files=paths, split=split, cache_dir=None if cache_dir is None else str(cache_dir)
         )
     else:
-        raise ValueError(f"format must be 'json', 'parquet' or 'disk', got {format!r}")
+        raise InputError(f"format must be 'json', 'parquet' or 'disk', got {format!r}")
     return HFDatasetSource(dataset, fields, name)
 
 
@@ -311,9 +381,6 @@ class DataIterator:
             raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if batch_size % process_count:
-            raise ValueError(f"global batch_size {batch_size} is not divisible by the {process_count} processes; "
-                             "change train.batch_size")
         self.source, self.example_fn = source, example_fn
         self.batch_size, self.decoder_length, self.encoder_length = batch_size, decoder_length, encoder_length
         self.pack, self.truncate, self.seed, self.shuffle = pack, truncate, seed, shuffle
@@ -342,7 +409,7 @@ class DataIterator:
         mine = self.state()
         for key in ("seed", "num_examples"):
             if key in state and state[key] != mine[key]:
-                raise ValueError(
+                raise InputError(
                     f"iterator state has {key}={state[key]} but this iterator has {key}={mine[key]}; "
                     "restore into an iterator built with the same source and seed"
                 )
@@ -401,4 +468,5 @@ class DataIterator:
             self._position, self._offset, self._pending = self._position + 1, 0, None
             rows_without_examples += 1
             if rows_without_examples > len(order):
-                raise ValueError("example_fn returned no examples for a whole epoch; check it and the source")
+                raise DataError("no example in a whole epoch of the data: every document is empty or too short; "
+                                "check the source (and example_fn)")

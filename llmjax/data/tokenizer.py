@@ -17,11 +17,12 @@ import base64
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
 from llmjax.errors import UserError
 
 SPIECE_NAME = "spiece.model"
@@ -82,8 +83,11 @@ class Tokenizer:
             )
         if num_extra_ids is None:
             config_file = model_file.parent / "tokenizer_config.json"
-            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-            num_extra_ids = int(config.get("extra_ids", DEFAULT_NUM_EXTRA_IDS))
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+                num_extra_ids = int(config.get("extra_ids", DEFAULT_NUM_EXTRA_IDS))
+            except (ValueError, AttributeError, TypeError) as e:  # not JSON, not an object, extra_ids not a number
+                raise TokenizerError(f"{config_file}: unreadable tokenizer config ({e})") from None
         try:
             return cls(model_file.read_bytes(), num_extra_ids)
         except RuntimeError as e:  # sentencepiece's parse failure
@@ -237,24 +241,6 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- training
-def read_texts(files: Iterable[str | Path]) -> Iterator[str]:
-    """Texts of files: ``.jsonl`` yields each line's ``"text"`` field, any other file each non-empty line."""
-    for file in map(Path, files):
-        if not file.is_file():
-            raise TokenizerError(f"{file}: no such file; pass text or JSONL files with a 'text' field")
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if file.suffix != ".jsonl":
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise TokenizerError(f"{file}:{number}: expected a JSON object with a 'text' field") from None
-
-
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, model_type: str = "unigram",
                     num_extra_ids: int = DEFAULT_NUM_EXTRA_IDS, seed: int = 0,
                     character_coverage: float = 1.0, num_threads: int = 1) -> Tokenizer:

@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from llmjax.errors import InputError, InputNotFoundError
+
 # Hugging Face generation keys that do not change the tokens: ignored silently.
 HF_METADATA_KEYS = frozenset({
     "transformers_version", "_from_model_config", "bos_token_id", "use_cache",
@@ -79,7 +81,7 @@ class GenerationConfig:
 
     def _validate(self) -> None:
         def fail(message: str):
-            raise ValueError(f"GenerationConfig: {message}")
+            raise InputError(f"GenerationConfig: {message}")
 
         for name in ("max_new_tokens", "max_length"):
             value = getattr(self, name)
@@ -125,7 +127,7 @@ class GenerationConfig:
             return self.max_new_tokens
         max_length = 20 if self.max_length is None else self.max_length  # HF's default
         if max_length <= prompt_length:
-            raise ValueError(
+            raise InputError(
                 f"GenerationConfig: max_length={max_length} leaves no room after a prompt of "
                 f"{prompt_length} tokens; set max_new_tokens instead"
             )
@@ -146,8 +148,13 @@ class GenerationConfig:
             if path.is_dir():
                 path = path / "generation_config.json"
             if not path.is_file():
-                raise FileNotFoundError(f"no generation config at {path}; expected a generation_config.json")
-            data = json.loads(path.read_text())
+                raise InputNotFoundError(f"no generation config at {path}; expected a generation_config.json")
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise InputError(f"{path}: expected a JSON object of generation settings, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs, changed = {}, []
         for key, value in data.items():
@@ -161,7 +168,7 @@ class GenerationConfig:
             else:
                 close = difflib.get_close_matches(key, sorted(fields | HF_METADATA_KEYS | set(HF_UNSUPPORTED_KEYS)), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"GenerationConfig.from_hf: unknown key {key!r}{hint}")
+                raise InputError(f"GenerationConfig.from_hf: unknown key {key!r}{hint}")
         if changed:
             warnings.warn(
                 "GenerationConfig.from_hf: llmjax does not implement " + ", ".join(changed)

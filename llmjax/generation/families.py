@@ -1,6 +1,8 @@
-"""How each model family runs under the decoding loop: prefill once, then one token per step.
+"""How each kind of model runs under the decoding loop: prefill once, then one token per step.
 
-A family adapter offers three pure functions, all traced inside the one jitted loop:
+One adapter per kind (``Family.seq2seq`` of ``llmjax.models.family``): encoder-decoder models
+offer ``encode``/``decode`` methods like ``T5``; decoder-only models take ``positions`` and a
+key mask like ``Decoder``. An adapter offers three pure functions, all traced inside the one jitted loop:
 
 * ``prefill(model, params, input_ids, attention_mask, copies, max_new_tokens,
   decoder_start_token_id)`` -> ``(logits [B * copies, V] fp32, cache, context)``: runs the prompt once (T5: the
@@ -19,9 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llmjax.models import family_of
+from llmjax.models import model_family
 from llmjax.models.decoder import default_positions
-from llmjax.models.t5 import T5
 
 
 def _repeat_rows(tree, copies: int):
@@ -31,7 +32,7 @@ def _repeat_rows(tree, copies: int):
 
 
 class EncoderDecoderFamily:
-    """T5: the decoder starts from ``decoder_start_token_id`` at cache slot 0."""
+    """Encoder-decoder (T5): the decoder starts from ``decoder_start_token_id`` at cache slot 0."""
 
     @staticmethod
     def prefix(input_ids: jax.Array, decoder_start_token_id: int) -> jax.Array:
@@ -39,7 +40,7 @@ class EncoderDecoderFamily:
 
     @staticmethod
     def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id):
-        encoded = model.apply({"params": params}, input_ids, attention_mask, method=T5.encode)
+        encoded = model.apply({"params": params}, input_ids, attention_mask, method="encode")
         encoded, encoder_mask = _repeat_rows((encoded, attention_mask), copies)
         rows = encoded.shape[0]
         # Slot 0 holds the start token; new token i (0-based) is fed at slot i + 1.
@@ -47,7 +48,7 @@ class EncoderDecoderFamily:
         start = jnp.full((rows, 1), decoder_start_token_id, jnp.int32)
         logits, variables = model.apply(
             {"params": params, "cache": cache}, start, encoded, encoder_mask, None,
-            decode=True, cache_index=0, method=T5.decode, mutable=["cache"],
+            decode=True, cache_index=0, method="decode", mutable=["cache"],
         )
         return logits[:, -1], variables["cache"], {"encoder_mask": encoder_mask}
 
@@ -55,7 +56,7 @@ class EncoderDecoderFamily:
     def step(model, params, cache, context, tokens, step):
         logits, variables = model.apply(
             {"params": params, "cache": cache}, tokens[:, None], None, context["encoder_mask"], None,
-            decode=True, cache_index=step + 1, method=T5.decode, mutable=["cache"],
+            decode=True, cache_index=step + 1, method="decode", mutable=["cache"],
         )
         return logits[:, -1], variables["cache"]
 
@@ -102,9 +103,6 @@ class DecoderOnlyFamily:
         return logits[:, -1], variables["cache"]
 
 
-FAMILIES = {"t5": EncoderDecoderFamily, "decoder": DecoderOnlyFamily}
-
-
 def family_for(model):
     """The adapter for a model built by ``llmjax.models.build_model``."""
-    return FAMILIES[family_of(model.config)]
+    return EncoderDecoderFamily if model_family(model.config).seq2seq else DecoderOnlyFamily

@@ -6,7 +6,8 @@ A family module (``llmjax.hf.t5``, ``llmjax.hf.llama``) provides:
   ``config_from_hf(d)``   HF config dict -> llmjax config (clear error if unsupported)
   ``config_to_hf(c)``     llmjax config -> HF config dict
   ``build_model(c)``      llmjax config -> flax module
-  ``params_from_hf(tensors, c)`` / ``params_to_hf(params, c)``  the mapping table, with shape checks
+  ``weight_map(c)``       llmjax config -> :class:`llmjax.hf.mapping.WeightMap`, the family's table
+                          expanded for ``c``; the engine in :mod:`llmjax.hf.mapping` applies it
   ``generation_config_to_hf(c)``  optional: dict written as ``generation_config.json``
 """
 
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 
 from llmjax.hf.io import CheckpointError, read_config, read_tensors, write_model_dir
+from llmjax.hf.mapping import WeightMap, export_params, import_tensors
 
 FAMILY_MODULES = ("llmjax.hf.t5", "llmjax.hf.llama")
 
@@ -47,6 +49,21 @@ def family_for_config(config) -> ModuleType:
     raise TypeError(f"no Hugging Face mapping for model config of type {type(config).__name__}")
 
 
+def weight_map(config) -> WeightMap:
+    """The HF name of every param of the (unscanned) model ``config`` builds, and the reverse."""
+    return family_for_config(config).weight_map(config)
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
+    """HF tensors (name -> array) -> unscanned llmjax params (nested dict, the tensors' dtype)."""
+    return import_tensors(tensors, weight_map(config))
+
+
+def params_to_hf(params: dict, config) -> dict[str, np.ndarray]:
+    """Unscanned llmjax params (nested dict of host arrays) -> HF tensors (name -> contiguous numpy array)."""
+    return export_params(params, weight_map(config))
+
+
 def from_pretrained(path: str | Path, **config_overrides):
     """Read a local Hugging Face directory -> ``(model, params)``; params are fp32 numpy-backed jax arrays.
 
@@ -64,7 +81,7 @@ def from_pretrained(path: str | Path, **config_overrides):
             )
         config = dataclasses.replace(config, **config_overrides)
     tensors = read_tensors(path)
-    params = family.params_from_hf(tensors, config)
+    params = params_from_hf(tensors, config)
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.dtype(config.param_dtype)), params)
     return family.build_model(config), params
 
@@ -73,11 +90,14 @@ def save_pretrained(model, params, path: str | Path) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads with the same logits."""
     family = family_for_config(model.config)
     host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
-    tensors = family.params_to_hf(host_params, model.config)
+    tensors = params_to_hf(host_params, model.config)
     write_model_dir(path, family.config_to_hf(model.config), tensors)
     if hasattr(family, "generation_config_to_hf"):
         generation = family.generation_config_to_hf(model.config)
         (Path(path) / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["CheckpointError", "from_pretrained", "save_pretrained", "family_for_model_type"]
+__all__ = [
+    "CheckpointError", "from_pretrained", "save_pretrained", "family_for_model_type", "weight_map",
+    "params_from_hf", "params_to_hf",
+]

@@ -7,25 +7,23 @@ into a model that would silently compute something different.
 
 from __future__ import annotations
 
-import re
 import warnings
 
-import flax.linen as nn
-import jax
-import numpy as np
-from flax import traverse_util
-
 from llmjax.hf.io import CheckpointError
+from llmjax.hf.mapping import WeightMap, expand, param_shapes
 from llmjax.models.decoder import Decoder, DecoderConfig
 
 MODEL_TYPES = ("llama",)
 CONFIG_CLASS = DecoderConfig
 
-# HF tensor name -> llmjax param path, and whether the matrix is transposed on the way
-# (torch Linear.weight is [out, in]; llmjax kernels are [in, out]). "{i}" is the layer index.
-# lm_head.weight exists only for untied embeddings.
-PARAM_TABLE: tuple[tuple[str, str, bool], ...] = (
+# The weight table (data; llmjax.hf.mapping does the rest): (HF name, llmjax path, transpose).
+# "{i}" is the layer index. lm_head.weight exists only for untied embeddings.
+_MODEL = (
     ("model.embed_tokens.weight", "embed/embedding", False),
+    ("model.norm.weight", "final_norm/scale", False),
+)
+_UNTIED_HEAD = (("lm_head.weight", "lm_head/kernel", True),)
+_LAYER = (
     ("model.layers.{i}.input_layernorm.weight", "layers_{i}/pre_attention_norm/scale", False),
     ("model.layers.{i}.self_attn.q_proj.weight", "layers_{i}/self_attention/q/kernel", True),
     ("model.layers.{i}.self_attn.k_proj.weight", "layers_{i}/self_attention/k/kernel", True),
@@ -35,12 +33,11 @@ PARAM_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.layers.{i}.mlp.gate_proj.weight", "layers_{i}/mlp/wi_0/kernel", True),
     ("model.layers.{i}.mlp.up_proj.weight", "layers_{i}/mlp/wi_1/kernel", True),
     ("model.layers.{i}.mlp.down_proj.weight", "layers_{i}/mlp/wo/kernel", True),
-    ("model.norm.weight", "final_norm/scale", False),
-    ("lm_head.weight", "lm_head/kernel", True),
 )
-
 # Buffers some older checkpoints carry; they are recomputed, not learned.
-IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_IGNORED = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+# config.json keys that decide which tensors exist (named when a checkpoint does not match).
+_SHAPE_KEYS = ("num_hidden_layers", "tie_word_embeddings")
 
 REQUIRED_CONFIG_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -102,7 +99,7 @@ def config_from_hf(hf: dict) -> DecoderConfig:
 def config_to_hf(config: DecoderConfig) -> dict:
     """:class:`DecoderConfig` -> config.json dict that ``transformers.LlamaConfig`` reads."""
     if config.hidden_act not in ("silu", "swish"):
-        raise ValueError(
+        raise CheckpointError(
             f"DecoderConfig.hidden_act={config.hidden_act!r} cannot be exported as a llama model; "
             "Hugging Face llama checkpoints use 'silu'"
         )
@@ -128,91 +125,12 @@ def build_model(config: DecoderConfig) -> Decoder:
     return Decoder(config)
 
 
-# ----------------------------------------------------------------------------
-# Weights
-# ----------------------------------------------------------------------------
-
-def _table(config: DecoderConfig) -> list[tuple[str, str, bool]]:
-    """PARAM_TABLE expanded over layers, without lm_head for tied embeddings."""
-    rows = []
-    for hf_name, path, transpose in PARAM_TABLE:
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if "{i}" in hf_name:
-            rows += [(hf_name.format(i=i), path.format(i=i), transpose) for i in range(config.num_hidden_layers)]
-        else:
-            rows.append((hf_name, path, transpose))
-    return rows
-
-
-def _expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """llmjax path -> parameter shape, from the module itself (nothing is computed)."""
-    model = Decoder(config)
-    abstract = jax.eval_shape(
-        lambda: nn.meta.unbox(model.init(jax.random.key(0), np.ones((1, 1), np.int32))["params"])
+def weight_map(config: DecoderConfig) -> WeightMap:
+    """Every HF tensor of ``config``'s model and its llmjax param (see :mod:`llmjax.hf.mapping`)."""
+    rows = expand(_MODEL + (() if config.tie_word_embeddings else _UNTIED_HEAD))
+    rows += expand(_LAYER, i=range(config.num_hidden_layers))
+    return WeightMap(
+        family="llama", rows=tuple(rows), shapes=param_shapes(config), ignored=_IGNORED, config_keys=_SHAPE_KEYS,
+        # Some writers store the tied head anyway; it is accepted only if it really is the embedding.
+        tied={"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {},
     )
-    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
-
-
-def _check_table_covers_model(rows, expected) -> None:
-    table_paths = {path for _, path, _ in rows}
-    if table_paths != set(expected):  # a bug in the table, not in the user's files
-        raise AssertionError(f"llama table and Decoder params differ: {sorted(table_paths ^ set(expected))}")
-
-
-def _hf_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if transpose else tuple(shape)
-
-
-def params_from_hf(tensors: dict[str, np.ndarray], config: DecoderConfig) -> dict:
-    """HF tensors (name -> ``[out, in]`` array) -> llmjax params (nested dict of numpy arrays)."""
-    rows = _table(config)
-    expected = _expected_shapes(config)
-    _check_table_covers_model(rows, expected)
-    names = {hf_name for hf_name, _, _ in rows}
-    if config.tie_word_embeddings and "lm_head.weight" in tensors:
-        # Some writers store the tied head anyway; accept it only if it really is the embedding.
-        if not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(tensors.get("model.embed_tokens.weight"))):
-            raise CheckpointError(
-                "config.json has tie_word_embeddings=true but lm_head.weight differs from "
-                "model.embed_tokens.weight; set tie_word_embeddings=false in config.json"
-            )
-        names.add("lm_head.weight")
-    missing = sorted(names - set(tensors))
-    if missing:
-        raise CheckpointError(f"llama checkpoint is missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    unexpected = sorted(n for n in set(tensors) - names if not IGNORED_HF_TENSORS.fullmatch(n))
-    if unexpected:
-        raise CheckpointError(
-            f"llama checkpoint has tensors llmjax does not know: {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}; is config.json (num_hidden_layers, "
-            "tie_word_embeddings) the one these weights were saved with?"
-        )
-    flat = {}
-    for hf_name, path, transpose in rows:
-        tensor = np.asarray(tensors[hf_name])
-        want = _hf_shape(expected[path], transpose)
-        if tensor.shape != want:
-            raise CheckpointError(f"{hf_name} has shape {tensor.shape}, config.json implies {want}")
-        flat[path] = tensor.T if transpose else tensor
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def params_to_hf(params: dict, config: DecoderConfig) -> dict[str, np.ndarray]:
-    """llmjax params (nested dict) -> HF tensors (name -> numpy ``[out, in]``)."""
-    rows = _table(config)
-    expected = _expected_shapes(config)
-    _check_table_covers_model(rows, expected)
-    flat = {path: np.asarray(value) for path, value in traverse_util.flatten_dict(params, sep="/").items()}
-    missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"params do not match the decoder config: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
-    tensors = {}
-    for hf_name, path, transpose in rows:
-        value = flat[path]
-        if value.shape != expected[path]:
-            raise ValueError(f"param {path} has shape {value.shape}, the config implies {expected[path]}")
-        tensors[hf_name] = value.T if transpose else value
-    return tensors

@@ -1,4 +1,4 @@
-"""Model families: a registry from family name to (config class, module class)."""
+"""Model families (records in ``llmjax.models.family``): build a module from its config, init its params."""
 
 from __future__ import annotations
 
@@ -6,27 +6,19 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from llmjax.model_config import MODEL_CONFIGS, DecoderConfig, T5Config, family_of  # noqa: F401 (re-exported)
+from llmjax.models.family import FAMILIES, Family, model_family, step_flops  # noqa: F401 (re-exported)
 
 
 def build_model(config) -> nn.Module:
     """Model config dataclass -> flax module (``T5`` or ``Decoder``)."""
-    family = family_of(config)
-    if family == "t5":
-        from llmjax.models.t5 import T5
-
-        return T5(config)
-    from llmjax.models.decoder import Decoder
-
-    return Decoder(config)
+    return model_family(config).module()(config)
 
 
 def dummy_inputs(config, batch: int = 1, length: int = 8) -> tuple[jax.Array, ...]:
     """Positional arguments that ``model.init`` needs to build every parameter."""
-    ids = jnp.ones((batch, length), jnp.int32)
-    return (ids, ids) if family_of(config) == "t5" else (ids,)
+    return model_family(config).dummy_inputs(batch, length)
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> dict:

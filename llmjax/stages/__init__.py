@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from llmjax.config import RunConfig
+from llmjax.config import ConfigError, RunConfig
 
 # data.objective -> stage module (under llmjax.stages) that trains with it
 STAGE_FOR_OBJECTIVE = {"span_corruption": "pretrain", "causal_lm": "pretrain"}
@@ -22,10 +22,14 @@ def run_stage(config: RunConfig, *, progress: bool = True) -> dict:
     from llmjax.sharding import initialize_distributed
 
     initialize_distributed()
+    import jax
+
+    # A bad mesh or batch for these devices fails here, before the stage writes anything.
+    config = config.for_devices(jax.device_count(), jax.process_count())
 
     objective = config.data.objective
     if objective not in STAGE_FOR_OBJECTIVE:
-        raise ValueError(
+        raise ConfigError(
             f"no training stage handles data.objective={objective!r} yet; available: {sorted(STAGE_FOR_OBJECTIVE)}"
         )
     stage = importlib.import_module(f"llmjax.stages.{STAGE_FOR_OBJECTIVE[objective]}")

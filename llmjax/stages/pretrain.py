@@ -21,15 +21,15 @@ from typing import Callable
 import jax
 import numpy as np
 
-from llmjax.config import RunConfig, dump_config
+from llmjax.config import ConfigError, RunConfig, dump_config
 from llmjax.data.objectives import causal_lm_example, span_corruption_budget, span_corruption_example
-from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, hf_dataset_source, tfds_source
+from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, TextSource, hf_dataset_source, tfds_source
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
-from llmjax.models import build_model
-from llmjax.train.lm_loss import LOSS_FNS
+from llmjax.models import build_model, model_family
+from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import Stage, train
 
-OBJECTIVES = {"t5": "span_corruption", "decoder": "causal_lm"}
+OBJECTIVES = {True: "span_corruption", False: "causal_lm"}  # Family.seq2seq -> the pre-training objective
 BUNDLED_DOCUMENTS = {"corpus": (10_000, 0), "corpus_heldout": (500, 1)}  # name -> (documents, seed)
 TOKENIZER_TRAINING_DOCUMENTS = 5_000
 
@@ -41,39 +41,43 @@ def run(config: RunConfig, *, progress: bool = True) -> dict:
 
 def build_stage(config: RunConfig) -> Stage:
     """The pre-training stage of ``config``: model, loss, data iterators, tokenizer."""
-    family, dc = config.family, config.data
-    if dc.objective != OBJECTIVES[family]:
-        raise ValueError(
-            f"data.objective={dc.objective!r} does not pre-train a {family} model; use {OBJECTIVES[family]!r}"
+    family, dc = model_family(config.model), config.data
+    if dc.objective != OBJECTIVES[family.seq2seq]:
+        raise ConfigError(
+            f"data.objective={dc.objective!r} does not pre-train a {family.name} model; "
+            f"use {OBJECTIVES[family.seq2seq]!r}"
         )
+    # Everything the user named is read and checked before the run writes anything: a run that fails
+    # on its config or its data leaves no output directory behind.
+    if family.seq2seq:
+        _span_corruption_chunk(config)
+    train_source = build_source(dc.kind, dc.source, dc.text_field)
+    eval_source = build_source(dc.kind, dc.eval_source, dc.text_field) if dc.eval_source else None
+    tokenizer, tokenizer_dir = load_or_train_tokenizer(config, train_source)
+    check_vocab(tokenizer, config.model)
+    model = build_model(config.model)
+    example_fn = _example_fn(config, tokenizer)
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         dump_config(config, output_dir / "config.yaml")
 
-    train_source = build_source(dc.kind, dc.source, dc.text_field)
-    tokenizer, tokenizer_dir = load_or_train_tokenizer(config, train_source)
-    check_vocab(tokenizer, config.model)
-    model = build_model(config.model)
-    example_fn = _example_fn(config, tokenizer)
-
     def iterator(source, **kwargs):
         # The global batch; each process keeps its rows, so the batches match a one-process run.
         return DataIterator(
             source, example_fn, batch_size=config.train.batch_size, decoder_length=dc.decoder_length,
-            encoder_length=dc.encoder_length if family == "t5" else None, pack=dc.packing,
+            encoder_length=dc.encoder_length if family.seq2seq else None, pack=dc.packing,
             seed=config.train.seed, process_index=jax.process_index(), process_count=jax.process_count(), **kwargs,
         )
 
     eval_data = None
-    if dc.eval_source:
-        eval_source = build_source(dc.kind, dc.eval_source, dc.text_field)
+    if eval_source is not None:
         eval_data = lambda: iterator(eval_source, shuffle=False, num_epochs=1)  # noqa: E731
 
     return Stage(
         name="pretrain",
         model=model,
-        loss_fn=LOSS_FNS[family](model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
+        loss_fn=lm_loss_fn(model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
         train_data=iterator(train_source),
         eval_data=eval_data,
         tokenizer=tokenizer,
@@ -87,17 +91,13 @@ def build_source(kind: str, source: str, text_field: str):
     """A random-access source of ``{text_field: str}`` documents."""
     if kind == "bundled":
         if source not in BUNDLED_DOCUMENTS:
-            raise ValueError(f"data.source={source!r} is not a bundled dataset; choose from {sorted(BUNDLED_DOCUMENTS)}")
+            raise ConfigError(f"data.source={source!r} is not a bundled dataset; choose from {sorted(BUNDLED_DOCUMENTS)}")
         from llmjax.data.bundled.corpus import generate_corpus
 
         count, seed = BUNDLED_DOCUMENTS[source]
         return [{text_field: text} for text in generate_corpus(count, seed)]
-    if kind == "text":
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.source={source!r}: no such text file (one document per line)")
-        return [{text_field: line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     builders: dict[str, Callable] = {
+        "text": lambda: TextSource(source, text_field),
         "jsonl": lambda: JsonlSource(source, [text_field]),
         "parquet": lambda: ParquetSource(source, [text_field]),
         "hf": lambda: hf_dataset_source(source, format=Path(source).suffix.lstrip(".") or "json", fields=[text_field]),
@@ -131,24 +131,30 @@ def load_or_train_tokenizer(config: RunConfig, train_source) -> tuple[Tokenizer,
 def check_vocab(tokenizer: Tokenizer, model_config) -> None:
     """Every token id must have an embedding row."""
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_config.vocab_size}; "
             f"set model.vocab_size >= {tokenizer.vocab_size} (or data.tokenizer_vocab_size <= "
             f"{model_config.vocab_size} when llmjax trains the tokenizer)"
         )
 
 
+def _span_corruption_chunk(config: RunConfig) -> int:
+    """Tokens of a document each span-corruption example takes; its targets must fit ``data.decoder_length``."""
+    dc = config.data
+    chunk, targets_length = span_corruption_budget(dc.encoder_length, dc.noise_density, dc.mean_noise_span_length)
+    if targets_length > dc.decoder_length:
+        raise ConfigError(
+            f"span corruption of {dc.encoder_length}-token inputs makes targets of {targets_length} tokens but "
+            f"data.decoder_length={dc.decoder_length}; set data.decoder_length >= {targets_length}"
+        )
+    return chunk
+
+
 def _example_fn(config: RunConfig, tokenizer: Tokenizer):
     """Raw document -> list of model examples that each fit the configured lengths."""
-    dc, family = config.data, config.family
-    text_field = dc.text_field
-    if family == "t5":
-        chunk, targets_length = span_corruption_budget(dc.encoder_length, dc.noise_density, dc.mean_noise_span_length)
-        if targets_length > dc.decoder_length:
-            raise ValueError(
-                f"span corruption of {dc.encoder_length}-token inputs makes targets of {targets_length} tokens but "
-                f"data.decoder_length={dc.decoder_length}; set data.decoder_length >= {targets_length}"
-            )
+    dc, text_field = config.data, config.data.text_field
+    if model_family(config.model).seq2seq:
+        chunk = _span_corruption_chunk(config)
         sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_extra_ids)]
         start_id = config.model.decoder_start_token_id
 

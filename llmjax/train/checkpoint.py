@@ -1,11 +1,8 @@
 """Checkpoints: orbax save/restore of the train state, data-iterator state and run metadata.
 
-Layout of ``checkpoint.dir``::
-
-    <step>/state/...              TrainState as a nested dict (orbax PyTree, sharded arrays)
-    <step>/data/...               data-iterator state (JSON)
-    <step>/meta/...               model family + config, tokenizer dir, stage (JSON)
-    <step>/llmjax_manifest.json   size and sha256 of every file above, written last
+The layout of ``checkpoint.dir`` and the reading of a step's parameters (what inference and the
+next stage need) live in ``llmjax.loading``, below the training code; this module writes steps
+and restores whole train states.
 
 Atomic: orbax writes a step into a temporary directory and renames it when complete,
 so a step directory either exists whole or not at all. The manifest is written after
@@ -20,10 +17,12 @@ is never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -34,16 +33,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llmjax.train.state import TrainState, merge_params
-from llmjax.errors import UserError
+from llmjax.errors import InputError, UserError
+from llmjax.loading import (  # noqa: F401 (MANIFEST, CheckpointCorruptError, model_meta re-exported)
+    MANIFEST, TOKENIZER_FILES, CheckpointCorruptError, ModelPathError, has_tokenizer, load_model, model_meta,
+    open_manager, read_checkpoint_params, sha256, step_files, verify_step_dir,
+)
+from llmjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "llmjax_manifest.json"
 
-
-class CheckpointCorruptError(UserError, ValueError):
-    """A checkpoint step is incomplete, truncated or corrupted."""
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint step could not be written (disk full, no permission); earlier steps are intact."""
 
 
 @dataclasses.dataclass
@@ -75,33 +76,32 @@ class Checkpointer:
         self.verify_on_restore = verify_on_restore
         self.async_save = async_save
         self._unfinished: int | None = None  # step written asynchronously, manifest not yet written
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=None, create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True,  # leftovers of a run killed while saving
-            ),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()},
-        )
+        self._manager = open_manager(self.directory, async_save=async_save)
 
     # -- saving -------------------------------------------------------------
     def save(self, state: TrainState, data_state: dict | None, meta: dict) -> Path:
-        """Write ``state`` at its step, then (once written) its manifest, then apply retention."""
+        """Write ``state`` at its step, then (once written) its manifest, then apply retention.
+
+        Raises ``CheckpointSaveError`` (one line: what failed, where, the last complete step) when the
+        disk cannot take the step: checked before writing, and for failures while writing.
+        """
         self.wait_until_finished()
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             if self.has_step(step):
                 return self.step_dir(step)  # the same step saved twice (e.g. final save after a periodic one)
             self._manager.delete(step)  # an incomplete leftover of this step: write it again
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
-                data=ocp.args.JsonSave({"per_process": _gather_from_processes(data_state or {})}),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
+        state_dict = flax.serialization.to_state_dict(state)
+        self._check_free_space(step, sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(state_dict)))
+        with self._save_errors(step):
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state_dict),
+                    data=ocp.args.JsonSave({"per_process": _gather_from_processes(data_state or {})}),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
         self._unfinished = step
         if not self.async_save:
             self.wait_until_finished()
@@ -112,11 +112,41 @@ class Checkpointer:
         if self._unfinished is None:
             return
         step, self._unfinished = self._unfinished, None
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            _write_manifest(self.step_dir(step), step)
+        with self._save_errors(step):
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                _write_manifest(self.step_dir(step), step)
         _sync(f"llmjax_manifest_{step}")
         self._apply_retention()
+
+    def _check_free_space(self, step: int, state_bytes: int) -> None:
+        """Refuse a save the disk cannot hold before orbax starts it (a failed write leaves a mess of
+        background-thread errors behind); the state's array bytes bound what the step needs."""
+        free = _free_bytes(self.directory)
+        if free < state_bytes:
+            raise CheckpointSaveError(self._save_failure(
+                step, f"it needs about {_megabytes(state_bytes)} and the disk has {_megabytes(free)} free"))
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int):
+        """Turn an OS-level write failure (disk full, permission, quota) into ``CheckpointSaveError``.
+
+        Orbax reports tensorstore's failures as ``ValueError`` text carrying ``os_error_code``.
+        """
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - only OS failures are converted; the rest re-raised as is
+            code = e.errno if isinstance(e, OSError) else _os_error_code(str(e))
+            if code is None:
+                raise
+            raise CheckpointSaveError(self._save_failure(step, os.strerror(code))) from None
+
+    def _save_failure(self, step: int, reason: str) -> str:
+        complete = [s for s in self.all_steps() if s != step and self.has_step(s)]
+        last = (f"the last complete checkpoint is step {complete[-1]} ({self.step_dir(complete[-1])}); free space "
+                "or set checkpoint.dir elsewhere and rerun to resume from it") if complete else \
+            "there is no complete checkpoint yet; free space or set checkpoint.dir elsewhere"
+        return f"saving checkpoint step {step} to {self.directory} failed: {reason}; {last}"
 
     def _apply_retention(self) -> None:
         if self.keep is None:
@@ -198,31 +228,9 @@ class Checkpointer:
 
     def restore_params(self, step: int | None = None) -> Restored:
         """Only the model parameters (trainable and frozen merged) of ``step`` (default: newest
-        complete), as host arrays: an init source for the next stage or an export."""
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {self.directory} (expected numbered step directories)")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory}; available: {steps}")
-        self.verify(step)
-        metadata = self._manager.item_metadata(step)["state"]
-        wanted = {k: metadata[k] for k in ("params", "frozen_params") if k in metadata}
-        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    target,
-                    restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-                    partial_restore=True,
-                ),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        state = restored["state"]
-        params = merge_params(state.get("params") or {}, state.get("frozen_params") or {})
-        return Restored(step, params, None, restored["meta"])
+        complete), as host arrays (``llmjax.loading.read_checkpoint_params``)."""
+        step, params, meta = read_checkpoint_params(self.directory, step, self._manager)
+        return Restored(step, params, None, meta)
 
     def quarantine(self, step: int) -> Path:
         """Move a bad step aside (``<dir>/corrupt/<step>``) so it is neither resumed nor overwritten."""
@@ -241,48 +249,26 @@ class Checkpointer:
 
 # -- integrity ----------------------------------------------------------------
 
-def _files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _megabytes(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def _os_error_code(message: str) -> int | None:
+    match = re.search(r"os_error_code='?(\d+)", message)
+    return int(match.group(1)) if match else None
 
 
 def _write_manifest(step_dir: Path, step: int) -> None:
     files = {
-        str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(step_dir)
+        str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in step_files(step_dir)
     }
     tmp = step_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
     tmp.rename(step_dir / MANIFEST)  # atomic: a manifest is whole or absent
-
-
-def verify_step_dir(step_dir: Path, step: int) -> None:
-    """Check every file of a step directory against its manifest (size, then sha256)."""
-    where = f"checkpoint step {step} at {step_dir}"
-    manifest_path = step_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointCorruptError(f"{where} is incomplete: {MANIFEST} is missing (the run stopped while saving?)")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointCorruptError(f"{where} has an unreadable {MANIFEST}: {e}") from None
-    for name, expected in files.items():
-        path = step_dir / name
-        if not path.is_file():
-            raise CheckpointCorruptError(f"{where} is incomplete: file {name} is missing")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointCorruptError(
-                f"{where} is truncated or corrupted: file {name} has {size} bytes, the manifest says {expected['bytes']}"
-            )
-        if _sha256(path) != expected["sha256"]:
-            raise CheckpointCorruptError(f"{where} is corrupted: file {name} does not match its sha256 checksum")
 
 
 def _gather_from_processes(data_state: dict) -> list[dict]:
@@ -308,7 +294,7 @@ def _this_process(data_item: dict | None, where: Path) -> dict | None:
     if all(state == per_process[0] for state in per_process):
         return per_process[0] or None  # a layout-independent state (DataIterator's) resumes on any layout
     if len(per_process) != jax.process_count():
-        raise ValueError(
+        raise InputError(
             f"checkpoint {where} was written by {len(per_process)} processes but this run has "
             f"{jax.process_count()}; resume with the same number of processes so the data order is the same"
         )
@@ -324,33 +310,17 @@ def _sync(name: str) -> None:
 
 # -- Hugging Face bridge --------------------------------------------------------
 
-def model_from_meta(meta: dict):
-    """Rebuild the flax model recorded in a checkpoint's metadata."""
-    from llmjax.models import MODEL_CONFIGS, build_model
-
-    family = meta.get("family")
-    if family not in MODEL_CONFIGS:
-        raise ValueError(f"checkpoint metadata names model family {family!r}; known: {sorted(MODEL_CONFIGS)}")
-    return build_model(MODEL_CONFIGS[family](**meta["model_config"]))
-
-
-def model_meta(model, **extra) -> dict:
-    """The metadata a checkpoint needs to rebuild ``model`` (plus ``extra`` JSON fields)."""
-    from llmjax.models import family_of
-
-    return {"family": family_of(model.config), "model_config": dataclasses.asdict(model.config), **extra}
-
-
 def export_checkpoint_to_hf(checkpoint_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """Write a Hugging Face directory (config, safetensors, tokenizer if recorded) from a checkpoint."""
+    """Write a Hugging Face directory (config, safetensors, tokenizer if recorded) from a checkpoint
+    (or run) directory; ``step`` default: the newest complete one."""
     from llmjax import hf
 
-    checkpointer = Checkpointer(checkpoint_dir)
-    restored = checkpointer.restore_params(step)
-    model = model_from_meta(restored.meta)
-    hf.save_pretrained(model, restored.state, out)
-    _copy_tokenizer(restored.meta.get("tokenizer_dir"), Path(out))
-    checkpointer.close()
+    loaded = load_model(checkpoint_dir, step)
+    if loaded.kind != "checkpoint":
+        raise ModelPathError(f"{checkpoint_dir} is a Hugging Face directory already; pass an llmjax checkpoint "
+                             "or run directory to export")
+    hf.save_pretrained(loaded.model, loaded.params, out)
+    _copy_tokenizer(loaded.tokenizer_dir, Path(out))
     return Path(out)
 
 
@@ -363,28 +333,19 @@ def import_hf_to_checkpoint(hf_dir: str | Path, out: str | Path) -> Path:
         step=np.zeros((), np.int32), params=params, frozen_params={}, opt_state={},
         rng=np.zeros((2,), np.uint32), skipped_steps=np.zeros((), np.int32),
     )
-    tokenizer_dir = str(Path(hf_dir).absolute()) if _has_tokenizer(Path(hf_dir)) else None
+    tokenizer_dir = str(Path(hf_dir).absolute()) if has_tokenizer(Path(hf_dir)) else None
     checkpointer = Checkpointer(out)
     checkpointer.save(state, None, model_meta(model, tokenizer_dir=tokenizer_dir, stage="import"))
     checkpointer.close()
     return Path(out)
 
 
-_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model")
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
-
-
-def _copy_tokenizer(tokenizer_dir: str | None, out: Path) -> None:
-    if not tokenizer_dir:
+def _copy_tokenizer(source: Path | None, out: Path) -> None:
+    if source is None:
         return
-    source = Path(tokenizer_dir)
     if not source.is_dir():
         log.warning("tokenizer directory %s recorded in the checkpoint is gone; exported without a tokenizer", source)
         return
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)

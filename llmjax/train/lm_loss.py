@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from llmjax.losses import cross_entropy_with_z_loss
+from llmjax.models import model_family
 from llmjax.train.step import LossFn
 
 
@@ -73,5 +74,7 @@ def _token_loss(logits, batch, z_loss, label_smoothing):
     return objective, {"loss": objective - z, "z_loss": z, "weights": weights}
 
 
-LOSS_FNS = {"t5": seq2seq_loss_fn, "decoder": causal_lm_loss_fn}
-"""Model family -> loss-function factory ``(model, z_loss, label_smoothing) -> loss_fn``."""
+def lm_loss_fn(model: nn.Module, z_loss: float = 0.0, label_smoothing: float = 0.0) -> LossFn:
+    """The language-model loss of ``model``'s kind: seq2seq for an encoder-decoder, else causal."""
+    factory = seq2seq_loss_fn if model_family(model.config).seq2seq else causal_lm_loss_fn
+    return factory(model, z_loss, label_smoothing)

@@ -22,18 +22,18 @@ import flax.linen as nn
 import jax
 
 from llmjax import sharding
-from llmjax.models import family_of
-from llmjax.config import RunConfig, config_to_dict
+from llmjax.models import model_family, step_flops
+from llmjax.config import ConfigError, MeshConfig, RunConfig, config_to_dict
+from llmjax.errors import UserError
 from llmjax.train.checkpoint import Checkpointer, model_meta
-from llmjax.train.flops import step_flops
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
 from llmjax.train.optim import make_optimizer
 from llmjax.train.state import TrainableFilter, abstract_train_state, init_train_state, train_everything
 from llmjax.train.step import LossFn, compile_step, finish_eval, make_eval_step, make_train_step
 
 
-class NonFiniteLossError(FloatingPointError, ValueError):
-    """The loss or gradient became NaN/inf under ``train.nan_policy=abort``."""
+class NonFiniteLossError(UserError, FloatingPointError, ValueError):
+    """The loss or gradient became NaN/inf under ``train.nan_policy=abort`` (the message says what to change)."""
 
 
 @dataclasses.dataclass
@@ -69,8 +69,12 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     ``checkpoint`` (last saved step dir), ``export`` (HF dir or None), ``tokens_per_sec``, ``mfu``.
     Raises ``NonFiniteLossError`` under ``nan_policy=abort`` naming the step.
     """
+    if mesh is None:
+        config = config.for_devices(jax.device_count(), jax.process_count())
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    else:  # the given mesh replaces the config's, and the batch is checked against it
+        config = dataclasses.replace(config, mesh=MeshConfig(**dict(mesh.shape)))
     tc = config.train
-    mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     tx, schedule = make_optimizer(config.optim, tc.steps)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
@@ -146,8 +150,8 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
         summary.update(step=step, skipped_steps=int(jax.device_get(state.skipped_steps)),
                        checkpoint=str(checkpointer.step_dir(step)))
     # Outside the mesh context: the export rebuilds abstract params, which must not pick up its rules.
-    if tc.export_hf and not summary["interrupted"]:
-        summary["export"] = _export(stage, state, tc.export_hf)
+    if config.export_dir is not None and not summary["interrupted"]:
+        summary["export"] = _export(stage, state, config.export_dir)
     return summary
 
 
@@ -158,7 +162,7 @@ def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Chec
     notes = []
     steps = checkpointer.all_steps()
     if steps and not config.train.resume:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint dir {checkpointer.directory} already has checkpoints (newest step {steps[-1]}) and "
             "train.resume=false; set train.resume=true to continue it or point checkpoint.dir elsewhere"
         )
@@ -208,7 +212,7 @@ def _evaluate(stage: Stage, eval_step, state, mesh, max_batches: int, writer: Me
 
 def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | None) -> Throughput:
     dc, batch_size = config.data, config.train.batch_size
-    encoder_length = dc.encoder_length if family_of(stage.model.config) == "t5" else None
+    encoder_length = dc.encoder_length if model_family(stage.model.config).seq2seq else None
     flops = step_flops(stage.model.config, batch_size, dc.decoder_length, encoder_length)
     if peak_flops_per_sec is None and jax.process_index() == 0:
         # CPU "devices" (fake ones included) share the host's cores, which one matmul already uses.
@@ -217,7 +221,7 @@ def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | Non
     return Throughput(flops.tokens, flops.total, peak_flops_per_sec)
 
 
-def _export(stage: Stage, state, out: str) -> str:
+def _export(stage: Stage, state, out: Path) -> str:
     from llmjax import hf
 
     params = jax.device_get(state.full_params())

@@ -1,7 +1,7 @@
 """Training metrics: TensorBoard + JSONL writers, throughput, and model FLOPs utilization (MFU).
 
 MFU = model FLOPs per second / peak FLOP/s, where the model FLOPs of a step come from
-``llmjax.train.flops.step_flops`` (formula in that module's docstring:
+``llmjax.models.step_flops`` (formula in that module's docstring:
 ``6 * matmul params * tokens + 12 * layers * d_attn * keys * tokens``, with T5's encoder
 and decoder tokens counted separately) and the peak is a datasheet number or
 ``measure_matmul_peak_flops``.

@@ -1,8 +1,8 @@
 """Optax optimizers and learning-rate schedules from an :class:`~llmjax.config.OptimConfig`.
 
-``make_optimizer`` chains global-norm clipping and AdamW or Adafactor, applies weight decay only where
-the decay mask says, and, given a trainable mask, freezes the rest: frozen parameters get zero updates
-and hold no optimizer state at all (``optax.multi_transform`` with ``set_to_zero``).
+``make_optimizer`` chains global-norm clipping and AdamW or Adafactor and applies weight decay only where
+the decay mask says. Freezing is not the optimizer's job: the train state hands it the trainable
+parameters only (``llmjax.train.state``), so a frozen base never has optimizer state.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import optax
 from llmjax.config import OptimConfig
 
 Mask = Any  # a pytree of bools shaped like the params, or a callable params -> such a pytree
-TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,10 +73,6 @@ def default_decay_mask(params, decay_norms_and_biases: bool = False, decay_embed
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _with_params(mask: Mask, params):
-    return mask(params) if callable(mask) else mask
-
-
 # ----------------------------------------------------------------------------------------------------
 # Optimizers
 
@@ -111,7 +106,6 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule, Mask], optax.Gradie
 def make_optimizer(
     cfg: OptimConfig,
     total_steps: int,
-    trainable_mask: Mask | None = None,
     decay_mask: Mask | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for ``cfg`` and its learning-rate schedule (for logging ``lr`` at a step).
@@ -119,8 +113,6 @@ def make_optimizer(
     Args:
       cfg: optimizer section of the run config.
       total_steps: training steps, the horizon of decaying schedules.
-      trainable_mask: bools shaped like the params (or params -> bools); False leaves are frozen:
-        zero updates and no optimizer state. None: everything trains.
       decay_mask: where weight decay applies (or params -> bools); None: :func:`default_decay_mask`
         with ``cfg.decay_norms_and_biases`` / ``cfg.decay_embeddings``.
     """
@@ -128,26 +120,7 @@ def make_optimizer(
     if decay_mask is None:
         def decay_mask(params):
             return default_decay_mask(params, cfg.decay_norms_and_biases, cfg.decay_embeddings)
-    elif trainable_mask is not None and not callable(decay_mask):
-        # Inside multi_transform the inner optimizer sees frozen leaves as empty nodes; a callable mask
-        # evaluated on that pruned tree matches it, a full-tree mask would not.
-        decay_mask = _restrict_to(decay_mask)
     chain = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
     chain.append(OPTIMIZERS[cfg.name](cfg, schedule, decay_mask))
-    tx = optax.chain(*chain)
-    if trainable_mask is not None:
-        def labels(params):
-            return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, _with_params(trainable_mask, params))
-        tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
-    return tx, schedule
-
-
-def _restrict_to(full_mask) -> Callable:
-    """A full-tree bool mask -> a callable giving the mask on whatever (possibly pruned) tree it is handed."""
-    by_path = {jax.tree_util.keystr(p): bool(v) for p, v in jax.tree_util.tree_leaves_with_path(full_mask)}
-
-    def mask(params):
-        return jax.tree_util.tree_map_with_path(lambda p, _: by_path[jax.tree_util.keystr(p)], params)
-
-    return mask
+    return optax.chain(*chain), schedule
 

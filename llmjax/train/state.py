@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llmjax.loading import merge_params  # noqa: F401 (re-exported; checkpoint reading needs it below train/)
+
 Params = dict
 TrainableFilter = Callable[[tuple[str, ...]], bool]
 
@@ -93,19 +95,6 @@ def split_params(params: Params, is_trainable: TrainableFilter) -> tuple[Params,
     if not isinstance(params, dict):
         raise TypeError(f"params must be a nested dict (got {type(params).__name__}); unbox flax variables first")
     return split(dict(params), ())
-
-
-def merge_params(trainable: Params, frozen: Params) -> Params:
-    """Inverse of ``split_params``: the union of two disjoint nested dicts."""
-    merged = dict(frozen)
-    for key, value in trainable.items():
-        if key not in merged:
-            merged[key] = value
-        elif isinstance(value, dict) and isinstance(merged[key], dict):
-            merged[key] = merge_params(value, merged[key])
-        else:
-            raise ValueError(f"parameter {key!r} is both trainable and frozen")
-    return merged
 
 
 def create_train_state(

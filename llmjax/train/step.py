@@ -42,15 +42,10 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
     """``[B, ...]`` features -> ``[microbatches, B // microbatches, ...]``.
 
     Microbatch ``i`` takes rows ``i, i + k, i + 2k, ...``: a strided split keeps every
-    microbatch spread over all data-parallel shards of the batch dimension.
+    microbatch spread over all data-parallel shards of the batch dimension. ``B`` divides by
+    ``microbatches`` (``RunConfig`` checks it where the batch size enters).
     """
-    sizes = {name: x.shape[0] for name, x in batch.items()}
-    size = next(iter(sizes.values()))
-    if size % microbatches:
-        raise ValueError(
-            f"batch size {size} is not divisible by train.microbatches={microbatches}; "
-            "choose a batch size that is a multiple of the number of microbatches"
-        )
+    size = next(iter(batch.values())).shape[0]
 
     def split(x):
         x = x.reshape((size // microbatches, microbatches) + x.shape[1:])

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from llmjax.data.dialogsum import (
+from llmjax.data.bundled.dialogsum import (
     SCENARIOS, bundled_dialogsum, dialogsum_stats, generate_dialogsum, load_dialogsum, write_dialogsum,
 )
+from llmjax.errors import DataError, InputError, InputNotFoundError
 
 TURN = re.compile(r"#Person[12]#: \S.*")
 
@@ -67,6 +68,19 @@ def test_summaries_state_outcomes_inferred_across_turns(small):
         assert total == nights * nightly
 
 
+def test_test_split_has_three_references_with_the_same_facts(small):
+    assert all("summaries" not in e for split in ("train", "validation") for e in small[split])
+    for example in small["test"]:
+        references = example["summaries"]
+        assert len(set(references)) == 3 and references[0] == example["summary"], example
+    flights = [e for e in small["test"] if e["topic"] == "book a flight"]
+    assert flights
+    for example in flights:
+        # Three annotators, one departure time and one city.
+        times = {re.search(r"\d+:\d\d [ap]m", reference).group(0) for reference in example["summaries"]}
+        assert len(times) == 1 and times.pop() in example["summary"]
+
+
 def test_stats_show_abstractive_summaries(small):
     stats = dialogsum_stats(small)
     assert stats["all"]["examples"] == 600
@@ -80,7 +94,7 @@ def test_bundled_is_cached_and_copied():
     assert len(train) == 3200 and len(bundled_dialogsum("test")) == 400
     train[0]["summary"] = "changed"
     assert bundled_dialogsum("train")[0]["summary"] != "changed"
-    with pytest.raises(ValueError, match="unknown split 'dev'; choose one of train, validation, test"):
+    with pytest.raises(InputError, match="unknown split 'dev'; choose one of train, validation, test"):
         bundled_dialogsum("dev")
 
 
@@ -120,25 +134,25 @@ def test_loads_hub_csv_and_json(tmp_path):
 def test_missing_field_names_field_file_and_row(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"id": "a", "dialogue": "d", "summary": "s"}) + "\n" + json.dumps({"id": "b", "dialogue": "d"}) + "\n")
-    with pytest.raises(ValueError, match=r"train\.jsonl, line 2: missing field 'summary' \(accepted names: summary, summary1\)"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2: missing field 'summary' \(accepted names: summary, summary1\)"):
         load_dialogsum(path)
     csv_path = tmp_path / "test.csv"
     csv_path.write_text("fname,summary\nx,y\n")
-    with pytest.raises(ValueError, match=r"test\.csv, row 2: missing field 'dialogue'"):
+    with pytest.raises(DataError, match=r"test\.csv, row 2: missing field 'dialogue'"):
         load_dialogsum(csv_path)
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{\"id\": 1}")
-    with pytest.raises(ValueError, match="expected a JSON list of examples, got dict"):
+    with pytest.raises(DataError, match="expected a JSON list of examples, got dict"):
         load_dialogsum(bad_json)
 
 
 def test_missing_files_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputNotFoundError, match="does not exist"):
         load_dialogsum(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match="no test file in .*expected one of: test.jsonl"):
+    with pytest.raises(InputNotFoundError, match="no test file in .*expected one of: test.jsonl"):
         load_dialogsum(tmp_path, "test")
-    with pytest.raises(FileNotFoundError, match="no DialogSum split files"):
+    with pytest.raises(InputNotFoundError, match="no DialogSum split files"):
         load_dialogsum(tmp_path)
     (tmp_path / "train.txt").write_text("x")
-    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
         load_dialogsum(tmp_path / "train.txt")

@@ -154,8 +154,8 @@ def test_templates():
     with pytest.raises(KeyError, match=r"needs field\(s\) \['dialogue'\], example has \['text'\]"):
         render_template("Summarize: {dialogue}", {"text": "hi"})
     encode = lambda text: [ord(c) for c in text]  # noqa: E731  (a byte-level stand-in for a tokenizer)
-    example = instruction_example({"q": "ab", "a": "c"}, "{q}?", "{a}", encode, EOS, family="decoder")
+    example = instruction_example({"q": "ab", "a": "c"}, "{q}?", "{a}", encode, EOS, batch_format="causal")
     np.testing.assert_array_equal(example["decoder_target_tokens"], [98, 63, 99, 1])
     np.testing.assert_array_equal(example["decoder_loss_weights"], [0, 0, 1, 1])
-    example = instruction_example({"q": "ab", "a": "c"}, "{q}?", "{a}", encode, EOS, family="t5")
+    example = instruction_example({"q": "ab", "a": "c"}, "{q}?", "{a}", encode, EOS, batch_format="seq2seq")
     np.testing.assert_array_equal(example["encoder_input_tokens"], [97, 98, 63, 1])

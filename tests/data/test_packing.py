@@ -17,7 +17,7 @@ def test_decoder_only_first_fit_layout():
         causal_lm_example([40, 41]),  # d: 1 token
     ]
     batch = pack_examples(examples, decoder_length=6)
-    validate_batch(batch, "decoder", batch_size=2, lengths={"decoder": 6})
+    validate_batch(batch, "causal", batch_size=2, lengths={"decoder": 6})
     np.testing.assert_array_equal(batch["decoder_input_tokens"], [[10, 11, 12, 30, 31, 40], [20, 21, 22, 23, 0, 0]])
     np.testing.assert_array_equal(batch["decoder_target_tokens"], [[11, 12, 13, 31, 32, 41], [21, 22, 23, 24, 0, 0]])
     np.testing.assert_array_equal(batch["decoder_segment_ids"], [[1, 1, 1, 2, 2, 3], [1, 1, 1, 1, 0, 0]])
@@ -32,7 +32,7 @@ def test_seq2seq_sides_share_segment_ids_and_both_must_fit():
         seq2seq_instruction_example([11], [], EOS),  # encoder 2, decoder 1: fits row 1
     ]
     batch = pack_examples(examples, decoder_length=4, encoder_length=5)
-    validate_batch(batch, "t5", batch_size=2, lengths={"encoder": 5, "decoder": 4})
+    validate_batch(batch, "seq2seq", batch_size=2, lengths={"encoder": 5, "decoder": 4})
     np.testing.assert_array_equal(batch["encoder_input_tokens"], [[5, 6, 1, 11, 1], [8, 1, 0, 0, 0]])
     np.testing.assert_array_equal(batch["encoder_segment_ids"], [[1, 1, 1, 2, 2], [1, 1, 0, 0, 0]])
     np.testing.assert_array_equal(batch["encoder_positions"], [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]])

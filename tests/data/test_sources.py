@@ -14,10 +14,12 @@ from llmjax.data.sources import (
     MappedSource,
     Mixture,
     ParquetSource,
+    file_source,
     hf_dataset_source,
     seqio_source,
     tfds_source,
 )
+from llmjax.errors import DataError, InputError, InputNotFoundError
 
 EOS = 1
 SENTINELS = list(range(299, 199, -1))
@@ -54,17 +56,34 @@ def test_jsonl_rows_and_errors(tmp_path, jsonl):
     source = JsonlSource(jsonl, fields=["text"])
     assert len(source) == 40  # the trailing blank line is skipped
     assert source[2] == {"text": _rows(40)[2]["text"]}
+    with pytest.raises(IndexError, match="index 40 out of range"):
+        source[40]
+    # Every row is checked when the file is opened: the error names the file, the line and the field.
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "a"}\n\n{"title": "b"}\n{oops\n[1]\n')
-    source = JsonlSource(bad, fields=["text"])
-    with pytest.raises(KeyError, match=r"bad.jsonl line 3 \(row 1\) has no field 'text' \(it has \['title'\]\)"):
-        source[1]
-    with pytest.raises(ValueError, match=r"bad.jsonl line 4 \(row 2\) is not valid JSON"):
-        source[2]
-    with pytest.raises(ValueError, match="line 5 .* is a JSON list, expected an object"):
-        source[3]
-    with pytest.raises(IndexError, match="index 4 out of range"):
-        source[4]
+    for rows, message in [
+        ('{"text": "a"}\n\n{"title": "b"}\n', r"bad.jsonl line 3 \(row 1\) has no field 'text' \(it has \['title'\]\)"),
+        ('{"text": "a"}\n{oops\n', r"bad.jsonl line 2 \(row 1\) is not valid JSON: Expecting property name"),
+        ('[1]\n', r"bad.jsonl line 1 \(row 0\) is a JSON list, expected an object"),
+        ('{"text": "a"}\n{"text": 5}\n', r"bad.jsonl line 2 \(row 1\): field 'text' must be a string, got int 5"),
+        ('{"text": null}\n', r"line 1 \(row 0\) has no field 'text'"),
+    ]:
+        bad.write_text(rows)
+        with pytest.raises(DataError, match=message):
+            JsonlSource(bad, fields=["text"])
+    bad.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: not UTF-8 text"):
+        JsonlSource(bad, fields=["text"])
+    with pytest.raises(InputNotFoundError, match="JSONL file .*nope.jsonl does not exist"):
+        JsonlSource(tmp_path / "nope.jsonl", fields=["text"])
+
+
+def test_file_source_reads_jsonl_and_plain_text(tmp_path, jsonl):
+    plain = tmp_path / "lines.txt"
+    plain.write_text("first line\n\nsecond line\n", encoding="utf-8")
+    assert [file_source(plain)[i] for i in range(2)] == [{"text": "first line"}, {"text": "second line"}]
+    assert isinstance(file_source(jsonl), JsonlSource) and file_source(jsonl)[0] == {"text": _rows(1)[0]["text"]}
+    with pytest.raises(InputNotFoundError, match="text file .*nope.txt does not exist"):
+        file_source(tmp_path / "nope.txt")
 
 
 def test_parquet_rows_and_errors(tmp_path):
@@ -72,24 +91,28 @@ def test_parquet_rows_and_errors(tmp_path):
     pq.write_table(pa.table({"text": ["a b", None, "c"], "label": [1, 2, 3]}), path)
     source = ParquetSource(path, fields=["text"])
     assert len(source) == 3 and source[2] == {"text": "c"}
-    with pytest.raises(KeyError, match=r"data.parquet row 1 has no field 'text'"):
+    with pytest.raises(DataError, match=r"data.parquet row 1 has no field 'text'"):
         source[1]
-    with pytest.raises(KeyError, match=r"data.parquet row 0 has no field 'summary' \(columns: \['text', 'label'\]\)"):
+    with pytest.raises(DataError, match=r"data.parquet row 0 has no field 'summary' \(columns: \['text', 'label'\]\)"):
         ParquetSource(path, fields=["summary"])
+    with pytest.raises(DataError, match=r"data.parquet: field 'label' must be a string column"):
+        ParquetSource(path, fields=["label"])
 
 
 def test_hf_datasets_json_parquet_and_disk(tmp_path, jsonl):
-    from_json = hf_dataset_source(jsonl, "json", fields=["text", "id"], cache_dir=tmp_path / "cache")
-    assert len(from_json) == 40 and from_json[5] == {"text": _rows(40)[5]["text"], "id": 5}
+    from_json = hf_dataset_source(jsonl, "json", fields=["text"], cache_dir=tmp_path / "cache")
+    assert len(from_json) == 40 and from_json[5] == {"text": _rows(40)[5]["text"]}
+    with pytest.raises(DataError, match="field 'id' must be a string column"):
+        hf_dataset_source(jsonl, "json", fields=["id"], cache_dir=tmp_path / "cache")
     from_json.dataset.save_to_disk(str(tmp_path / "saved"))
     from_disk = hf_dataset_source(tmp_path / "saved", "disk", fields=["text"])
     assert from_disk[7] == {"text": _rows(40)[7]["text"]}
     parquet = tmp_path / "data.parquet"
     pq.write_table(pa.table({"text": ["x", "y"]}), parquet)
     assert hf_dataset_source(parquet, "parquet", cache_dir=tmp_path / "cache")[1] == {"text": "y"}
-    with pytest.raises(KeyError, match="has no field 'summary'"):
+    with pytest.raises(DataError, match="has no field 'summary'"):
         hf_dataset_source(jsonl, "json", fields=["summary"], cache_dir=tmp_path / "cache")
-    with pytest.raises(ValueError, match="format must be 'json', 'parquet' or 'disk', got 'csv'"):
+    with pytest.raises(InputError, match="format must be 'json', 'parquet' or 'disk', got 'csv'"):
         hf_dataset_source(jsonl, "csv")
 
 
@@ -119,10 +142,10 @@ def _iterator(source, **overrides):
 
 def test_batches_have_the_contract_shape(jsonl):
     batch = next(_iterator(JsonlSource(jsonl, ["text"])))
-    validate_batch(batch, "decoder", batch_size=4, lengths={"decoder": 16})
+    validate_batch(batch, "causal", batch_size=4, lengths={"decoder": 16})
     assert batch["decoder_segment_ids"].max() > 1  # rows really hold several examples
     unpacked = next(_iterator(JsonlSource(jsonl, ["text"]), pack=False))
-    validate_batch(unpacked, "decoder", batch_size=4, lengths={"decoder": 16})
+    validate_batch(unpacked, "causal", batch_size=4, lengths={"decoder": 16})
     assert "decoder_segment_ids" not in unpacked
 
 
@@ -159,14 +182,14 @@ def test_resume_with_span_corruption_and_chunked_documents(jsonl):
     resumed.restore(state)
     assert state["offset"] > 0 or state["position"] > 0
     for a, b in zip(expected, [next(resumed) for _ in range(5)]):
-        validate_batch(b, "t5", batch_size=2, lengths={"encoder": 8, "decoder": 8})
+        validate_batch(b, "seq2seq", batch_size=2, lengths={"encoder": 8, "decoder": 8})
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
 
 
 def test_restore_refuses_a_different_layout(jsonl):
     state = _iterator(JsonlSource(jsonl, ["text"]), seed=3).state()
-    with pytest.raises(ValueError, match="iterator state has seed=3 but this iterator has seed=4"):
+    with pytest.raises(InputError, match="iterator state has seed=3 but this iterator has seed=4"):
         _iterator(JsonlSource(jsonl, ["text"]), seed=4).restore(state)
 
 
@@ -177,7 +200,7 @@ def test_epochs_are_shuffled_by_seed(jsonl):
         seen.setdefault(key, []).append(example["id"])
         return causal_lm_example(_encode(example["text"]), eos_id=EOS)
 
-    source = JsonlSource(jsonl, ["text", "id"])
+    source = JsonlSource(jsonl)  # no fields: whole rows, id included
     for key in ["all", "again", "other seed"]:
         seed = 4 if key == "other seed" else 3
         list(DataIterator(source, record, batch_size=2, decoder_length=64, seed=seed, num_epochs=2))
@@ -218,8 +241,6 @@ def test_finite_iteration_ends_on_every_process_at_the_same_batch(jsonl):
     counts = [len(list(_iterator(source, num_epochs=1, batch_size=4, process_index=p, process_count=2)))
               for p in range(2)]
     assert counts[0] == counts[1] == len(list(_iterator(source, num_epochs=1, batch_size=4)))
-    with pytest.raises(ValueError, match="global batch_size 6 is not divisible by the 4 processes"):
-        _iterator(source, batch_size=6, process_count=4)
 
 
 def test_finite_iteration_pads_the_last_batch(jsonl):
@@ -265,5 +286,5 @@ def test_mixture_feeds_the_iterator(tmp_path):
         return seq2seq_instruction_example(_encode(example["q"]), _encode(example["a"]), EOS)
 
     batch = next(DataIterator(mixture, instruction, batch_size=2, decoder_length=6, encoder_length=9))
-    validate_batch(batch, "t5", batch_size=2, lengths={"encoder": 9, "decoder": 6})
+    validate_batch(batch, "seq2seq", batch_size=2, lengths={"encoder": 9, "decoder": 6})
     assert (batch["decoder_segment_ids"] == [[1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3]]).all()

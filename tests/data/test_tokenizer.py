@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from llmjax.data.bundled.corpus import generate_corpus, write_corpus
-from llmjax.data.tokenizer import Tokenizer, TokenizerError, read_texts, train_tokenizer
+from llmjax.data.bundled.corpus import generate_corpus
+from llmjax.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 VOCAB_SIZE, NUM_EXTRA_IDS = 600, 100
 VARIED_TEXTS = [
@@ -198,16 +198,3 @@ def test_training_is_deterministic_and_validated(tmp_path):
         train_tokenizer(texts, tmp_path / "c", vocab_size=102)
     with pytest.raises(TokenizerError, match="model_type must be 'unigram'"):
         train_tokenizer(texts, tmp_path / "c", vocab_size=300, model_type="bpe")
-
-
-def test_read_texts_jsonl_and_plain(tmp_path):
-    jsonl = write_corpus(tmp_path / "corpus.jsonl", 5, seed=4)
-    plain = tmp_path / "lines.txt"
-    plain.write_text("first line\n\nsecond line\n", encoding="utf-8")
-    assert list(read_texts([jsonl, plain])) == generate_corpus(5, seed=4) + ["first line", "second line"]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
-    with pytest.raises(TokenizerError, match="bad.jsonl:2: expected a JSON object with a 'text' field"):
-        list(read_texts([bad]))
-    with pytest.raises(TokenizerError, match="nope.txt: no such file"):
-        list(read_texts([tmp_path / "nope.txt"]))

@@ -9,6 +9,7 @@ import re
 import pytest
 import transformers
 
+from llmjax.errors import InputError, InputNotFoundError
 from llmjax.generate import resolve_config
 from llmjax.generation.config import HF_METADATA_KEYS, HF_UNSUPPORTED_KEYS, GenerationConfig
 from llmjax.models import build_model
@@ -55,7 +56,7 @@ def test_eos_is_normalized_to_a_tuple():
     (dict(eos_token_id=[1, -2]), "eos_token_id=(1, -2) must hold token ids >= 0"),
 ])
 def test_validation_messages(kwargs, message):
-    with pytest.raises(ValueError, match="GenerationConfig: " + re.escape(message)):
+    with pytest.raises(InputError, match="GenerationConfig: " + re.escape(message)):
         GenerationConfig(**kwargs)
 
 
@@ -63,7 +64,7 @@ def test_max_length_counts_the_prompt_like_hugging_face():
     assert GenerationConfig().new_tokens(prompt_length=5) == 15  # HF default max_length=20
     assert GenerationConfig(max_length=12).new_tokens(prompt_length=1) == 11
     assert GenerationConfig(max_length=12, max_new_tokens=4).new_tokens(prompt_length=9) == 4
-    with pytest.raises(ValueError, match="max_length=8 leaves no room after a prompt of 8 tokens"):
+    with pytest.raises(InputError, match="max_length=8 leaves no room after a prompt of 8 tokens"):
         GenerationConfig(max_length=8).new_tokens(prompt_length=8)
 
 
@@ -98,9 +99,9 @@ def test_from_hf_warns_on_unsupported_settings_and_rejects_unknown_keys():
         config = GenerationConfig.from_hf(
             {"max_new_tokens": 5, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "bos_token_id": 1})
     assert config.max_new_tokens == 5
-    with pytest.raises(ValueError, match="unknown key 'max_new_token'; did you mean 'max_new_tokens'"):
+    with pytest.raises(InputError, match="unknown key 'max_new_token'; did you mean 'max_new_tokens'"):
         GenerationConfig.from_hf({"max_new_token": 5})
-    with pytest.raises(FileNotFoundError, match="expected a generation_config.json"):
+    with pytest.raises(InputNotFoundError, match="expected a generation_config.json"):
         GenerationConfig.from_hf("/nonexistent/dir")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import flax.traverse_util
 import numpy as np
 import torch
 import transformers
@@ -23,6 +24,24 @@ def random_ids(seed: int, shape: tuple[int, ...], vocab_size: int, low: int = 2)
 def padding_mask(lengths: list[int], length: int) -> np.ndarray:
     """``[len(lengths), length]`` int32 mask, 1 for the first ``lengths[i]`` tokens of row i."""
     return (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+def randomize_torch_norms(model: torch.nn.Module, scale: float = 0.2) -> None:
+    """Norm weights ``1 + scale * N(0, 1)`` in place: at their init (all ones) two swapped norms look alike."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + scale * torch.randn_like(param))
+
+
+def randomize_norm_scales(params: dict, seed: int, scale: float = 0.2) -> dict:
+    """llmjax params with every norm ``scale`` drawn as ``1 + scale * N(0, 1)`` (fp32), for the same reason."""
+    rng = np.random.default_rng(seed)
+    flat = flax.traverse_util.flatten_dict(params)
+    for path, value in flat.items():
+        if path[-1] == "scale":
+            flat[path] = (1.0 + scale * rng.standard_normal(value.shape)).astype(np.float32)
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def save_torch_model(model: torch.nn.Module, path: Path, **kwargs) -> Path:

@@ -22,6 +22,8 @@ from tests.hf.helpers import (
     load_torch_model,
     max_abs_diff,
     padding_mask,
+    randomize_norm_scales,
+    randomize_torch_norms,
     random_ids,
     read_json,
     save_torch_model,
@@ -54,9 +56,11 @@ def left_padded_torch_logits(torch_model, ids: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def hf_dir(request, tmp_path_factory):
-    """A random transformers LlamaForCausalLM saved with safetensors; yields (variant, dir, torch model)."""
+    """A random transformers LlamaForCausalLM (random norm weights too, so every table row matters) saved
+    with safetensors; yields (variant, dir, torch model)."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**VARIANTS[request.param])).eval()
+    randomize_torch_norms(model)
     path = save_torch_model(model, tmp_path_factory.mktemp(request.param))
     return request.param, path, model
 
@@ -86,7 +90,7 @@ def test_hf_to_llmjax_to_hf_is_bitwise(hf_dir):
     _, path, _ = hf_dir
     tensors = read_tensors(path)
     config = hf_llama.config_from_hf(read_json(path / "config.json"))
-    back = hf_llama.params_to_hf(hf_llama.params_from_hf(tensors, config), config)
+    back = llmjax.hf.params_to_hf(llmjax.hf.params_from_hf(tensors, config), config)
     assert set(back) == set(tensors)
     for name, value in tensors.items():
         assert back[name].shape == value.shape and back[name].dtype == value.dtype, name
@@ -98,7 +102,7 @@ def test_export_loads_in_transformers_with_same_logits(hf_dir, tmp_path):
     variant, _, _ = hf_dir
     config = hf_llama.config_from_hf(transformers.LlamaConfig(**VARIANTS[variant]).to_dict())
     model = build_model(config)
-    params = init_params(model, jax.random.key(3))
+    params = randomize_norm_scales(init_params(model, jax.random.key(3)), seed=3)
     llmjax.hf.save_pretrained(model, params, tmp_path)
     torch_model = load_torch_model(transformers.AutoModelForCausalLM, tmp_path)
     assert type(torch_model).__name__ == "LlamaForCausalLM"
@@ -202,33 +206,37 @@ def test_weight_errors_name_the_tensor(hf_dir):
     tensors, config = _tensors_and_config(hf_dir)
 
     missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
-    with pytest.raises(CheckpointError, match=r"missing tensors: \['model.layers.1.mlp.up_proj.weight'\]"):
-        hf_llama.params_from_hf(missing, config)
+    with pytest.raises(CheckpointError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        llmjax.hf.params_from_hf(missing, config)
 
     extra = {**tensors, "model.layers.2.mlp.up_proj.weight": tensors["model.layers.1.mlp.up_proj.weight"]}
-    with pytest.raises(CheckpointError, match=r"does not know: \['model.layers.2.mlp.up_proj.weight'\]"):
-        hf_llama.params_from_hf(extra, config)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.layers.2.mlp.up_proj.weight'\]"):
+        llmjax.hf.params_from_hf(extra, config)
 
     wrong = {**tensors, "model.layers.0.self_attn.k_proj.weight": np.zeros((7, 32), np.float32)}
-    with pytest.raises(CheckpointError, match=r"k_proj.weight has shape \(7, 32\), config.json implies"):
-        hf_llama.params_from_hf(wrong, config)
+    with pytest.raises(CheckpointError, match=(
+            r"tensor 'model.layers.0.self_attn.k_proj.weight': expected shape \(\d+, 32\) "
+            r"\(llmjax layers_0/self_attention/k/kernel\), found \(7, 32\)")):
+        llmjax.hf.params_from_hf(wrong, config)
 
     # buffers from older checkpoints are ignored, not errors
     with_buffer = {**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
-    hf_llama.params_from_hf(with_buffer, config)
+    llmjax.hf.params_from_hf(with_buffer, config)
 
 
 def test_tied_checkpoint_with_a_different_head_is_refused():
     config = hf_llama.config_from_hf(_hf_config(**VARIANTS["mqa_tied"]))
-    tensors = hf_llama.params_to_hf(init_params(build_model(config), jax.random.key(0)), config)
+    tensors = llmjax.hf.params_to_hf(init_params(build_model(config), jax.random.key(0)), config)
     assert "lm_head.weight" not in tensors
     embedding = tensors["model.embed_tokens.weight"]
-    hf_llama.params_from_hf({**tensors, "lm_head.weight": embedding.copy()}, config)  # redundant copy: fine
-    with pytest.raises(CheckpointError, match="tie_word_embeddings=true but lm_head.weight differs"):
-        hf_llama.params_from_hf({**tensors, "lm_head.weight": embedding + 1.0}, config)
+    llmjax.hf.params_from_hf({**tensors, "lm_head.weight": embedding.copy()}, config)  # redundant copy: fine
+    with pytest.raises(CheckpointError, match=(
+            "lm_head.weight differs from model.embed_tokens.weight, but config.json ties them; "
+            "set tie_word_embeddings=false")):
+        llmjax.hf.params_from_hf({**tensors, "lm_head.weight": embedding + 1.0}, config)
 
 
 def test_export_refuses_non_silu():
     config = DecoderConfig(**{k: v for k, v in VARIANTS["gqa_untied"].items()}, hidden_act="gelu")
-    with pytest.raises(ValueError, match="hidden_act='gelu' cannot be exported"):
+    with pytest.raises(CheckpointError, match="hidden_act='gelu' cannot be exported"):
         hf_llama.config_to_hf(config)

@@ -20,6 +20,8 @@ from tests.hf.helpers import (
     load_torch_model,
     max_abs_diff,
     padding_mask,
+    randomize_norm_scales,
+    randomize_torch_norms,
     random_ids,
     read_json,
     save_torch_model,
@@ -46,10 +48,8 @@ def make_torch_t5(seed: int, **config) -> transformers.T5ForConditionalGeneratio
     """A random HF T5 whose norm scales and (untied) head are random too, so every mapping row matters."""
     torch.manual_seed(seed)
     model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config)).eval()
+    randomize_torch_norms(model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layer_norm" in name:
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
         if config.get("tie_word_embeddings") is False:
             # transformers 5 ties T5 heads at construction; give the head its own values.
             model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.2)
@@ -106,7 +106,7 @@ def test_hf_to_llmjax_to_hf_is_bitwise_identical(hf_dir, tmp_path):
 def test_llmjax_init_exports_to_transformers(name, tmp_path):
     config = T5Config(**{k: v for k, v in VARIANTS[name].items()})
     model = build_model(config)
-    params = init(model, jax.random.key(3))
+    params = randomize_norm_scales(jax.device_get(init(model, jax.random.key(3))), seed=3)
     llmjax.hf.save_pretrained(model, params, tmp_path)
     torch_model = load_torch_model(transformers.AutoModelForSeq2SeqLM, tmp_path)
     assert isinstance(torch_model, transformers.T5ForConditionalGeneration)
@@ -204,7 +204,7 @@ def test_unsupported_model_type(tmp_path):
 def hf_tensors():
     config = T5Config(**VARIANTS["v1_1"])
     model = build_model(config)
-    return config, hf_t5.params_to_hf(jax.device_get(init(model, jax.random.key(0))), config)
+    return config, llmjax.hf.params_to_hf(jax.device_get(init(model, jax.random.key(0))), config)
 
 
 def test_wrong_tensor_shape_names_key_and_shapes(hf_tensors):
@@ -214,7 +214,7 @@ def test_wrong_tensor_shape_names_key_and_shapes(hf_tensors):
         r"tensor 'decoder.block.1.layer.1.EncDecAttention.q.weight': expected shape \(32, 32\) "
         r"\(llmjax decoder/layers_1/cross_attention/q/kernel\), found \(32, 16\)"
     )):
-        hf_t5.params_from_hf(tensors, config)
+        llmjax.hf.params_from_hf(tensors, config)
 
 
 def test_missing_and_unexpected_tensors_are_listed(hf_tensors):
@@ -225,22 +225,22 @@ def test_missing_and_unexpected_tensors_are_listed(hf_tensors):
         r"missing tensors \['encoder.block.1.layer.1.DenseReluDense.wi_1.weight'\], "
         r"unexpected tensors \['encoder.block.2.layer.0.layer_norm.weight'\]"
     )):
-        hf_t5.params_from_hf(tensors, config)
+        llmjax.hf.params_from_hf(tensors, config)
 
 
 def test_tied_config_with_distinct_head_is_refused(hf_tensors):
     config, tensors = hf_tensors
     tied = T5Config(**dict(VARIANTS["v1_1"], tie_word_embeddings=True))
     with pytest.raises(CheckpointError, match="lm_head.weight differs from shared.weight"):
-        hf_t5.params_from_hf(tensors, tied)
+        llmjax.hf.params_from_hf(tensors, tied)
 
 
 def test_export_refuses_params_without_hf_name(hf_tensors):
     config, tensors = hf_tensors
-    params = hf_t5.params_from_hf(tensors, config)
+    params = llmjax.hf.params_from_hf(tensors, config)
     params["value_head"] = {"kernel": np.zeros((32, 1), np.float32)}
     with pytest.raises(CheckpointError, match=r"params \['value_head/kernel'\] have no Hugging Face T5 name"):
-        hf_t5.params_to_hf(params, config)
+        llmjax.hf.params_to_hf(params, config)
 
 
 def test_bfloat16_checkpoint_loads_as_float32_params(tmp_path):

@@ -1,16 +1,23 @@
 """The pre-training stage from the bundled default config: loss falls, outputs exist, the export loads in transformers."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from llmjax.config import DEFAULT_CONFIG_PATH, load_config
 from llmjax.data.tokenizer import Tokenizer
+from llmjax.models import build_model
 from llmjax.stages import run_stage
 from llmjax.stages.pretrain import build_stage
 from llmjax.train.checkpoint import Checkpointer
 
+REPO = Path(__file__).resolve().parents[2]
 SHARDED = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]  # tests see 8 fake devices
 
 
@@ -18,25 +25,31 @@ def _read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_default_config_pretrains_t5_and_exports_to_transformers(tmp_path):
+@pytest.mark.slow
+def test_llmjax_train_with_no_arguments_uses_every_device_pretrains_and_exports(tmp_path):
+    """The quickstart, exactly: ``llmjax train`` with no config and no overrides, here on 8 devices."""
     import torch
     import transformers
 
-    out = tmp_path / "run"
-    config = load_config(DEFAULT_CONFIG_PATH, [
-        "train.steps=60", f"train.output_dir={out}", "train.log_every_steps=10", "train.eval_every_steps=30",
-        "data.eval_source=corpus_heldout", "checkpoint.every_steps=30", f"train.export_hf={out / 'hf'}", *SHARDED,
-    ])
-    summary = run_stage(config, progress=False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    assert "xla_force_host_platform_device_count=8" in env["XLA_FLAGS"]  # tests/conftest.py
+    result = subprocess.run([sys.executable, "-m", "llmjax.cli", "train"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    out = tmp_path / "runs" / "pretrain_t5_tiny"
+    assert summary["start_step"] == 0 and summary["step"] == 300
+    assert summary["export"] == str(out / "hf")  # train.export_hf is relative to train.output_dir
+    assert yaml.safe_load((out / "config.yaml").read_text())["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
 
     losses = [m["loss"] for m in _read_metrics(out) if m["split"] == "train"]
-    assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, losses
+    assert len(losses) == 15 and losses[-1] < losses[0] - 1.0, losses
     evals = [m for m in _read_metrics(out) if m["split"] == "eval"]
-    assert [m["step"] for m in evals] == [30, 60] and evals[1]["loss"] < evals[0]["loss"]
-    assert summary["step"] == 60 and summary["eval_loss"] == pytest.approx(evals[1]["loss"])
-    assert Checkpointer(out / "checkpoints").all_steps() == [30, 60]
+    assert [m["step"] for m in evals] == [100, 200, 300] and evals[2]["loss"] < evals[0]["loss"]
+    assert summary["eval_loss"] == pytest.approx(evals[2]["loss"])
+    assert Checkpointer(out / "checkpoints").all_steps() == [200, 300]  # checkpoint.keep: 2
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "config.yaml").is_file() and (out / "tokenizer" / "spiece.model").is_file()
+    assert (out / "tokenizer" / "spiece.model").is_file()
 
     # The exported directory: transformers gives our logits, and its tokenizer our ids.
     hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(summary["export"])
@@ -44,11 +57,11 @@ def test_default_config_pretrains_t5_and_exports_to_transformers(tmp_path):
     tokenizer = Tokenizer.load(out / "tokenizer")
     text = "Anna walked to the bakery in Paris."
     assert hf_tokenizer(text).input_ids == tokenizer.encode(text)
-    stage = build_stage(config)
+    model = build_model(load_config().model)
     params = Checkpointer(out / "checkpoints").restore_params().state
     ids = np.array([tokenizer.encode(text)], np.int32)
     decoder_ids = np.array([[0, 5, 9, 14]], np.int32)
-    ours = stage.model.apply({"params": params}, ids, decoder_ids)
+    ours = model.apply({"params": params}, ids, decoder_ids)
     with torch.no_grad():
         theirs = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
                           decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long)).logits.numpy()
@@ -65,6 +78,7 @@ def test_decoder_pretrains_with_causal_lm(tmp_path):
     summary = run_stage(config, progress=False)
     losses = [m["loss"] for m in _read_metrics(out)]
     assert summary["step"] == 30 and losses[-1] < losses[0] - 1.0, losses
+    assert summary["export"] == str(out / "hf")  # the default config's export_hf follows train.output_dir
     assert Checkpointer(out / "checkpoints").restore_params().meta["family"] == "decoder"
 
 

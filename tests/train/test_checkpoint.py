@@ -8,8 +8,16 @@ import optax
 import pytest
 
 from llmjax import sharding
+from llmjax.loading import ModelPathError
 from llmjax.models import build_model, init_params
-from llmjax.train.checkpoint import MANIFEST, Checkpointer, CheckpointCorruptError, export_checkpoint_to_hf, model_meta
+from llmjax.train.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    CheckpointCorruptError,
+    CheckpointSaveError,
+    export_checkpoint_to_hf,
+    model_meta,
+)
 from llmjax.train.state import abstract_train_state, init_train_state, trainable_matching, train_everything
 from tests.train.helpers import TINY
 
@@ -135,7 +143,7 @@ def test_export_to_hugging_face_loads_in_transformers(model, tmp_path):
     with torch.no_grad():
         theirs = hf_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
-    with pytest.raises(FileNotFoundError, match="checkpoint step 9 not in"):
+    with pytest.raises(ModelPathError, match="checkpoint step 9 not in"):
         Checkpointer(tmp_path / "ckpt").restore_params(9)
 
 
@@ -149,3 +157,42 @@ def test_import_from_hugging_face_gives_the_same_params(model, tmp_path):
     restored = Checkpointer(tmp_path / "imported").restore_params()
     assert restored.step == 0 and restored.meta["family"] == FAMILY
     assert _leaves_equal(restored.state, jax.device_get(states[6].full_params()))
+
+
+def test_a_full_disk_is_one_error_naming_the_last_complete_step(model, tmp_path, monkeypatch):
+    from llmjax.train import checkpoint as checkpoint_module
+
+    state, _ = _state(model, sharding.make_mesh(data=8), step=5)
+    checkpointer = Checkpointer(tmp_path, keep=None)
+    checkpointer.save(state, None, model_meta(model))
+    later = state.replace(step=state.step + 1)
+    last = rf"; the last complete checkpoint is step 5 \({tmp_path / '5'}\)"
+
+    # Too little space: refused before orbax writes anything.
+    monkeypatch.setattr(checkpoint_module, "_free_bytes", lambda directory: 0)
+    with pytest.raises(CheckpointSaveError, match=rf"saving checkpoint step 6 to {tmp_path} failed: it needs about "
+                                                  rf"\d+\.\d MiB and the disk has 0\.0 MiB free{last}"):
+        checkpointer.save(later, None, model_meta(model))
+
+    # The disk fills while orbax writes: its error (ValueError text with the OS error code) becomes ours.
+    monkeypatch.setattr(checkpoint_module, "_free_bytes", lambda directory: 2**40)
+
+    def disk_full(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"params.x\": Failed to write 1077393 bytes to file 8: "
+                         "No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(checkpointer._manager, "save", disk_full)
+    with pytest.raises(CheckpointSaveError, match=f"failed: No space left on device{last}"):
+        checkpointer.save(later, None, model_meta(model))
+
+    # Any other failure is a bug, not the user's disk: it keeps its type and traceback.
+    monkeypatch.setattr(checkpointer._manager, "save", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        checkpointer.save(later, None, model_meta(model))
+    checkpointer.verify(5)  # the earlier checkpoint is intact
+
+
+def test_reading_a_missing_checkpoint_directory_creates_nothing(tmp_path):
+    with pytest.raises(ModelPathError, match="nowhere does not exist"):
+        export_checkpoint_to_hf(tmp_path / "nowhere", tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []

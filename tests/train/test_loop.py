@@ -18,13 +18,13 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax.config import CheckpointConfig, DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
+from llmjax.config import CheckpointConfig, ConfigError, DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
 from llmjax.data.objectives import causal_lm_example
 from llmjax.data.sources import DataIterator
 from llmjax.models import build_model
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.loop import NonFiniteLossError, Stage, train
-from llmjax.train.lm_loss import LOSS_FNS
+from llmjax.train.lm_loss import lm_loss_fn
 from tests.train.helpers import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def _stage(hooks=None):
         return [causal_lm_example(ids[i:i + 17]) for i in range(0, len(ids) - 1, 16)]
 
     data = DataIterator(DOCUMENTS, example_fn, batch_size=8, decoder_length=16, seed=0)
-    return Stage(name="test", model=model, loss_fn=LOSS_FNS["decoder"](model), train_data=_Recording(data, hooks))
+    return Stage(name="test", model=model, loss_fn=lm_loss_fn(model), train_data=_Recording(data, hooks))
 
 
 def _final_params(config):
@@ -116,7 +116,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path):
 def test_existing_checkpoints_without_resume_is_a_clear_error(tmp_path):
     # The same config as the other tests here: the same compiled step (the schedule's step count is in it).
     train(_stage(), _config(tmp_path), progress=False, peak_flops_per_sec=1e9)
-    with pytest.raises(ValueError, match=r"already has checkpoints \(newest step 6\) and train.resume=false"):
+    with pytest.raises(ConfigError, match=r"already has checkpoints \(newest step 6\) and train.resume=false"):
         train(_stage(), _config(tmp_path, steps=7, resume=False), progress=False, peak_flops_per_sec=1e9)
 
 

@@ -21,6 +21,8 @@ import random
 import re
 from pathlib import Path
 
+from llmjax.errors import InputError
+
 # ----------------------------------------------------------------------------- word lists
 FEMALE_NAMES = ("Anna", "Maria", "Sofia", "Emma", "Lucy", "Grace", "Hannah", "Olivia", "Mia", "Clara",
                 "Rosa", "Nora", "Alice", "Ruth", "Julia", "Elena", "Priya", "Amara", "Yuki", "Leila",
@@ -397,7 +399,7 @@ TOPICS = {"daily_life": _daily_life, "science": _science, "story": _story, "weat
 def generate_corpus(num_documents: int, seed: int = 0) -> list[str]:
     """``num_documents`` paragraphs of English prose; the same seed gives the same list."""
     if num_documents < 0:
-        raise ValueError(f"num_documents must be >= 0, got {num_documents}")
+        raise InputError(f"num_documents must be >= 0, got {num_documents}")
     rng = random.Random(seed)
     topics = list(TOPICS.values())
     return [rng.choice(topics)(rng) for _ in range(num_documents)]

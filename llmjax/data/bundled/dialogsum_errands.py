@@ -5,7 +5,7 @@ meetings, films. Same contract: `(Draw) -> (Turns, summary)`, the summary states
 
 from __future__ import annotations
 
-from llmjax.data.dialogsum_words import (
+from llmjax.data.bundled.dialogsum_words import (
     CITIES, WEEKDAYS, Draw, Turns, article, counted, dollars, number_words, scenario_registry,
 )
 
@@ -32,8 +32,9 @@ def post_office(d: Draw):
         cost, days, how = standard, standard_days, "by standard post"
     t.p1(d.pick(["Would you like insurance?", "Anything fragile inside?"]))
     t.p2(d.pick(["No, thanks.", "Just some clothes, nothing fragile."]))
-    summary = d.pick([f"#Person2# sends a {kilos}-kilo package to {city} {how} for {dollars(cost)}; it should arrive in {counted(days, 'day')}.",
-                      f"#Person1# weighs #Person2#'s parcel for {city} and #Person2# chooses to send it {how}, paying {dollars(cost)}."])
+    summary = d.summarize([f"#Person2# sends a {kilos}-kilo package to {city} {how} for {dollars(cost)}; it should arrive in {counted(days, 'day')}.",
+                           f"#Person1# weighs #Person2#'s parcel for {city} and #Person2# chooses to send it {how}, paying {dollars(cost)}."],
+                           f"#Person2# pays {dollars(cost)} to send a {kilos}-kilo parcel to {city} {how}; it will take {counted(days, 'day')}.")
     return t, summary
 
 
@@ -55,7 +56,8 @@ def gym_membership(d: Draw):
         t.p2(d.pick(["I'm only in town for the summer, so the monthly one.", "I'm moving away in a few months. Monthly, please."]))
         outcome = f"the monthly plan at {dollars(monthly)} because #Person2# is staying only a short time"
     t.p1(d.pick(["Great. Please fill in this form.", "Welcome aboard! Here's your card."]))
-    summary = d.pick([f"#Person2# joins #Person1#'s gym and chooses {outcome}.", f"#Person1# explains the gym's two plans, and #Person2# signs up for {outcome}."])
+    summary = d.summarize([f"#Person2# joins #Person1#'s gym and chooses {outcome}.", f"#Person1# explains the gym's two plans, and #Person2# signs up for {outcome}."],
+                           f"After hearing about the gym's plans, #Person2# picks {outcome}.")
     return t, summary
 
 
@@ -74,8 +76,9 @@ def car_repair(d: Draw):
     t.p2(d.pick(["When can it be ready?", "How long will it take?"]))
     t.p1(d.pick([f"By {d.say_time(ready)} today.", f"Come back at {d.say_time(ready)}."]))
     t.p2(d.pick(["Fine, go ahead.", "OK, please do it."]))
-    summary = d.pick([f"#Person1# finds that #Person2#'s car needs new {part}. The repair costs {dollars(parts + labor)} and will be ready at {ready.written()}.",
-                      f"#Person2# brings the car in; #Person1# will replace the {part} for {dollars(parts + labor)} in total by {ready.written()}."])
+    summary = d.summarize([f"#Person1# finds that #Person2#'s car needs new {part}. The repair costs {dollars(parts + labor)} and will be ready at {ready.written()}.",
+                           f"#Person2# brings the car in; #Person1# will replace the {part} for {dollars(parts + labor)} in total by {ready.written()}."],
+                           f"#Person2#'s car needs new {part}; #Person1# will have it ready by {ready.written()} for {dollars(parts + labor)}.")
     return t, summary
 
 
@@ -95,8 +98,9 @@ def haircut_appointment(d: Draw):
     t.p1(d.pick([f"{d.say_money(price)} including a wash.", f"It's {d.say_money(price)}."]))
     t.p1("And your name, please?")
     t.p2(f"{name}. Thank you.")
-    summary = d.pick([f"{name} books a {dollars(price)} haircut with {stylist} on {day} at {slot.written()}, because {stylist} doesn't work on {other}.",
-                      f"#Person2# wants a haircut with {stylist} on {other}, but #Person1# books {day} at {slot.written()} instead; it costs {dollars(price)}."])
+    summary = d.summarize([f"{name} books a {dollars(price)} haircut with {stylist} on {day} at {slot.written()}, because {stylist} doesn't work on {other}.",
+                           f"#Person2# wants a haircut with {stylist} on {other}, but #Person1# books {day} at {slot.written()} instead; it costs {dollars(price)}."],
+                           f"{stylist} doesn't work on {other}, so #Person2# gets a {dollars(price)} haircut with {stylist} on {day} at {slot.written()}.")
     return t, summary
 
 
@@ -120,8 +124,9 @@ def ask_for_directions(d: Draw):
         t.p1(d.pick([f"Not really, maybe {number_words(walk)} minutes.", f"It's about {number_words(walk)} minutes' walk."]))
         t.p2(d.pick(["Great, thank you very much.", "Thanks a lot!"]))
         outcome = f"it's about a {walk}-minute walk"
-    summary = d.pick([f"#Person1# tells #Person2# the way to {place}: {number_words(blocks)} blocks to {landmark}, then turn {turn}; {outcome}.",
-                      f"#Person2# asks for directions to {place}. #Person1# explains the route past {landmark}, and {outcome}."])
+    summary = d.summarize([f"#Person1# tells #Person2# the way to {place}: {number_words(blocks)} blocks to {landmark}, then turn {turn}; {outcome}.",
+                           f"#Person2# asks for directions to {place}. #Person1# explains the route past {landmark}, and {outcome}."],
+                           f"To get to {place}, #Person2# should go {number_words(blocks)} blocks to {landmark} and turn {turn}; {outcome}.")
     return t, summary
 
 
@@ -138,8 +143,9 @@ def grocery_shopping(d: Draw):
     t.p2(d.pick([f"But we're out of {need[0]}, and I used the last {need[1]} yesterday.", f"We need {need[0]}. Oh, and {need[1]}, we don't have any left."]))
     t.p1(d.pick(["I'll go to the supermarket then. Anything else?", "OK, I'll pop out to the shop."]))
     t.p2(d.pick(["Maybe a bottle of wine for the guests.", "Some dessert would be nice."]))
-    summary = d.pick([f"#Person1# and #Person2# plan to cook {dish} for {number_words(guests)} guests. They have {have[0]} and {have[1]}, so #Person1# will buy {need[0]} and {need[1]}.",
-                      f"Before cooking {dish} for their guests, #Person1# and #Person2# check what's missing: #Person1# goes out to buy {need[0]} and {need[1]}."])
+    summary = d.summarize([f"#Person1# and #Person2# plan to cook {dish} for {number_words(guests)} guests. They have {have[0]} and {have[1]}, so #Person1# will buy {need[0]} and {need[1]}.",
+                           f"Before cooking {dish} for their guests, #Person1# and #Person2# check what's missing: #Person1# goes out to buy {need[0]} and {need[1]}."],
+                           f"#Person1# will buy {need[0]} and {need[1]} for the {dish} they are cooking for {number_words(guests)} guests, since they already have {have[0]} and {have[1]}.")
     return t, summary
 
 
@@ -163,8 +169,9 @@ def billing_complaint(d: Draw):
         t.p1(d.pick(["It seems you used a lot more data than usual this month.", "Your usage was much higher than normal this month."]))
         t.p2(d.pick(["Really? I had no idea. I'll be more careful.", "Oh, my son was home for the holidays. That explains it."]))
         outcome = "#Person1# explains that the higher amount comes from heavier usage, so there is no refund"
-    summary = d.pick([f"#Person2# complains that the {service} bill is {dollars(charged)} instead of about {dollars(usual)}; {outcome}.",
-                      f"#Person2# calls #Person1# about an unusually high {service} bill, and {outcome}."])
+    summary = d.summarize([f"#Person2# complains that the {service} bill is {dollars(charged)} instead of about {dollars(usual)}; {outcome}.",
+                           f"#Person2# calls #Person1# about an unusually high {service} bill, and {outcome}."],
+                           f"#Person2#'s {service} bill is {dollars(charged)}, far above the usual {dollars(usual)}; {outcome}.")
     return t, summary
 
 
@@ -185,8 +192,9 @@ def meeting_schedule(d: Draw):
     t.p2(d.pick(["That gives us more time. Anything I should do?", "OK. What do you need from me?"]))
     t.p1(d.pick([f"Could you {task[0]}?", f"Please {task[0]} before then."]))
     t.p2(d.pick(["No problem.", "Sure, I'll do it tomorrow."]))
-    summary = d.pick([f"#Person1# tells #Person2# that the meeting with {client} moves from {day} to {new_day} because {reason[1]}; #Person2# will {task[1]}.",
-                      f"The meeting with {client} is postponed to {new_day} since {reason[1]}, and #Person1# asks #Person2# to {task[1]}."])
+    summary = d.summarize([f"#Person1# tells #Person2# that the meeting with {client} moves from {day} to {new_day} because {reason[1]}; #Person2# will {task[1]}.",
+                           f"The meeting with {client} is postponed to {new_day} since {reason[1]}, and #Person1# asks #Person2# to {task[1]}."],
+                           f"Because {reason[1]}, the meeting with {client} moves from {day} to {new_day}, and #Person2# will {task[1]}.")
     return t, summary
 
 
@@ -207,6 +215,7 @@ def movie_night(d: Draw):
     if payer == "#Person1#":
         t.p1("Sure, I'll book them now.")
     t.p1(d.pick([f"Let's meet at {meet} twenty minutes before.", f"See you at {meet}."]))
-    summary = d.pick([f"#Person1# and #Person2# will see {article(chosen)} at {start.written()} instead of the {offered} #Person1# suggested; {payer} buys the {dollars(tickets)} tickets and they meet at {meet}.",
-                      f"#Person2# turns down the {offered}, so they choose {article(chosen)} at {start.written()}. {payer} gets the tickets."])
+    summary = d.summarize([f"#Person1# and #Person2# will see {article(chosen)} at {start.written()} instead of the {offered} #Person1# suggested; {payer} buys the {dollars(tickets)} tickets and they meet at {meet}.",
+                           f"#Person2# turns down the {offered}, so they choose {article(chosen)} at {start.written()}. {payer} gets the tickets."],
+                           f"Instead of the {offered}, #Person1# and #Person2# go to {article(chosen)} at {start.written()}; {payer} pays {dollars(tickets)} for the tickets and they meet at {meet}.")
     return t, summary

@@ -11,7 +11,8 @@ import pytest
 from llmjax.models import build_model, init_params
 from llmjax.models.decoder import DecoderConfig
 from llmjax.models.t5 import T5Config
-from llmjax.train.flops import decoder_step_flops, step_flops, t5_step_flops
+from llmjax.models import step_flops
+from llmjax.models.flops import decoder_step_flops, t5_step_flops
 
 T5_TINY = T5Config(vocab_size=96, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=3, num_heads=2,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False)

@@ -4,7 +4,9 @@ Examples are dicts `{"id", "dialogue", "summary", "topic"}`; a dialogue is newli
 "#Person1#: ...\\n#Person2#: ...", a summary is a short third-person account of what happened.
 
 - `generate_dialogsum(num_examples, seed)` -> `{"train", "validation", "test"}` lists, deterministic
-  for a seed, split 80/10/10, no dialogue repeated anywhere (so no split leaks into another).
+  for a seed, split 80/10/10, no dialogue repeated anywhere (so no split leaks into another). Test
+  examples also carry `summaries`: three references (the `summary` first), as DialogSum's test set has
+  three annotators' summaries; they state the same facts in different words.
 - `bundled_dialogsum(split)`: the default generated set, built once per process.
 - `write_dialogsum(directory, ...)` writes `{split}.jsonl`; `load_dialogsum(path)` reads those and the
   real releases (JSONL from the DialogSum GitHub repo with `fname`, `summary1..3` in its test file;
@@ -21,12 +23,14 @@ import random
 import re
 from pathlib import Path
 
-from llmjax.data import dialogsum_errands, dialogsum_scenarios
-from llmjax.data.dialogsum_words import Draw, maybe_close, person1_speaks_first
+from llmjax.data.bundled import dialogsum_errands, dialogsum_scenarios
+from llmjax.data.bundled.dialogsum_words import Draw, maybe_close, person1_speaks_first
+from llmjax.errors import DataError, InputError, InputNotFoundError
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 DEFAULT_NUM_EXAMPLES = 4000
+TEST_REFERENCES = 3  # references per test dialogue, as in DialogSum's test set
 SCENARIOS = {**dialogsum_scenarios.SCENARIOS, **dialogsum_errands.SCENARIOS}
 # The real releases name the validation split "dev" and the id "fname"; accept either spelling.
 _SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "dev", "val"), "test": ("test",)}
@@ -41,7 +45,7 @@ def generate_dialogsum(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) 
     shuffled with the seed before splitting, and ids are `"{split}_{index}"`.
     """
     if num_examples < len(SPLITS):
-        raise ValueError(f"num_examples must be at least {len(SPLITS)} (one per split), got {num_examples}")
+        raise InputError(f"num_examples must be at least {len(SPLITS)} (one per split), got {num_examples}")
     rng = random.Random(seed)
     draw = Draw(rng)
     topics = sorted(SCENARIOS)
@@ -53,20 +57,32 @@ def generate_dialogsum(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) 
         if attempts > 20 * num_examples:
             raise RuntimeError(f"could only draw {len(examples)} distinct dialogues of {num_examples}; ask for fewer")
         topic = topics[len(examples) % len(topics)]
+        draw.references = []
         turns, summary = SCENARIOS[topic](draw)
-        turns, summary = person1_speaks_first(maybe_close(draw, turns), summary)
+        if draw.references[:1] != [summary]:
+            raise RuntimeError(f"scenario {topic!r} must choose its summary with Draw.summarize")
+        turns, references = person1_speaks_first(maybe_close(draw, turns), draw.references[:TEST_REFERENCES])
         dialogue = turns.render()
         if dialogue in seen:  # a repeat would leak between splits; draw again
             continue
         seen.add(dialogue)
-        examples.append({"dialogue": dialogue, "summary": summary, "topic": topic})
+        examples.append({"dialogue": dialogue, "summary": references[0], "topic": topic, "summaries": references})
     rng.shuffle(examples)
     n_validation = n_test = max(1, round(num_examples * SPLIT_FRACTIONS["test"]))
     bounds = {"train": (0, num_examples - n_validation - n_test),
               "validation": (num_examples - n_validation - n_test, num_examples - n_test),
               "test": (num_examples - n_test, num_examples)}
-    return {split: [{"id": f"{split}_{i}", **example} for i, example in enumerate(examples[lo:hi])]
+    return {split: [_with_id(f"{split}_{i}", example, keep_references=split == "test")
+                    for i, example in enumerate(examples[lo:hi])]
             for split, (lo, hi) in bounds.items()}
+
+
+def _with_id(id_: str, example: dict, keep_references: bool) -> dict:
+    """``{"id", "dialogue", "summary", "topic"}``, plus ``summaries`` for the test split."""
+    out = {"id": id_, **example}
+    if not keep_references:
+        del out["summaries"]
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,10 +91,12 @@ def _bundled() -> dict[str, list[dict]]:
 
 
 def bundled_dialogsum(split: str) -> list[dict]:
-    """The default generated split (4000 examples in all, seed 0); generated once per process, copied per call."""
+    """The default generated split (4000 examples in all, seed 0; test examples with three references in
+    `summaries`); generated once per process, copied per call."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return [dict(example) for example in _bundled()[split]]
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return [{key: list(value) if isinstance(value, list) else value for key, value in example.items()}
+            for example in _bundled()[split]]
 
 
 def write_dialogsum(directory: str | Path, num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) -> dict[str, Path]:
@@ -105,22 +123,22 @@ def load_dialogsum(path_or_dir: str | Path, split: str | None = None) -> list[di
     """
     path = Path(path_or_dir)
     if not path.exists():
-        raise FileNotFoundError(f"DialogSum path {path} does not exist; pass a .jsonl/.json/.csv file or a directory of them")
+        raise InputNotFoundError(f"DialogSum path {path} does not exist; pass a .jsonl/.json/.csv file or a directory of them")
     if path.is_file():
         if split is not None:
-            raise ValueError(f"{path} is a single file; drop split={split!r} or pass the directory that holds the split files")
+            raise InputError(f"{path} is a single file; drop split={split!r} or pass the directory that holds the split files")
         return _read_file(path)
     if split is not None:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+            raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         found = _split_file(path, split)
         if found is None:
             expected = ", ".join(f"{stem}{ext}" for stem in _split_stems(split) for ext in _FORMATS)
-            raise FileNotFoundError(f"no {split} file in {path}; expected one of: {expected}")
+            raise InputNotFoundError(f"no {split} file in {path}; expected one of: {expected}")
         return _read_file(found)
     splits = {name: _read_file(found) for name in SPLITS if (found := _split_file(path, name)) is not None}
     if not splits:
-        raise FileNotFoundError(f"no DialogSum split files in {path}; expected e.g. train.jsonl, validation.jsonl, test.jsonl")
+        raise InputNotFoundError(f"no DialogSum split files in {path}; expected e.g. train.jsonl, validation.jsonl, test.jsonl")
     return splits
 
 
@@ -144,14 +162,14 @@ def _read_file(path: Path) -> list[dict]:
     elif path.suffix == ".json":
         data = _parse_json(path.read_text(encoding="utf-8"), path, "the file")
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
+            raise DataError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
         rows = [(f"item {i}", row) for i, row in enumerate(data)]
     elif path.suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             # Row 1 is the header, so the first example is row 2 as a spreadsheet shows it.
             rows = [(f"row {n}", row) for n, row in enumerate(csv.DictReader(f), 2)]
     else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .csv")
     return [_to_example(row, path, where) for where, row in rows]
 
 
@@ -159,22 +177,22 @@ def _parse_json(text: str, path: Path, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}, {where}: not valid JSON ({error.msg})") from None
+        raise DataError(f"{path}, {where}: not valid JSON ({error.msg})") from None
 
 
 def _to_example(row, path: Path, where: str) -> dict:
     if not isinstance(row, dict):
-        raise ValueError(f"{path}, {where}: expected an object with id, dialogue, summary; got {type(row).__name__}")
+        raise DataError(f"{path}, {where}: expected an object with id, dialogue, summary; got {type(row).__name__}")
     example = {}
     for field, names in _FIELD_ALIASES.items():
         value = next((row[name] for name in names if row.get(name) not in (None, "")), None)
         if value is None:
-            raise ValueError(f"{path}, {where}: missing field {field!r} (accepted names: {', '.join(names)})")
+            raise DataError(f"{path}, {where}: missing field {field!r} (accepted names: {', '.join(names)})")
         example[field] = str(value).replace("\r\n", "\n")
     example["topic"] = str(row.get("topic") or row.get("topic1") or "")
-    references = [row[k] for k in ("summary1", "summary2", "summary3") if row.get(k)]
+    references = row.get("summaries") or [row[k] for k in ("summary1", "summary2", "summary3") if row.get(k)]
     if len(references) > 1:
-        example["summaries"] = references
+        example["summaries"] = [str(text).replace("\r\n", "\n") for text in references]
     return example
 
 

@@ -22,26 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmjax.models import family_of
-from llmjax.model_config import DecoderConfig
-from llmjax.model_config import T5Config
+from llmjax.model_config import DecoderConfig, T5Config
 
-FORMULAS = {
-    "t5": (
-        "6*P_enc*N_enc + 12*L_enc*d_attn*S*N_enc                      (encoder)\n"
-        "+ 6*P_crosskv*N_enc                                          (cross-attn K,V of encoder output)\n"
-        "+ 6*(P_dec + P_head)*N_dec + 12*L_dec*d_attn*(T + S)*N_dec   (decoder self+cross attn, LM head)\n"
-        "  P_enc = L_enc*(4*d*d_attn + n_ff*d*d_ff), P_crosskv = L_dec*2*d*d_attn,\n"
-        "  P_dec = L_dec*(6*d*d_attn + n_ff*d*d_ff) - P_crosskv, P_head = d*V, n_ff = 3 if gated else 2,\n"
-        "  N_enc = batch*S, N_dec = batch*T; embedding lookups and relative bias not counted"
-    ),
-    "decoder": (
-        "6*(P_layers + P_head)*N + 12*L*d_q*T*N\n"
-        "  P_layers = L*(2*d*d_q + 2*d*d_kv + 3*d*d_ff), P_head = d*V, N = batch*T;\n"
-        "  embedding lookup not counted"
-    ),
-}
-"""Family name -> the formula, printed beside MFU figures."""
+T5_FORMULA = (
+    "6*P_enc*N_enc + 12*L_enc*d_attn*S*N_enc                      (encoder)\n"
+    "+ 6*P_crosskv*N_enc                                          (cross-attn K,V of encoder output)\n"
+    "+ 6*(P_dec + P_head)*N_dec + 12*L_dec*d_attn*(T + S)*N_dec   (decoder self+cross attn, LM head)\n"
+    "  P_enc = L_enc*(4*d*d_attn + n_ff*d*d_ff), P_crosskv = L_dec*2*d*d_attn,\n"
+    "  P_dec = L_dec*(6*d*d_attn + n_ff*d*d_ff) - P_crosskv, P_head = d*V, n_ff = 3 if gated else 2,\n"
+    "  N_enc = batch*S, N_dec = batch*T; embedding lookups and relative bias not counted"
+)
+"""What ``t5_step_flops`` counts, printed beside MFU figures."""
+
+DECODER_FORMULA = (
+    "6*(P_layers + P_head)*N + 12*L*d_q*T*N\n"
+    "  P_layers = L*(2*d*d_q + 2*d*d_kv + 3*d*d_ff), P_head = d*V, N = batch*T;\n"
+    "  embedding lookup not counted"
+)
+"""What ``decoder_step_flops`` counts, printed beside MFU figures."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +86,3 @@ def decoder_step_flops(config: DecoderConfig, batch: int, length: int) -> StepFl
     params = config.num_hidden_layers * layer_params + d * config.vocab_size
     attention = 12 * config.num_hidden_layers * d_q * length * tokens
     return StepFlops(dense=float(6 * params * tokens), attention=float(attention), tokens=tokens)
-
-
-def step_flops(config, batch: int, decoder_length: int, encoder_length: int | None = None) -> StepFlops:
-    """Dispatch on the model family: T5 needs ``encoder_length``, a decoder-only model ignores it."""
-    if family_of(config) == "t5":
-        if encoder_length is None:
-            raise ValueError("T5 FLOPs need encoder_length (the encoder input length)")
-        return t5_step_flops(config, batch, encoder_length, decoder_length)
-    return decoder_step_flops(config, batch, decoder_length)

@@ -96,9 +96,18 @@ class Draw:
 
     def __init__(self, rng: random.Random):
         self.rng = rng
+        self.references: list[str] = []  # the last summary's references, as different annotators wrote them
 
     def pick(self, options):
         return self.rng.choice(options)
+
+    def summarize(self, options, *more_references: str) -> str:
+        """The summary, picked from ``options`` exactly as ``pick`` would (so the training data does not
+        change); the other options and ``more_references`` become further annotators' references, kept in
+        ``self.references`` after the chosen one."""
+        chosen = self.rng.choice(options)
+        self.references = [chosen, *(option for option in options if option != chosen), *more_references]
+        return chosen
 
     def sample(self, options, k: int):
         return self.rng.sample(options, k)
@@ -167,13 +176,13 @@ def maybe_close(d: Draw, turns: Turns, probability: float = 0.4) -> Turns:
     return turns
 
 
-def person1_speaks_first(turns: Turns, summary: str) -> tuple[Turns, str]:
-    """Relabel the speakers so #Person1# opens the dialogue, as in DialogSum, in the summary too."""
+def person1_speaks_first(turns: Turns, summaries: list[str]) -> tuple[Turns, list[str]]:
+    """Relabel the speakers so #Person1# opens the dialogue, as in DialogSum, in the summaries too."""
     if not turns.lines or turns.lines[0][0] == 1:
-        return turns, summary
+        return turns, summaries
     swapped = Turns([(3 - speaker, text) for speaker, text in turns.lines])
-    summary = summary.replace("#Person1#", "\0").replace("#Person2#", "#Person1#").replace("\0", "#Person2#")
-    return swapped, summary
+    return swapped, [s.replace("#Person1#", "\0").replace("#Person2#", "#Person1#").replace("\0", "#Person2#")
+                     for s in summaries]
 
 
 Scenario = Callable[[Draw], "tuple[Turns, str]"]

@@ -10,7 +10,7 @@ label to its function `(Draw) -> (Turns, summary)`.
 
 from __future__ import annotations
 
-from llmjax.data.dialogsum_words import (
+from llmjax.data.bundled.dialogsum_words import (
     CITIES, COLORS, COMPANIES, WEEKDAYS, Draw, Turns, article, counted, dollars, number_words, scenario_registry,
 )
 
@@ -38,23 +38,26 @@ def shopping(d: Draw):
         t.p2(d.pick(["That's a bit expensive. Can you give me a discount?", "Hmm, that's more than I wanted to spend. Any chance of a discount?"]))
         t.p1(d.pick([f"If you buy {number_words(qty)}, I can take {pct} percent off.", f"Well, we give {pct} percent off when you take {number_words(qty)} or more."]))
         t.p2(d.pick([f"All right, then I'll take {number_words(qty)}.", f"OK, {number_words(qty)} it is. My brother needs one too."]))
-        summary = d.pick([f"#Person2# buys {number_words(qty)} {color} {items} for {dollars(total)} after #Person1# offers {pct}% off for buying more than one.",
-                          f"#Person2# finds the {color} {item} too expensive, so #Person1# gives a {pct}% discount on {number_words(qty)} of them; #Person2# pays {dollars(total)}."])
+        summary = d.summarize([f"#Person2# buys {number_words(qty)} {color} {items} for {dollars(total)} after #Person1# offers {pct}% off for buying more than one.",
+                               f"#Person2# finds the {color} {item} too expensive, so #Person1# gives a {pct}% discount on {number_words(qty)} of them; #Person2# pays {dollars(total)}."],
+                               f"After a {pct}% discount for taking {number_words(qty)}, #Person2# pays {dollars(total)} for the {color} {items}.")
     elif outcome == "sold_out":
         other = d.pick([c for c in COLORS if c != color])
         t.p2("That's fine. Could I try it on?")
         t.p1(d.pick([f"I'm sorry, we've just sold the last {size} one in {color}. We still have it in {other}.",
                      f"Oh, I'm afraid we're out of {size} in {color}. Would {other} do?"]))
         t.p2(d.pick([f"No, I really wanted {color}. I'll come back next week.", f"{other.capitalize()} doesn't suit me. I'll try another shop, thanks."]))
-        summary = d.pick([f"#Person2# wants {article(color)} {item} in {size} but leaves without buying anything because that size is sold out.",
-                          f"#Person2# likes the {dollars(price)} {item}, but the {color} one is no longer available in {size}, and #Person2# refuses the {other} one."])
+        summary = d.summarize([f"#Person2# wants {article(color)} {item} in {size} but leaves without buying anything because that size is sold out.",
+                               f"#Person2# likes the {dollars(price)} {item}, but the {color} one is no longer available in {size}, and #Person2# refuses the {other} one."],
+                               f"#Person2# buys nothing: the {color} {item} is sold out in {size}.")
     else:
         pay = d.pick(["card", "cash"])
         t.p2(d.pick(["That's reasonable. I'll take it.", "Great, that fits my budget. I'll have it."]))
         t.p1(d.pick(["How would you like to pay?", "Will that be cash or card?"]))
         t.p2("By card, please." if pay == "card" else "I'll pay in cash.")
-        summary = d.pick([f"#Person2# buys {article(size)} {color} {item} for {dollars(price)} and pays by {pay}.",
-                          f"#Person1# helps #Person2# find {article(color)} {item}; #Person2# pays {dollars(price)} for it in {pay}."])
+        summary = d.summarize([f"#Person2# buys {article(size)} {color} {item} for {dollars(price)} and pays by {pay}.",
+                               f"#Person1# helps #Person2# find {article(color)} {item}; #Person2# pays {dollars(price)} for it in {pay}."],
+                               f"#Person2# pays {dollars(price)} by {pay} for {article(color)} {item} in {size}.")
     return t, summary
 
 
@@ -81,8 +84,9 @@ def see_a_doctor(d: Draw):
     t.p2(d.pick(["Is there anything else I should do?", "Anything else?"]))
     t.p1(d.pick([f"Yes, {advice}. Come back if you don't feel better in a week.", f"You should {advice}, and see me again if it gets worse."]))
     t.p2(d.pick(["Thank you, doctor.", "I will. Thanks a lot."]))
-    summary = d.pick([f"#Person2# has been unwell for {number_words(days)} days. #Person1# diagnoses {illness}, prescribes medicine {number_words(times)} times a day and advises #Person2# to {advice}.",
-                      f"#Person1# tells #Person2#, who has had symptoms for {number_words(days)} days, that it is {illness}, and recommends medicine and to {advice}."])
+    summary = d.summarize([f"#Person2# has been unwell for {number_words(days)} days. #Person1# diagnoses {illness}, prescribes medicine {number_words(times)} times a day and advises #Person2# to {advice}.",
+                           f"#Person1# tells #Person2#, who has had symptoms for {number_words(days)} days, that it is {illness}, and recommends medicine and to {advice}."],
+                           f"#Person1# finds that #Person2# has {illness}, prescribes medicine to take {number_words(times)} times a day and tells #Person2# to {advice}.")
     return t, summary
 
 
@@ -112,8 +116,9 @@ def job_interview(d: Draw):
         t.p1(d.pick(["Hmm, that's higher than we planned for this role. We'll let you know.", "I'm afraid that's above our budget, but we'll be in touch."]))
         t.p2(d.pick(["I understand. Thank you for your time.", "I see. I hope to hear from you."]))
         outcome = f"#Person1# says {name}'s salary expectation is too high for the budget"
-    summary = d.pick([f"{name} interviews for the {position} job. {name} has {number_words(years)} years of experience at {company} and expects {dollars(salary)} a year. {outcome}.",
-                      f"#Person1# interviews {name} for {article(position)} position; {name} worked at {company} for {number_words(years)} years and wants {dollars(salary)} a year, and {outcome}."])
+    summary = d.summarize([f"{name} interviews for the {position} job. {name} has {number_words(years)} years of experience at {company} and expects {dollars(salary)} a year. {outcome}.",
+                           f"#Person1# interviews {name} for {article(position)} position; {name} worked at {company} for {number_words(years)} years and wants {dollars(salary)} a year, and {outcome}."],
+                           f"{name} applies for the {position} job after {number_words(years)} years at {company} and asks for {dollars(salary)} a year; {outcome}.")
     return t, summary
 
 
@@ -140,8 +145,9 @@ def book_a_flight(d: Draw):
     t.p2(d.pick([f"{seat.capitalize()}, please.", f"I'd like {article(seat)} seat."]))
     t.p1(d.pick(["Done. Your ticket will be emailed to you.", "All set. Have a nice trip!"]))
     reason = "to arrive before noon" if needs_early else "because it is cheaper"
-    summary = d.pick([f"#Person2# books a flight to {city} on {day} leaving at {chosen.written()} for {dollars(cost)} {reason}, with {article(seat)} seat.",
-                      f"#Person1# helps #Person2# book {article(seat)} seat on the {chosen.written()} flight to {city} on {day}, which costs {dollars(cost)}; #Person2# chooses it {reason}."])
+    summary = d.summarize([f"#Person2# books a flight to {city} on {day} leaving at {chosen.written()} for {dollars(cost)} {reason}, with {article(seat)} seat.",
+                           f"#Person1# helps #Person2# book {article(seat)} seat on the {chosen.written()} flight to {city} on {day}, which costs {dollars(cost)}; #Person2# chooses it {reason}."],
+                           f"#Person2# takes the {chosen.written()} flight to {city} on {day} {reason}; the ticket with {article(seat)} seat costs {dollars(cost)}.")
     return t, summary
 
 
@@ -168,8 +174,9 @@ def order_food(d: Draw):
     t.p1(d.pick([f"Here you are. The {food} is {d.say_money(food_price)} and the drink is {d.say_money(drink_price)}.",
                  f"Your bill: {d.say_money(food_price)} for the {food} and {d.say_money(drink_price)} for the drink."]))
     t.p2(f"Here you are. Keep the change, it's {d.say_money(tip)} extra for you." if tip else "Here you are, exactly.")
-    summary = d.pick([f"#Person2# orders the {food} and {drink}{' on #Person1#' + chr(39) + 's recommendation' if takes_special else ' instead of the recommended ' + special}, and pays {dollars(total)} in total.",
-                      f"#Person2# has the {food} with {drink} at #Person1#'s restaurant; the meal costs {dollars(total)} {'including a tip' if tip else 'with no tip'}."])
+    summary = d.summarize([f"#Person2# orders the {food} and {drink}{' on #Person1#' + chr(39) + 's recommendation' if takes_special else ' instead of the recommended ' + special}, and pays {dollars(total)} in total.",
+                           f"#Person2# has the {food} with {drink} at #Person1#'s restaurant; the meal costs {dollars(total)} {'including a tip' if tip else 'with no tip'}."],
+                           f"#Person2# pays {dollars(total)} for the {food} and {drink}{', as #Person1# recommended' if takes_special else ''}.")
     return t, summary
 
 
@@ -187,8 +194,9 @@ def restaurant_reservation(d: Draw):
     t.p1(d.pick(["May I have your name, please?", "Under what name?"]))
     t.p2(d.pick([f"{name}. And could we have a table by the window?", f"It's {name}."]))
     t.p1(d.pick([f"Got it, {name}. See you on {day}.", "Your table is booked. Thank you for calling."]))
-    summary = d.pick([f"{name} calls to book a table for {number_words(people)} on {day}. The restaurant is full at {first.written()}, so they reserve for {second.written()}.",
-                      f"#Person2# reserves a table for {number_words(people)} people at #Person1#'s restaurant on {day} at {second.written()} because {first.written()} is fully booked."])
+    summary = d.summarize([f"{name} calls to book a table for {number_words(people)} on {day}. The restaurant is full at {first.written()}, so they reserve for {second.written()}.",
+                           f"#Person2# reserves a table for {number_words(people)} people at #Person1#'s restaurant on {day} at {second.written()} because {first.written()} is fully booked."],
+                           f"#Person2# can't get a table for {number_words(people)} at {first.written()} on {day}, so #Person1# books one for {second.written()}.")
     return t, summary
 
 
@@ -211,13 +219,15 @@ def rent_an_apartment(d: Draw):
     if rent <= budget:
         t.p2(d.pick([f"That works. Can I see it on {day}?", f"Sounds good. Could I have a look this {day}?"]))
         t.p1(d.pick([f"Of course, {day} is fine.", "Sure, I'll meet you there."]))
-        summary = d.pick([f"#Person2# wants {article(number_words(rooms))}-bedroom apartment. #Person1# offers one near {place} for {dollars(rent)} a month; moving in costs {dollars(move_in)} with the deposit, and they arrange a viewing on {day}.",
-                          f"#Person1# shows #Person2# an affordable {number_words(rooms)}-bedroom flat near {place} at {dollars(rent)} a month, and #Person2# will view it on {day}."])
+        summary = d.summarize([f"#Person2# wants {article(number_words(rooms))}-bedroom apartment. #Person1# offers one near {place} for {dollars(rent)} a month; moving in costs {dollars(move_in)} with the deposit, and they arrange a viewing on {day}.",
+                               f"#Person1# shows #Person2# an affordable {number_words(rooms)}-bedroom flat near {place} at {dollars(rent)} a month, and #Person2# will view it on {day}."],
+                               f"#Person2# will see the {number_words(rooms)}-bedroom apartment near {place} on {day}; the rent is {dollars(rent)} a month.")
     else:
         t.p2(d.pick(["Hmm, that's over my budget. Do you have anything cheaper?", "That's more than I can afford."]))
         t.p1(d.pick(["Not at the moment, but I'll call you if something comes up.", "I'll let you know when something cheaper is available."]))
-        summary = d.pick([f"#Person2# is looking for {article(number_words(rooms))}-bedroom apartment, but the one #Person1# offers near {place} costs {dollars(rent)} a month, above #Person2#'s budget of {dollars(budget)}.",
-                          f"#Person1# can't find #Person2# an affordable flat: the {number_words(rooms)}-bedroom place near {place} is too expensive, so #Person1# will call when a cheaper one appears."])
+        summary = d.summarize([f"#Person2# is looking for {article(number_words(rooms))}-bedroom apartment, but the one #Person1# offers near {place} costs {dollars(rent)} a month, above #Person2#'s budget of {dollars(budget)}.",
+                               f"#Person1# can't find #Person2# an affordable flat: the {number_words(rooms)}-bedroom place near {place} is too expensive, so #Person1# will call when a cheaper one appears."],
+                               f"The {number_words(rooms)}-bedroom apartment near {place} costs {dollars(rent)} a month, more than the {dollars(budget)} #Person2# can pay, so #Person2# doesn't take it.")
     return t, summary
 
 
@@ -245,8 +255,9 @@ def homework_extension(d: Draw):
         t.p1(d.pick(["I'm afraid the deadline is fixed for everyone. Hand in what you have.", "I can't make exceptions. Please submit it tomorrow."]))
         t.p2(d.pick(["I understand. I'll do my best.", "OK, I'll try to finish tonight."]))
         outcome = "#Person1# refuses and keeps the original deadline"
-    summary = d.pick([f"#Person2# asks #Person1# for more time on the {subject} essay because #Person2# {reason_summary}. {outcome}.",
-                      f"#Person2# {reason_summary} and requests an extension for the {subject} assignment; {outcome}."])
+    summary = d.summarize([f"#Person2# asks #Person1# for more time on the {subject} essay because #Person2# {reason_summary}. {outcome}.",
+                           f"#Person2# {reason_summary} and requests an extension for the {subject} assignment; {outcome}."],
+                           f"Because #Person2# {reason_summary}, #Person2# asks for an extension on the {subject} essay, and {outcome}.")
     return t, summary
 
 
@@ -274,8 +285,9 @@ def computer_problem(d: Draw):
         t.p1(d.pick([f"Then we'll send a technician. Is {day} OK?", f"I'll book a technician visit for {day}."]))
         t.p2("Yes, that's fine.")
         outcome = f"trying to {fix} doesn't work, so #Person1# arranges a technician visit on {day}"
-    summary = d.pick([f"#Person2# calls #Person1# about a faulty {device}; restarting it didn't help, and {outcome}.",
-                      f"#Person1# helps #Person2# with a {device} problem: {outcome}."])
+    summary = d.summarize([f"#Person2# calls #Person1# about a faulty {device}; restarting it didn't help, and {outcome}.",
+                           f"#Person1# helps #Person2# with a {device} problem: {outcome}."],
+                           f"#Person2#'s {device} is faulty and a restart didn't fix it; {outcome}.")
     return t, summary
 
 
@@ -298,8 +310,9 @@ def sports_plans(d: Draw):
     if d.chance(0.5):
         t.p2("The loser buys drinks afterwards!")
         t.p1("Deal.")
-    summary = d.pick([f"#Person1# and #Person2# will play {sport} at {place} on {day} at {second.written()}, since #Person2# is busy at {first.written()}.",
-                      f"#Person1# invites #Person2# to play {sport} on {day}. They move the game to {second.written()} because #Person2# can't come earlier, and meet at {place}."])
+    summary = d.summarize([f"#Person1# and #Person2# will play {sport} at {place} on {day} at {second.written()}, since #Person2# is busy at {first.written()}.",
+                           f"#Person1# invites #Person2# to play {sport} on {day}. They move the game to {second.written()} because #Person2# can't come earlier, and meet at {place}."],
+                           f"Since #Person2# is busy at {first.written()}, #Person1# and #Person2# agree to play {sport} at {place} on {day} at {second.written()}.")
     return t, summary
 
 
@@ -323,8 +336,9 @@ def weather(d: Draw):
         t.p2(d.pick([f"Why don't we {alternative} instead?", f"Maybe we could {alternative} instead."]))
         t.p1(d.pick(["Better than getting wet. Let's do that.", "OK, that's a good plan B."]))
         outcome = f"they cancel the {plan} and decide to {alternative}"
-    summary = d.pick([f"#Person1# and #Person2# chat about the weather. Because {bad} is forecast for {day}, {outcome}.",
-                      f"#Person2# warns #Person1# about {bad} on {day}, so {outcome}."])
+    summary = d.summarize([f"#Person1# and #Person2# chat about the weather. Because {bad} is forecast for {day}, {outcome}.",
+                           f"#Person2# warns #Person1# about {bad} on {day}, so {outcome}."],
+                           f"#Person1# and #Person2# hear that {bad} is coming on {day}, so {outcome}.")
     return t, summary
 
 
@@ -344,8 +358,9 @@ def birthday_party(d: Draw):
     t.p1(d.pick([f"I saw {gift} for {d.say_money(price)}.", f"Maybe {gift}? It costs {d.say_money(price)}."]))
     t.p2(d.pick([f"That's a lot, but if all {number_words(people)} of us chip in, it's fine.", f"We can split it between the {number_words(people)} of us."]))
     t.p1(d.pick(["OK, I'll buy it and collect the money later.", "Good, I'll order it tonight."]))
-    summary = d.pick([f"#Person1# and #Person2# plan a surprise party for {friend}'s {age}th birthday at {venue.replace('my place', chr(35) + 'Person1#' + chr(39) + 's place')} on {day}. They'll give {gift}, with each of the {number_words(people)} friends paying {dollars(share)}.",
-                      f"For {friend}'s {age}th birthday, #Person1# and #Person2# organize a surprise party on {day} and a shared gift of {gift}; split {number_words(people)} ways, each pays {dollars(share)}."])
+    summary = d.summarize([f"#Person1# and #Person2# plan a surprise party for {friend}'s {age}th birthday at {venue.replace('my place', chr(35) + 'Person1#' + chr(39) + 's place')} on {day}. They'll give {gift}, with each of the {number_words(people)} friends paying {dollars(share)}.",
+                           f"For {friend}'s {age}th birthday, #Person1# and #Person2# organize a surprise party on {day} and a shared gift of {gift}; split {number_words(people)} ways, each pays {dollars(share)}."],
+                           f"#Person1# and #Person2# will throw {friend} a surprise party on {day} for turning {age}; the {number_words(people)} friends share the cost of {gift}, {dollars(share)} each.")
     return t, summary
 
 
@@ -363,8 +378,9 @@ def hotel_check_in(d: Draw):
     t.p2(d.pick(["Is breakfast included?", "Does that include breakfast?"]))
     t.p1("Yes, it's served from seven to ten." if breakfast else "I'm afraid not; it's twelve dollars extra.")
     t.p1(d.pick(["Here is your key. The elevator is on your left.", "Your room is on the fifth floor. Enjoy your stay."]))
-    summary = d.pick([f"{name} checks in for {number_words(nights)} nights in {article(room)} at {dollars(rate)} a night, {dollars(rate * nights)} in total; breakfast is {'included' if breakfast else 'not included'}.",
-                      f"#Person1# checks #Person2# into {article(room)} for {number_words(nights)} nights. The stay costs {dollars(rate * nights)}, {'with' if breakfast else 'without'} breakfast."])
+    summary = d.summarize([f"{name} checks in for {number_words(nights)} nights in {article(room)} at {dollars(rate)} a night, {dollars(rate * nights)} in total; breakfast is {'included' if breakfast else 'not included'}.",
+                           f"#Person1# checks #Person2# into {article(room)} for {number_words(nights)} nights. The stay costs {dollars(rate * nights)}, {'with' if breakfast else 'without'} breakfast."],
+                           f"#Person2# stays {number_words(nights)} nights in {article(room)} for {dollars(rate)} a night ({dollars(rate * nights)} in all), {'breakfast included' if breakfast else 'without breakfast'}.")
     return t, summary
 
 
@@ -381,8 +397,9 @@ def currency_exchange(d: Draw):
     t.p1(f"There's a {number_words(fee)}-dollar service fee, which I'll take from the amount." if fee else "There's no fee for this amount.")
     t.p2(d.pick(["OK, no problem.", "Fine."]))
     t.p1(d.pick(["Here you are. Please count it.", "Here's your money and the receipt."]))
-    summary = d.pick([f"#Person2# changes {dollars(amount)} into {currency} at #Person1#'s counter and receives {received} {currency}{' after a ' + dollars(fee) + ' fee' if fee else ''}.",
-                      f"#Person1# exchanges {dollars(amount)} for #Person2# at a rate of {rate:g}; #Person2# gets {received} {currency}."])
+    summary = d.summarize([f"#Person2# changes {dollars(amount)} into {currency} at #Person1#'s counter and receives {received} {currency}{' after a ' + dollars(fee) + ' fee' if fee else ''}.",
+                           f"#Person1# exchanges {dollars(amount)} for #Person2# at a rate of {rate:g}; #Person2# gets {received} {currency}."],
+                           f"#Person2# exchanges {dollars(amount)} and gets {received} {currency}{', a ' + dollars(fee) + ' fee deducted' if fee else ''}.")
     return t, summary
 
 
@@ -406,8 +423,9 @@ def lost_property(d: Draw):
         t.p1(d.pick(["Nothing like that has been handed in. Please fill in this form and we'll call you.", "I'm sorry, it's not here. Leave your number and we'll contact you."]))
         t.p2("All right, thank you.")
         outcome = "it hasn't been handed in, so #Person2# leaves contact details"
-    summary = d.pick([f"#Person2# lost a {color} {thing} on {place}; {outcome}.",
-                      f"#Person2# asks #Person1# about a {color} {thing} left on {place}, and {outcome}."])
+    summary = d.summarize([f"#Person2# lost a {color} {thing} on {place}; {outcome}.",
+                           f"#Person2# asks #Person1# about a {color} {thing} left on {place}, and {outcome}."],
+                           f"#Person2# reports a lost {color} {thing} from {place}, and {outcome}.")
     return t, summary
 
 
@@ -426,8 +444,9 @@ def taxi_ride(d: Draw):
     t.p1(d.pick([f"Here we are. That's {d.say_money(fare)}.", f"We've arrived. The fare is {d.say_money(fare)}."]))
     tip = d.pick([0, 2, 5])
     t.p2(f"Here's {d.say_money(fare + tip)}. Keep the change." if tip else "Here you are. Can I have a receipt?")
-    summary = d.pick([f"#Person1# drives #Person2# to {dest}{', avoiding traffic on the way,' if traffic else ''} in about {number_words(minutes)} minutes; #Person2# pays {dollars(fare + tip)}{' including a tip' if tip else ' and asks for a receipt'}.",
-                      f"#Person2# takes #Person1#'s taxi to {dest}. The ride costs {dollars(fare)}{' and #Person2# tips ' + dollars(tip) if tip else ''}."])
+    summary = d.summarize([f"#Person1# drives #Person2# to {dest}{', avoiding traffic on the way,' if traffic else ''} in about {number_words(minutes)} minutes; #Person2# pays {dollars(fare + tip)}{' including a tip' if tip else ' and asks for a receipt'}.",
+                           f"#Person2# takes #Person1#'s taxi to {dest}. The ride costs {dollars(fare)}{' and #Person2# tips ' + dollars(tip) if tip else ''}."],
+                           f"#Person2# rides to {dest} in about {number_words(minutes)} minutes and pays {dollars(fare + tip)}{', tip included' if tip else ''}.")
     return t, summary
 
 
@@ -446,7 +465,8 @@ def library(d: Draw):
     t.p1(d.pick([f"They're due back in {number_words(weeks)} weeks.", f"You can keep them for {number_words(weeks)} weeks."]))
     t.p2(d.pick(["What if I'm late?", "And if I return them late?"]))
     t.p1(d.pick([f"It's {number_words(fee)} cents a day for each book.", f"There's a fine of {number_words(fee)} cents per book per day."]))
-    summary = d.pick([f"#Person2# borrows {number_words(taken)} books{', the library limit,' if books > limit else ''} for {number_words(weeks)} weeks; late returns cost {fee} cents a day per book.",
-                      f"#Person1# lends #Person2# {number_words(taken)} of the {number_words(books)} books #Person2# wanted; they are due in {number_words(weeks)} weeks."
-                      if books > limit else f"#Person1# checks out {number_words(books)} books for #Person2#, due in {number_words(weeks)} weeks, with a {fee}-cent daily fine per book if late."])
+    summary = d.summarize([f"#Person2# borrows {number_words(taken)} books{', the library limit,' if books > limit else ''} for {number_words(weeks)} weeks; late returns cost {fee} cents a day per book.",
+                           f"#Person1# lends #Person2# {number_words(taken)} of the {number_words(books)} books #Person2# wanted; they are due in {number_words(weeks)} weeks."
+                           if books > limit else f"#Person1# checks out {number_words(books)} books for #Person2#, due in {number_words(weeks)} weeks, with a {fee}-cent daily fine per book if late."],
+                           f"#Person2# checks out {number_words(taken)} books for {number_words(weeks)} weeks{' because of the library limit' if books > limit else ''}; the late fee is {fee} cents a day per book.")
     return t, summary

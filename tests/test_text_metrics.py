@@ -5,7 +5,7 @@ import math
 import pytest
 import sacrebleu
 
-from llmjax.metrics import bleu, exact_match, normalize_answer, rouge, sentences_per_line
+from llmjax.text_metrics import bleu, exact_match, first_reference, normalize_answer, rouge, sentences_per_line
 
 
 def f1(hits: int, predicted: int, reference: int) -> float:
@@ -69,9 +69,37 @@ def test_exact_match_normalizes_case_punctuation_and_spaces():
 
 @pytest.mark.parametrize("metric", [rouge, bleu, exact_match])
 def test_length_mismatch_and_bad_types_are_clear_errors(metric):
-    with pytest.raises(ValueError, match="got 2 predictions but 1 references; pass exactly one reference per prediction"):
+    with pytest.raises(ValueError, match=r"got 2 predictions but 1 references; pass exactly one reference \(or one list of references\) per prediction"):
         metric(["a", "b"], ["a"])
     with pytest.raises(TypeError, match="got a single string; wrap it in a list"):
         metric("a b", ["a b"])
     with pytest.raises(ValueError, match="no predictions to score"):
         metric([], [])
+
+
+def test_rouge_with_several_references_takes_the_best_per_type():
+    # "a b c d" vs "d c b a": all unigrams match (R1 = 1), no bigram does; vs "a b x y": 2 of 4
+    # unigrams (R1 = 0.5) and 1 of 3 bigrams ("a b", R2 = 1/3). Each type keeps its best reference.
+    scores = rouge(["a b c d"], [["d c b a", "a b x y"]])
+    assert scores["rouge1"] == pytest.approx(1.0) and scores["rouge2"] == pytest.approx(1 / 3)
+    # One matching reference among unrelated ones scores as if it were alone: 5 of 6 unigrams.
+    scores = rouge(["the cat sat on the mat"], [["a dog ran", "the cat sat on a mat"]])
+    assert scores["rouge1"] == pytest.approx(5 / 6)
+    assert rouge(["the cat sat on the mat"], [["the cat sat on a mat"]]) == rouge(["the cat sat on the mat"], ["the cat sat on a mat"])
+
+
+def test_bleu_with_several_references():
+    prediction = "the cat sat on the mat"
+    references = ["the cat sat on a mat", "a cat sat on the mat"]
+    # Clipped n-gram matches against either reference: 5/6 unigrams ("the" twice, at most once in each),
+    # 5/5 bigrams, 4/4 trigrams, 3/3 4-grams; lengths equal, so no brevity penalty.
+    assert bleu([prediction], [references]) == pytest.approx(100 * (5 / 6) ** 0.25, abs=1e-9)
+    # A second prediction with a single reference: the corpus has 7/8, 6/6, 4/4, 3/3 matches.
+    assert bleu([prediction, "a dog"], [references, ["a dog"]]) == pytest.approx(100 * (7 / 8) ** 0.25, abs=1e-9)
+
+
+def test_exact_match_with_several_references_and_first_reference():
+    assert exact_match(["x", "y"], [["a", "X."], "b"]) == pytest.approx(0.5)
+    assert first_reference([["a", "b"], "c"]) == ["a", "c"]
+    with pytest.raises(TypeError, match=r"references\[0\] must be a string or a non-empty list of strings"):
+        rouge(["a"], [[]])
