@@ -95,20 +95,30 @@ def _effective(spec, mesh) -> tuple:
 
 
 def _classes(config, mesh) -> dict:
-    """Parameter class (``layers_<i>`` -> ``layers_*``) -> effective spec, checked equal across layers."""
+    """Parameter class (``layers_<i>``, or the scanned ``layers``, -> ``layers_*``) -> effective spec.
+
+    Unrolled layers are checked to be sharded alike; a scanned stack's leading layer axis is checked to be
+    unsplit and dropped, so both layouts compare with the same table.
+    """
     shardings = sharding.logical_to_sharding(logical_axes(build_model(config)), mesh)
     classes: dict = {}
     for path, named in jax.tree_util.tree_flatten_with_path(shardings)[0]:
-        key = "/".join(re.sub(r"^layers_\d+$", "layers_*", p.key) for p in path)
+        keys = [p.key for p in path]
         spec = _effective(named.spec, mesh)
+        if "layers" in keys:
+            assert spec[0] is None, f"{keys}: the scanned layer axis must not be split, got {spec}"
+            spec = spec[1:]
+        key = "/".join(re.sub(r"^layers(_\d+)?$", "layers_*", k) for k in keys)
         assert classes.setdefault(key, spec) == spec, f"{key}: layers are sharded differently"
     return classes
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_parameter_class_is_sharded_as_the_golden_table_says(case, mesh_name):
+def test_every_parameter_class_is_sharded_as_the_golden_table_says(case, mesh_name, scan):
     config, golden = CASES[case]
+    config = dataclasses.replace(config, scan_layers=scan)
     mesh = sharding.make_mesh(*MESHES[mesh_name])
     which = sorted(MESHES).index(mesh_name)  # fsdp -> 0, tensor -> 1
     expected = {name: specs[which] for name, specs in golden.items()}
