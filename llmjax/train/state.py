@@ -149,9 +149,12 @@ def _state_init_fn(model, tx: optax.GradientTransformation, is_trainable: Traina
 
 def _check_params_match(params: Params, boxes) -> None:
     """Loaded params must have exactly the model's tree and shapes (clear error otherwise)."""
+    # Read shapes off the boxes: unboxing applies sharding constraints, which fail on abstract values
+    # inside an active mesh (the loop calls this under one).
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
     expected = {
-        "/".join(str(p.key) for p in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxes))
+        "/".join(str(p.key) for p in path): tuple((leaf.value if is_box(leaf) else leaf).shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(boxes, is_leaf=is_box)
     }
     given = {"/".join(str(p.key) for p in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
