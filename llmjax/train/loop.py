@@ -131,6 +131,9 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                     summary["eval_loss"] = _evaluate(stage, eval_step, state, mesh, tc.eval_steps, writer, step)
                     throughput.reset()  # eval time is not training throughput
                 if step % config.checkpoint.every_steps == 0:
+                    if pending is not None:  # under nan_policy=abort a non-finite step must never be saved
+                        _check_finite(*pending, tc.nan_policy, progress)
+                        pending = None
                     checkpointer.save(state, stage.train_data.state(), meta)
                     saved_step = step
                     throughput.reset()

@@ -1,9 +1,11 @@
 """The DialogSum-shaped generator (deterministic, disjoint splits, DialogSum layout, abstractive) and
 the loader for the real release formats (JSONL with fname/summary1..3, JSON list, CSV)."""
 
+import collections
 import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,7 @@ from llmjax.data.bundled.dialogsum import (
 from llmjax.errors import DataError, InputError, InputNotFoundError
 
 TURN = re.compile(r"#Person[12]#: \S.*")
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,34 @@ def test_stats_show_abstractive_summaries(small):
     assert 40 < stats["all"]["dialogue_words"] < 150 and 10 < stats["all"]["summary_words"] < 40
     assert stats["all"]["vocabulary"] > 800
     assert stats["all"]["summary_bigrams_in_dialogue"] < 0.4
+
+
+def test_readme_statistics_table_and_scenarios_describe_the_default_set():
+    """The README's numbers are recomputed from ``generate_dialogsum(4000, seed=0)`` (the bundled set)."""
+    readme = README.read_text()
+    splits = {split: bundled_dialogsum(split) for split in ("train", "validation", "test")}
+    stats = dialogsum_stats(splits)
+    rows = re.findall(r"^\| (train|validation|test|all) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| ([\d.]+)% \|$",
+                      readme, re.MULTILINE)
+    assert [row[0] for row in rows] == ["train", "validation", "test", "all"], rows
+    for split, *claimed in rows:
+        s = stats[split]
+        actual = [str(s["examples"]), f"{s['dialogue_words']:.1f}", f"{s['summary_words']:.1f}",
+                  str(s["vocabulary"]), f"{100 * s['summary_bigrams_in_dialogue']:.1f}"]
+        assert actual == claimed, split
+
+    count, names = re.search(r"(\d+) scenarios \(([^)]*)\)", readme).groups()
+    listed = [name.strip() for name in names.replace("\n", " ").split(",")]
+    assert int(count) == len(listed) == len(SCENARIOS)
+    assert sorted(listed) == sorted(SCENARIOS)
+    assert {e["topic"] for e in splits["train"]} == set(SCENARIOS)
+
+    turns = collections.Counter(len(e["dialogue"].splitlines()) for split in splits.values() for e in split)
+    low, high, mode = map(int, re.search(r"Turns per dialogue range from (\d+) to (\d+) \(mode (\d+)\)", readme).groups())
+    assert (min(turns), max(turns), turns.most_common(1)[0][0]) == (low, high, mode)
+    per_topic = collections.Counter(e["topic"] for e in splits["train"])
+    fewest, most = map(int, re.search(r"each topic has (\d+) to (\d+) training examples", readme).groups())
+    assert (min(per_topic.values()), max(per_topic.values())) == (fewest, most)
 
 
 def test_bundled_is_cached_and_copied():

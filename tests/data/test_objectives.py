@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from llmjax.data.objectives import (
     span_corruption_lengths,
     span_counts,
 )
+from tests.stats import chi_square, chi_square_bound
 
 VOCAB = 300
 SENTINELS = list(range(VOCAB - 1, VOCAB - 101, -1))  # extra_id_0 = 299, extra_id_1 = 298, ...
@@ -202,3 +205,51 @@ def test_document_span_corruption_cuts_a_document_into_chunks_that_fit_and_lose_
     assert fn({"text": ""}, np.random.default_rng(0)) is None
     with pytest.raises(ValueError, match="more than decoder_length=8"):
         document_span_corruption_fn(_WordTokenizer(), encoder_length=64, decoder_length=8)
+
+
+def _composition_pmf(total, parts):
+    """P(one part has length j), j = 0..total, when ``total`` items are cut into ``parts`` non-empty runs with
+    every cut equally likely (T5's random_spans_noise_mask): counted over all C(total - 1, parts - 1) cuts."""
+    counts = np.zeros(total + 1)
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        for start, end in zip(bounds, bounds[1:]):
+            counts[end - start] += 1
+    return counts / counts.sum()
+
+
+def test_span_lengths_are_a_random_partition_like_t5():
+    # Length 60: 9 noise tokens in 3 spans, 51 kept tokens in 3 runs. Over 1000 seeds the span lengths must
+    # follow the law of a uniformly random composition (an even split of 9 into 3 x 3 has no spread at all).
+    length = 60
+    num_noise, num_spans = span_counts(length)
+    assert (num_noise, num_spans) == (9, 3)
+    noise_lengths, kept_lengths, masks = [], [], set()
+    for seed in range(1000):
+        mask = random_spans_noise_mask(length, np.random.default_rng(seed))
+        spans = _spans(mask)
+        assert mask.sum() == num_noise and len(spans) == num_spans  # exact counts, every seed
+        noise_lengths.extend(n for _, n in spans)
+        kept_lengths.extend(n for _, n in _spans(~mask))
+        masks.add(mask.tobytes())
+    for observed, total in ((noise_lengths, num_noise), (kept_lengths, length - num_noise)):
+        pmf = _composition_pmf(total, num_spans)
+        counts = np.bincount(observed, minlength=len(pmf))
+        assert len(counts) == len(pmf)  # no length beyond the total
+        statistic, dof = chi_square(counts, pmf * len(observed))
+        assert statistic < chi_square_bound(dof), (total, statistic, dof)
+        support = np.arange(len(pmf))
+        variance = np.sum(pmf * support**2) - np.sum(pmf * support) ** 2
+        assert abs(np.var(observed) / variance - 1) < 0.15, (total, np.var(observed), variance)
+    # There are C(8, 2) * C(50, 2) = 34,300 possible masks: 1000 seeds give nearly 1000 different ones.
+    assert len(masks) > 900
+
+
+def test_span_counts_are_exact_for_every_length():
+    rng = np.random.default_rng(5)
+    for length in range(2, 400):
+        for density, mean_span in ((0.15, 3.0), (0.5, 8.0)):
+            mask = random_spans_noise_mask(length, rng, density, mean_span)
+            num_noise, num_spans = span_counts(length, density, mean_span)
+            assert mask.sum() == num_noise and len(_spans(mask)) == num_spans, (length, density)
+            assert len(_spans(~mask)) == num_spans and not mask[0]  # kept run before every noise span

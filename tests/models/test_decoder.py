@@ -165,7 +165,8 @@ def test_bf16_compute_is_close_to_fp32(model_and_params):
     bf16 = _forward(Decoder(DecoderConfig(**{**TINY.__dict__, "dtype": "bfloat16"})), params, ids)
     assert bf16.dtype == jnp.float32
     scale = np.abs(np.asarray(fp32)).max()
-    assert np.abs(np.asarray(bf16 - fp32)).max() <= 0.05 * scale
+    # About 1% of the logit range (measured 0.9%); far less would mean bf16 was never used.
+    assert 1e-3 * scale <= np.abs(np.asarray(bf16 - fp32)).max() <= 0.05 * scale
 
 
 def test_attention_dropout_needs_rng_and_changes_output():

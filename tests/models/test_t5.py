@@ -200,4 +200,6 @@ def test_bfloat16_compute_keeps_fp32_params_and_logits():
     logits32 = apply(build_model(UNTIED), {"params": params}, *args)
     assert logits16.dtype == jnp.float32 and hidden16.dtype == jnp.bfloat16
     assert init(model16, 0)["shared"]["embedding"].dtype == jnp.float32
-    assert np.abs(logits16 - logits32).max() <= 0.05 * np.abs(logits32).max()
+    # bf16 keeps 8 significant bits: the logits move by about 1% of their range (measured 0.9%). Much
+    # less would mean the compute dtype was ignored; much more, that something else runs in bf16.
+    assert 1e-3 * np.abs(logits32).max() <= np.abs(logits16 - logits32).max() <= 0.05 * np.abs(logits32).max()

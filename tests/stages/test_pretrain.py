@@ -1,5 +1,6 @@
 """The pre-training stage from the bundled default config: loss falls, outputs exist, the export loads in transformers."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from llmjax.models import build_model
 from llmjax.stages import run_stage
 from llmjax.stages.pretrain import build_stage
 from llmjax.train.checkpoint import Checkpointer
+from tests.train.helpers import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDED = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]  # tests see 8 fake devices
@@ -50,6 +52,19 @@ def test_llmjax_train_with_no_arguments_uses_every_device_pretrains_and_exports(
     assert Checkpointer(out / "checkpoints").all_steps() == [200, 300]  # checkpoint.keep: 2
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "tokenizer" / "spiece.model").is_file()
+    # config.yaml is the resolved config: the default's defaults and includes, the mesh filled in for 8 devices.
+    default = load_config()
+    assert load_config(out / "config.yaml") == dataclasses.replace(default, mesh=default.mesh.resolve(8))
+    # TensorBoard holds the scalars the README names, at the logged steps, with the values of metrics.jsonl.
+    scalars = tensorboard_scalars(out / "tensorboard")
+    logged = [m for m in _read_metrics(out) if m["split"] == "train"]
+    for name in ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"):
+        expected = [(m["step"], m[name]) for m in logged if name in m]
+        assert len(expected) >= 10, name
+        steps, values = zip(*scalars[f"train/{name}"])
+        assert list(steps) == [step for step, _ in expected], name
+        np.testing.assert_allclose(values, [value for _, value in expected], rtol=1e-6, err_msg=name)
+    assert [step for step, _ in scalars["eval/loss"]] == [100, 200, 300]
 
     # The exported directory: transformers gives our logits, and its tokenizer our ids.
     hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(summary["export"])

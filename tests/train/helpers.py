@@ -6,6 +6,9 @@ embed), so the same model runs on every 8-device mesh shape.
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import numpy as np
 
 from llmjax.batch import shift_right
@@ -44,3 +47,23 @@ def random_batch(family: str, batch_size: int = 8, encoder_length: int = 12, dec
     if family == "t5":
         batch["encoder_input_tokens"], _ = padded(encoder_length)
     return batch
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``directory``: ``tag -> [(step, value), ...]``.
+
+    Read straight from the TFRecord framing (8-byte length, 4-byte length crc, the ``Event`` protobuf,
+    4-byte data crc) with tensorboardX's compiled ``Event`` message, not through the writer under test.
+    """
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = Event.FromString(data[offset + 12: offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def _config(tmp_path, steps=6, **train):
     return RunConfig(
         model=TINY["decoder"],
         data=DataConfig(objective="causal_lm", decoder_length=16, tokenizer_vocab_size=128),
-        train=TrainConfig(steps=steps, batch_size=8, log_every_steps=1, output_dir=str(tmp_path / "out"), **train),
+        train=TrainConfig(**{"steps": steps, "batch_size": 8, "log_every_steps": 1, "output_dir": str(tmp_path / "out"),
+                             **train}),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
         checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=2, keep=None, async_save=False),
         mesh=MeshConfig(data=2, fsdp=2, tensor=2),
@@ -120,6 +122,26 @@ def test_existing_checkpoints_without_resume_is_a_clear_error(tmp_path):
         train(_stage(), _config(tmp_path, steps=7, resume=False), progress=False, peak_flops_per_sec=1e9)
 
 
+def test_resume_from_a_corrupt_newest_checkpoint_uses_the_previous_one_with_a_note(tmp_path, capsys):
+    config = _config(tmp_path)
+    train(_stage(), config, progress=False, peak_flops_per_sec=1e9)
+    final = _final_params(config)
+    newest = Path(config.checkpoint_dir) / "6"
+    victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a save cut short
+    capsys.readouterr()
+
+    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
+        summary = train(_stage(), config, progress=False, peak_flops_per_sec=1e9)
+    out = capsys.readouterr().out
+    assert re.search(r"skipped unusable checkpoint: checkpoint step 6 at .* is truncated or corrupted", out), out
+    assert "resumed from step 4" in out
+    assert summary["start_step"] == 4 and summary["step"] == 6
+    assert (Path(config.checkpoint_dir) / "corrupt" / "6").is_dir()  # moved aside, then step 6 saved afresh
+    assert Checkpointer(config.checkpoint_dir).all_steps() == [2, 4, 6]
+    assert _bitwise_equal(_final_params(config), final)  # steps 5 and 6 redone exactly
+
+
 def _poison(batch):
     weights = batch["decoder_loss_weights"].astype(np.float32)
     weights[0, 0] = np.nan
@@ -129,6 +151,18 @@ def _poison(batch):
 def test_nan_policy_abort_stops_with_the_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*train.nan_policy=skip"):
         train(_stage(hooks={3: _poison}), _config(tmp_path), progress=False, peak_flops_per_sec=1e9)
+
+
+@pytest.mark.parametrize("nan_step", [3, 4])
+def test_nan_policy_abort_between_logging_steps_names_the_step_and_saves_nothing_after_it(tmp_path, nan_step):
+    # Logging every 5 steps: steps 3 and 4 are read only by the deferred check (a step's metrics are read
+    # after the next step is dispatched, or before a checkpoint is saved). Step 4 is a checkpoint step: its
+    # state must not be saved, or a resume would carry on past the bad batch as if the run had not aborted.
+    config = _config(tmp_path, log_every_steps=5)
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite loss at step {nan_step} "):
+        train(_stage(hooks={nan_step: _poison}), config, progress=False, peak_flops_per_sec=1e9)
+    assert Checkpointer(config.checkpoint_dir).all_steps() == [2]
+    assert not (tmp_path / "out" / "metrics.jsonl").read_text().strip()  # no logging step was reached
 
 
 def test_nan_policy_skip_discards_the_update_and_logs_it(tmp_path, capsys):
@@ -192,18 +226,19 @@ def _wait_for_step(out_dir, step, process):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])  # SIGINT: what Ctrl-C sends
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_exits_zero(tmp_path, tokenizer_dir, signal_name):
     process = _cli(tmp_path, tokenizer_dir, steps=1000)
     _wait_for_step(tmp_path, 6, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signal_name))
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
-    match = [line for line in output.splitlines() if "received SIGTERM at step" in line]
+    match = [line for line in output.splitlines() if f"received {signal_name} at step" in line]
     assert match, output
     stopped_at = int(match[0].split("at step ")[1].split(":")[0])
     steps = Checkpointer(tmp_path / "checkpoints").all_steps()
     assert steps[-1] == stopped_at and stopped_at < 1000
-    assert '"interrupted": "SIGTERM"' in output
+    assert f'"interrupted": "{signal_name}"' in output
 
 
 @pytest.mark.slow

@@ -81,6 +81,35 @@ def test_accumulated_microbatches_equal_one_big_batch(family):
     assert _max_abs_diff(big_state.params, jax.device_get(_run(family, mesh, [], tx)[1].params)) > 1e-3
 
 
+def test_accumulated_step_equals_a_hand_written_token_mean_loss():
+    """One k=4 step against plain jax.grad of the token-mean loss over the whole batch, then SGD by hand."""
+    family, z_loss, learning_rate = "decoder", 1e-4, 0.5
+    model, params = _initial_params(family)
+    batch = random_batch(family, 8, seed=3)
+    weights = batch["decoder_loss_weights"].astype(np.float32)
+    # The strided microbatches (rows i, i + 4) hold different numbers of target tokens, so a mean of
+    # microbatch means weights tokens unequally and cannot match.
+    assert len({int(weights[i::4].sum()) for i in range(4)}) == 4
+
+    def token_mean_loss(p):
+        logits = model.apply({"params": p}, batch["decoder_input_tokens"]).astype(jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+        cross_entropy = ((log_z - target_logit) * weights).sum() / weights.sum()
+        return cross_entropy + z_loss * (log_z**2 * weights).sum() / weights.sum(), cross_entropy
+
+    (objective, cross_entropy), grads = jax.jit(jax.value_and_grad(token_mean_loss, has_aux=True))(params)
+    expected = jax.tree_util.tree_map(lambda p, g: p - learning_rate * g, params, grads)
+
+    history, state = _run(family, _mesh(MESHES["1 device"]), [batch], optax.sgd(learning_rate), microbatches=4)
+    assert history[0]["tokens"] == weights.sum()
+    assert abs(history[0]["loss"] - float(cross_entropy)) <= 1e-5
+    assert abs(history[0]["objective"] - float(objective)) <= 1e-5
+    assert abs(history[0]["grad_norm"] - float(optax.global_norm(grads))) <= 1e-5
+    assert _max_abs_diff(state.params, expected) <= 1e-6
+    assert _max_abs_diff(expected, params) > 1e-2  # the step moved the params far beyond the tolerance
+
+
 @pytest.mark.parametrize("family", ["t5", "decoder"])
 def test_every_mesh_gives_the_same_training_run(family):
     first, second = random_batch(family, 8, seed=0), random_batch(family, 8, seed=1)
