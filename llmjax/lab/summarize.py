@@ -75,10 +75,10 @@ class LabSettings:
 
     @classmethod
     def tiny(cls) -> "LabSettings":
-        """Minutes-free settings for tests: a 2-layer d_model=32 T5 and a handful of steps."""
+        """Settings for tests and smoke runs: a 1+1-layer d_model=32 T5, a handful of steps, 8 test examples."""
         return cls(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1, vocab_size=256, pretrain_steps=4,
                    pretrain_batch_size=8, sft_steps=4, sft_batch_size=8, sft_encoder_length=128,
-                   sft_decoder_length=48, curve_points=2, test_limit=8, validation_limit=4, heldout_batches=2,
+                   sft_decoder_length=48, curve_points=1, test_limit=8, validation_limit=4, heldout_batches=2,
                    max_new_tokens=8, generation_batch_size=8)
 
     def model(self) -> dict:
