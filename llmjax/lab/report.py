@@ -63,9 +63,11 @@ def plot_curves(out: Path, results: dict, facts: dict) -> list[Path]:
         ax.plot([p["step"] for p in curve], [p["val_rougeL"] for p in curve], "-o", label=f"{row} (validation)")
     for row in ("zero_shot", "one_shot", "few_shot"):
         ax.axhline(results[row]["rougeL"], linestyle=":", color="gray")
-        ax.annotate(f"{row} (test)", (0, results[row]["rougeL"]), fontsize=8, va="bottom")
+        ax.annotate(f"{row} (test)", (0.01, results[row]["rougeL"]), xycoords=("axes fraction", "data"),
+                    fontsize=8, va="bottom")
     ax.axhline(RANDOM_SAME_TOPIC["all"], linestyle="--", color="red")
-    ax.annotate("random same-topic summary (test)", (0, RANDOM_SAME_TOPIC["all"]), fontsize=8, va="bottom")
+    ax.annotate("random same-topic summary (test)", (0.01, RANDOM_SAME_TOPIC["all"]),
+                xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     ax.set(title="ROUGE-L (all references)", xlabel="fine-tuning step", ylabel="ROUGE-L", ylim=(0, 1))
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
