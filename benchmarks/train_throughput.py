@@ -24,9 +24,13 @@ What it does, in one process (plus one subprocess for the AOT part):
    shared with other work the wall figures fall with the load; the CPU-time figures (step FLOPs per
    CPU-second against matmul FLOPs per CPU-second) do not, as long as threads do not spin.
 4. In a subprocess with 8 fake CPU devices, builds a T5 v1.1 base train state abstractly and compiles
-   the train step ahead of time for mesh (fsdp=8) and mesh (data=8, i.e. replicated params), and
-   prints per-device parameter + optimizer bytes from the shardings and the compiled step's argument
-   bytes from XLA's memory analysis.
+   the train step ahead of time for mesh (fsdp=8) with the layers unrolled, scanned, and scanned with
+   each remat policy, and for mesh (data=8, i.e. replicated params); prints per-device parameter +
+   optimizer bytes from the shardings, the compiled step's argument and temporary bytes from XLA's
+   memory analysis, and the compile time.
+
+llmjax runs twice in step 2, ``scan_layers`` on and off (``remat_policy="none"``), from the same weights;
+the three sides (scan, unrolled, PyTorch) take turns step by step and the scan / unrolled ratio is printed.
 
 Not run by pytest. Results of a run: ``benchmarks/results/train_throughput_cpu.txt``.
 """
@@ -58,7 +62,7 @@ sys.path.insert(0, str(REPO))
 from llmjax import sharding  # noqa: E402
 from llmjax.batch import shift_right  # noqa: E402
 from llmjax.config import OptimConfig, load_section  # noqa: E402
-from llmjax.models import FAMILIES, build_model, family_of, step_flops  # noqa: E402
+from llmjax.models import FAMILIES, build_model, family_of, step_flops, unstack_layers  # noqa: E402
 from llmjax.models.decoder import DecoderConfig  # noqa: E402
 from llmjax.train.lm_loss import lm_loss_fn  # noqa: E402
 from llmjax.train.optim import make_optimizer  # noqa: E402
@@ -201,13 +205,17 @@ def decoder_workload(batch_size: int, length: int) -> Workload:
     return Workload("LLaMA-style decoder (T5-small size)", DECODER_SMALL, batch, None, length)
 
 
-def llmjax_side(work: Workload):
-    """``(step_fn, initial params on host)``: ``step_fn()`` runs one jitted train step and blocks."""
-    model = build_model(work.config)
+def llmjax_side(work: Workload, scan_layers: bool, params=None):
+    """``(step_fn, model, initial params on host)``: ``step_fn()`` runs one jitted train step and blocks.
+
+    ``params``: start from these (host arrays in the layout ``scan_layers`` asks); None: random init.
+    """
+    model = build_model(dataclasses.replace(work.config, scan_layers=scan_layers, remat_policy="none"))
     tx, _ = make_optimizer(OPTIM, total_steps=1000)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    # Outside `activate`: the init places every leaf itself (and checks given params against abstract boxes).
+    state, state_shardings = init_train_state(model, tx, train_everything, seed=0, mesh=mesh, params=params)
     with sharding.activate(mesh):
-        state, state_shardings = init_train_state(model, tx, train_everything, seed=0, mesh=mesh)
         params = jax.device_get(state.params)
         step = compile_step(make_train_step(lm_loss_fn(model), tx), updates_state=True,
                             state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh))
@@ -300,17 +308,25 @@ def op_time_breakdown(run) -> str:
 
 
 def compare(work: Workload, peak: MatmulPeak, warmup: int, steps: int):
-    """Time both sides; returns ``report(peak) -> lines``, called once the peak has been measured enough."""
-    jax_run, model, params = llmjax_side(work)
+    """Time the sides; returns ``report(peak) -> lines``, called once the peak has been measured enough.
+
+    llmjax runs twice, with the layers scanned (``scan_layers=True``) and unrolled, from the same weights:
+    the three sides' steps are interleaved, so load from other processes hits them alike.
+    """
+    scan_run, model, params = llmjax_side(work, scan_layers=True)
+    unrolled_run, _, _ = llmjax_side(work, scan_layers=False, params=unstack_layers(params, model.config))
     torch_run, _ = torch_side(work, model, params)
     # The first step of each side (llmjax: compile + step) is untimed; its loss, before any update,
     # must agree between the sides.
-    start = time.perf_counter()
-    first_loss = {"llmjax": jax_run()}
-    compile_s = time.perf_counter() - start
+    first_loss, compile_s = {}, {}
+    for name, run in (("llmjax scan", scan_run), ("llmjax unrolled", unrolled_run)):
+        start = time.perf_counter()
+        first_loss[name] = run()
+        compile_s[name] = time.perf_counter() - start
     first_loss["pytorch"] = torch_run()
-    timings = time_interleaved({"llmjax": jax_run, "pytorch": torch_run}, peak, warmup, steps)
-    breakdown = op_time_breakdown(jax_run)
+    sides = {"llmjax scan": scan_run, "llmjax unrolled": unrolled_run, "pytorch": torch_run}
+    timings = time_interleaved(sides, peak, warmup, steps)
+    breakdown = op_time_breakdown(scan_run)
 
     flops = step_flops(work.config, work.batch_size, work.decoder_length, work.encoder_length)
     shape = (f"batch {work.batch_size}, encoder {work.encoder_length} / decoder {work.decoder_length} tokens"
@@ -318,15 +334,14 @@ def compare(work: Workload, peak: MatmulPeak, warmup: int, steps: int):
     lines = [
         f"== {work.name}: {count_params(params) / 1e6:.1f}M params, {shape}, fp32, "
         f"AdamW + clip 1.0, dropout 0 ==",
-        f"config: {work.config}",
+        f"config: {work.config} (remat_policy 'none'; llmjax runs with scan_layers True and False)",
         f"FLOPs/step {flops.total / 1e9:.1f} G (dense {flops.dense / 1e9:.1f} G + attention "
         f"{flops.attention / 1e9:.1f} G), tokens/step {flops.tokens}",
-        f"llmjax first call (compile + step): {compile_s:.1f} s; then per side {warmup} warmup + {steps} timed "
-        f"steps, interleaved",
-        f"first-step loss (same weights, same batch): llmjax {first_loss['llmjax']:.6f}  "
-        f"pytorch {first_loss['pytorch']:.6f}",
+        "llmjax first call (compile + step): " + ", ".join(f"{name} {t:.1f} s" for name, t in compile_s.items())
+        + f"; then per side {warmup} warmup + {steps} timed steps, interleaved",
+        "first-step loss (same weights, same batch): " + "  ".join(f"{n} {v:.6f}" for n, v in first_loss.items()),
     ]
-    lines.append(f"llmjax step, XLA op time by kind (one profiled step): {breakdown}")
+    lines.append(f"llmjax scan step, XLA op time by kind (one profiled step): {breakdown}")
     return lambda peak: lines + _rate_lines(flops, timings, peak)
 
 
@@ -337,17 +352,19 @@ def _rate_lines(flops, timings: dict, peak: MatmulPeak) -> list[str]:
         wall, cpu = statistics.median(timing.wall), statistics.median(timing.cpu)
         rates[name] = (flops.tokens / wall, flops.tokens / cpu)
         lines.append(
-            f"  {name:8s} wall: step median {wall:7.3f} s (min {min(timing.wall):.3f}, max {max(timing.wall):.3f}) "
+            f"  {name:15s} wall: step median {wall:7.3f} s (min {min(timing.wall):.3f}, max {max(timing.wall):.3f}) "
             f"{rates[name][0]:7.0f} tokens/s {flops.total / wall / 1e9:6.1f} GFLOP/s "
             f"MFU {100 * flops.total / wall / wall_peak:5.1f}%"
         )
         lines.append(
-            f"  {name:8s} cpu:  step median {cpu:7.3f} CPU-s                      "
+            f"  {name:15s} cpu:  step median {cpu:7.3f} CPU-s                      "
             f"{rates[name][1]:7.0f} tokens/CPU-s {flops.total / cpu / 1e9:6.1f} GFLOP/CPU-s MFU "
             f"{100 * flops.total / cpu / cpu_peak:5.1f}%"
         )
-    lines.append(f"  ratio llmjax / pytorch tokens/s: wall {rates['llmjax'][0] / rates['pytorch'][0]:.2f}x, "
-                 f"CPU time {rates['llmjax'][1] / rates['pytorch'][1]:.2f}x")
+    for ours, theirs in (("llmjax scan", "llmjax unrolled"), ("llmjax scan", "pytorch"),
+                         ("llmjax unrolled", "pytorch")):
+        lines.append(f"  ratio {ours} / {theirs} tokens/s: wall {rates[ours][0] / rates[theirs][0]:.2f}x, "
+                     f"CPU time {rates[ours][1] / rates[theirs][1]:.2f}x")
     return lines
 
 
@@ -363,16 +380,28 @@ def aot_lines() -> list[str]:
     return result.stdout.splitlines()
 
 
+# (label, mesh, scan_layers, remat_policy) of the AOT compiles: layouts and remat policies under fsdp=8,
+# then the default layout with replicated parameters.
+AOT_VARIANTS = (
+    ("fsdp=8 unrolled", dict(data=1, fsdp=8), False, "none"),
+    ("fsdp=8 scan", dict(data=1, fsdp=8), True, "none"),
+    ("fsdp=8 scan+save_dots_no_batch", dict(data=1, fsdp=8), True, "save_dots_no_batch"),
+    ("fsdp=8 scan+save_dots", dict(data=1, fsdp=8), True, "save_dots"),
+    ("fsdp=8 scan+full", dict(data=1, fsdp=8), True, "full"),
+    ("replicated (data=8) scan", dict(data=8), True, "none"),
+)
+
+
 def aot_worker(batch_size: int, encoder_length: int, decoder_length: int) -> None:
     config = load_section(REPO / "configs/model/t5_base.yaml", "model")
-    model = build_model(config)
     tx, _ = make_optimizer(OPTIM, total_steps=1000)
-    step = make_train_step(lm_loss_fn(model), tx)
     print(f"== AOT: T5 v1.1 base ({config.num_layers}+{config.decoder_layers} layers, d_model {config.d_model}), "
           f"AdamW, {len(jax.devices())} fake CPU devices, batch {batch_size}, {encoder_length}/{decoder_length} "
           "tokens ==")
     ints = lambda length: jax.ShapeDtypeStruct((batch_size, length), jnp.int32)  # noqa: E731
-    for label, mesh_shape in (("fsdp=8", dict(data=1, fsdp=8)), ("replicated (data=8)", dict(data=8))):
+    for label, mesh_shape, scan_layers, remat_policy in AOT_VARIANTS:
+        model = build_model(dataclasses.replace(config, scan_layers=scan_layers, remat_policy=remat_policy))
+        step = make_train_step(lm_loss_fn(model), tx)
         mesh = sharding.make_mesh(**mesh_shape)
         with sharding.activate(mesh):
             abstract = abstract_train_state(model, tx, train_everything, mesh)
@@ -390,7 +419,7 @@ def aot_worker(batch_size: int, encoder_length: int, decoder_length: int) -> Non
                                     batch_sharding=batch_sh).lower(abstract, batch).compile()
             seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
-        print(f"  {label:20s} params {params_bytes / 2**20:8.1f} MiB + optimizer {opt_bytes / 2**20:8.1f} MiB "
+        print(f"  {label:30s} params {params_bytes / 2**20:8.1f} MiB + optimizer {opt_bytes / 2**20:8.1f} MiB "
               f"= {(params_bytes + opt_bytes) / 2**20:8.1f} MiB per device; compiled step: arguments "
               f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} "
               f"MiB per device (compiled in {seconds:.0f} s)")

@@ -17,6 +17,7 @@ KV_HEADS = "kv_heads"      # joined (num_kv_heads * head_dim) projection width
 VOCAB = "vocab"            # vocabulary rows / logits columns
 NORM = "norm"              # RMSNorm scales: replicated
 RELPOS = "relpos_buckets"  # T5 relative-position buckets: replicated
+LAYERS = "layers"          # leading axis of scanned layer stacks: every device holds every layer
 
 # Activation axes.
 ACT_BATCH = "act_batch"
@@ -35,6 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (VOCAB, "tensor"),
     (NORM, None),
     (RELPOS, None),
+    (LAYERS, None),
     (ACT_BATCH, ("data", "fsdp")),
     (ACT_LENGTH, None),
     (ACT_EMBED, None),

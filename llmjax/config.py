@@ -108,13 +108,23 @@ class TrainConfig:
     resume: bool = True              # continue from the latest checkpoint in checkpoint.dir if any
     export_hf: str | None = None     # write a Hugging Face directory here at the end; relative: inside output_dir
     output_dir: str = "runs/default"  # metrics, tokenizer and the resolved config
+    trainable: tuple[str, ...] = ()  # regexes (re.search on "a/b/kernel" param paths) of what trains; empty: all
+    frozen: tuple[str, ...] = ()     # regexes of params kept frozen (applied after `trainable`), e.g. [embed]
+    rouge_every_steps: int = 0       # sft: ROUGE of generations on a fixed eval sample every N steps; 0: never
+    rouge_examples: int = 16         # sft: size of that sample (the first eval-split examples)
 
     def __post_init__(self):
         _check_choices(self, "train")
         for name in ("steps", "batch_size", "microbatches", "log_every_steps"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_every_steps", "eval_steps"):
+        for name in ("eval_every_steps", "eval_steps", "rouge_every_steps"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.rouge_examples > 0, f"train.rouge_examples must be positive, got {self.rouge_examples}")
+        for pattern in (*self.trainable, *self.frozen):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"train.trainable/frozen: {pattern!r} is not a regular expression ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +235,14 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything one training run needs. ``model`` is the family's config (``T5Config``/``DecoderConfig``)."""
+    """Everything one training run needs.
+
+    ``stage``: the training stage (a name of ``llmjax.stages.STAGES``). ``init_from``: a Hugging Face
+    directory or an llmjax checkpoint/run directory the stage starts from (None: random init).
+    ``model`` is the family's config (``T5Config``/``DecoderConfig``); with ``init_from`` it may also be a
+    plain dict of keys to override on the init source's config (``{}``: take it whole), which the stage
+    resolves (``llmjax.stages.base.resolve_init``) before anything is built.
+    """
 
     model: Any
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -233,10 +250,17 @@ class RunConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    stage: str = "pretrain"
+    init_from: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.model, dict):
+            _require(self.init_from is not None, "the model section needs model.family (or set init_from to take "
+                                                 "the model from a Hugging Face dir or checkpoint)")
+            _check_batch_fits_mesh(self.train, self.mesh.data_parallel_size)
+            return
         family_of(self.model)  # raises on a non-model config
-        if self.data.tokenizer is None:
+        if self.data.tokenizer is None and self.init_from is None:
             _require(self.data.tokenizer_vocab_size <= self.model.vocab_size,
                      f"data.tokenizer_vocab_size={self.data.tokenizer_vocab_size} exceeds model.vocab_size="
                      f"{self.model.vocab_size}: token ids would index past the embedding; lower one or raise the other")
@@ -249,6 +273,11 @@ class RunConfig:
     @property
     def family(self) -> str:
         return family_of(self.model)
+
+    @property
+    def model_resolved(self) -> bool:
+        """False while ``model`` is still a dict of overrides on ``init_from``'s config."""
+        return not isinstance(self.model, dict)
 
     def for_devices(self, device_count: int, process_count: int = 1) -> RunConfig:
         """This config with a concrete mesh for the devices at hand (the batch checked against it)."""
@@ -265,6 +294,7 @@ class RunConfig:
         return None if self.train.export_hf is None else Path(self.train.output_dir) / self.train.export_hf
 
 
+TOP_LEVEL_KEYS = {"stage": str, "init_from": str | None}  # scalars beside the sections
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
 
@@ -310,23 +340,49 @@ def config_from_dict(raw: dict) -> RunConfig:
     Every problem the sections show on their own is found in one pass (unknown keys first), so a user
     fixing a config sees them all at once; checks across sections follow once each section is valid.
     """
-    problems = _unknown_keys(raw, ["model", *SECTIONS], "")
-    if "model" not in raw:
-        problems.append("missing section 'model': add e.g. `model: {include: model/t5_tiny.yaml}`")
+    problems = _unknown_keys(raw, ["model", *SECTIONS, *TOP_LEVEL_KEYS], "")
+    top = {}
+    for key, hint in TOP_LEVEL_KEYS.items():
+        if key in raw:
+            try:
+                top[key] = _coerce(raw[key], hint, key)
+            except ConfigError as e:
+                problems.extend(e.problems)
+    init_from = top.get("init_from")
+    if "model" not in raw and init_from is None:
+        problems.append("missing section 'model': add e.g. `model: {include: model/t5_tiny.yaml}` "
+                        "(or set init_from to start from a Hugging Face dir or checkpoint)")
     sections = {}
     for name in ["model", *SECTIONS]:
-        if name in raw or name != "model":
+        if name == "model" and init_from is not None and "family" not in raw.get("model", {}):
+            # Overrides on the init source's config, checked when the stage reads it.
+            sections[name] = _model_overrides(raw.get("model", {}), problems)
+        elif name in raw or name != "model":
             try:
                 sections[name] = _build_section(name, raw.get(name, {}))
             except ConfigError as e:
                 problems.extend(e.problems)
     _raise_all(problems)
-    return _construct(RunConfig, sections)
+    return _construct(RunConfig, {**sections, **top})
+
+
+def _model_overrides(raw, problems: list[str]) -> dict:
+    """A model section without ``family`` under ``init_from``: a mapping of keys every family has or one has."""
+    if not isinstance(raw, dict):
+        problems.append(f"model: expected a mapping of keys, got {raw!r}")
+        return {}
+    known = {f.name for cls in MODEL_CONFIGS.values() for f in dataclasses.fields(cls)}
+    problems.extend(_unknown_keys({k: v for k, v in raw.items() if k not in known}, sorted(known), "model"))
+    return dict(raw)
 
 
 def config_to_dict(config: RunConfig) -> dict:
     """The resolved config as plain YAML-able data; ``config_from_dict`` gives the same config back."""
-    out = {"model": {"family": config.family, **_dataclass_to_dict(config.model)}}
+    out = {"stage": config.stage, "init_from": config.init_from}
+    if config.model_resolved:
+        out["model"] = {"family": config.family, **_dataclass_to_dict(config.model)}
+    else:
+        out["model"] = dict(config.model)
     for name in SECTIONS:
         out[name] = _dataclass_to_dict(getattr(config, name))
     return out

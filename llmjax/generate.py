@@ -24,7 +24,7 @@ import numpy as np
 
 from llmjax.generation.beam import BeamSettings, beam_results, beam_search_open, beam_step, init_beam_state
 from llmjax.generation.config import GenerationConfig
-from llmjax.generation.families import family_for
+from llmjax.generation.families import family_for, take_cache_rows
 from llmjax.generation.processors import greedy_tokens, process_scores
 from llmjax.models import model_family
 
@@ -245,7 +245,7 @@ def _decode_loop_impl(params, input_ids, attention_mask, rng, *, model, config, 
     def one_token(carry):
         step, state, cache, feed, rows = carry
         if rows is not None:  # beams were reordered: their caches follow them
-            cache = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), cache)
+            cache = take_cache_rows(model, cache, rows)
         logits, cache = family.step(model, params, cache, context, feed, step - 1)
         state, feed, rows = search.step(state, logits, step, jax.random.fold_in(rng, step))
         return step + 1, state, cache, feed, rows

@@ -102,9 +102,40 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
             "(no numbered step directories, no checkpoints/); pass one of those"
         )
     step, params, meta = read_checkpoint_params(checkpoint_dir, step)
+    if meta.get("base"):
+        # A run with a frozen base saved only what trained: lay that over the base it names.
+        params = overlay_params(load_model(meta["base"]["path"], meta["base"].get("step")).params, params)
     tokenizer_dir = meta.get("tokenizer_dir")
     return LoadedModel(model_from_meta(meta), params, "checkpoint", checkpoint_dir, step,
                        Path(tokenizer_dir) if tokenizer_dir else None, meta)
+
+
+HF_MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def model_files(loaded: LoadedModel) -> list[Path]:
+    """The files that make up the weights and config of a loaded model, in a fixed order: a Hugging Face
+    directory's ``config.json`` and safetensors (index included); a checkpoint step's manifest, which holds
+    the size and sha256 of every file of the step (so it stands for them, and is cheap to hash)."""
+    if loaded.kind == "hf":
+        return [loaded.path / "config.json"] + sorted(
+            p for p in loaded.path.iterdir() if p.is_file() and p.name.endswith(HF_MODEL_FILE_SUFFIXES))
+    return [loaded.path / str(loaded.step) / MANIFEST]
+
+
+def model_sha256(loaded: LoadedModel) -> str:
+    """sha256 over ``model_files(loaded)``: each file's name and bytes (read in 1 MiB chunks), in order.
+
+    Deterministic for the same files wherever the directory lies; any changed weight, config or added
+    shard changes it. A run whose base is frozen records it and checks it on resume.
+    """
+    digest = hashlib.sha256()
+    for file in model_files(loaded):
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())  # name and length frame the bytes
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -198,6 +229,15 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
         else:
             raise ValueError(f"parameter {key!r} is both trainable and frozen")
     return merged
+
+
+def overlay_params(base: dict, top: dict) -> dict:
+    """``base`` with every leaf that ``top`` has replaced by ``top``'s (nested dicts)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = overlay_params(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def model_from_meta(meta: dict):

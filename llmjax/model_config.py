@@ -16,10 +16,25 @@ ACTIVATION_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "sw
 # Dtype names a config may use; ``llmjax.models.layers.DTYPES`` maps them to jnp dtypes.
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
+# Rematerialization policies of the layer stack (``llmjax.models.scan.REMAT_POLICIES`` maps them to
+# ``jax.checkpoint`` policies): what each layer keeps for the backward pass instead of recomputing it.
+#   none                nothing recomputed: every intermediate activation is kept (fastest, most memory)
+#   full                only each layer's input is kept; the whole layer runs again in the backward pass
+#   save_dots           matmul outputs are kept, elementwise ops (norms, activations, softmax) recomputed
+#   save_dots_no_batch  as save_dots, but dots with batch dimensions (the attention scores and
+#                       weighted values, [batch, heads, q, k] sized) are recomputed too: only the
+#                       projection and feed-forward matmul outputs are kept
+REMAT_POLICY_NAMES = ("none", "full", "save_dots", "save_dots_no_batch")
+
 
 def check_dtype(name: str, value: str) -> None:
     if value not in DTYPE_NAMES:
         raise ValueError(f"{name}={value!r} is not a dtype llmjax knows; use one of {sorted(DTYPE_NAMES)}")
+
+
+def check_remat_policy(name: str, value: str) -> None:
+    if value not in REMAT_POLICY_NAMES:
+        raise ValueError(f"{name}={value!r} is not a remat policy; use one of {list(REMAT_POLICY_NAMES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +60,8 @@ class T5Config:
     decoder_start_token_id: int = 0
     dtype: str = "float32"        # compute dtype ("bfloat16" for training)
     param_dtype: str = "float32"  # storage dtype of the master weights
-    remat: bool = False           # recompute each layer's activations in the backward pass
+    scan_layers: bool = True      # each stack's layers as one nn.scan (params ``layers`` [num_layers, ...])
+    remat_policy: str = "none"    # what the backward pass recomputes (REMAT_POLICY_NAMES)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
@@ -61,6 +77,7 @@ class T5Config:
             )
         for name in ("dtype", "param_dtype"):
             check_dtype(f"T5Config.{name}", getattr(self, name))
+        check_remat_policy("T5Config.remat_policy", self.remat_policy)
 
     @property
     def gated(self) -> bool:
@@ -99,6 +116,8 @@ class DecoderConfig:
     pad_token_id: int = 0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = True      # the layers as one nn.scan (params ``layers`` [num_hidden_layers, ...])
+    remat_policy: str = "none"    # what the backward pass recomputes (REMAT_POLICY_NAMES)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -121,6 +140,7 @@ class DecoderConfig:
             )
         for name in ("dtype", "param_dtype"):
             check_dtype(f"DecoderConfig.{name}", getattr(self, name))
+        check_remat_policy("DecoderConfig.remat_policy", self.remat_policy)
 
     @property
     def kv_heads(self) -> int:

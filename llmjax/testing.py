@@ -62,8 +62,8 @@ def torch_llama(seed: int, **config) -> transformers.LlamaForCausalLM:
     return decisive_init_(transformers.LlamaForCausalLM(config), seed)
 
 
-def to_llmjax(torch_model: torch.nn.Module, directory: Path):
+def to_llmjax(torch_model: torch.nn.Module, directory: Path, **config_overrides):
     """Save with transformers (safetensors), read with ``llmjax.hf.from_pretrained`` -> ``(model, params)``."""
     torch_model.save_pretrained(str(directory), safe_serialization=True)
-    return llmjax.hf.from_pretrained(directory)
+    return llmjax.hf.from_pretrained(directory, **config_overrides)
 

@@ -14,6 +14,9 @@ key mask like ``Decoder``. An adapter offers three pure functions, all traced in
   feeds new token number ``step`` (0-based) into its cache slot.
 * ``prefix(input_ids, decoder_start_token_id)`` -> the tokens the output starts with
   (T5: the start token; decoder: the prompt), as Hugging Face returns them.
+
+The cache's batch axis is 0, or 1 when the model scans its layers (leaves ``[layers, batch, ...]``);
+:func:`take_cache_rows` reorders it either way.
 """
 
 from __future__ import annotations
@@ -21,14 +24,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llmjax.models import model_family
+from llmjax.models import cache_batch_axis, model_family
 from llmjax.models.decoder import default_positions
 
 
-def _repeat_rows(tree, copies: int):
+def _repeat_rows(tree, copies: int, axis: int = 0):
     if copies == 1:
         return tree
-    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, copies, axis=0), tree)
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, copies, axis=axis), tree)
+
+
+def take_cache_rows(model, cache, rows: jax.Array):
+    """The cache with its batch rows reordered: new row ``i`` is old row ``rows[i]`` (``rows [N]`` int)."""
+    axis = cache_batch_axis(model.config)
+    return jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=axis), cache)
 
 
 class EncoderDecoderFamily:
@@ -86,9 +95,8 @@ class DecoderOnlyFamily:
             mutable=["cache"],
         )
         next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
-        logits, cache, key_mask, next_position = _repeat_rows(
-            (logits[:, -1], variables["cache"], key_mask, next_position), copies
-        )
+        logits, key_mask, next_position = _repeat_rows((logits[:, -1], key_mask, next_position), copies)
+        cache = _repeat_rows(variables["cache"], copies, cache_batch_axis(model.config))
         # Loop-invariant: the loop closes over it, so prompt_len stays a Python int.
         context = {"key_mask": key_mask, "next_position": next_position, "prompt_len": prompt_len}
         return logits, cache, context

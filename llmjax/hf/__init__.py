@@ -24,6 +24,7 @@ import numpy as np
 
 from llmjax.hf.io import CheckpointError, read_config, read_tensors, write_model_dir
 from llmjax.hf.mapping import WeightMap, export_params, import_tensors
+from llmjax.models.scan import stack_layers, unstack_layers
 
 FAMILY_MODULES = ("llmjax.hf.t5", "llmjax.hf.llama")
 
@@ -55,12 +56,19 @@ def weight_map(config) -> WeightMap:
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
-    """HF tensors (name -> array) -> unscanned llmjax params (nested dict, the tensors' dtype)."""
-    return import_tensors(tensors, weight_map(config))
+    """HF tensors (name -> array) -> llmjax params in ``config``'s layout (nested dict, the tensors' dtype).
+
+    The mapping speaks the unscanned tree (``layers_0``, ``layers_1``, ...); with ``config.scan_layers``
+    the layers are then stacked (``llmjax.models.stack_layers``).
+    """
+    params = import_tensors(tensors, weight_map(config))
+    return stack_layers(params, config) if config.scan_layers else params
 
 
 def params_to_hf(params: dict, config) -> dict[str, np.ndarray]:
-    """Unscanned llmjax params (nested dict of host arrays) -> HF tensors (name -> contiguous numpy array)."""
+    """llmjax params in ``config``'s layout (nested dict of host arrays) -> HF tensors (name -> numpy array)."""
+    if config.scan_layers:
+        params = unstack_layers(params, config)
     return export_params(params, weight_map(config))
 
 

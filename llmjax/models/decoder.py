@@ -17,8 +17,13 @@ kernels are ``[in, out]``, the transpose of a torch ``Linear.weight``)::
     final_norm/scale                        [H]     (norm,)
     lm_head/kernel                          [H, V]  (embed, vocab)    only if not tie_word_embeddings
 
+That is the tree with ``scan_layers=False``. With ``scan_layers=True`` (the default) the layers are one
+``nn.scan``: ``layers/...`` replaces ``layers_{i}/...`` and every leaf there has a leading ``[L]`` axis
+(logical axis ``layers``), e.g. ``layers/self_attention/q/kernel [L, H, Q]``; see ``llmjax.models.scan``.
+
 KV cache (``decode=True``), per layer ``layers_{i}/self_attention/cached_key`` and
-``cached_value`` ``[b, num_key_value_heads, cache_len, head_dim]`` (heads-major) in the compute dtype.
+``cached_value`` ``[b, num_key_value_heads, cache_len, head_dim]`` (heads-major) in the compute dtype
+(scanned: ``layers/self_attention/...`` ``[L, b, ...]``, batch on axis 1).
 Create it with :meth:`Decoder.init_cache` (or ``model.init(rng, ids_of_cache_len, decode=True)["cache"]``).
 """
 
@@ -36,6 +41,7 @@ from llmjax.model_config import DecoderConfig
 from llmjax.models.layers import (
     DTYPES, Attention, Dense, Embed, FeedForward, RMSNorm, mask_to_bias, normal_init,
 )
+from llmjax.models.scan import layer_stack
 
 
 _HIDDEN_AXES = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
@@ -70,7 +76,11 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, *, bias, positions, decode, cache_index, deterministic):
+    def __call__(self, x, bias, positions, cache_index, deterministic, decode):
+        """``x [b, t, hidden]``; ``bias`` fp32 ``[b|1, 1, t, k]``; ``positions [b, t]`` RoPE positions.
+
+        Arguments are positional, the static ones last, so ``scan.layer_stack`` can remat and scan the block.
+        """
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         init = normal_init(cfg.initializer_range)
@@ -188,11 +198,9 @@ class Decoder(nn.Module):
             name="embed",
         )
         x = nn.with_logical_constraint(embed(input_ids), _HIDDEN_AXES)
-        for i in range(cfg.num_hidden_layers):
-            x = DecoderLayer(cfg, name=f"layers_{i}")(
-                x, bias=bias, positions=positions, decode=decode, cache_index=cache_index,
-                deterministic=deterministic,
-            )
+        x = layer_stack(DecoderLayer, (cfg,), cfg, cfg.num_hidden_layers, x,
+                        broadcast=(bias, positions, cache_index), static=(deterministic, decode),
+                        rematerialize=not decode)
         hidden = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(x)
         hidden = nn.with_logical_constraint(hidden, _HIDDEN_AXES)
 
@@ -222,4 +230,6 @@ class Decoder(nn.Module):
         cache = self.variables.get("cache")
         if not cache:  # init call: the input only sizes the cache
             return chunk_len
+        if self.config.scan_layers:  # [layers, b, kv_heads, cache_len, head_dim]
+            return cache["layers"]["self_attention"]["cached_key"].shape[3]
         return cache["layers_0"]["self_attention"]["cached_key"].shape[2]

@@ -22,12 +22,15 @@ from llmjax.models.layers import (
     normal_init,
 )
 from llmjax.models.layers import attention_mask as attention_mask_fn
+from llmjax.models.scan import layer_stack
 
 
 # ----------------------------------------------------------------------------
 # Modules
 #
-# Parameter tree (``model.init(rng, ids, ids)["params"]``):
+# Parameter tree (``model.init(rng, ids, ids)["params"]``) with ``scan_layers=False``; with
+# ``scan_layers=True`` (the default) each stack's ``layers_{i}/...`` are one ``layers/...`` whose
+# leaves have a leading [num_layers] axis (logical axis ``layers``), see ``llmjax.models.scan``:
 #   shared/embedding                                   [vocab, d_model]
 #   encoder/relative_position_bias/rel_embedding       [num_buckets, num_heads]
 #   encoder/layers_{i}/self_attention_norm/scale       [d_model]
@@ -42,7 +45,8 @@ from llmjax.models.layers import attention_mask as attention_mask_fn
 #   lm_head/kernel                                     [d_model, vocab]  (only when not tied)
 # Cache tree (``T5.init_cache``): decoder/layers_{i}/self_attention/{cached_key,cached_value}
 # [b, heads, cache_len, d_kv] and decoder/layers_{i}/cross_attention/{cross_key,cross_value}
-# [b, heads, encoder_len, d_kv] (heads-major, see ``layers.Attention``), in the compute dtype.
+# [b, heads, encoder_len, d_kv] (heads-major, see ``layers.Attention``), in the compute dtype;
+# scanned: decoder/layers/... with a leading [decoder_layers] axis (batch on axis 1).
 # ----------------------------------------------------------------------------
 
 _ACT = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
@@ -64,15 +68,15 @@ def _with_mask(bias: jax.Array | None, mask: jax.Array | None) -> jax.Array | No
 class T5Layer(nn.Module):
     """One pre-norm block: self-attention, cross-attention (decoder only), feed-forward.
 
-    Each sub-layer is ``x + dropout(sublayer(norm(x)))``. Arguments are positional so
-    the block can be wrapped in ``nn.remat`` with ``deterministic``/``decode`` static.
+    Each sub-layer is ``x + dropout(sublayer(norm(x)))``. Arguments are positional, the
+    static ones last, so ``scan.layer_stack`` can remat and scan the block.
     """
 
     config: T5Config
     is_decoder: bool
 
     @nn.compact
-    def __call__(self, x, self_bias, encoder_outputs, cross_bias, deterministic, decode, cache_index):
+    def __call__(self, x, self_bias, encoder_outputs, cross_bias, cache_index, deterministic, decode):
         """``x [b, t, d_model]``; biases fp32 ``[b|1, heads, t, k]`` (masks + relative positions)."""
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -146,17 +150,13 @@ class T5Stack(nn.Module):
         self_bias = _with_mask(position_bias, mask)
         cross_bias = _with_mask(None, cross_mask)
 
-        layer_cls = T5Layer
-        if cfg.remat:
-            # args after self: x, self_bias, encoder_outputs, cross_bias, deterministic, decode, cache_index
-            layer_cls = nn.remat(T5Layer, static_argnums=(5, 6))
         dropout = nn.Dropout(cfg.dropout_rate)
         x = dropout(x, deterministic=deterministic)
         num_layers = cfg.decoder_layers if self.is_decoder else cfg.num_layers
-        for i in range(num_layers):
-            x = layer_cls(cfg, self.is_decoder, name=f"layers_{i}")(
-                x, self_bias, encoder_outputs, cross_bias, deterministic, decode, cache_index
-            )
+        # The position bias is computed once above and broadcast to every layer, not carried.
+        x = layer_stack(T5Layer, (cfg, self.is_decoder), cfg, num_layers, x,
+                        broadcast=(self_bias, encoder_outputs, cross_bias, cache_index),
+                        static=(deterministic, decode), rematerialize=not decode)
         x = RMSNorm(cfg.layer_norm_epsilon, dtype, param_dtype, name="final_norm")(x)
         x = dropout(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, _ACT)
@@ -284,6 +284,8 @@ class T5(nn.Module):
         cache = self.variables.get("cache")
         if cache is None:  # the init call: these inputs size the cache
             return length
+        if self.config.scan_layers:  # [layers, b, heads, cache_len, d_kv]
+            return cache["decoder"]["layers"]["self_attention"]["cached_key"].shape[3]
         return cache["decoder"]["layers_0"]["self_attention"]["cached_key"].shape[2]
 
     def init_cache(self, batch_size: int, cache_len: int, encoder_len: int) -> dict:

@@ -1,14 +1,25 @@
 """Training stages: each module defines one (data + loss + trainable filter + init source) and runs the loop.
 
-``run_stage(config)`` picks the stage from the run config; the CLI calls it.
+The run config's ``stage:`` names the stage (default ``pretrain``); ``run_stage(config)`` looks it up in
+:data:`STAGES` and runs it. A stage module has ``run(config, *, progress) -> summary`` and
+``build_stage(config) -> llmjax.train.loop.Stage``.
 """
 
 from __future__ import annotations
 
 from llmjax.config import ConfigError, RunConfig
 
-# data.objective -> stage module (under llmjax.stages) that trains with it
-STAGE_FOR_OBJECTIVE = {"span_corruption": "pretrain", "causal_lm": "pretrain"}
+# stage name -> module under llmjax.stages (reward, ppo, dpo, grpo and distill join as they are built)
+STAGES = {"pretrain": "pretrain", "sft": "sft"}
+
+
+def stage_module(name: str):
+    """The module of stage ``name``; an unknown name is a ConfigError listing the stages."""
+    import importlib
+
+    if name not in STAGES:
+        raise ConfigError(f"stage={name!r} is not a training stage; choose one of {sorted(STAGES)}")
+    return importlib.import_module(f"llmjax.stages.{STAGES[name]}")
 
 
 def run_stage(config: RunConfig, *, progress: bool = True) -> dict:
@@ -17,20 +28,12 @@ def run_stage(config: RunConfig, *, progress: bool = True) -> dict:
     Joins a multi-process run first when the launcher set ``JAX_COORDINATOR_ADDRESS`` (and
     ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); a single process is left alone.
     """
-    import importlib
-
     from llmjax.sharding import initialize_distributed
 
+    stage = stage_module(config.stage)
     initialize_distributed()
     import jax
 
     # A bad mesh or batch for these devices fails here, before the stage writes anything.
     config = config.for_devices(jax.device_count(), jax.process_count())
-
-    objective = config.data.objective
-    if objective not in STAGE_FOR_OBJECTIVE:
-        raise ConfigError(
-            f"no training stage handles data.objective={objective!r} yet; available: {sorted(STAGE_FOR_OBJECTIVE)}"
-        )
-    stage = importlib.import_module(f"llmjax.stages.{STAGE_FOR_OBJECTIVE[objective]}")
     return stage.run(config, progress=progress)

@@ -5,11 +5,11 @@ The stage is data + loss + trainable filter + init source; the shared loop does 
 * data:      documents from ``data.kind``/``data.source`` -> tokenizer -> objective -> packed batches
              (``DataIterator``: deterministic, the same global batches on any process layout, resumable)
 * loss:      token cross-entropy (+ z-loss) of the family (``llmjax.train.lm_loss``)
-* trainable: everything
-* init:      random from ``train.seed``
+* trainable: everything, unless ``train.trainable`` / ``train.frozen`` say otherwise
+* init:      ``init_from`` (continued pre-training) or random from ``train.seed``
 
 Tokenizer: ``data.tokenizer`` (a ``spiece.model`` file or a directory holding one), or, when
-unset, one trained on the training documents with ``data.tokenizer_vocab_size`` ids and
+unset, the ``init_from`` model's (continued pre-training), or else one trained on the training documents with ``data.tokenizer_vocab_size`` ids and
 cached in ``<train.output_dir>/tokenizer`` (a rerun or a resume reuses it).
 """
 
@@ -26,7 +26,9 @@ from llmjax.data.bundled.corpus import BUNDLED_DOCUMENTS, bundled_documents
 from llmjax.data.objectives import causal_lm_example, document_span_corruption_fn, span_corruption_budget
 from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, TextSource, hf_dataset_source, tfds_source
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
+from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
+from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import Stage, train
 
@@ -36,12 +38,18 @@ TOKENIZER_TRAINING_DOCUMENTS = 5_000
 
 def run(config: RunConfig, *, progress: bool = True) -> dict:
     """Pre-train the model of ``config`` and return the loop's summary dict."""
-    return train(build_stage(config), config, progress=progress)
+    config, loaded = resolve_init(config)
+    return train(build_stage(config, loaded), config, progress=progress)
 
 
-def build_stage(config: RunConfig) -> Stage:
-    """The pre-training stage of ``config``: model, loss, data iterators, tokenizer."""
+def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
+    """The pre-training stage of ``config``: model, loss, data iterators, tokenizer. ``loaded``: its
+    ``init_from`` already read by ``resolve_init`` (``config`` then resolved too); None: read it here."""
+    if loaded is None:
+        config, loaded = resolve_init(config)
     family, dc = model_family(config.model), config.data
+    if dc.objective == "instruction":
+        raise ConfigError("data.objective=instruction trains with stage: sft, not stage: pretrain; set stage=sft")
     if dc.objective != OBJECTIVES[family.seq2seq]:
         raise ConfigError(
             f"data.objective={dc.objective!r} does not pre-train a {family.name} model; "
@@ -53,7 +61,10 @@ def build_stage(config: RunConfig) -> Stage:
         _span_corruption_chunk(config)
     train_source = build_source(dc.kind, dc.source, dc.text_field)
     eval_source = build_source(dc.kind, dc.eval_source, dc.text_field) if dc.eval_source else None
-    tokenizer, tokenizer_dir = load_or_train_tokenizer(config, train_source)
+    if dc.tokenizer is None and loaded is not None and loaded.tokenizer_dir is not None:
+        tokenizer, tokenizer_dir = init_tokenizer(config, loaded)  # continued pre-training keeps its tokenizer
+    else:
+        tokenizer, tokenizer_dir = load_or_train_tokenizer(config, train_source)
     check_vocab(tokenizer, config.model)
     model = build_model(config.model)
     example_fn = _example_fn(config, tokenizer)
@@ -80,6 +91,8 @@ def build_stage(config: RunConfig) -> Stage:
         loss_fn=lm_loss_fn(model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
         train_data=iterator(train_source),
         eval_data=eval_data,
+        is_trainable=run_trainable_filter(config),
+        base=base_of(loaded),
         tokenizer=tokenizer,
         meta={"tokenizer_dir": str(tokenizer_dir)},
     )

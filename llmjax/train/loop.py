@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import signal
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,12 +29,31 @@ from llmjax.errors import UserError
 from llmjax.train.checkpoint import Checkpointer, model_meta
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
 from llmjax.train.optim import make_optimizer
-from llmjax.train.state import TrainableFilter, abstract_train_state, init_train_state, train_everything
+from llmjax.train.state import (
+    InitTree, TrainableFilter, abstract_train_state, frozen_params_from_base, init_train_state, train_everything,
+)
 from llmjax.train.step import LossFn, compile_step, finish_eval, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(UserError, FloatingPointError, ValueError):
     """The loss or gradient became NaN/inf under ``train.nan_policy=abort`` (the message says what to change)."""
+
+
+class BaseChangedError(UserError, ValueError):
+    """A resumed run's base model (``init_from``) is not the one its checkpoints were trained from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """The weights a run starts from (``init_from``): the model's full param tree as host arrays, where
+    they were read and their sha256 (``llmjax.loading.model_sha256``). Checkpoints of a run with a base
+    leave its frozen params out and record ``path``/``sha256``; a resume rebuilds them from the base
+    after checking the hash."""
+
+    params: dict
+    path: str
+    sha256: str
+    step: int | None = None  # the checkpoint step read; None for a Hugging Face directory
 
 
 @dataclasses.dataclass
@@ -43,8 +63,16 @@ class Stage:
     train_data:   iterator of host batches (dicts of ``[local_batch, length]`` numpy arrays, this
                   process's rows) with ``state() -> dict`` and ``restore(dict)`` (see ``DataIterator``).
     eval_data:    ``() -> iterator`` of host batches, a fresh pass each call; None: no eval.
-    is_trainable: which params train (``llmjax.train.state``); the rest are frozen.
-    init_params:  the init source's weights (full host param tree), or None: random from ``train.seed``.
+    is_trainable: which leaves of the tree train (``llmjax.train.state``); the rest are frozen.
+    base:         the init source's weights (:class:`Base`), or None: random from ``train.seed``.
+    init_tree:    ``(key, boxed base or None) -> full tree`` the loss reads (``llmjax.train.state.InitTree``;
+                  default: the base, else ``model.init``). A stage with parts outside the model (adapters,
+                  soft prompt, heads) adds them here: the same function builds the fresh state and, through
+                  ``eval_shape``, the restore target, so every part initialises and resumes exactly.
+    export:       ``(state, out_dir) -> str`` writing the trained model (default: the merged params as a
+                  Hugging Face directory plus the tokenizer).
+    eval_hook:    ``(full params, step) -> {name: float}`` run every ``eval_hook_every_steps`` steps and
+                  written as split ``eval_hook_split`` (SFT: ROUGE of generations); None: none.
     tokenizer:    object with ``save_pretrained(dir)`` exported beside the model, or None.
     meta:         extra JSON saved in every checkpoint (e.g. ``tokenizer_dir``).
     """
@@ -55,7 +83,12 @@ class Stage:
     train_data: Any
     eval_data: Callable[[], Iterator[dict]] | None = None
     is_trainable: TrainableFilter = train_everything
-    init_params: dict | None = None
+    base: Base | None = None
+    init_tree: InitTree | None = None
+    export: Callable[[Any, Path], str] | None = None
+    eval_hook: Callable[[dict, int], dict] | None = None
+    eval_hook_every_steps: int = 0
+    eval_hook_split: str = "generate"
     tokenizer: Any = None
     meta: dict = dataclasses.field(default_factory=dict)
 
@@ -78,6 +111,8 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     tx, schedule = make_optimizer(config.optim, tc.steps)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
+    if stage.base is not None:
+        meta["base"] = {"path": stage.base.path, "step": stage.base.step, "sha256": stage.base.sha256}
     output_dir = Path(tc.output_dir)
     writer = MetricsWriter(output_dir)
     summary: dict[str, Any] = {"interrupted": None, "eval_loss": None, "export": None, "loss": None}
@@ -130,11 +165,16 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                 if tc.eval_every_steps and stage.eval_data and step % tc.eval_every_steps == 0:
                     summary["eval_loss"] = _evaluate(stage, eval_step, state, mesh, tc.eval_steps, writer, step)
                     throughput.reset()  # eval time is not training throughput
+                if stage.eval_hook and stage.eval_hook_every_steps and step % stage.eval_hook_every_steps == 0:
+                    hooked = {k: float(v) for k, v in stage.eval_hook(state.full_params(), step).items()}
+                    writer.write(step, hooked, stage.eval_hook_split)
+                    summary[stage.eval_hook_split] = hooked
+                    throughput.reset()
                 if step % config.checkpoint.every_steps == 0:
                     if pending is not None:  # under nan_policy=abort a non-finite step must never be saved
                         _check_finite(*pending, tc.nan_policy, progress)
                         pending = None
-                    checkpointer.save(state, stage.train_data.state(), meta)
+                    checkpointer.save(_saved_part(state, stage), stage.train_data.state(), meta)
                     saved_step = step
                     throughput.reset()
             if pending is not None:
@@ -143,7 +183,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                 summary["interrupted"] = stop.signal_name
                 _print(f"received {stop.signal_name} at step {step}: saving a checkpoint and stopping", progress)
             if saved_step != step:
-                checkpointer.save(state, stage.train_data.state(), meta)
+                checkpointer.save(_saved_part(state, stage), stage.train_data.state(), meta)
         finally:
             if bar is not None:
                 bar.close()
@@ -154,7 +194,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                        checkpoint=str(checkpointer.step_dir(step)))
     # Outside the mesh context: the export rebuilds abstract params, which must not pick up its rules.
     if config.export_dir is not None and not summary["interrupted"]:
-        summary["export"] = _export(stage, state, config.export_dir)
+        summary["export"] = (stage.export or partial(_export, stage))(state, config.export_dir)
     return summary
 
 
@@ -169,19 +209,51 @@ def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Chec
             f"checkpoint dir {checkpointer.directory} already has checkpoints (newest step {steps[-1]}) and "
             "train.resume=false; set train.resume=true to continue it or point checkpoint.dir elsewhere"
         )
+    base = None if stage.base is None else stage.base.params
     if steps:
-        abstract = abstract_train_state(stage.model, tx, stage.is_trainable, mesh)
-        restored = checkpointer.restore_latest(abstract, fallback=True)
+        abstract = abstract_train_state(stage.model, tx, stage.is_trainable, mesh, stage.init_tree,
+                                        has_base=base is not None)
+        restored = checkpointer.restore_latest(_saved_part(abstract, stage), fallback=True)
         notes.extend(f"skipped unusable checkpoint: {reason}" for reason in restored.skipped)
+        _check_base(stage, restored, checkpointer)
+        state = restored.state
+        if base is not None:  # the frozen part was left out of the checkpoint: rebuild it from the base
+            state = state.replace(frozen_params=frozen_params_from_base(
+                stage.model, stage.is_trainable, config.train.seed, mesh, base, stage.init_tree))
         if restored.data_state:
             stage.train_data.restore(restored.data_state)
         shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
         notes.append(f"resumed from step {restored.step} ({checkpointer.step_dir(restored.step)})")
-        return restored.state, shardings, notes
+        return state, shardings, notes
     state, shardings = init_train_state(
-        stage.model, tx, stage.is_trainable, config.train.seed, mesh, params=stage.init_params
+        stage.model, tx, stage.is_trainable, config.train.seed, mesh, params=base, init_tree=stage.init_tree
     )
     return state, shardings, notes
+
+
+def _saved_part(state, stage: Stage):
+    """What a checkpoint holds: the whole state, or, for a run with a base, all but the frozen params
+    (they are the base's, rebuilt from it on resume)."""
+    return state if stage.base is None else state.replace(frozen_params={})
+
+
+def _check_base(stage: Stage, restored, checkpointer: Checkpointer) -> None:
+    """Refuse to resume a checkpoint against a base other than the one it was trained from."""
+    saved = restored.meta.get("base")
+    where = f"checkpoint step {restored.step} in {checkpointer.directory}"
+    if saved is None and stage.base is None:
+        return
+    if saved is None:
+        raise BaseChangedError(f"{where} was trained without a base model, but this run has init_from="
+                               f"{stage.base.path}; drop init_from or point checkpoint.dir elsewhere")
+    if stage.base is None:
+        raise BaseChangedError(f"{where} was trained from the base model {saved['path']}; set init_from to it "
+                               "to resume, or point checkpoint.dir elsewhere")
+    if saved["sha256"] != stage.base.sha256:
+        raise BaseChangedError(
+            f"base model changed: {where} was trained from {saved['path']} (sha256 {saved['sha256'][:16]}...), "
+            f"but init_from={stage.base.path} now has sha256 {stage.base.sha256[:16]}...; restore that base "
+            "or start a new run (another checkpoint.dir)")
 
 
 def _check_finite(step: int, metrics: dict, policy: str, progress: bool) -> None:

@@ -2,7 +2,9 @@
 
 ``make_optimizer`` chains global-norm clipping and AdamW or Adafactor and applies weight decay only where
 the decay mask says. Freezing is not the optimizer's job: the train state hands it the trainable
-parameters only (``llmjax.train.state``), so a frozen base never has optimizer state.
+parameters only (``llmjax.train.state``), so a frozen base never has optimizer state. Parameters of a
+scanned layer stack (leading layer axis) are optimized layer by layer (:func:`per_layer`), so a model
+gives the same run with ``scan_layers`` on or off.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from llmjax.config import OptimConfig
+from llmjax.models.scan import STACKS, stack_of
 
 Mask = Any  # a pytree of bools shaped like the params, or a callable params -> such a pytree
 
@@ -98,6 +101,40 @@ def _adafactor(cfg: OptimConfig, schedule: optax.Schedule, decay_mask: Mask) -> 
     )
 
 
+def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` applied to each layer of a scanned stack as to its own leaf (``jax.vmap`` over the layer axis).
+
+    A transformation that looks at whole leaves (Adafactor's factored moments, parameter-scale RMS and
+    update clipping; the decay mask's ``ndim`` test) would otherwise treat ``[layers, ...]`` as one
+    tensor; elementwise ones (AdamW) are unchanged by it. Leaves outside a stack see ``tx`` as is.
+    Each stack is its own group (the encoder and decoder stacks of T5 may differ in depth).
+    """
+    def init(params):  # no stacked leaves (scan off): vmap would have nothing to map over
+        return jax.vmap(tx.init)(params) if jax.tree_util.tree_leaves(params) else tx.init(params)
+
+    def update(updates, state, params=None):
+        if not jax.tree_util.tree_leaves(updates):
+            return tx.update(updates, state, params)
+        return jax.vmap(tx.update)(updates, state, params)
+
+    layerwise = optax.GradientTransformation(init, update)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: stack_of(path) or "single", params)
+
+    return optax.multi_transform({"single": tx, **{stack: layerwise for stack in STACKS}}, labels)
+
+
+def _restrict_to(full_mask) -> Callable:
+    """A full-tree bool mask -> a callable giving the mask on whatever (pruned) tree it is handed."""
+    by_path = {jax.tree_util.keystr(p): bool(v) for p, v in jax.tree_util.tree_leaves_with_path(full_mask)}
+
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(lambda p, _: by_path[jax.tree_util.keystr(p)], params)
+
+    return mask
+
+
 OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule, Mask], optax.GradientTransformation]] = {
     "adamw": _adamw, "adafactor": _adafactor,
 }
@@ -120,7 +157,11 @@ def make_optimizer(
     if decay_mask is None:
         def decay_mask(params):
             return default_decay_mask(params, cfg.decay_norms_and_biases, cfg.decay_embeddings)
+    elif not callable(decay_mask):
+        # per_layer hands the optimizer one group of the tree at a time (the rest as empty nodes); a
+        # callable mask evaluated on that pruned tree matches it, a full-tree mask would not.
+        decay_mask = _restrict_to(decay_mask)
     chain = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
-    chain.append(OPTIMIZERS[cfg.name](cfg, schedule, decay_mask))
+    chain.append(per_layer(OPTIMIZERS[cfg.name](cfg, schedule, decay_mask)))
     return optax.chain(*chain), schedule
 

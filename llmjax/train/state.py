@@ -69,6 +69,16 @@ def trainable_matching(*patterns: str) -> TrainableFilter:
     return lambda path: any(c.search("/".join(path)) for c in compiled)
 
 
+def trainable_filter(trainable: tuple[str, ...] = (), frozen: tuple[str, ...] = ()) -> TrainableFilter:
+    """The filter of ``train.trainable`` / ``train.frozen``: a leaf trains when its ``/``-joined path matches
+    a ``trainable`` regex (any leaf when there are none) and no ``frozen`` regex (``re.search``)."""
+    if not trainable and not frozen:
+        return train_everything
+    keep = trainable_matching(*trainable) if trainable else train_everything
+    drop = [re.compile(p) for p in frozen]
+    return lambda path: keep(path) and not any(c.search("/".join(path)) for c in drop)
+
+
 def split_params(params: Params, is_trainable: TrainableFilter) -> tuple[Params, Params]:
     """Nested dict -> ``(trainable, frozen)`` nested dicts with the same nesting.
 
@@ -127,34 +137,60 @@ def count_params(tree: Any) -> int:
 
 
 
-def _state_init_fn(model, tx: optax.GradientTransformation, is_trainable: TrainableFilter, has_params: bool):
-    """``(params?, key) -> TrainState`` with params boxed in their logical axes (for ``init_sharded``)."""
+InitTree = Callable[[jax.Array, "Params | None"], Params]
+
+
+def model_init_tree(model) -> InitTree:
+    """The init tree of a plain model: the base when there is one, else ``model.init`` (boxed params)."""
     from llmjax.models import dummy_inputs
 
-    abstract_boxed = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.PRNGKey(0))
-    boxes = abstract_boxed["params"]
+    def init_tree(key, base):
+        return base if base is not None else model.init(key, *dummy_inputs(model.config))["params"]
+
+    return init_tree
+
+
+def _base_boxes(model):
+    """The model's params as ``nn.Partitioned`` boxes of ``ShapeDtypeStruct``s (logical axes, no compute)."""
+    from llmjax.models import dummy_inputs
+
+    return jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.PRNGKey(0))["params"]
+
+
+def _box_values(boxes):
+    """The boxes' values without ``nn.meta.unbox``, which adds sharding constraints under an active mesh."""
+    return jax.tree_util.tree_map(lambda box: box.value, boxes, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _rebox(boxes, params):
+    """Plain param arrays put back in the model's logical-axis boxes (so shardings follow them)."""
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree_util.tree_map(lambda box, value: box.replace_boxed(value), boxes, params, is_leaf=is_box)
 
-    def from_params(params, key):
-        boxed = jax.tree_util.tree_map(lambda box, value: box.replace_boxed(value), boxes, params, is_leaf=is_box)
-        return create_train_state(boxed, tx, is_trainable, key)
 
-    def from_random(key):
-        params_key, state_key = jax.random.split(key)
-        params = model.init(params_key, *dummy_inputs(model.config))["params"]
-        return create_train_state(dict(params), tx, is_trainable, state_key)
+def _state_init_fn(model, tx: optax.GradientTransformation, is_trainable: TrainableFilter, init_tree: InitTree | None):
+    """``(base | None, key) -> TrainState`` with every leaf boxed where its logical axes are known.
 
-    return (from_params if has_params else from_random), boxes
+    The key splits into the tree's key and the state's key; ``init_tree(tree_key, boxed_base)`` builds
+    the full tree (base plus whatever a stage adds), so a fresh init and a restore target (its
+    ``eval_shape``) come from the same function.
+    """
+    init_tree = init_tree or model_init_tree(model)
+    boxes = _base_boxes(model)
+
+    def init_fn(base, key):
+        tree_key, state_key = jax.random.split(key)
+        tree = init_tree(tree_key, None if base is None else _rebox(boxes, base))
+        return create_train_state(dict(tree), tx, is_trainable, state_key)
+
+    return init_fn, boxes
 
 
 def _check_params_match(params: Params, boxes) -> None:
     """Loaded params must have exactly the model's tree and shapes (clear error otherwise)."""
-    # Read shapes off the boxes: unboxing applies sharding constraints, which fail on abstract values
-    # inside an active mesh (the loop calls this under one).
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
     expected = {
-        "/".join(str(p.key) for p in path): tuple((leaf.value if is_box(leaf) else leaf).shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(boxes, is_leaf=is_box)
+        "/".join(str(p.key) for p in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(_box_values(boxes))
     }
     given = {"/".join(str(p.key) for p in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
@@ -168,33 +204,52 @@ def _check_params_match(params: Params, boxes) -> None:
                          f"({len(wrong)} mismatched); check the model config against the init checkpoint")
 
 
-def init_train_state(model, tx, is_trainable: TrainableFilter, seed: int, mesh, params: Params | None = None):
+def init_train_state(model, tx, is_trainable: TrainableFilter, seed: int, mesh, params: Params | None = None,
+                     init_tree: InitTree | None = None):
     """A TrainState born in its shardings on ``mesh``; returns ``(state, state_shardings)``.
 
-    ``params``: the init source's weights (host arrays, full model tree), or None for a
-    random init from ``seed``. Loaded params are placed shard by shard, so no device ever
-    holds a full copy; random params are created directly in their shardings.
+    ``params``: the base weights (host arrays, the model's full tree, e.g. from ``init_from``), or None.
+    ``init_tree``: ``(key, boxed base or None) -> full tree`` (default ``model_init_tree``: the base, or a
+    random ``model.init`` from ``seed``). Loaded params are placed shard by shard, so no device ever holds
+    a full copy; everything else is created directly in its shardings.
     """
     from llmjax import sharding
 
-    init_fn, boxes = _state_init_fn(model, tx, is_trainable, params is not None)
-    key = jax.random.PRNGKey(seed)
-    if params is None:
-        return sharding.init_sharded(init_fn, mesh, key)
-    _check_params_match(params, boxes)
-    param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxes), mesh)
-    placed = jax.device_put(params, param_shardings)
-    _, state_key = jax.random.split(key)
-    return sharding.init_sharded(init_fn, mesh, placed, state_key)
+    init_fn, boxes = _state_init_fn(model, tx, is_trainable, init_tree)
+    return sharding.init_sharded(init_fn, mesh, _place_base(params, boxes, mesh), jax.random.PRNGKey(seed))
 
 
-def abstract_train_state(model, tx, is_trainable: TrainableFilter, mesh) -> TrainState:
-    """The TrainState ``init_train_state`` would build, as ``ShapeDtypeStruct``s carrying their
-    shardings and computing nothing: the target to restore a checkpoint into."""
+def frozen_params_from_base(model, is_trainable: TrainableFilter, seed: int, mesh, params: Params | None,
+                            init_tree: InitTree | None = None) -> Params:
+    """Only the frozen half of the state ``init_train_state`` builds, in its shardings: what a resumed run
+    whose checkpoints leave the frozen base out rebuilds from the base (the rest is never computed)."""
     from llmjax import sharding
 
-    init_fn, _ = _state_init_fn(model, tx, is_trainable, has_params=False)
-    shapes, shardings = sharding.abstract_sharded(init_fn, mesh, jax.random.PRNGKey(0))
+    init_fn, boxes = _state_init_fn(model, optax.set_to_zero(), is_trainable, init_tree)
+    frozen_fn = lambda base, key: init_fn(base, key).frozen_params  # noqa: E731 (jit drops the unused rest)
+    frozen, _ = sharding.init_sharded(frozen_fn, mesh, _place_base(params, boxes, mesh), jax.random.PRNGKey(seed))
+    return frozen
+
+
+def _place_base(params: Params | None, boxes, mesh):
+    if params is None:
+        return None
+    from llmjax import sharding
+
+    _check_params_match(params, boxes)
+    return jax.device_put(params, sharding.logical_to_sharding(nn.get_partition_spec(boxes), mesh))
+
+
+def abstract_train_state(model, tx, is_trainable: TrainableFilter, mesh, init_tree: InitTree | None = None,
+                         has_base: bool = False) -> TrainState:
+    """The TrainState ``init_train_state`` would build, as ``ShapeDtypeStruct``s carrying their
+    shardings and computing nothing: the target to restore a checkpoint into. ``has_base``: the run
+    starts from base weights (passed to ``init_tree``), as ``init_train_state(params=...)``."""
+    from llmjax import sharding
+
+    init_fn, boxes = _state_init_fn(model, tx, is_trainable, init_tree)
+    base = _box_values(boxes) if has_base else None
+    shapes, shardings = sharding.abstract_sharded(init_fn, mesh, base, jax.random.PRNGKey(0))
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )

@@ -20,11 +20,14 @@ SMALL = {
 }
 
 
-def small_model(name: str, seed: int, directory: Path):
-    """``(family, torch_model, llmjax_model, params)`` for one of :data:`SMALL`."""
+def small_model(name: str, seed: int, directory: Path, **config_overrides):
+    """``(family, torch_model, llmjax_model, params)`` for one of :data:`SMALL`.
+
+    ``config_overrides`` change the llmjax side's config (e.g. ``scan_layers=False``).
+    """
     family, config = SMALL[name]
     torch_model = torch_t5(seed, **config) if family == "t5" else torch_llama(seed, **config)
-    model, params = to_llmjax(torch_model, directory)
+    model, params = to_llmjax(torch_model, directory, **config_overrides)
     return family, torch_model, model, params
 
 

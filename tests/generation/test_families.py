@@ -1,5 +1,6 @@
 """The cached decoding path of each family: KV-cache decoding equals recomputing everything each step,
-and the same loop runs on a model sharded over 8 fake devices.
+and the same loop runs on a model sharded over 8 fake devices; both with the layers scanned (the
+default: the cache is stacked, batch on axis 1) and unrolled.
 """
 
 from __future__ import annotations
@@ -40,23 +41,25 @@ def recompute_greedy(family, model, params, ids, mask, new_tokens, eos):
     return buffer
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("name", ["t5_v1_1", "llama_gqa"])
-def test_kv_cache_decoding_equals_recomputing_the_sequence(name, tmp_path):
-    family, torch_model, model, params = small_model(name, 0, tmp_path)
+def test_kv_cache_decoding_equals_recomputing_the_sequence(name, scan_layers, tmp_path):
+    family, torch_model, model, params = small_model(name, 0, tmp_path, scan_layers=scan_layers)
     ids, mask = prompts(family, 2, [9, 5, 7], torch_model.config.vocab_size)
     eos = torch_model.config.eos_token_id
     cached = generate(model, params, ids, mask, max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=eos)
     np.testing.assert_array_equal(np.asarray(cached), recompute_greedy(family, model, params, ids, mask, NEW, eos))
 
 
-@pytest.mark.parametrize("name, settings", [
-    ("llama_gqa", dict(max_new_tokens=6)),
-    ("t5_v1_0", dict(max_new_tokens=6, num_beams=2, num_return_sequences=2)),
+@pytest.mark.parametrize("name, settings, scan_layers", [
+    ("llama_gqa", dict(max_new_tokens=6), True),
+    ("t5_v1_0", dict(max_new_tokens=6, num_beams=2, num_return_sequences=2), True),
+    ("llama_gqa", dict(max_new_tokens=6, num_beams=2), False),  # beams reorder the unstacked cache
 ])
-def test_sharded_model_decodes_like_transformers(name, settings, tmp_path):
+def test_sharded_model_decodes_like_transformers(name, settings, scan_layers, tmp_path):
     """Params sharded by the logical rules over a (data 2, fsdp 2, tensor 2) mesh; batch over data*fsdp."""
     assert jax.device_count() == 8
-    family, torch_model, model, params = small_model(name, 0, tmp_path)
+    family, torch_model, model, params = small_model(name, 0, tmp_path, scan_layers=scan_layers)
     ids, mask = prompts(family, 3, [6, 3, 5, 4], torch_model.config.vocab_size)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     params = jax.device_put(params, logical_to_sharding(logical_axes(model), mesh))

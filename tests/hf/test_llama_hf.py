@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -138,10 +139,11 @@ def test_packing_matches_separate_transformers_runs(hf_dir):
     assert max_abs_diff(got[:, 4:], torch_logits(torch_model, input_ids=second)) <= 1e-4
 
 
-def test_cached_decoding_matches_transformers(hf_dir):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_cached_decoding_matches_transformers(hf_dir, scan_layers):
     """Prefill the left-padded prompt, then one token per step; compare to transformers' full forward."""
     _, path, torch_model = hf_dir
-    model, params = llmjax.hf.from_pretrained(path)
+    model, params = llmjax.hf.from_pretrained(path, scan_layers=scan_layers)
     ids = random_ids(7, (3, LENGTH), VOCAB)
     expected = left_padded_torch_logits(torch_model, ids)
     prompt_len = 5
@@ -199,7 +201,8 @@ def test_legacy_top_level_rope_theta_is_read():
 def _tensors_and_config(hf_dir):
     _, path, _ = hf_dir
     tensors = dict(safetensors.numpy.load_file(str(path / "model.safetensors")))
-    return tensors, hf_llama.config_from_hf(json.loads((path / "config.json").read_text()))
+    config = hf_llama.config_from_hf(json.loads((path / "config.json").read_text()))
+    return tensors, dataclasses.replace(config, scan_layers=False)  # the mapping's layout
 
 
 def test_weight_errors_name_the_tensor(hf_dir):

@@ -81,9 +81,10 @@ def llmjax_logits(model, params, inputs):
     return np.asarray(jax.jit(model.apply)({"params": params}, **inputs))
 
 
-def test_logits_match_transformers_with_padding(hf_dir):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_logits_match_transformers_with_padding(hf_dir, scan_layers):
     name, path, torch_model = hf_dir
-    model, params = llmjax.hf.from_pretrained(path)
+    model, params = llmjax.hf.from_pretrained(path, scan_layers=scan_layers)
     assert model.config.tie_word_embeddings == (name == "v1_0")
     inputs = batch()
     diff = max_abs_diff(llmjax_logits(model, params, inputs), torch_logits(torch_model, **inputs),
@@ -202,7 +203,7 @@ def test_unsupported_model_type(tmp_path):
 
 @pytest.fixture()
 def hf_tensors():
-    config = T5Config(**VARIANTS["v1_1"])
+    config = T5Config(**VARIANTS["v1_1"], scan_layers=False)  # the family mapping's layout
     model = build_model(config)
     return config, llmjax.hf.params_to_hf(jax.device_get(init(model, jax.random.key(0))), config)
 
@@ -230,7 +231,7 @@ def test_missing_and_unexpected_tensors_are_listed(hf_tensors):
 
 def test_tied_config_with_distinct_head_is_refused(hf_tensors):
     config, tensors = hf_tensors
-    tied = T5Config(**dict(VARIANTS["v1_1"], tie_word_embeddings=True))
+    tied = T5Config(**dict(VARIANTS["v1_1"], tie_word_embeddings=True), scan_layers=False)
     with pytest.raises(CheckpointError, match="lm_head.weight differs from shared.weight"):
         llmjax.hf.params_from_hf(tensors, tied)
 
@@ -246,7 +247,7 @@ def test_export_refuses_params_without_hf_name(hf_tensors):
 def test_bfloat16_checkpoint_loads_as_float32_params(tmp_path):
     torch_model = make_torch_t5(6, **VARIANTS["v1_1"]).to(torch.bfloat16)
     save_torch_model(torch_model, tmp_path)
-    _, params = llmjax.hf.from_pretrained(tmp_path)
+    _, params = llmjax.hf.from_pretrained(tmp_path, scan_layers=False)
     q = params["encoder"]["layers_0"]["self_attention"]["q"]["kernel"]
     expected = torch_model.encoder.block[0].layer[0].SelfAttention.q.weight.detach().float().numpy().T
     assert q.dtype == np.float32 and np.array_equal(q, expected)

@@ -1,8 +1,12 @@
 """Decoder module: parameter tree, positions, masks, packing and the KV cache.
 
+Tests that take the ``model_and_params`` fixture run with the layers scanned and unrolled.
+
 Parity with Hugging Face LLaMA lives in tests/hf/test_llama_hf.py; here each property is
 checked against the model itself run another way (unpadded, unpacked, uncached).
 """
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -11,13 +15,14 @@ import numpy as np
 import pytest
 
 from llmjax import axes
-from llmjax.models import init_params, logical_axes
+from llmjax.models import init_params, logical_axes, stack_layers
 from llmjax.models.decoder import Decoder, DecoderConfig, default_positions
 
 TINY = DecoderConfig(
     vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0, initializer_range=0.2,
 )
+UNROLLED = dataclasses.replace(TINY, scan_layers=False)
 
 
 # Jitted forward: one compile per shape is much faster than eager op-by-op dispatch.
@@ -26,9 +31,9 @@ _forward = jax.jit(
 )
 
 
-@pytest.fixture(scope="module")
-def model_and_params():
-    model = Decoder(TINY)
+@pytest.fixture(scope="module", params=["scanned", "unrolled"])
+def model_and_params(request):
+    model = Decoder(TINY if request.param == "scanned" else UNROLLED)
     return model, init_params(model, jax.random.key(0))
 
 
@@ -36,8 +41,8 @@ def _ids(shape, seed=1):
     return jax.random.randint(jax.random.key(seed), shape, 3, TINY.vocab_size)
 
 
-def test_param_tree_shapes_and_axes(model_and_params):
-    _, params = model_and_params
+def test_param_tree_shapes_and_axes():
+    params = init_params(Decoder(UNROLLED), jax.random.key(0))
     layer = params["layers_0"]
     assert layer["self_attention"]["q"]["kernel"].shape == (32, 32)
     assert layer["self_attention"]["k"]["kernel"].shape == (32, 16)  # 2 kv heads * head_dim 8
@@ -46,10 +51,19 @@ def test_param_tree_shapes_and_axes(model_and_params):
     assert layer["mlp"]["wo"]["kernel"].shape == (48, 32)
     assert params["lm_head"]["kernel"].shape == (32, 97)
     assert set(params) == {"embed", "layers_0", "layers_1", "final_norm", "lm_head"}
-    specs = logical_axes(Decoder(TINY))
+    specs = logical_axes(Decoder(UNROLLED))
     assert tuple(specs["lm_head"]["kernel"]) == (axes.EMBED, axes.VOCAB)
     assert tuple(specs["layers_1"]["self_attention"]["v"]["kernel"]) == (axes.EMBED, axes.KV_HEADS)
     assert tuple(specs["embed"]["embedding"]) == (axes.VOCAB, axes.EMBED)
+
+    # Scanned: one "layers" entry, every leaf the unrolled layers stacked on a leading "layers" axis.
+    scanned = jax.eval_shape(lambda: init_params(Decoder(TINY), jax.random.key(0)))
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    assert shapes(scanned) == shapes(stack_layers(params, TINY))
+    assert scanned["layers"]["self_attention"]["k"]["kernel"].shape == (2, 32, 16)
+    specs = logical_axes(Decoder(TINY))
+    assert tuple(specs["layers"]["self_attention"]["v"]["kernel"]) == (axes.LAYERS, axes.EMBED, axes.KV_HEADS)
+    assert tuple(specs["layers"]["pre_mlp_norm"]["scale"]) == (axes.LAYERS, axes.NORM)
 
 
 def test_tied_embeddings_have_no_head_and_attend_to_embedding():
@@ -148,21 +162,25 @@ def test_cached_decoding_equals_full_forward(model_and_params, chunked_steps):
     np.testing.assert_allclose(implicit, outputs[0], atol=1e-5)
 
 
-def test_init_cache_matches_model_init():
-    model = Decoder(TINY)
+@pytest.mark.parametrize("config", [TINY, UNROLLED], ids=["scanned", "unrolled"])
+def test_init_cache_matches_model_init(config):
+    model = Decoder(config)
     cache = model.init_cache(3, 7)
     reference = model.init(jax.random.key(0), jnp.zeros((3, 7), jnp.int32), decode=True)["cache"]
     assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), cache) == jax.tree_util.tree_map(
         lambda x: (x.shape, x.dtype), reference
     )
-    assert cache["layers_1"]["self_attention"]["cached_key"].shape == (3, 2, 7, 8)  # [b, kv_heads, slots, d]
+    if config.scan_layers:  # [layers, b, kv_heads, slots, d]
+        assert cache["layers"]["self_attention"]["cached_key"].shape == (2, 3, 2, 7, 8)
+    else:  # [b, kv_heads, slots, d]
+        assert cache["layers_1"]["self_attention"]["cached_key"].shape == (3, 2, 7, 8)
 
 
 def test_bf16_compute_is_close_to_fp32(model_and_params):
-    _, params = model_and_params
+    model, params = model_and_params
     ids = _ids((2, 6))
-    fp32 = _forward(Decoder(TINY), params, ids)
-    bf16 = _forward(Decoder(DecoderConfig(**{**TINY.__dict__, "dtype": "bfloat16"})), params, ids)
+    fp32 = _forward(model, params, ids)
+    bf16 = _forward(Decoder(dataclasses.replace(model.config, dtype="bfloat16")), params, ids)
     assert bf16.dtype == jnp.float32
     scale = np.abs(np.asarray(fp32)).max()
     # About 1% of the logit range (measured 0.9%); far less would mean bf16 was never used.

@@ -1,6 +1,8 @@
-"""T5 module: parameter tree, init scales, LM head, KV cache, packing, dropout, remat, dtypes.
+"""T5 module: parameter tree, init scales, LM head, KV cache, packing, dropout, dtypes.
 
-Logits parity with transformers lives in tests/hf/test_t5_hf.py.
+Logits parity with transformers lives in tests/hf/test_t5_hf.py; scan on vs off and remat in
+tests/models/test_scan.py. ``TIED`` scans its layers (the default), ``UNTIED`` unrolls them, so the
+tests that take the ``model_and_params`` fixture cover both layouts.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from llmjax.models.t5 import T5, T5Config
 TIED = T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0,
                 relative_attention_num_buckets=8, relative_attention_max_distance=12)
 UNTIED = dataclasses.replace(TIED, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                             num_layers=1, num_decoder_layers=2, d_kv=6, num_heads=3)
+                             num_layers=1, num_decoder_layers=2, d_kv=6, num_heads=3, scan_layers=False)
 
 
 @functools.partial(
@@ -64,8 +66,10 @@ def test_parameter_tree_names_and_shapes():
     assert sorted(layer["mlp"]) == ["wi_0", "wi_1", "wo"]
     assert params["decoder"]["relative_position_bias"]["rel_embedding"].shape == (8, 3)
     assert params["lm_head"]["kernel"].shape == (32, 97)
-    tied = abstract_params(TIED)
-    assert "lm_head" not in tied and sorted(tied["encoder"]["layers_1"]["mlp"]) == ["wi", "wo"]
+    tied = abstract_params(TIED)  # scanned: [num_layers, ...] leaves under "layers"
+    assert "lm_head" not in tied and sorted(tied["encoder"]) == ["final_norm", "layers", "relative_position_bias"]
+    assert sorted(tied["encoder"]["layers"]["mlp"]) == ["wi", "wo"]
+    assert tied["decoder"]["layers"]["cross_attention"]["q"]["kernel"].shape == (2, 32, 32)
 
 
 def test_logical_axes_cover_every_parameter():
@@ -74,6 +78,10 @@ def test_logical_axes_cover_every_parameter():
     assert tuple(specs["encoder"]["layers_0"]["self_attention"]["q"]["kernel"]) == ("embed", "heads")
     assert tuple(specs["decoder"]["layers_0"]["mlp"]["wo"]["kernel"]) == ("mlp", "embed")
     assert tuple(specs["lm_head"]["kernel"]) == ("embed", "vocab")
+    scanned = logical_axes(build_model(TIED))
+    assert tuple(scanned["encoder"]["layers"]["self_attention"]["q"]["kernel"]) == ("layers", "embed", "heads")
+    assert tuple(scanned["decoder"]["layers"]["mlp_norm"]["scale"]) == ("layers", "norm")
+    assert tuple(scanned["decoder"]["relative_position_bias"]["rel_embedding"]) == ("relpos_buckets", None)  # not stacked
 
 
 def test_init_scales_follow_t5_recipe():
@@ -134,6 +142,9 @@ def test_cache_shapes_and_decode_refuses_packing():
     assert layer["self_attention"]["cached_key"].shape == (2, 3, 5, 6)  # [b, heads, slots, d_kv]
     assert layer["cross_attention"]["cross_value"].shape == (2, 3, 7, 6)
     assert layer["self_attention"]["cached_value"].dtype == jnp.bfloat16
+    stacked = build_model(TIED).init_cache(2, 5, 7)["decoder"]["layers"]  # [layers, b, heads, slots, d_kv]
+    assert stacked["self_attention"]["cached_key"].shape == (2, 2, 4, 5, 8)
+    assert stacked["cross_attention"]["cross_key"].shape == (2, 2, 4, 7, 8)
     params = init(model, 0)
     with pytest.raises(ValueError, match="does not support packing"):
         apply(model, {"params": params, "cache": cache}, ids(0, (2, 1)), None, decode=True, cache_index=0,
@@ -173,23 +184,6 @@ def test_dropout_only_when_not_deterministic():
     train = [apply(model, {"params": params}, *args, deterministic=False, rngs={"dropout": jax.random.key(s)})
              for s in (1, 2)]
     assert np.abs(train[0] - no_dropout).max() > 1e-3 and np.abs(train[0] - train[1]).max() > 1e-3
-
-
-def test_remat_gives_same_values_and_gradients():
-    config = dataclasses.replace(UNTIED, dropout_rate=0.1, num_decoder_layers=1)
-    params = init(build_model(config), 0)
-    args = (ids(1, (2, 6)), ids(2, (2, 5)))
-
-    @functools.partial(jax.jit, static_argnums=1)
-    @functools.partial(jax.value_and_grad)
-    def loss(p, model):
-        out = model.apply({"params": p}, *args, deterministic=False, rngs={"dropout": jax.random.key(3)})
-        return jnp.mean(out**2)
-
-    value, grads = loss(params, build_model(config))
-    value_r, grads_r = loss(params, build_model(dataclasses.replace(config, remat=True)))
-    np.testing.assert_allclose(value_r, value, rtol=1e-6)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_logits():

@@ -121,7 +121,11 @@ def test_every_mesh_gives_the_same_training_run(family):
     for name, (history, state) in runs.items():
         losses = np.array([m["loss"] for m in history])
         np.testing.assert_allclose(losses, [m["loss"] for m in ref_history], rtol=0, atol=1e-5, err_msg=name)
-        assert _max_abs_diff(state.params, ref_state.params) <= 1e-5, name
+        # The moments (gradient averages) agree to 1e-5; the params get 1e-4 (lr / 30): Adam moves a weight
+        # whose gradient is near eps by ~lr * g / eps, so a 1e-9 rounding difference between meshes moves
+        # it by a fraction of lr (scanned layers reduce in another order: 4e-5 seen on tensor=8, while
+        # their one-step gradients agree to 3e-8).
+        assert _max_abs_diff(state.params, ref_state.params) <= 1e-4, name
         assert _max_abs_diff(state.opt_state, ref_state.opt_state) <= 1e-5, name
 
 

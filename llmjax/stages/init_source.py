@@ -1,0 +1,96 @@
+"""Where a stage's initial parameters come from: ``init_from`` read once, checked against the run's model.
+
+``resolve_init(config)`` -> ``(config, loaded)``: with ``init_from`` unset nothing changes (random init);
+with it set the model is read by the one loader (``llmjax.loading.load_model``: a Hugging Face
+directory, an llmjax checkpoint directory or a run directory) and the run's ``model`` section is
+resolved against it:
+
+* omitted (or only keys without ``family``): the init source's model config, with those keys
+  overriding it;
+* a whole section (``family`` given, e.g. ``include: model/t5_tiny.yaml``): it must describe the same
+  model as the init source.
+
+Either way only the fields in :data:`RUNTIME_FIELDS` (compute dtype, dropout, activation
+recomputation, layer scanning) may differ from the init source: every other field shapes or
+numbers the weights, and a difference is a ``ConfigError`` naming the field and both values (a field
+left null, which asks for a derived value, takes the init source's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from llmjax.config import ConfigError, RunConfig
+from llmjax.data.tokenizer import Tokenizer
+from llmjax.loading import LoadedModel, load_model, model_sha256
+from llmjax.model_config import family_of
+from llmjax.models import build_model, stack_layers, unstack_layers
+from llmjax.train.loop import Base
+from llmjax.train.state import TrainableFilter, trainable_filter
+
+# Model-config fields that change how the model computes, not what its weights are.
+RUNTIME_FIELDS = frozenset({"dtype", "dropout_rate", "attention_dropout", "remat_policy", "scan_layers"})
+
+
+def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
+    """The run config with its model resolved against ``init_from``, and the loaded init source (or None)."""
+    if config.init_from is None:
+        return config, None
+    loaded = load_model(config.init_from)
+    source = loaded.config
+    if config.model_resolved:
+        if family_of(config.model) != family_of(source):
+            raise ConfigError(f"model.family={family_of(config.model)!r} but init_from={config.init_from} holds a "
+                              f"{family_of(source)!r} model; drop the model section to take the init source's")
+        overrides = dataclasses.asdict(config.model)
+    else:
+        overrides = dict(config.model)
+        overrides.pop("family", None)
+    known = {f.name for f in dataclasses.fields(source)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"model keys {unknown} do not apply to init_from's {family_of(source)} model; remove them")
+    # None asks for a derived value (T5's num_decoder_layers = num_layers, ...): the source's stands.
+    different = [(k, v, getattr(source, k)) for k, v in overrides.items()
+                 if k not in RUNTIME_FIELDS and v is not None and v != getattr(source, k)]
+    if different:
+        name, ours, theirs = different[0]
+        raise ConfigError(
+            f"model.{name}={ours!r} but init_from={config.init_from} has {name}={theirs!r} "
+            f"({len(different)} field(s) differ: {[d[0] for d in different]}); only {sorted(RUNTIME_FIELDS)} may "
+            "differ from the init source: drop the model section (or those keys) to take its config")
+    runtime = {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}
+    model = dataclasses.replace(source, **runtime)
+    if model.scan_layers != source.scan_layers:  # the same weights in the run's layer layout
+        convert = stack_layers if model.scan_layers else unstack_layers
+        loaded = dataclasses.replace(loaded, model=build_model(model), params=convert(loaded.params, source))
+    return dataclasses.replace(config, model=model), loaded
+
+
+def base_of(loaded: LoadedModel | None) -> Base | None:
+    """The loop's :class:`Base` of an init source: its params, path and sha256."""
+    if loaded is None:
+        return None
+    return Base(params=loaded.params, path=str(Path(loaded.path).absolute()), sha256=model_sha256(loaded),
+                step=loaded.step)
+
+
+def init_tokenizer(config: RunConfig, loaded: LoadedModel | None) -> tuple[Tokenizer, Path]:
+    """``data.tokenizer`` when set, else the init source's tokenizer; ``(tokenizer, its directory)``."""
+    if config.data.tokenizer:
+        path = Path(config.data.tokenizer)
+        directory = path if path.is_dir() else path.parent
+    elif loaded is not None and loaded.tokenizer_dir is not None:
+        directory = Path(loaded.tokenizer_dir)
+    else:
+        raise ConfigError(f"stage {config.stage!r} needs a tokenizer: set data.tokenizer, or init_from a model "
+                          "whose directory (or checkpoint metadata) has one")
+    if not (directory / "spiece.model").is_file():
+        raise ConfigError(f"tokenizer directory {directory} has no spiece.model; set data.tokenizer to one that does")
+    return Tokenizer.load(directory), directory.absolute()
+
+
+def run_trainable_filter(config: RunConfig) -> TrainableFilter:
+    """``train.trainable`` / ``train.frozen`` as the loop's filter (everything trains by default)."""
+    return trainable_filter(config.train.trainable, config.train.frozen)
