@@ -6,7 +6,7 @@
 2. **In-context rows** (Lab 1): zero-, one- and few-shot prompts of the pre-trained model on the
    bundled DialogSum-shaped test split (``llmjax.evaluate``), shots from the train split.
 3. **Full fine-tuning** (Lab 2): every weight trains on the ``dialogsum`` instruction task
-   (``llmjax.data.instruction_pipeline``) with the shared loop; the run is cut into ``curve_points``
+   (``stage: sft``, ``init_from`` the pre-trained run: ``llmjax.stages.sft``); the run is cut into ``curve_points``
    segments (constant learning rate after warmup, so the cut changes nothing) and after each the
    validation ROUGE and the pre-training held-out loss are measured: the curves of the report.
 4. **Forgetting**: the same SFT with a share of span-corruption examples in the mixture (row
@@ -25,10 +25,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llmjax.config import DataConfig, RunConfig, config_from_dict
+from llmjax.config import RunConfig, config_from_dict
 from llmjax.data.bundled.corpus import bundled_documents
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
-from llmjax.data.instruction_pipeline import instruction_batches
 from llmjax.data.objectives import document_span_corruption_fn
 from llmjax.data.sources import DataIterator
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
@@ -37,9 +36,10 @@ from llmjax.generate import GenerationConfig
 from llmjax.lab import report
 from llmjax.loading import find_checkpoint_dir
 from llmjax.stages import run_stage
+from llmjax.stages.sft import build_stage as build_sft_stage
 from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.lm_loss import lm_loss_fn
-from llmjax.train.loop import Stage, train
+from llmjax.train.loop import train
 from llmjax.train.state import count_params
 
 TEMPLATE = "summarize"  # the course's prompt; also the first wording the SFT task trains on
@@ -179,6 +179,7 @@ def row_entry(result, trainable: int, total: int, seconds: float, **extra) -> di
 def sft_config(run_dir: Path, settings: LabSettings, tasks: tuple[str, ...], rates: tuple[float, ...],
                steps: int, tokenizer_dir: Path) -> RunConfig:
     return config_from_dict({
+        "stage": "sft", "init_from": str(run_dir.parent / "pretrain"),
         "model": settings.model(),
         "data": {"tasks": list(tasks), "task_rates": list(rates), "objective": "instruction",
                  "tokenizer": str(tokenizer_dir), "encoder_length": settings.sft_encoder_length,
@@ -193,25 +194,13 @@ def sft_config(run_dir: Path, settings: LabSettings, tasks: tuple[str, ...], rat
     })
 
 
-def sft_stage(model, params, tokenizer, tokenizer_dir: Path, data: DataConfig, settings: LabSettings) -> Stage:
-    """Full fine-tuning: every weight trains on the instruction mixture ``data.tasks``."""
-    def batches(split: str, **kwargs):
-        return instruction_batches(data, tokenizer, batch_format="seq2seq", batch_size=settings.sft_batch_size,
-                                   seed=settings.seed, split=split,
-                                   decoder_start_id=model.config.decoder_start_token_id, **kwargs)
-
-    return Stage(name="sft", model=model, loss_fn=lm_loss_fn(model), train_data=batches("train"),
-                 eval_data=lambda: batches("validation", shuffle=False, num_epochs=1),
-                 init_params=params, tokenizer=tokenizer, meta={"tokenizer_dir": str(tokenizer_dir)})
-
-
 def fine_tune(out: Path, name: str, base, tokenizer_dir: Path, tasks, rates, settings: LabSettings,
               held_out: list[dict], progress: bool) -> dict:
     """SFT from the pre-trained ``base`` in ``out/name``, measured after each segment.
 
     Returns ``{"params", "seconds", "curve": [{"step", "val_rougeL", "heldout_loss"}, ...]}``.
     """
-    model, params, tokenizer = base
+    model, _, tokenizer = base  # the stage reads the pre-trained weights itself (init_from)
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # only the pre-training is reused; a fine-tuning row reruns
     ends = sorted({round(settings.sft_steps * (i + 1) / settings.curve_points) for i in range(settings.curve_points)})
@@ -219,8 +208,8 @@ def fine_tune(out: Path, name: str, base, tokenizer_dir: Path, tasks, rates, set
     curve, seconds, stage = [], 0.0, None
     for end in ends:
         config = sft_config(run_dir, settings, tasks, rates, end, tokenizer_dir)
-        if stage is None:
-            stage = sft_stage(model, params, tokenizer, tokenizer_dir, config.data, settings)
+        if stage is None:  # the SFT stage (llmjax.stages.sft), from the pre-trained run; full fine-tuning
+            stage = build_sft_stage(config)
         say(f"{name}: fine-tuning to step {end} of {settings.sft_steps} ({', '.join(tasks)})")
         start = time.perf_counter()
         train(stage, config, progress=progress)
