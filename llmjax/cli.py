@@ -80,6 +80,13 @@ def cmd_data_corpus(args) -> int:
     return 0
 
 
+def cmd_lab_summarize(args) -> int:
+    from llmjax.lab.summarize import LabSettings, run_lab
+
+    run_lab(args.out, LabSettings.tiny() if args.tiny else LabSettings(), progress=not args.no_progress)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from llmjax.evaluate import build_prompts, default_max_input_tokens, generate_texts, load_examples, \
         load_model_for_inference, shot_pool_for
@@ -243,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-documents", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_corpus)
+
+    lab = sub.add_parser("lab", help="the course's labs in miniature").add_subparsers(dest="lab_command", metavar="LAB")
+    p = lab.add_parser("summarize", help="pre-train a small T5, then zero/one/few-shot and fine-tuned dialogue "
+                                         "summarization: results.json, predictions/, report.md, PNG curves")
+    p.add_argument("--out", required=True, type=Path, help="output directory (a finished pre-training there is reused)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps (a smoke test, seconds)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the phase lines stay)")
+    p.set_defaults(func=cmd_lab_summarize)
 
     p = sub.add_parser("generate", help="generate text from a Hugging Face directory or an llmjax checkpoint")
     p.add_argument("--model", required=True, type=Path, help="Hugging Face directory, checkpoint directory or run directory")

@@ -6,7 +6,11 @@ examples-proportional mixing). A task is written ``TEMPLATES`` (a built-in task)
 ``TEMPLATES@KIND:SOURCE``:
 
 * built-in: ``dialogsum`` (the bundled DialogSum-shaped set, summarization wordings),
-  ``dialogsum_topic`` (the same dialogues, name-the-topic wordings);
+  ``dialogsum_topic`` (the same dialogues, name-the-topic wordings), ``span_corruption`` (T5's
+  pre-training objective on the bundled corpus, held-out documents for other splits: mixed into SFT,
+  it keeps the pre-training skill from being forgotten; seq2seq models only);
+* ``span_corruption@KIND:SOURCE``: span corruption of any documents with a ``text`` field, cut to
+  ``data.encoder_length`` inputs (``data.noise_density``, ``data.mean_noise_span_length``);
 * ``TEMPLATES``: a registered template set (``dialogsum``, ``alpaca``, ``chat``, ``inputs_targets``,
   ...) or a ``.yaml``/``.json`` file of ``{prompt, response}`` wordings;
 * ``KIND:SOURCE``: ``jsonl:PATH``, ``parquet:PATH``, ``hf:PATH`` (``datasets`` on a local json/parquet
@@ -29,12 +33,16 @@ from typing import Any
 import numpy as np
 
 from llmjax.config import DataConfig
+from llmjax.data.objectives import document_span_corruption_fn
 from llmjax.data.instructions import InstructionDataError, PieceFormatter, encode_pieces, make_formatter
 from llmjax.data.sources import (
     DataIterator, JsonlSource, MappedSource, Mixture, ParquetSource, Source, hf_dataset_source, seqio_source,
 )
 
-BUILTIN_TASKS = {"dialogsum": "dialogsum@bundled:dialogsum", "dialogsum_topic": "dialogsum_topic@bundled:dialogsum"}
+SPAN_CORRUPTION = "span_corruption"  # the TEMPLATES part that means "no wording: T5's pre-training objective"
+BUILTIN_TASKS = {"dialogsum": "dialogsum@bundled:dialogsum", "dialogsum_topic": "dialogsum_topic@bundled:dialogsum",
+                 SPAN_CORRUPTION: f"{SPAN_CORRUPTION}@bundled:corpus"}
+BUNDLED_DOCUMENT_SPLITS = {"corpus": "corpus_heldout"}  # bundled documents: train split -> the other splits
 SOURCE_KINDS = ("bundled", "jsonl", "parquet", "hf", "seqio")
 SPLIT_SLOT = "{split}"
 
@@ -67,9 +75,13 @@ def parse_task(spec: str) -> TaskSpec:
 def task_source(task: TaskSpec, split: str) -> Source:
     """The rows of ``task`` for ``split`` (random access)."""
     if task.kind == "bundled":
+        if task.source in BUNDLED_DOCUMENT_SPLITS:
+            from llmjax.data.bundled.corpus import bundled_documents
+
+            return bundled_documents(task.source if split == "train" else BUNDLED_DOCUMENT_SPLITS[task.source])
         if task.source != "dialogsum":
-            raise InstructionDataError(f"task {task.spec!r}: the bundled instruction set is 'dialogsum', "
-                                       f"not {task.source!r}")
+            raise InstructionDataError(f"task {task.spec!r}: the bundled sets are 'dialogsum' and "
+                                       f"{sorted(BUNDLED_DOCUMENT_SPLITS)}, not {task.source!r}")
         from llmjax.data.bundled.dialogsum import bundled_dialogsum
 
         return bundled_dialogsum(split)
@@ -116,7 +128,7 @@ class InstructionTask:
 
     name: str
     source: Source
-    formatter: PieceFormatter
+    formatter: PieceFormatter | None  # None: a span-corruption task (documents, no wording)
 
 
 def build_tasks(specs: Sequence[str], rates: Sequence[float], split: str) -> tuple[list[InstructionTask], list[float]]:
@@ -135,7 +147,10 @@ def build_tasks(specs: Sequence[str], rates: Sequence[float], split: str) -> tup
             source = task_source(task, split)
             if len(source) == 0:
                 raise InstructionDataError(f"task {task.spec!r} has no {split!r} examples")
-            formatter, fields = make_formatter(task.templates, f"task {task.spec!r}")
+            if task.templates == SPAN_CORRUPTION:
+                formatter, fields = None, {"text"}
+            else:
+                formatter, fields = make_formatter(task.templates, f"task {task.spec!r}")
             missing = sorted(fields - set(source[0]))
             if missing:
                 raise InstructionDataError(f"task {task.spec!r}: its templates need field(s) {missing}, but row 0 "
@@ -177,9 +192,22 @@ def instruction_batches(
     wording and the mixture order follow ``seed``. The iterator's ``state()`` is the resume point.
     """
     tasks, weights = build_tasks(data.tasks, data.task_rates, split)
+    span_corruption = None
+    if any(task.formatter is None for task in tasks):
+        if batch_format != "seq2seq":
+            raise InstructionDataError(f"a {SPAN_CORRUPTION!r} task trains encoder-decoder (T5) models only; "
+                                       "drop it from data.tasks for a decoder-only model")
+        try:
+            span_corruption = document_span_corruption_fn(
+                tokenizer, data.encoder_length, data.decoder_length, decoder_start_id, data.noise_density,
+                data.mean_noise_span_length)
+        except ValueError as error:
+            raise InstructionDataError(f"the {SPAN_CORRUPTION!r} task: {error}; raise data.decoder_length") from None
 
-    def example_fn(row: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def example_fn(row: dict[str, Any], rng: np.random.Generator):
         task = tasks[row["task"]]
+        if task.formatter is None:
+            return span_corruption(row["example"], rng)
         pieces = task.formatter(row["example"], rng)
         encode = lambda text: tokenizer.encode(text, add_eos=False)  # noqa: E731
         return encode_pieces(pieces, encode, batch_format=batch_format, eos_id=tokenizer.eos_id, bos_id=bos_id,

@@ -165,6 +165,38 @@ def span_corruption_budget(
     return tokens_length, span_corruption_lengths(tokens_length, noise_density, mean_noise_span_length)[1]
 
 
+def document_span_corruption_fn(
+    tokenizer,
+    encoder_length: int,
+    decoder_length: int,
+    decoder_start_id: int = 0,
+    noise_density: float = NOISE_DENSITY,
+    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
+    text_field: str = "text",
+):
+    """``fn(row, rng) -> [examples]``: a document row tokenized (``tokenizer.encode``, ``eos_id``,
+    ``sentinel_id``, ``num_extra_ids``) and cut into chunks whose span-corrupted inputs fill
+    ``encoder_length`` tokens; one seq2seq example per chunk (None for an empty document).
+
+    Raises ValueError when the chunks' targets would not fit ``decoder_length``.
+    """
+    chunk, targets_length = span_corruption_budget(encoder_length, noise_density, mean_noise_span_length)
+    if targets_length > decoder_length:
+        raise ValueError(f"span corruption of {encoder_length}-token inputs makes targets of {targets_length} "
+                         f"tokens, more than decoder_length={decoder_length}")
+    sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_extra_ids)]
+
+    def span_corruption(row, rng: np.random.Generator):
+        ids = np.asarray(tokenizer.encode(row[text_field], add_eos=False), np.int32)
+        return [
+            span_corruption_example(ids[i:i + chunk], rng, sentinels, tokenizer.eos_id, decoder_start_id,
+                                    noise_density, mean_noise_span_length)
+            for i in range(0, len(ids), chunk)
+        ] or None
+
+    return span_corruption
+
+
 # ----------------------------------------------------------------------------------------------- causal LM
 
 

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from llmjax.config import ConfigError, RunConfig, dump_config
-from llmjax.data.objectives import causal_lm_example, span_corruption_budget, span_corruption_example
+from llmjax.data.bundled.corpus import BUNDLED_DOCUMENTS, bundled_documents
+from llmjax.data.objectives import causal_lm_example, document_span_corruption_fn, span_corruption_budget
 from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, TextSource, hf_dataset_source, tfds_source
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
 from llmjax.loading import LoadedModel
@@ -32,7 +33,6 @@ from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import Stage, train
 
 OBJECTIVES = {True: "span_corruption", False: "causal_lm"}  # Family.seq2seq -> the pre-training objective
-BUNDLED_DOCUMENTS = {"corpus": (10_000, 0), "corpus_heldout": (500, 1)}  # name -> (documents, seed)
 TOKENIZER_TRAINING_DOCUMENTS = 5_000
 
 
@@ -105,10 +105,7 @@ def build_source(kind: str, source: str, text_field: str):
     if kind == "bundled":
         if source not in BUNDLED_DOCUMENTS:
             raise ConfigError(f"data.source={source!r} is not a bundled dataset; choose from {sorted(BUNDLED_DOCUMENTS)}")
-        from llmjax.data.bundled.corpus import generate_corpus
-
-        count, seed = BUNDLED_DOCUMENTS[source]
-        return [{text_field: text} for text in generate_corpus(count, seed)]
+        return bundled_documents(source, text_field)
     builders: dict[str, Callable] = {
         "text": lambda: TextSource(source, text_field),
         "jsonl": lambda: JsonlSource(source, [text_field]),
@@ -167,19 +164,10 @@ def _example_fn(config: RunConfig, tokenizer: Tokenizer):
     """Raw document -> list of model examples that each fit the configured lengths."""
     dc, text_field = config.data, config.data.text_field
     if model_family(config.model).seq2seq:
-        chunk = _span_corruption_chunk(config)
-        sentinels = [tokenizer.sentinel_id(i) for i in range(tokenizer.num_extra_ids)]
-        start_id = config.model.decoder_start_token_id
-
-        def span_corruption(raw, rng):
-            ids = np.asarray(tokenizer.encode(raw[text_field], add_eos=False), np.int32)
-            return [
-                span_corruption_example(ids[i:i + chunk], rng, sentinels, tokenizer.eos_id, start_id,
-                                        dc.noise_density, dc.mean_noise_span_length)
-                for i in range(0, len(ids), chunk)
-            ] or None
-
-        return span_corruption
+        _span_corruption_chunk(config)  # the user's lengths are checked with a config error first
+        return document_span_corruption_fn(tokenizer, dc.encoder_length, dc.decoder_length,
+                                           config.model.decoder_start_token_id, dc.noise_density,
+                                           dc.mean_noise_span_length, text_field)
 
     window = dc.decoder_length + 1  # inputs and targets are the window shifted by one
 

@@ -126,6 +126,36 @@ def test_batches_follow_the_seed_and_resume(tmp_path):
     assert all(span.startswith("out ") for span in trained.split("|")[:-1])
 
 
+class SentinelCharTokenizer(CharTokenizer):
+    num_extra_ids = 3
+
+    def sentinel_id(self, i):
+        return 125 - i  # '}', '|', '{': not in the test's texts
+
+
+def test_span_corruption_task_mixes_pretraining_examples_into_sft(tmp_path):
+    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i} says hello"} for i in range(20)])
+    qa = _write_jsonl(tmp_path / "qa.jsonl", [{"instruction": f"task {i}", "output": f"out {i}"} for i in range(20)])
+    config = _config([f"alpaca@jsonl:{qa}", f"span_corruption@jsonl:{docs}"], rates=[0.5, 0.5], packing=False)
+    it = instruction_batches(config, SentinelCharTokenizer(), batch_format="seq2seq", batch_size=16, seed=0)
+    batch = next(it)
+    sentinel_rows = [row for row in range(16) if 125 in batch["encoder_input_tokens"][row]]
+    assert 0 < len(sentinel_rows) < 16  # both tasks are present
+    for row in sentinel_rows:
+        inputs = "".join(chr(t) for t in batch["encoder_input_tokens"][row] if t > EOS)
+        targets = "".join(chr(t) for t, w in zip(batch["decoder_target_tokens"][row],
+                                                 batch["decoder_loss_weights"][row]) if w and t != EOS)
+        assert inputs.startswith("document") or targets.startswith("}")
+        assert targets.startswith("}")  # the targets open with the first sentinel
+        assert len(targets) < len(inputs)  # 15% noise: the inputs keep most of the document
+    assert parse_task("span_corruption").source == "corpus"  # built-in: the bundled corpus
+    with pytest.raises(InstructionDataError, match="encoder-decoder"):
+        instruction_batches(config, SentinelCharTokenizer(), batch_format="causal", batch_size=2, seed=0)
+    short = _config([f"span_corruption@jsonl:{docs}"], encoder_length=64, decoder_length=4)
+    with pytest.raises(InstructionDataError, match="raise data.decoder_length"):
+        instruction_batches(short, SentinelCharTokenizer(), batch_format="seq2seq", batch_size=2, seed=0)
+
+
 def _total_loss(batches, params, loss_fn):
     total, tokens = 0.0, 0
     for batch in batches:

@@ -7,6 +7,7 @@ from llmjax.data.objectives import (
     apply_noise_mask,
     causal_lm_example,
     decoder_instruction_example,
+    document_span_corruption_fn,
     instruction_example,
     random_spans_noise_mask,
     render_template,
@@ -162,6 +163,48 @@ def test_templates():
     np.testing.assert_array_equal(example["decoder_loss_weights"], [0, 0, 1, 1])
     example = instruction_example({"q": "ab", "a": "c"}, "{q}?", "{a}", encode, EOS, batch_format="seq2seq")
     np.testing.assert_array_equal(example["encoder_input_tokens"], [97, 98, 63, 1])
+
+
+class _WordTokenizer:
+    """Word ids from a fixed list; sentinels as in ``SENTINELS``."""
+
+    eos_id, num_extra_ids = EOS, len(SENTINELS)
+
+    def encode(self, text, add_eos=True):
+        return [10 + int(word) for word in text.split()] + ([EOS] if add_eos else [])
+
+    def sentinel_id(self, i):
+        return SENTINELS[i]
+
+
+def _uncorrupt(example):
+    """The raw tokens back: each sentinel of the inputs replaced by its span from the targets."""
+    spans, current = {}, None
+    for token in example["decoder_target_tokens"][:-1].tolist():
+        if token in SENTINELS:
+            current = spans.setdefault(token, [])
+        else:
+            current.append(token)
+    out = []
+    for token in example["encoder_input_tokens"][:-1].tolist():
+        out.extend(spans[token] if token in SENTINELS else [token])
+    return out
+
+
+def test_document_span_corruption_cuts_a_document_into_chunks_that_fit_and_lose_nothing():
+    document = {"text": " ".join(str(i % 150) for i in range(300))}
+    fn = document_span_corruption_fn(_WordTokenizer(), encoder_length=64, decoder_length=20)
+    examples = fn(document, np.random.default_rng(0))
+    chunk, targets_length = span_corruption_budget(64)
+    assert len(examples) == -(-300 // chunk)
+    assert all(len(e["encoder_input_tokens"]) <= 64 and len(e["decoder_target_tokens"]) <= targets_length
+               for e in examples)
+    assert len(examples[0]["encoder_input_tokens"]) == 64  # a full chunk fills the encoder row exactly
+    restored = [token for example in examples for token in _uncorrupt(example)]
+    assert restored == [10 + i % 150 for i in range(300)]
+    assert fn({"text": ""}, np.random.default_rng(0)) is None
+    with pytest.raises(ValueError, match="more than decoder_length=8"):
+        document_span_corruption_fn(_WordTokenizer(), encoder_length=64, decoder_length=8)
 
 
 def _composition_pmf(total, parts):

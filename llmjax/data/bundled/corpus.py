@@ -405,6 +405,18 @@ def generate_corpus(num_documents: int, seed: int = 0) -> list[str]:
     return [rng.choice(topics)(rng) for _ in range(num_documents)]
 
 
+BUNDLED_DOCUMENTS = {"corpus": (10_000, 0), "corpus_heldout": (500, 1)}  # name -> (documents, seed)
+
+
+def bundled_documents(name: str, text_field: str = "text") -> list[dict[str, str]]:
+    """A named bundled document set as rows ``{text_field: paragraph}``: ``corpus`` (pre-training) or
+    ``corpus_heldout`` (other seed, for held-out loss)."""
+    if name not in BUNDLED_DOCUMENTS:
+        raise InputError(f"{name!r} is not a bundled document set; choose from {sorted(BUNDLED_DOCUMENTS)}")
+    count, seed = BUNDLED_DOCUMENTS[name]
+    return [{text_field: text} for text in generate_corpus(count, seed)]
+
+
 def corpus_stats(texts: list[str]) -> dict[str, int]:
     """Counts for the module docstring: documents, words (split on whitespace) and unique words
     (lowercased, keeping only letters, digits, apostrophes and hyphens)."""

@@ -1,0 +1,268 @@
+"""``llmjax lab summarize``: the course's dialogue-summarization labs on a small T5, start to finish.
+
+1. **Pre-train** a small T5 (``LabSettings``) with span corruption on the bundled corpus, or reuse the
+   run in ``DIR/pretrain`` when it has finished. Its tokenizer (``DIR/tokenizer``) is trained on the
+   corpus and the DialogSum training dialogues, so summaries never decode to unknown pieces.
+2. **In-context rows** (Lab 1): zero-, one- and few-shot prompts of the pre-trained model on the
+   bundled DialogSum-shaped test split (``llmjax.evaluate``), shots from the train split.
+3. **Full fine-tuning** (Lab 2): every weight trains on the ``dialogsum`` instruction task
+   (``stage: sft``, ``init_from`` the pre-trained run: ``llmjax.stages.sft``); the run is cut into ``curve_points``
+   segments (constant learning rate after warmup, so the cut changes nothing) and after each the
+   validation ROUGE and the pre-training held-out loss are measured: the curves of the report.
+4. **Forgetting**: the same SFT with a share of span-corruption examples in the mixture (row
+   ``full_ft_mixed``); the held-out span-corruption loss before SFT, after SFT and after mixed SFT.
+
+Outputs (``llmjax.lab.report``): ``results.json``, ``predictions/<row>.jsonl``, ``report.md``, PNG curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llmjax.config import RunConfig, config_from_dict
+from llmjax.data.bundled.corpus import bundled_documents
+from llmjax.data.bundled.dialogsum import bundled_dialogsum
+from llmjax.data.objectives import document_span_corruption_fn
+from llmjax.data.sources import DataIterator
+from llmjax.data.tokenizer import Tokenizer, train_tokenizer
+from llmjax.evaluate import evaluate_dataset, load_model_for_inference
+from llmjax.generate import GenerationConfig
+from llmjax.lab import report
+from llmjax.loading import find_checkpoint_dir
+from llmjax.stages import run_stage
+from llmjax.stages.sft import build_stage as build_sft_stage
+from llmjax.train.checkpoint import Checkpointer
+from llmjax.train.lm_loss import lm_loss_fn
+from llmjax.train.loop import train
+from llmjax.train.state import count_params
+
+TEMPLATE = "summarize"  # the course's prompt; also the first wording the SFT task trains on
+SHOT_ROWS = {"zero_shot": 0, "one_shot": 1, "few_shot": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabSettings:
+    """Model size and schedule of the lab (defaults: the full run; ``tiny()``: the test's)."""
+
+    d_model: int = 256
+    d_kv: int = 64
+    d_ff: int = 512
+    num_heads: int = 4
+    num_layers: int = 2
+    vocab_size: int = 1024             # tokenizer ids, the 100 sentinels included
+    pretrain_steps: int = 400
+    pretrain_batch_size: int = 16
+    pretrain_learning_rate: float = 3e-3
+    sft_steps: int = 300
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 1e-3
+    sft_encoder_length: int = 256      # packed rows: a prompt + dialogue is ~130-200 tokens
+    sft_decoder_length: int = 64
+    curve_points: int = 3              # SFT segments, each followed by validation ROUGE + held-out loss
+    mixture_share: float = 0.25        # span-corruption share of the mixed SFT's examples
+    test_limit: int | None = None      # None: the whole test split (400)
+    validation_limit: int = 48         # validation examples scored at each curve point
+    heldout_batches: int = 8           # span-corruption batches of corpus_heldout per held-out loss
+    max_new_tokens: int = 64
+    generation_batch_size: int = 32
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "LabSettings":
+        """Settings for tests and smoke runs: a 1+1-layer d_model=32 T5, a handful of steps, 8 test examples."""
+        return cls(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=1, vocab_size=256, pretrain_steps=4,
+                   pretrain_batch_size=8, sft_steps=4, sft_batch_size=8, sft_encoder_length=128,
+                   sft_decoder_length=48, curve_points=1, test_limit=8, validation_limit=4, heldout_batches=2,
+                   max_new_tokens=8, generation_batch_size=8)
+
+    def model(self) -> dict:
+        return {"family": "t5", "vocab_size": self.vocab_size, "d_model": self.d_model, "d_kv": self.d_kv,
+                "d_ff": self.d_ff, "num_layers": self.num_layers, "num_heads": self.num_heads,
+                "dropout_rate": 0.0, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
+
+
+def say(message: str) -> None:
+    """Progress between the phases (the loop's bars show progress inside them)."""
+    print(f"[lab {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- pre-training --------------------------------------------------------------
+
+def lab_tokenizer(out: Path, settings: LabSettings) -> Path:
+    """``out/tokenizer``: trained once on the corpus and the DialogSum train dialogues+summaries, then reused."""
+    directory = out / "tokenizer"
+    if (directory / "spiece.model").is_file() and Tokenizer.load(directory).vocab_size == settings.vocab_size:
+        return directory
+    texts = [row["text"] for row in bundled_documents("corpus")[:5000]]
+    texts += [f"{e['dialogue']}\n{e['summary']}" for e in bundled_dialogsum("train")]
+    train_tokenizer(texts, directory, vocab_size=settings.vocab_size, seed=settings.seed)
+    return directory
+
+
+def pretrain_config(out: Path, settings: LabSettings, tokenizer_dir: Path) -> RunConfig:
+    steps = settings.pretrain_steps
+    return config_from_dict({
+        "model": settings.model(),
+        "data": {"kind": "bundled", "source": "corpus", "eval_source": "corpus_heldout",
+                 "tokenizer": str(tokenizer_dir), "objective": "span_corruption",
+                 "encoder_length": 128, "decoder_length": 32},
+        "train": {"steps": steps, "batch_size": settings.pretrain_batch_size, "seed": settings.seed,
+                  "eval_every_steps": max(1, steps // 4), "eval_steps": 4, "log_every_steps": max(1, steps // 40),
+                  "output_dir": str(out / "pretrain")},
+        "optim": {"learning_rate": settings.pretrain_learning_rate, "schedule": "cosine",
+                  "warmup_steps": max(1, steps // 20), "weight_decay": 0.01, "z_loss": 1e-4},
+        "checkpoint": {"every_steps": steps, "keep": 1, "async_save": False},
+    })
+
+
+def finished_steps(run_dir: Path) -> int:
+    """The newest checkpoint step of a run directory, 0 when it has none."""
+    directory = find_checkpoint_dir(run_dir) if run_dir.is_dir() else None
+    steps = Checkpointer(directory, keep=None).all_steps() if directory is not None else []
+    return max(steps, default=0)
+
+
+def pretrain(out: Path, settings: LabSettings, progress: bool) -> float:
+    """Pre-train into ``out/pretrain`` unless it already holds the finished run; seconds spent."""
+    tokenizer_dir = lab_tokenizer(out, settings)
+    if finished_steps(out / "pretrain") >= settings.pretrain_steps:
+        say(f"reusing the pre-trained model in {out / 'pretrain'}")
+        return 0.0
+    say(f"pre-training a T5 (d_model={settings.d_model}) for {settings.pretrain_steps} steps on the bundled corpus")
+    start = time.perf_counter()
+    run_stage(pretrain_config(out, settings, tokenizer_dir), progress=progress)
+    return time.perf_counter() - start
+
+
+# -- measurements ----------------------------------------------------------------
+
+def heldout_batches(model, tokenizer, settings: LabSettings) -> list[dict]:
+    """Fixed span-corruption batches of ``corpus_heldout`` (the pre-training objective's held-out data)."""
+    example_fn = document_span_corruption_fn(tokenizer, 128, 32, model.config.decoder_start_token_id)
+    iterator = DataIterator(bundled_documents("corpus_heldout"), example_fn, batch_size=16, decoder_length=32,
+                            encoder_length=128, pack=True, seed=settings.seed, shuffle=False, num_epochs=1)
+    return [batch for batch, _ in zip(iterator, range(settings.heldout_batches))]
+
+
+def heldout_loss(model, params, batches: list[dict]) -> float:
+    """Mean per-token cross-entropy of ``params`` on ``batches`` (no z-loss)."""
+    loss_fn = jax.jit(lm_loss_fn(model))
+    loss = weights = 0.0
+    for batch in batches:
+        sums = jax.device_get(loss_fn(params, batch, None)[1])
+        loss, weights = loss + float(sums["loss"]), weights + float(sums["weights"])
+    return loss / weights
+
+
+def evaluate_row(model, params, tokenizer, examples, settings: LabSettings, shots: int = 0):
+    generation = GenerationConfig(max_new_tokens=settings.max_new_tokens)
+    return evaluate_dataset(model, params, tokenizer, examples, TEMPLATE, shots=shots,
+                            shot_pool=bundled_dialogsum("train"), generation_config=generation,
+                            batch_size=settings.generation_batch_size)
+
+
+def row_entry(result, trainable: int, total: int, seconds: float, **extra) -> dict:
+    scores = result.scores
+    return {**{key: scores[key] for key in report.SCORE_KEYS}, "rougeL_first_ref": scores["rougeL_first_ref"],
+            "trainable_params": trainable, "trainable_fraction": trainable / total,
+            "train_seconds": round(seconds, 1), **extra}
+
+
+# -- supervised fine-tuning ------------------------------------------------------
+
+def sft_config(run_dir: Path, settings: LabSettings, tasks: tuple[str, ...], rates: tuple[float, ...],
+               steps: int, tokenizer_dir: Path) -> RunConfig:
+    return config_from_dict({
+        "stage": "sft", "init_from": str(run_dir.parent / "pretrain"),
+        "model": settings.model(),
+        "data": {"tasks": list(tasks), "task_rates": list(rates), "objective": "instruction",
+                 "tokenizer": str(tokenizer_dir), "encoder_length": settings.sft_encoder_length,
+                 "decoder_length": settings.sft_decoder_length},
+        "train": {"steps": steps, "batch_size": settings.sft_batch_size, "seed": settings.seed,
+                  "eval_every_steps": steps, "eval_steps": 4, "log_every_steps": max(1, settings.sft_steps // 50),
+                  "output_dir": str(run_dir)},
+        # Constant after warmup: the segments of the curve then train exactly as one run would.
+        "optim": {"learning_rate": settings.sft_learning_rate, "schedule": "constant",
+                  "warmup_steps": max(1, settings.sft_steps // 20), "weight_decay": 0.0},
+        "checkpoint": {"every_steps": steps, "keep": 1, "async_save": False},
+    })
+
+
+def fine_tune(out: Path, name: str, base, tokenizer_dir: Path, tasks, rates, settings: LabSettings,
+              held_out: list[dict], progress: bool) -> dict:
+    """SFT from the pre-trained ``base`` in ``out/name``, measured after each segment.
+
+    Returns ``{"params", "seconds", "curve": [{"step", "val_rougeL", "heldout_loss"}, ...]}``.
+    """
+    model, _, tokenizer = base  # the stage reads the pre-trained weights itself (init_from)
+    run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # only the pre-training is reused; a fine-tuning row reruns
+    ends = sorted({round(settings.sft_steps * (i + 1) / settings.curve_points) for i in range(settings.curve_points)})
+    validation = bundled_dialogsum("validation")[: settings.validation_limit]
+    curve, seconds, stage = [], 0.0, None
+    for end in ends:
+        config = sft_config(run_dir, settings, tasks, rates, end, tokenizer_dir)
+        if stage is None:  # the SFT stage (llmjax.stages.sft), from the pre-trained run; full fine-tuning
+            stage = build_sft_stage(config)
+        say(f"{name}: fine-tuning to step {end} of {settings.sft_steps} ({', '.join(tasks)})")
+        start = time.perf_counter()
+        train(stage, config, progress=progress)
+        seconds += time.perf_counter() - start
+        tuned = load_model_for_inference(run_dir)[1]
+        score = evaluate_row(model, tuned, tokenizer, validation, settings).scores["rougeL"]
+        loss = heldout_loss(model, tuned, held_out)
+        curve.append({"step": end, "val_rougeL": score, "heldout_loss": loss})
+        say(f"{name} step {end}: validation ROUGE-L {score:.4f}, pre-training held-out loss {loss:.4f}")
+    return {"params": tuned, "seconds": seconds, "curve": curve}
+
+
+# -- the lab ---------------------------------------------------------------------
+
+def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True) -> dict:
+    """Run the whole lab into ``out``; returns the ``results.json`` mapping."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    pretrain_seconds = pretrain(out, settings, progress)
+    model, params, tokenizer = load_model_for_inference(out / "pretrain")
+    tokenizer_dir = out / "tokenizer"
+    total = count_params(params)
+    test = bundled_dialogsum("test")[: settings.test_limit]
+    held_out = heldout_batches(model, tokenizer, settings)
+
+    results, outputs = {}, {}
+    for row, shots in SHOT_ROWS.items():
+        say(f"{row}: generating {len(test)} test summaries with {shots}-shot prompts")
+        outputs[row] = evaluate_row(model, params, tokenizer, test, settings, shots)
+        results[row] = row_entry(outputs[row], 0, total, 0.0)
+        say(f"{row}: ROUGE-L {results[row]['rougeL']:.4f}")
+
+    before = heldout_loss(model, params, held_out)
+    runs = {"full_ft": (("dialogsum",), ()),
+            "full_ft_mixed": (("dialogsum", "span_corruption"), (1 - settings.mixture_share, settings.mixture_share))}
+    curves = {}
+    for row, (tasks, rates) in runs.items():
+        tuned = fine_tune(out, row, (model, params, tokenizer), tokenizer_dir, tasks, rates, settings, held_out,
+                          progress)
+        curves[row] = tuned["curve"]
+        say(f"{row}: generating {len(test)} test summaries")
+        outputs[row] = evaluate_row(model, tuned["params"], tokenizer, test, settings)
+        results[row] = row_entry(outputs[row], total, total, tuned["seconds"],
+                                 heldout_loss=tuned["curve"][-1]["heldout_loss"], tasks=list(tasks),
+                                 task_rates=list(rates))
+        say(f"{row}: ROUGE-L {results[row]['rougeL']:.4f}")
+
+    forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
+                  "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"], "mixture_share": settings.mixture_share}
+    facts = {"settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
+             "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
+             "curves": curves, "pretrain_dir": str(out / "pretrain")}
+    report.write_outputs(out, test, outputs, results, facts)
+    say(f"done in {facts['lab_seconds']:.0f} s: {out / 'report.md'}")
+    return results
