@@ -47,9 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from llmjax import sharding  # noqa: E402
 from llmjax.config import OptimConfig, load_section  # noqa: E402
-from llmjax.model_config import family_of  # noqa: E402
 from llmjax.models import build_model  # noqa: E402
-from llmjax.train.lm_loss import LOSS_FNS  # noqa: E402
+from llmjax.train.lm_loss import lm_loss_fn  # noqa: E402
 from llmjax.train.optim import make_optimizer  # noqa: E402
 from llmjax.train.state import abstract_train_state, count_params, train_everything  # noqa: E402
 from llmjax.train.step import compile_step, make_train_step  # noqa: E402
@@ -97,10 +96,11 @@ HEADER = ["model", "mesh", "scan", "remat", "compile s", "state GiB/dev", "state
           "temp GiB/dev", "args+temp GiB", "fits 16 GiB", "fits 80 GiB"]
 
 
-def model_config(name: str, scan: bool, remat: str):
-    """The shipped model config with bf16 compute and the scan/remat choice of this row."""
+def model_config(name: str, scan: bool, remat: str | None):
+    """The shipped model config with bf16 compute, this row's scan choice and (if given) remat policy."""
     config = load_section(REPO / MODELS[name]["config"], "model")
-    return dataclasses.replace(config, dtype="bfloat16", scan_layers=scan, remat_policy=remat)
+    return dataclasses.replace(config, dtype="bfloat16", scan_layers=scan,
+                               remat_policy=remat or config.remat_policy)
 
 
 def batch_specs(name: str, batch_sharding) -> dict:
@@ -114,11 +114,11 @@ def batch_specs(name: str, batch_sharding) -> dict:
     return out
 
 
-def compile_row(name: str, mesh_name: str, scan: bool, remat: str) -> Row:
+def compile_row(name: str, mesh_name: str, scan: bool, remat: str | None) -> Row:
     config = model_config(name, scan, remat)
     model = build_model(config)
     tx, _ = make_optimizer(OPTIM, total_steps=1000)
-    step = make_train_step(LOSS_FNS[family_of(config)](model), tx)
+    step = make_train_step(lm_loss_fn(model), tx)
     mesh = sharding.make_mesh(**MESHES[mesh_name])
     with sharding.activate(mesh):
         abstract = abstract_train_state(model, tx, train_everything, mesh)
@@ -132,7 +132,7 @@ def compile_row(name: str, mesh_name: str, scan: bool, remat: str) -> Row:
     state_bytes = (sharding.state_bytes_per_device(abstract.params, shardings.params)
                    + sharding.state_bytes_per_device(abstract.opt_state, shardings.opt_state))
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((abstract.params, abstract.opt_state)))
-    return Row(name, mesh_name, scan, remat, seconds, state_bytes, total / DEVICES,
+    return Row(name, mesh_name, scan, config.remat_policy, seconds, state_bytes, total / DEVICES,
                memory.argument_size_in_bytes, memory.temp_size_in_bytes, count_params(abstract.params))
 
 
@@ -147,7 +147,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), action="append", help="default: both")
     parser.add_argument("--mesh", choices=sorted(MESHES), action="append", help="default: both")
     parser.add_argument("--scan", choices=("on", "off"), action="append", help="default: both")
-    parser.add_argument("--remat", default="full", help="remat policy of every row (default: full)")
+    parser.add_argument("--remat", default=None,
+                        help="remat policy of every row (default: the model config's own, save_dots_no_batch)")
     args = parser.parse_args()
 
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
