@@ -44,13 +44,16 @@ def _inputs(family):
     return (ids, ids[:, :10]) if family == "t5" else (ids,)
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("family", ["t5", "decoder"])
-def test_bf16_model_multiplies_in_bf16_and_keeps_softmax_norms_logits_fp32(family):
-    model16 = build_model(dataclasses.replace(TINY[family], dtype="bfloat16"))
+def test_bf16_model_multiplies_in_bf16_and_keeps_softmax_norms_logits_fp32(family, scan):
+    config = dataclasses.replace(TINY[family], scan_layers=scan)
+    model16 = build_model(dataclasses.replace(config, dtype="bfloat16"))
     # Tracing needs only shapes: abstract fp32 params, nothing is initialized or compiled.
-    params = jax.eval_shape(lambda: init_params(build_model(TINY[family]), jax.random.key(0)))
+    params = jax.eval_shape(lambda: init_params(build_model(config), jax.random.key(0)))
     jaxpr = jax.make_jaxpr(lambda p: model16.apply({"params": p}, *_inputs(family)))(params).jaxpr
-    num_layers = TINY[family].num_layers if family == "t5" else TINY[family].num_hidden_layers
+    # A scanned stack traces its layer body once; unrolled, every layer appears.
+    num_layers = 1 if scan else (config.num_layers if family == "t5" else config.num_hidden_layers)
 
     matmuls = _operand_dtypes(jaxpr, "dot_general")
     assert matmuls and all(dtypes == ("bfloat16", "bfloat16") for dtypes in matmuls), matmuls
