@@ -169,6 +169,26 @@ def open_manager(directory: str | Path, async_save: bool = False, read_only: boo
     )
 
 
+def complete_steps(directory: Path, steps) -> list[int]:
+    """Of ``steps`` saved in ``directory``, the ones saved completely (their manifest exists), sorted."""
+    return [s for s in sorted(steps) if (Path(directory) / str(s) / MANIFEST).is_file()]
+
+
+def newest_complete_step(path: Path) -> int | None:
+    """The newest completely saved step of a checkpoint or run directory, None when it has none.
+
+    Read-only: opens the checkpoints without creating or cleaning anything.
+    """
+    directory = find_checkpoint_dir(Path(path)) if Path(path).is_dir() else None
+    if directory is None:
+        return None
+    manager = open_manager(directory, read_only=True)
+    try:
+        return max(complete_steps(directory, manager.all_steps()), default=None)
+    finally:
+        manager.close()
+
+
 def read_checkpoint_params(directory: str | Path, step: int | None = None,
                            manager: ocp.CheckpointManager | None = None) -> tuple[int, dict, dict]:
     """``(step, params, meta)`` of one step: trainable and frozen parameters merged, as host numpy arrays.
@@ -185,7 +205,7 @@ def read_checkpoint_params(directory: str | Path, step: int | None = None,
         if not steps:
             raise ModelPathError(f"no checkpoint in {directory} (expected numbered step directories)")
         if step is None:
-            complete = [s for s in steps if (directory / str(s) / MANIFEST).is_file()]
+            complete = complete_steps(directory, steps)
             if not complete:
                 raise CheckpointCorruptError(f"no complete checkpoint in {directory}: no step has a {MANIFEST} "
                                              f"(steps {steps}; the run stopped while saving?)")

@@ -34,10 +34,9 @@ from llmjax.data.tokenizer import Tokenizer, train_tokenizer
 from llmjax.evaluate import evaluate_dataset, load_model_for_inference
 from llmjax.generate import GenerationConfig
 from llmjax.lab import report
-from llmjax.loading import find_checkpoint_dir
+from llmjax.loading import newest_complete_step
 from llmjax.stages import run_stage
 from llmjax.stages.sft import build_stage as build_sft_stage
-from llmjax.train.checkpoint import Checkpointer
 from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import train
 from llmjax.train.state import count_params
@@ -122,10 +121,8 @@ def pretrain_config(out: Path, settings: LabSettings, tokenizer_dir: Path) -> Ru
 
 
 def finished_steps(run_dir: Path) -> int:
-    """The newest checkpoint step of a run directory, 0 when it has none."""
-    directory = find_checkpoint_dir(run_dir) if run_dir.is_dir() else None
-    steps = Checkpointer(directory, keep=None).all_steps() if directory is not None else []
-    return max(steps, default=0)
+    """The newest completely saved checkpoint step of a run directory, 0 when it has none."""
+    return newest_complete_step(run_dir) or 0
 
 
 def pretrain(out: Path, settings: LabSettings, progress: bool) -> float:
