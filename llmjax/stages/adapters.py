@@ -73,7 +73,8 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
             hf.save_pretrained(model, jax.device_get(merged(tree)), out)
             if stage.tokenizer is not None:
                 stage.tokenizer.save_pretrained(out)
-            lora.save_pretrained(model, tree[ADAPTERS_KEY], cfg, out / ADAPTER_SUBDIR)
+            lora.save_pretrained(model, tree[ADAPTERS_KEY], cfg, out / ADAPTER_SUBDIR,
+                                 base_model_name_or_path=None if stage.base is None else stage.base.path)
         return str(out.absolute())
 
     return dataclasses.replace(
