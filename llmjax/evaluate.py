@@ -77,16 +77,20 @@ def with_adapters(model, params, adapter_dirs: Sequence[str | Path] = ()):
 
 
 def adapter_names(adapter_dirs: Sequence[str | Path]) -> list[str]:
-    """Distinct names of adapter directories: the last path parts, as few as tell them apart."""
-    paths = [Path(path).absolute() for path in adapter_dirs]
+    """Distinct names of adapter directories: each one's last path parts, as few as set it apart."""
+    paths = [Path(path).absolute().parts[1:] for path in adapter_dirs]  # without the root "/"
     if len(set(paths)) < len(paths):
         raise InputError(f"the same adapter directory is given twice in {[str(p) for p in adapter_dirs]}; "
                          "give each --adapter once")
-    for parts in range(1, max(len(path.parts) for path in paths) + 1):
-        names = ["_".join(path.parts[-parts:]).lstrip("/") for path in paths]
-        if len(set(names)) == len(names):
-            return names
-    raise AssertionError("distinct absolute paths have distinct part suffixes")
+
+    def name(parts, others, depth=1):
+        clash = any(other[-depth:] == parts[-depth:] for other in others)
+        return "_".join(parts[-depth:]) if not clash else name(parts, others, depth + 1)
+
+    names = [name(parts, paths[:i] + paths[i + 1:]) for i, parts in enumerate(paths)]
+    if len(set(names)) < len(names):  # e.g. "a_b" from a/b beside "a_b" from a_b: fall back to full paths
+        names = ["_".join(parts) for parts in paths]
+    return names
 
 
 def load_generation_config(path: str | Path) -> GenerationConfig:

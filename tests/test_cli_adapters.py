@@ -77,7 +77,8 @@ def test_evaluate_writes_one_report_per_adapter_equal_to_the_merged_models(t5_di
 
 
 def test_adapter_names_and_errors(t5_dir, adapters, tmp_path, capsys):  # noqa: F811
-    assert adapter_names(["runs/a/hf/adapter", "runs/b/hf/adapter", "x/other"]) == ["a_hf_adapter", "b_hf_adapter", "x_other"]
+    assert adapter_names(["runs/a/hf/adapter", "runs/b/hf/adapter", "x/other"]) == ["a_hf_adapter", "b_hf_adapter", "other"]
+    assert adapter_names(["/r/a/b", "/r/c/a_b", "/r/d/b"]) == ["r_a_b", "r_c_a_b", "r_d_b"]  # "a_b" twice: whole paths
     assert adapter_names(["one", "two"]) == ["one", "two"]
     with pytest.raises(InputError, match="the same adapter directory is given twice"):
         adapter_names(["a/adapter", "a/adapter"])

@@ -38,7 +38,7 @@ def lora_run(base_dir, tmp_path_factory):
     """A 4-step LoRA SFT run from ``base_dir`` with its export: ``(run dir, summary)``."""
     out = tmp_path_factory.mktemp("lora") / "run"
     summary = run_stage(_sft(base_dir, out, *LORA, f"train.steps={STEPS}", "optim.learning_rate=1e-2",
-                             "train.export_hf=null"), progress=False)
+                             "train.export_hf=hf"), progress=False)
     return out, summary
 
 
