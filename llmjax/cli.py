@@ -53,6 +53,15 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_lora_merge(args) -> int:
+    from llmjax.loading import TOKENIZER_FILES
+    from llmjax.lora import merge_into_hf_dir
+
+    out = merge_into_hf_dir(args.base, args.adapter, args.out, copy_files=TOKENIZER_FILES)
+    print(f"wrote {args.base} with adapter {args.adapter} merged to {out}")
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from llmjax.data.sources import file_source
     from llmjax.data.tokenizer import train_tokenizer
@@ -238,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", type=Path, help="Hugging Face model directory with config.json + *.safetensors")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     p.set_defaults(func=cmd_import)
+
+    lora = sub.add_parser("lora", help="LoRA adapters (Hugging Face PEFT format)").add_subparsers(
+        dest="lora_command", metavar="ACTION")
+    p = lora.add_parser("merge", help="merge a PEFT LoRA adapter into its Hugging Face base model")
+    p.add_argument("--base", required=True, type=Path, help="Hugging Face base model directory")
+    p.add_argument("--adapter", required=True, type=Path, help="PEFT adapter directory (adapter_config.json + "
+                                                                "adapter_model.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="new Hugging Face directory for the merged model "
+                                                            "(tokenizer files copied from --base)")
+    p.set_defaults(func=cmd_lora_merge)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", metavar="ACTION")
     p = tok.add_parser("train", help="train a SentencePiece tokenizer with T5 conventions")

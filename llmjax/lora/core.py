@@ -152,7 +152,8 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-def _value(x):
+def unboxed(x):
+    """The array inside an ``nn.Partitioned`` box, or ``x`` itself."""
     return x.value if _is_box(x) else x
 
 
@@ -171,7 +172,7 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
     index = {module: i for i, module in enumerate(sorted(m for site in targets for m in site.hf_modules))}
     for site in targets:
         kernel = _get(params, site.path + ("kernel",))
-        shape = _value(kernel).shape
+        shape = unboxed(kernel).shape
         fan_in, fan_out = shape[-2], shape[-1]
         bound = 1.0 / math.sqrt(fan_in)
         draws = [jax.random.uniform(jax.random.fold_in(key, index[m]), (fan_in, cfg.r), jnp.float32,
@@ -188,7 +189,7 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
 
 def delta(adapters_at_site: Mapping, scale: float) -> jax.Array:
     """``scale * A @ B``: ``[in, out]``, or ``[L, in, out]`` for a stack (fp32)."""
-    a, b = _value(adapters_at_site[LORA_A]), _value(adapters_at_site[LORA_B])
+    a, b = unboxed(adapters_at_site[LORA_A]), unboxed(adapters_at_site[LORA_B])
     return scale * jnp.einsum("...ir,...ro->...io", a, b, preferred_element_type=jnp.float32)
 
 
@@ -203,7 +204,7 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
     out = params
     for path in _adapted_paths(adapters):
         kernel = _get(params, path + ("kernel",))
-        value = _value(kernel)
+        value = unboxed(kernel)
         moved = (value.astype(jnp.float32) + sign * delta(_get(adapters, path), cfg.scale)).astype(value.dtype)
         out = _replace(out, path + ("kernel",), kernel.replace_boxed(moved) if _is_box(kernel) else moved)
     return out
