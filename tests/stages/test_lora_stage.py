@@ -35,10 +35,12 @@ def base_dir(pretrained, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def lora_run(base_dir, tmp_path_factory):
-    """A 4-step LoRA SFT run from ``base_dir`` with its export: ``(run dir, summary)``."""
+    """A 4-step LoRA SFT run from ``base_dir`` (ROUGE of generations at the end) with its export:
+    ``(run dir, summary)``."""
     out = tmp_path_factory.mktemp("lora") / "run"
     summary = run_stage(_sft(base_dir, out, *LORA, f"train.steps={STEPS}", "optim.learning_rate=1e-2",
-                             "train.export_hf=hf"), progress=False)
+                             "train.export_hf=hf", f"train.rouge_every_steps={STEPS}", "train.rouge_examples=2"),
+                        progress=False)
     return out, summary
 
 
@@ -51,6 +53,7 @@ def test_lora_run_trains_and_checkpoints_adapters_only_and_loss_falls(base_dir, 
     assert summary["step"] == STEPS
     losses = [r["loss"] for r in _metrics(out) if r["split"] == "train"]
     assert len(losses) == STEPS and losses[-1] < losses[0], losses
+    assert 0.0 <= summary["generate"]["rougeL"] <= 1.0  # the ROUGE hook ran on the merged params
 
     # The checkpoint: adapter params and their optimizer state, no base weights, the base's path and hash.
     manager = open_manager(out / "checkpoints", read_only=True)
@@ -149,3 +152,19 @@ def test_lora_config_errors(base_dir, tmp_path):
     assert load_config(SFT_CONFIG).lora is None  # no section: no LoRA
     shipped = load_config(SFT_CONFIG.parent / "sft_t5_tiny_lora.yaml")
     assert shipped.lora == lora.LoraConfig(r=8, lora_alpha=32, target_modules=("q", "v")) and shipped.stage == "sft"
+
+
+def test_lora_pretraining_of_a_sharded_decoder_from_random_weights(pretrained, tmp_path):  # noqa: F811
+    """The same transformation on another stage and family: LLaMA targets, a data/fsdp/tensor mesh, no base
+    (the frozen random weights are then checkpointed whole, there being nothing to rebuild them from)."""
+    out = tmp_path / "run"
+    summary = run_stage(load_config(SFT_CONFIG.parent / "pretrain_t5_tiny.yaml", [
+        "model.include=model/decoder_tiny.yaml", "data.objective=causal_lm", "data.decoder_length=32",
+        f"data.tokenizer={pretrained / 'tokenizer'}", "train.steps=2", "train.batch_size=8", "train.eval_every_steps=0", "optim.warmup_steps=0",
+        f"train.output_dir={out}", "train.export_hf=null", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+        "lora.r=4", "lora.lora_alpha=4", "lora.target_modules=[q_proj, down_proj]"]), progress=False)
+    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+    _, saved, meta = read_checkpoint_params(out / "checkpoints")
+    assert meta["lora"]["target_modules"] == ["q_proj", "down_proj"] and "base" not in meta
+    assert {p.split("/")[-2] for p in _paths(saved["lora"])} == {"q", "wo"}  # llmjax's q_proj and down_proj
+    assert set(load_model(out).params) == set(saved) - {"lora"}  # the loader merges the adapters away
