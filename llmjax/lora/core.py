@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from llmjax import hf
 from llmjax.errors import InputError
+from llmjax.models.layers import Dense
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 # The module names each family can adapt: every projection kernel inside a layer.
@@ -222,3 +223,34 @@ def merge(params, adapters, cfg: LoraConfig):
 def unmerge(merged, adapters, cfg: LoraConfig):
     """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding)."""
     return _shift(merged, adapters, cfg, -1.0)
+
+
+COLLECTION = "lora"  # the variable collection apply_factored passes the adapters in (scanned like params)
+
+
+def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, **kwargs):
+    """``model.apply`` with each adapted ``Dense`` computed factored: ``x @ W + scale * (drop(x) @ A) @ B``.
+
+    Equals ``model.apply({"params": merge(params, adapters, cfg)}, ...)`` up to rounding, without forming
+    the merged kernels, so the backward pass needs no full-size kernel gradient. ``drop`` is dropout
+    with rate ``cfg.lora_dropout`` on the adapter's input (PEFT's), applied only when ``rngs`` has a
+    ``"dropout"`` key. The adapters travel as the ``"lora"`` variable collection, which has the params'
+    nesting, and are picked up by a method interceptor: the model's code does not know about them.
+    The adapter branch runs in fp32 and is cast to the layer's output dtype.
+    """
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        y = next_fun(*call_args, **call_kwargs)
+        module = context.module
+        if (context.method_name != "__call__" or not isinstance(module, Dense)
+                or not module.has_variable(COLLECTION, LORA_A)):
+            return y
+        x = call_args[0].astype(jnp.float32)
+        if cfg.lora_dropout > 0 and module.scope.has_rng("dropout"):
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0)
+        a, b = (unboxed(module.get_variable(COLLECTION, name)) for name in (LORA_A, LORA_B))
+        return y + (cfg.scale * ((x @ a) @ b)).astype(y.dtype)
+
+    variables = {"params": params, COLLECTION: adapters}
+    with nn.intercept_methods(interceptor):
+        return model.apply(variables, *args, rngs=rngs, **kwargs)

@@ -19,7 +19,6 @@ import pytest
 from llmjax import lora
 from llmjax.model_config import DecoderConfig, T5Config
 from llmjax.models import build_model, dummy_inputs, stack_layers
-from llmjax.models.layers import Dense
 from llmjax.train.state import count_params
 
 # The dimensions of tests/lora/test_peft_format.py's torch models, so eagerly compiled ops are shared.
@@ -80,24 +79,8 @@ def _random_b(adapters, seed: int):
 
 
 def _factored_logits(model, params, adapters, cfg, inputs):
-    """Logits of the unscanned model with each targeted Dense computed as ``x W + s (x A) B``."""
-    def forward(params, adapters, *inputs):
-        def interceptor(next_fun, args, kwargs, context):
-            y = next_fun(*args, **kwargs)
-            if not isinstance(context.module, Dense) or context.method_name != "__call__":
-                return y
-            node = adapters
-            for key in context.module.path:
-                node = node.get(key, {}) if isinstance(node, dict) else {}
-            if lora.LORA_A not in node:
-                return y
-            (x,) = args
-            return y + cfg.scale * (x @ node[lora.LORA_A]) @ node[lora.LORA_B]
-
-        with nn.intercept_methods(interceptor):  # active while tracing, so the jitted forward is factored
-            return model.apply({"params": params}, *inputs)
-
-    return np.asarray(jax.jit(forward)(params, adapters, *inputs))
+    """Logits with each targeted Dense computed as ``x W + s (x A) B`` (no merged kernel is formed)."""
+    return np.asarray(jax.jit(lambda p, a, *x: lora.apply_factored(model, p, a, cfg, *x))(params, adapters, *inputs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,3 +208,33 @@ def test_trainable_count_flan_t5_base_r32_qv():
     adapters = jax.eval_shape(lambda k: lora.init(model, abstract, lora.LoraConfig(32, 32, target_modules=("q", "v")), k),
                               jax.random.key(1))
     assert count_params(nn.meta.unbox(adapters)) == 72 * (768 + 768) * 32 == 3_538_944
+
+
+def test_factored_equals_merged_on_scanned_stack_values_and_grads():
+    """apply_factored slices the stacked adapters per layer (the "lora" collection scans like params): logits and
+    adapter gradients equal those of the merged params; lora_dropout acts only with a dropout rng."""
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"))
+    flat, scanned = _tiny("llama", False), _tiny("llama", True)
+    params = random_params(flat)
+    adapters = stack_layers(_random_b(lora.init(flat, params, cfg, jax.random.key(1)), seed=5), flat.config)
+    params = stack_layers(params, flat.config)
+    inputs = _inputs(scanned)
+
+    def loss(adapters, factored):
+        if factored:
+            logits = lora.apply_factored(scanned, params, adapters, cfg, *inputs)
+        else:
+            logits = scanned.apply({"params": lora.merge(params, adapters, cfg)}, *inputs)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (g_merged, logits_merged), (g_factored, logits_factored) = grad(adapters, False), grad(adapters, True)
+    np.testing.assert_allclose(logits_factored, logits_merged, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_factored, g_merged)
+    assert (np.abs(np.asarray(g_merged["layers"]["mlp"]["wo"]["lora_B"])).max(axis=(1, 2)) > 0).all()  # every layer
+
+    dropped = dataclasses.replace(cfg, lora_dropout=0.5)
+    run = jax.jit(lambda key: lora.apply_factored(scanned, params, adapters, dropped, *inputs, rngs={"dropout": key}))
+    first, second = np.asarray(run(jax.random.key(0))), np.asarray(run(jax.random.key(1)))
+    assert np.abs(first - logits_merged).max() > 1e-2 and np.abs(first - second).max() > 1e-2
+    np.testing.assert_array_equal(first, np.asarray(run(jax.random.key(0))))
