@@ -2,6 +2,7 @@
 step 0 is the base, a killed run resumes bitwise, a changed base is refused, and the export is a merged
 Hugging Face dir that transformers loads plus a PEFT adapter dir that peft applies with the same logits."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -141,8 +142,6 @@ def test_sigkill_during_lora_training_then_resume_gives_bitwise_equal_adapters(b
 def test_lora_config_errors(base_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'lora.alpha' \(did you mean 'lora.lora_alpha'\?\)"):
         load_config(SFT_CONFIG, ["lora.r=4", "lora.alpha=8", "lora.target_modules=[q]"])
-    with pytest.raises(ConfigError, match="lora.lora_dropout=0.1 is not supported: llmjax merges the adapters"):
-        load_config(SFT_CONFIG, [*LORA, "lora.lora_dropout=0.1"])
     with pytest.raises(ConfigError, match="lora: trains the adapters only, so train.trainable/train.frozen do not"):
         load_config(SFT_CONFIG, [*LORA, "train.frozen=[shared]"])
     with pytest.raises(ConfigError, match=r"target_modules \['q_proj'\] are not modules of this T5 model"):
@@ -168,3 +167,25 @@ def test_lora_pretraining_of_a_sharded_decoder_from_random_weights(pretrained, t
     assert meta["lora"]["target_modules"] == ["q_proj", "down_proj"] and "base" not in meta
     assert {p.split("/")[-2] for p in _paths(saved["lora"])} == {"q", "wo"}  # llmjax's q_proj and down_proj
     assert set(load_model(out).params) == set(saved) - {"lora"}  # the loader merges the adapters away
+
+
+def test_lora_dropout_drops_the_adapter_input_in_training_only(base_dir, tmp_path):
+    """With the model's own dropout off, a training loss (dropout rng) differs from the deterministic one only
+    through lora_dropout; a stage that cannot rebuild its loss (no loss_for) refuses lora_dropout."""
+    from llmjax.stages.adapters import with_lora
+
+    def losses(dropout):
+        stage = stage_module("sft").build_stage(_sft(base_dir, tmp_path / str(dropout), *LORA, "model.dropout_rate=0.0",
+                                                     f"lora.lora_dropout={dropout}"))
+        tree = stage.init_tree(jax.random.key(0), stage.base.params)
+        tree["lora"] = jax.tree_util.tree_map(lambda x: x + 0.1, tree["lora"])  # B away from zero
+        batch = next(stage.train_data)
+        return [float(stage.loss_fn(tree, batch, rng)[1]["loss"]) for rng in (None, jax.random.key(1))]
+
+    deterministic, undropped = losses(0.0)
+    assert undropped == pytest.approx(deterministic, abs=1e-6)
+    deterministic, dropped = losses(0.5)
+    assert abs(deterministic - dropped) > 1e-3
+    plain = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "plain", "model.dropout_rate=0.0"))
+    with pytest.raises(ConfigError, match="lora.lora_dropout=0.5 is not supported by stage 'sft': it gives no loss_for"):
+        with_lora(dataclasses.replace(plain, loss_for=None), lora.LoraConfig(4, 8, 0.5, ("q", "v")))
