@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -85,18 +86,23 @@ def time_pair(projections, tokens: int, r: int, repeats: int) -> dict:
     cotangents = [normal(tokens, o) for _, _, o in projections]
     steps = {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)), static_argnums=4)
              for name, fn in (("merged", merged), ("factored", factored))}
-    results = {name: {"wall": [], "cpu": []} for name in steps}
-    values = {}
-    for name, step in steps.items():  # compile + warm up
-        values[name] = jax.block_until_ready(step(adapters, xs, kernels, cotangents, 2.0))[0]
-    assert abs(float(values["merged"]) - float(values["factored"])) <= 1e-3 * abs(float(values["factored"])) + 1e-2
+    runs = {name: functools.partial(step, adapters, xs, kernels, cotangents, 2.0) for name, step in steps.items()}
+    return alternate(runs, repeats, check=lambda v: abs(v["merged"] - v["factored"]) <= 1e-3 * abs(v["factored"]) + 1e-2)
+
+
+def alternate(runs: dict, repeats: int, check) -> dict:
+    """Call each ``run() -> (value, grads)`` once (compile, warm up; ``check(values)`` must hold: both ways
+    compute the same loss), then in turn ``repeats`` times -> name -> {"wall", "cpu"} median seconds."""
+    values = {name: float(jax.block_until_ready(run())[0]) for name, run in runs.items()}
+    assert check(values), values
+    times = {name: {"wall": [], "cpu": []} for name in runs}
     for _ in range(repeats):
-        for name, step in steps.items():
+        for name, run in runs.items():
             wall, cpu = time.perf_counter(), cpu_seconds()
-            jax.block_until_ready(step(adapters, xs, kernels, cotangents, 2.0))
-            results[name]["wall"].append(time.perf_counter() - wall)
-            results[name]["cpu"].append(cpu_seconds() - cpu)
-    return {name: {clock: statistics.median(v) for clock, v in times.items()} for name, times in results.items()}
+            jax.block_until_ready(run())
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(cpu_seconds() - cpu)
+    return {name: {clock: statistics.median(v) for clock, v in clocks.items()} for name, clocks in times.items()}
 
 
 def model_step_pair(config, targets: tuple[str, ...], r: int, batch: int, length: int, repeats: int) -> dict:
@@ -119,16 +125,8 @@ def model_step_pair(config, targets: tuple[str, ...], r: int, batch: int, length
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     step = jax.jit(jax.value_and_grad(loss), static_argnums=2)
-    results = {name: {"wall": [], "cpu": []} for name in ("merged", "factored")}
-    values = {name: float(jax.block_until_ready(step(adapters, params, name == "factored"))[0]) for name in results}
-    assert abs(values["merged"] - values["factored"]) < 1e-4, values
-    for _ in range(repeats):
-        for name in results:
-            wall, cpu = time.perf_counter(), cpu_seconds()
-            jax.block_until_ready(step(adapters, params, name == "factored"))
-            results[name]["wall"].append(time.perf_counter() - wall)
-            results[name]["cpu"].append(cpu_seconds() - cpu)
-    return {name: {clock: statistics.median(v) for clock, v in times.items()} for name, times in results.items()}
+    runs = {name: functools.partial(step, adapters, params, name == "factored") for name in ("merged", "factored")}
+    return alternate(runs, repeats, check=lambda v: abs(v["merged"] - v["factored"]) < 1e-4)
 
 
 def _line(label: str, t: dict) -> str:
