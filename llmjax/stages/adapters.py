@@ -9,11 +9,13 @@ and returns the Stage the loop runs instead:
              abstract target like any other leaf
 * trainable: the adapter leaves only: the optimizer state and the checkpoints hold adapters alone
              (with a base, the checkpoint also records its path and sha256 and a resume checks them)
-* loss:      the stage's loss (``Stage.loss_for``) on the model computing each adapted ``Dense`` factored,
-             ``x @ W + scale * (dropout(x) @ A) @ B`` (``llmjax.lora.apply_factored``; PEFT's
-             ``lora_dropout``): measured faster than merging the kernels in the loss (merged 1.05-1.19x
-             slower, ``benchmarks/results/lora_forward_cpu.txt``). A stage without ``loss_for`` gets its
-             ``loss_fn`` on the merged params ``W + scale * A @ B`` and no ``lora_dropout``.
+* loss:      the stage's loss on the merged params ``W + scale * A @ B`` (``llmjax.lora.merge`` inside the
+             jitted step; gradients reach A and B through it): as fast as or faster than computing the adapters
+             factored on whole models here (merged/factored CPU time 0.83-1.01x,
+             ``benchmarks/results/lora_forward_cpu.txt``). With ``lora_dropout`` > 0, which a merge cannot
+             express, the stage's loss rebuilt (``Stage.loss_for``) on the model computing each adapted
+             ``Dense`` factored, ``x @ W + scale * (dropout(x) @ A) @ B`` (``llmjax.lora.apply_factored``,
+             PEFT's dropout); a stage without ``loss_for`` refuses ``lora_dropout``.
 * eval hook: the stage's hook on the merged params
 * export:    the merged model as a Hugging Face directory at ``export_dir`` (tokenizer beside it), and
              the adapters alone in PEFT's format in ``<export_dir>/adapter`` (``ADAPTER_SUBDIR``), which
@@ -60,15 +62,15 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
         """The model's params with the adapters merged in: what the model computes with."""
         return lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg)
 
-    if stage.loss_for is not None:
-        loss_fn = stage.loss_for(_FactoredModel(model, cfg))
-    elif cfg.lora_dropout > 0:
-        raise ConfigError(f"lora.lora_dropout={cfg.lora_dropout} is not supported by stage {stage.name!r}: it gives "
-                          "no loss_for, so its adapters are merged into the weights inside the loss, which cannot "
-                          "drop the adapter's input alone; set lora.lora_dropout=0")
-    else:
+    if cfg.lora_dropout == 0:
         def loss_fn(tree, batch, rng):
             return stage.loss_fn(merged(tree), batch, rng)
+    elif stage.loss_for is not None:
+        loss_fn = stage.loss_for(_FactoredModel(model, cfg))
+    else:
+        raise ConfigError(f"lora.lora_dropout={cfg.lora_dropout} is not supported by stage {stage.name!r}: it gives "
+                          "no loss_for, so its adapters can only be merged into the weights inside the loss, which "
+                          "cannot drop the adapter's input alone; set lora.lora_dropout=0")
 
     eval_hook = None
     if stage.eval_hook is not None:
