@@ -2,8 +2,8 @@
 
 A run config is a YAML mapping with the sections of :class:`RunConfig` (``model``, ``data``, ``train``,
 ``optim``, ``checkpoint``, ``mesh``, and the optional ``lora``). Any mapping may say ``include: other.yaml``
-(a path relative to the file that says it): the included mapping is loaded first and the keys beside ``include`` override it.
-That is how a run names a model size or a mesh preset without restating it::
+(a path relative to the file that says it): the included mapping is loaded first and the keys beside
+``include`` override it. That is how a run names a model size or a mesh preset without restating it::
 
     model: {include: model/t5_tiny.yaml, dropout_rate: 0.0}
     mesh: {include: mesh/single.yaml}
