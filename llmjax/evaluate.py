@@ -116,10 +116,7 @@ def shot_pool_for(data: str | Path, split: str | None = "test") -> list[dict] | 
 
 def prompt_ids(model, tokenizer: Tokenizer, text: str) -> list[int]:
     """The token ids one prompt gives the model: encoder-decoder (T5) ``prompt + eos``; decoder ``bos + prompt``."""
-    if model_family(model.config).seq2seq:
-        return tokenizer.encode(text, add_eos=True)
-    bos = getattr(model.config, "bos_token_id", None)
-    return ([] if bos is None else [bos]) + tokenizer.encode(text, add_eos=False)
+    return model_family(model.config).prompt_ids(model.config, tokenizer, text)
 
 
 def encode_prompts(model, tokenizer: Tokenizer, texts: Sequence[str], bucket: bool = False):
