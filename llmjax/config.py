@@ -1,7 +1,7 @@
 """A training run as nested frozen dataclasses: YAML in, ``a.b=c`` overrides, typed and validated.
 
 A run config is a YAML mapping with the sections of :class:`RunConfig` (``model``, ``data``, ``train``,
-``optim``, ``checkpoint``, ``mesh``). Any mapping may say ``include: other.yaml`` (a path relative to the
+``optim``, ``checkpoint``, ``mesh``, and the optional ``lora``). Any mapping may say ``include: other.yaml`` (a path relative to the
 file that says it): the included mapping is loaded first and the keys beside ``include`` override it.
 That is how a run names a model size or a mesh preset without restating it::
 
@@ -252,14 +252,21 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     stage: str = "pretrain"
     init_from: str | None = None
+    lora: Any = None  # llmjax.lora.LoraConfig: the stage trains LoRA adapters only; None: no LoRA
 
     def __post_init__(self):
+        if self.lora is not None:
+            _require(not self.train.trainable and not self.train.frozen,
+                     "lora: trains the adapters only, so train.trainable/train.frozen do not apply; remove them "
+                     "(or drop the lora section to choose what trains)")
         if isinstance(self.model, dict):
             _require(self.init_from is not None, "the model section needs model.family (or set init_from to take "
                                                  "the model from a Hugging Face dir or checkpoint)")
             _check_batch_fits_mesh(self.train, self.mesh.data_parallel_size)
             return
         family_of(self.model)  # raises on a non-model config
+        if self.lora is not None:
+            _check_lora(self.lora, self.model)
         if self.data.tokenizer is None and self.init_from is None:
             _require(self.data.tokenizer_vocab_size <= self.model.vocab_size,
                      f"data.tokenizer_vocab_size={self.data.tokenizer_vocab_size} exceeds model.vocab_size="
@@ -297,6 +304,27 @@ class RunConfig:
 TOP_LEVEL_KEYS = {"stage": str, "init_from": str | None}  # scalars beside the sections
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+# Sections a run may leave out (None): they turn a stage into something else (lora: adapters only).
+OPTIONAL_SECTIONS = ("lora",)
+
+
+def _optional_section_class(name: str):
+    """The dataclass of an optional section; imported here, not at the top: it lives beside its code."""
+    from llmjax.lora import LoraConfig
+
+    return {"lora": LoraConfig}[name]
+
+
+def _check_lora(lora, model) -> None:
+    """A ``lora`` section the stages can train (``llmjax.stages.adapters``) on this model."""
+    from llmjax.lora import sites
+
+    # The adapters are merged into the kernels inside the loss (W + s*A@B), which cannot express PEFT's
+    # dropout on the adapter's input alone (dropout(x) @ A @ B beside an undropped x @ W).
+    _require(lora.lora_dropout == 0, f"lora.lora_dropout={lora.lora_dropout} is not supported: llmjax merges the "
+                                     "adapters into the weights inside the loss, which cannot drop the adapter's "
+                                     "input alone; set lora.lora_dropout=0 (model.dropout_rate still applies)")
+    sites(model, lora)  # every target is a module of this model (LoraConfigError names the ones it has)
 
 
 def _check_batch_fits_mesh(train: TrainConfig, data_parallel_size: int | None) -> None:
@@ -340,7 +368,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     Every problem the sections show on their own is found in one pass (unknown keys first), so a user
     fixing a config sees them all at once; checks across sections follow once each section is valid.
     """
-    problems = _unknown_keys(raw, ["model", *SECTIONS, *TOP_LEVEL_KEYS], "")
+    problems = _unknown_keys(raw, ["model", *SECTIONS, *OPTIONAL_SECTIONS, *TOP_LEVEL_KEYS], "")
     top = {}
     for key, hint in TOP_LEVEL_KEYS.items():
         if key in raw:
@@ -360,6 +388,12 @@ def config_from_dict(raw: dict) -> RunConfig:
         elif name in raw or name != "model":
             try:
                 sections[name] = _build_section(name, raw.get(name, {}))
+            except ConfigError as e:
+                problems.extend(e.problems)
+    for name in OPTIONAL_SECTIONS:
+        if raw.get(name) is not None:
+            try:
+                sections[name] = _build_section(name, raw[name])
             except ConfigError as e:
                 problems.extend(e.problems)
     _raise_all(problems)
@@ -385,6 +419,9 @@ def config_to_dict(config: RunConfig) -> dict:
         out["model"] = dict(config.model)
     for name in SECTIONS:
         out[name] = _dataclass_to_dict(getattr(config, name))
+    for name in OPTIONAL_SECTIONS:
+        if getattr(config, name) is not None:
+            out[name] = _dataclass_to_dict(getattr(config, name))
     return out
 
 
@@ -473,6 +510,8 @@ def _apply_override(raw: dict, override: str) -> None:
 def _build_section(name: str, raw):
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    if name in OPTIONAL_SECTIONS:
+        return _build_dataclass(_optional_section_class(name), raw, name)
     if name != "model":
         return _build_dataclass(SECTIONS[name], raw, name)
     raw = dict(raw)

@@ -16,6 +16,10 @@ the checkpoint layout that ``llmjax.train.checkpoint`` writes::
     <step>/meta/...               model family + config, tokenizer dir, stage (JSON)
     <step>/llmjax_manifest.json   size and sha256 of every file above, written last
 
+A LoRA run's params hold one more top-level part, ``lora`` (:data:`ADAPTERS_KEY`: the adapters, at the
+targeted kernels' paths), and its metadata the LoRA config (``meta["lora"]``); reading such a checkpoint
+gives the model's params with the adapters merged in.
+
 A step is complete when its manifest exists; its files are checked against the manifest before
 they are read.
 """
@@ -37,6 +41,7 @@ from llmjax.errors import UserError
 log = logging.getLogger(__name__)
 
 MANIFEST = "llmjax_manifest.json"
+ADAPTERS_KEY = "lora"  # a LoRA run's tree: the model's params plus this top-level part (llmjax.stages.adapters)
 ITEMS = ("state", "data", "meta")  # the orbax items of one step
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")
@@ -105,6 +110,8 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     if meta.get("base"):
         # A run with a frozen base saved only what trained: lay that over the base it names.
         params = overlay_params(load_model(meta["base"]["path"], meta["base"].get("step")).params, params)
+    if meta.get("lora"):
+        params = merge_adapters(params, meta["lora"])
     tokenizer_dir = meta.get("tokenizer_dir")
     return LoadedModel(model_from_meta(meta), params, "checkpoint", checkpoint_dir, step,
                        Path(tokenizer_dir) if tokenizer_dir else None, meta)
@@ -249,6 +256,24 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
         else:
             raise ValueError(f"parameter {key!r} is both trainable and frozen")
     return merged
+
+
+def model_params(tree: dict) -> dict:
+    """The model's own params of a LoRA run's tree (the adapters left out)."""
+    return {key: value for key, value in tree.items() if key != ADAPTERS_KEY}
+
+
+def merge_adapters(tree: dict, lora_meta: dict) -> dict:
+    """A LoRA run's params (model params plus ``ADAPTERS_KEY``) and its recorded LoRA config -> the model's
+    params with the adapters merged in, as host numpy arrays."""
+    from llmjax import lora
+
+    if ADAPTERS_KEY not in tree:
+        raise CheckpointCorruptError(f"checkpoint metadata records a LoRA config but its params have no "
+                                     f"{ADAPTERS_KEY!r} part")
+    cfg = lora.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora_meta.items()})
+    merged = lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg)
+    return jax.tree_util.tree_map(np.asarray, merged)
 
 
 def overlay_params(base: dict, top: dict) -> dict:

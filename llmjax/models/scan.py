@@ -143,12 +143,14 @@ STACKS = ("layers", "encoder/layers", "decoder/layers")
 def stack_of(path) -> str | None:
     """The entry of :data:`STACKS` holding the leaf at ``path`` (a jax key path), or None if not in a stack.
 
-    Leaves of a stack have a leading layer axis.
+    Leaves of a stack have a leading layer axis. A tree that nests the model's params under a part of its
+    own (a LoRA run's adapters, ``lora/encoder/layers/...``) names the same stack.
     """
     keys = [str(getattr(key, "key", key)) for key in path]
     if "layers" not in keys:
         return None
-    return "/".join(keys[: keys.index("layers") + 1])
+    index = keys.index("layers")
+    return "/".join(keys[index - 1: index + 1]) if index and keys[index - 1] in ("encoder", "decoder") else "layers"
 
 
 def cache_batch_axis(config) -> int:

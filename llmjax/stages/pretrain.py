@@ -6,6 +6,7 @@ The stage is data + loss + trainable filter + init source; the shared loop does 
              (``DataIterator``: deterministic, the same global batches on any process layout, resumable)
 * loss:      token cross-entropy (+ z-loss) of the family (``llmjax.train.lm_loss``)
 * trainable: everything, unless ``train.trainable`` / ``train.frozen`` say otherwise
+             (or, with a ``lora:`` section, LoRA adapters alone: ``llmjax.stages.adapters``)
 * init:      ``init_from`` (continued pre-training) or random from ``train.seed``
 
 Tokenizer: ``data.tokenizer`` (a ``spiece.model`` file or a directory holding one), or, when
@@ -28,6 +29,7 @@ from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, TextSo
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
 from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
+from llmjax.stages.adapters import with_run_adapters
 from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import Stage, train
@@ -85,7 +87,7 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     if eval_source is not None:
         eval_data = lambda: iterator(eval_source, shuffle=False, num_epochs=1)  # noqa: E731
 
-    return Stage(
+    return with_run_adapters(config, Stage(
         name="pretrain",
         model=model,
         loss_fn=lm_loss_fn(model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
@@ -95,7 +97,7 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
         base=base_of(loaded),
         tokenizer=tokenizer,
         meta={"tokenizer_dir": str(tokenizer_dir)},
-    )
+    ))
 
 
 # -- data ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ The stage is data + loss + trainable filter + init source; the shared loop does 
              segment ids when ``data.packing``
 * loss:      token cross-entropy (+ z-loss) of the family on the response tokens only
 * trainable: everything (full fine-tuning), unless ``train.trainable`` / ``train.frozen`` say otherwise
+             (or, with a ``lora:`` section, LoRA adapters alone: ``llmjax.stages.adapters``)
 * init:      ``init_from`` (Hugging Face dir, llmjax checkpoint or run dir); None: random from ``train.seed``
 * eval hook: every ``train.rouge_every_steps`` steps, greedy generations (as many new tokens as a
              training row leaves a response: ``generation_budget``) for the first ``train.rouge_examples`` validation examples, scored with
@@ -29,6 +30,7 @@ from llmjax.config import ConfigError, RunConfig, dump_config
 from llmjax.data.instruction_pipeline import build_tasks, instruction_batches, mixed_source
 from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
+from llmjax.stages.adapters import with_run_adapters
 from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.stages.pretrain import check_vocab
 from llmjax.train.lm_loss import lm_loss_fn
@@ -81,7 +83,7 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     output_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         dump_config(config, output_dir / "config.yaml")
-    return Stage(
+    return with_run_adapters(config, Stage(
         name="sft",
         model=model,
         loss_fn=lm_loss_fn(model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
@@ -94,7 +96,7 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
         eval_hook_split="generate",
         tokenizer=tokenizer,
         meta={"tokenizer_dir": str(tokenizer_dir)},
-    )
+    ))
 
 
 def rouge_sample(config: RunConfig) -> tuple[list[str], list[str]]:

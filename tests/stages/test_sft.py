@@ -177,9 +177,10 @@ def test_step0_loss_from_a_transformers_dir_equals_transformers(pretrained, tmp_
     assert abs(ours - theirs) <= 1e-4, (ours, theirs)
 
 
-@pytest.mark.slow
-def test_sigkill_during_sft_then_resume_equals_uninterrupted(pretrained, tmp_path):
-    """Frozen embeddings (checkpoints without the base), killed after a random checkpoint, resumed: bitwise."""
+def kill_and_resume(tmp_path, overrides, steps: int = 24, every: int = 2, config=SFT_CONFIG) -> int:
+    """``llmjax train`` in two processes: ``tmp_path/whole`` runs ``steps`` steps uninterrupted,
+    ``tmp_path/killed`` is SIGKILLed after a random checkpoint (every ``every`` steps, async saves) and
+    resumed to the end. Returns the step it was killed after; asserts both finished and the resume resumed."""
     import os
     import random
     import subprocess
@@ -187,14 +188,11 @@ def test_sigkill_during_sft_then_resume_equals_uninterrupted(pretrained, tmp_pat
 
     from tests.train.test_loop import _wait_until
 
-    steps, every = 24, 2
-
     def cli(out):
         env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-        overrides = [*SMALL_T5, *SFT_QUICK, f"init_from={pretrained}", f"train.output_dir={out}", f"train.steps={steps}",
-                     f"checkpoint.every_steps={every}", "checkpoint.async_save=true", FROZEN_EMBEDDINGS,
-                     "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
-        return subprocess.Popen([sys.executable, "-m", "llmjax.cli", "train", "--config", str(SFT_CONFIG), *overrides],
+        args = [*overrides, f"train.output_dir={out}", f"train.steps={steps}", f"checkpoint.every_steps={every}",
+                "checkpoint.async_save=true", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+        return subprocess.Popen([sys.executable, "-m", "llmjax.cli", "train", "--config", str(config), *args],
                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     whole, killed = cli(tmp_path / "whole"), cli(tmp_path / "killed")
@@ -209,6 +207,13 @@ def test_sigkill_during_sft_then_resume_equals_uninterrupted(pretrained, tmp_pat
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output
     assert "resumed from step" in output, output
+    return kill_after
+
+
+@pytest.mark.slow
+def test_sigkill_during_sft_then_resume_equals_uninterrupted(pretrained, tmp_path):
+    """Frozen embeddings (checkpoints without the base), killed after a random checkpoint, resumed: bitwise."""
+    kill_after = kill_and_resume(tmp_path, [*SMALL_T5, *SFT_QUICK, f"init_from={pretrained}", FROZEN_EMBEDDINGS])
     a = load_model(tmp_path / "whole" / "checkpoints").params
     b = load_model(tmp_path / "killed" / "checkpoints").params
     assert _bitwise_equal(a, b), f"killed after checkpoint {kill_after}"

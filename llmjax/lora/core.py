@@ -1,0 +1,223 @@
+"""LoRA as parameter-pytree surgery: the config, where adapters go, their init, merge and unmerge.
+
+The base model's code is untouched. Adapters are a separate nested dict with the same nesting as the
+params down to each targeted ``Dense`` module, whose ``kernel`` ``[in, out]`` (``[L, in, out]`` in a
+scanned stack) is shadowed by ``lora_A [in, r]`` and ``lora_B [r, out]`` (``[L, in, r]`` / ``[L, r, out]``),
+both fp32. The adapted kernel is ``kernel + scale * A @ B`` with ``scale = lora_alpha / r``.
+
+Targets are named as in Hugging Face PEFT, by the last component of the Hugging Face module name
+(``q``, ``v``, ``wi_0`` for T5; ``q_proj``, ``gate_proj`` for LLaMA), and PEFT matches a name
+wherever it occurs: ``q`` on T5 adapts the encoder's and the decoder's self-attention and the
+decoder's cross-attention (``EncDecAttention.q``). Which llmjax kernel is which module comes from
+the family's Hugging Face table (:mod:`llmjax.hf`), the one place that knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax import hf
+from llmjax.errors import InputError
+
+LORA_A, LORA_B = "lora_A", "lora_B"
+# The module names each family can adapt: every projection kernel inside a layer.
+FAMILY_TARGETS = {
+    "T5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+_LAYER_KEY = re.compile(r"layers_(\d+)")
+
+Path = tuple[str, ...]
+
+
+class LoraConfigError(InputError):
+    """A LoRA setting (``r``, ``lora_alpha``, ``target_modules``, ...) that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters, PEFT's names and meaning.
+
+    r: rank of the update (> 0). lora_alpha: the update is scaled by ``lora_alpha / r``.
+    lora_dropout: dropout on the adapter's input while training, in [0, 1).
+    target_modules: Hugging Face module names to adapt, e.g. ``("q", "v")`` (T5) or ``("q_proj", "v_proj")``.
+    """
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise LoraConfigError(f"lora r={self.r!r} must be a positive integer (the rank, e.g. 8)")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise LoraConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number (e.g. 2 * r)")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise LoraConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        targets = tuple(dict.fromkeys(targets))  # a list from YAML/JSON -> tuple, repeats dropped
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise LoraConfigError(
+                f"lora target_modules={self.target_modules!r} must be a non-empty list of module names, e.g. "
+                f"{list(FAMILY_TARGETS['T5'][:1] + FAMILY_TARGETS['T5'][2:3])} (T5) or ['q_proj', 'v_proj'] (LLaMA)"
+            )
+        known = {name for names in FAMILY_TARGETS.values() for name in names}
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            listed = "; ".join(f"{family}: {list(names)}" for family, names in FAMILY_TARGETS.items())
+            raise LoraConfigError(f"lora target_modules {unknown} are not module names llmjax can adapt ({listed})")
+        object.__setattr__(self, "target_modules", targets)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One adapted kernel: its path in the model's layout and the HF module of each layer it holds.
+
+    path: keys to the Dense module (without ``kernel``) in the model's param tree, scanned or not.
+    hf_modules: one HF module name (``encoder.block.3.layer.0.SelfAttention.q``) per layer, in layer
+      order: one for an unscanned kernel, L for a scanned stack.
+    unscanned: the unscanned module path of each of those layers (``.../layers_3/self_attention/q``).
+    """
+
+    path: Path
+    hf_modules: tuple[str, ...]
+    unscanned: tuple[Path, ...]
+
+    @property
+    def stacked(self) -> bool:
+        return any(key == "layers" for key in self.path)
+
+
+def sites(config, cfg: LoraConfig) -> list[Site]:
+    """The kernels ``cfg`` adapts in the model of ``config`` (scanned layout when ``config.scan_layers``).
+
+    Raises :class:`LoraConfigError` for a target this model does not have, listing the ones it has.
+    """
+    weights = hf.weight_map(config)
+    by_target: dict[str, list] = {}
+    for row in weights.rows:
+        if row.path[-1] == "kernel" and any(_LAYER_KEY.fullmatch(key) for key in row.path):
+            module = row.hf_name.rsplit(".", 1)[0]
+            by_target.setdefault(module.rsplit(".", 1)[1], []).append((module, row.path[:-1]))
+    missing = [t for t in cfg.target_modules if t not in by_target]
+    if missing:
+        raise LoraConfigError(
+            f"lora target_modules {missing} are not modules of this {weights.family} model; its modules are "
+            f"{sorted(by_target, key=list(FAMILY_TARGETS[weights.family]).index)}"
+        )
+    grouped: dict[Path, list] = {}
+    for target in cfg.target_modules:
+        for module, path in by_target[target]:
+            key = tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in path) if config.scan_layers else path
+            layer = next(int(_LAYER_KEY.fullmatch(k).group(1)) for k in path if _LAYER_KEY.fullmatch(k))
+            grouped.setdefault(key, []).append((layer, module, path))
+    return [Site(path, tuple(m for _, m, _ in sorted(group)), tuple(p for _, _, p in sorted(group)))
+            for path, group in grouped.items()]
+
+
+def _get(tree: Mapping, path: Path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: Path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _replace(tree: Mapping, path: Path, value) -> dict:
+    """A copy of ``tree`` with fresh dicts along ``path`` and ``value`` at its end (the rest shared)."""
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = _replace(tree[path[0]], path[1:], value)
+    return out
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def _value(x):
+    return x.value if _is_box(x) else x
+
+
+def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
+    """Fresh adapters for ``model`` (``[in, r]`` A random, ``[r, out]`` B zeros, fp32): step 0 equals the base.
+
+    ``params``: the model's params (plain arrays, ``ShapeDtypeStruct``s, or ``nn.Partitioned`` boxes as
+    ``model.init`` returns them); only their kernels' shapes and boxes are read. With boxes, A is boxed
+    with the kernel's axes ``(..., in_axis, None)`` and B with ``(..., None, out_axis)``, so the adapters
+    shard like their kernels. A is drawn like PEFT's ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in
+    ``±1/sqrt(in)``, one key per HF module (so a scanned and an unscanned model get the same adapters).
+    Pure: works under ``jit`` and ``eval_shape``.
+    """
+    adapters: dict = {}
+    targets = sites(model.config, cfg)
+    index = {module: i for i, module in enumerate(sorted(m for site in targets for m in site.hf_modules))}
+    for site in targets:
+        kernel = _get(params, site.path + ("kernel",))
+        shape = _value(kernel).shape
+        fan_in, fan_out = shape[-2], shape[-1]
+        bound = 1.0 / math.sqrt(fan_in)
+        draws = [jax.random.uniform(jax.random.fold_in(key, index[m]), (fan_in, cfg.r), jnp.float32,
+                                    -bound, bound) for m in site.hf_modules]
+        a = jnp.stack(draws) if site.stacked else draws[0]
+        b = jnp.zeros(shape[:-2] + (cfg.r, fan_out), jnp.float32)
+        if _is_box(kernel):
+            names = kernel.names
+            a = kernel.replace(value=a, names=names[:-1] + (None,))
+            b = kernel.replace(value=b, names=names[:-2] + (None, names[-1]))
+        _set(adapters, site.path, {LORA_A: a, LORA_B: b})
+    return adapters
+
+
+def delta(adapters_at_site: Mapping, scale: float) -> jax.Array:
+    """``scale * A @ B``: ``[in, out]``, or ``[L, in, out]`` for a stack (fp32)."""
+    a, b = _value(adapters_at_site[LORA_A]), _value(adapters_at_site[LORA_B])
+    return scale * jnp.einsum("...ir,...ro->...io", a, b, preferred_element_type=jnp.float32)
+
+
+def _adapted_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
+    """Paths of the module dicts holding ``lora_A``/``lora_B`` in an adapters tree."""
+    if LORA_A in adapters or LORA_B in adapters:
+        return [prefix]
+    return [p for key, sub in adapters.items() for p in _adapted_paths(sub, prefix + (key,))]
+
+
+def _shift(params, adapters, cfg: LoraConfig, sign: float):
+    out = params
+    for path in _adapted_paths(adapters):
+        kernel = _get(params, path + ("kernel",))
+        value = _value(kernel)
+        moved = (value.astype(jnp.float32) + sign * delta(_get(adapters, path), cfg.scale)).astype(value.dtype)
+        out = _replace(out, path + ("kernel",), kernel.replace_boxed(moved) if _is_box(kernel) else moved)
+    return out
+
+
+def merge(params, adapters, cfg: LoraConfig):
+    """Params with each adapted kernel replaced by ``kernel + scale * A @ B`` (in the kernel's dtype).
+
+    Pure and jittable; untouched leaves are shared, not copied. Works on either layout (the adapters
+    must come from the same one).
+    """
+    return _shift(params, adapters, cfg, 1.0)
+
+
+def unmerge(merged, adapters, cfg: LoraConfig):
+    """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding)."""
+    return _shift(merged, adapters, cfg, -1.0)

@@ -1,0 +1,149 @@
+"""A stage with a ``lora:`` section (``llmjax.stages.adapters``): only adapters train and are checkpointed,
+step 0 is the base, a killed run resumes bitwise, a changed base is refused, and the export is a merged
+Hugging Face dir that transformers loads plus a PEFT adapter dir that peft applies with the same logits."""
+
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from llmjax import hf, lora
+from llmjax.config import ConfigError, load_config
+from llmjax.loading import load_model, open_manager, read_checkpoint_params
+from llmjax.stages import run_stage, stage_module
+from llmjax.stages.adapters import ADAPTER_SUBDIR
+from llmjax.train.loop import BaseChangedError
+from tests.stages.test_sft import SFT_CONFIG, SFT_QUICK, SMALL_T5, _bitwise_equal, _metrics, _sft, kill_and_resume
+from tests.stages.test_sft import pretrained  # noqa: F401 (a fixture)
+
+LORA = ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v]"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def base_dir(pretrained, tmp_path_factory):  # noqa: F811
+    """The pre-trained small T5 as a Hugging Face directory with its tokenizer (what peft applies adapters to)."""
+    out = tmp_path_factory.mktemp("base") / "hf"
+    loaded = load_model(pretrained)
+    hf.save_pretrained(loaded.model, loaded.params, out)
+    shutil.copy(Path(loaded.tokenizer_dir) / "spiece.model", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_dir, tmp_path_factory):
+    """A 4-step LoRA SFT run from ``base_dir`` with its export: ``(run dir, summary)``."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    summary = run_stage(_sft(base_dir, out, *LORA, f"train.steps={STEPS}", "optim.learning_rate=1e-2",
+                             "train.export_hf=hf"), progress=False)
+    return out, summary
+
+
+def _paths(tree) -> list[str]:
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_lora_run_trains_and_checkpoints_adapters_only_and_loss_falls(base_dir, lora_run):
+    out, summary = lora_run
+    assert summary["step"] == STEPS
+    losses = [r["loss"] for r in _metrics(out) if r["split"] == "train"]
+    assert len(losses) == STEPS and losses[-1] < losses[0], losses
+
+    # The checkpoint: adapter params and their optimizer state, no base weights, the base's path and hash.
+    manager = open_manager(out / "checkpoints", read_only=True)
+    saved = manager.item_metadata(STEPS)["state"]
+    meta = manager.restore(STEPS, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    assert not saved.get("frozen_params")
+    assert set(saved["params"]) == {"lora"}
+    adapter_paths = _paths(saved["params"])
+    assert adapter_paths and all(p.endswith(("/lora_A", "/lora_B")) for p in adapter_paths)
+    assert {p.split("/")[-2] for p in adapter_paths} == {"q", "v"}
+    adapter_sizes = sorted(int(np.prod(m.shape)) for m in jax.tree_util.tree_leaves(saved["params"]))
+    moments = sorted(int(np.prod(m.shape)) for m in jax.tree_util.tree_leaves(saved["opt_state"]) if m.shape)
+    assert moments == sorted(adapter_sizes * 2)  # AdamW's mu and nu, for the adapters alone
+    assert meta["base"]["path"] == str(base_dir.absolute()) and meta["lora"]["r"] == 4
+
+    # The base is untouched: every leaf the adapters do not target equals the base bitwise, and the
+    # targeted kernels are the base plus scale * A @ B of the saved adapters.
+    base = load_model(base_dir).params
+    _, trained, _ = read_checkpoint_params(out / "checkpoints")
+    adapters = trained["lora"]
+    assert all(np.abs(leaf).max() > 0 for leaf in jax.tree_util.tree_leaves(adapters))  # B moved from zero
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v"))
+    merged = load_model(out / "checkpoints").params  # the loader merges a LoRA checkpoint's adapters
+    expected = jax.tree_util.tree_map(np.asarray, lora.merge(base, adapters, cfg))
+    for path, got, want, original in zip(_paths(merged), jax.tree_util.tree_leaves(merged),
+                                         jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(base)):
+        if path.split("/")[-2] in ("q", "v"):
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=path)
+            assert not np.array_equal(got, original), path
+        else:
+            np.testing.assert_array_equal(got, original, err_msg=path)
+
+
+def test_step0_loss_equals_the_base_models(base_dir, lora_run, tmp_path):
+    out, _ = lora_run
+    stage = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "full"))  # no lora: the base alone
+    _, sums = stage.loss_fn(stage.base.params, next(stage.train_data), None)
+    first = next(r for r in _metrics(out) if r["split"] == "train" and r["step"] == 1)  # the loss before step 1
+    assert abs(first["loss"] - float(sums["loss"] / sums["weights"])) <= 1e-5
+
+
+def test_resume_against_a_changed_base_is_refused(base_dir, lora_run, tmp_path):
+    out, _ = lora_run
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    loaded = load_model(base_dir)
+    changed = jax.tree_util.tree_map(np.copy, loaded.params)
+    changed["shared"]["embedding"][0, 0] += 1.0
+    hf.save_pretrained(loaded.model, changed, tmp_path / "changed")
+    shutil.copy(base_dir / "spiece.model", tmp_path / "changed")
+    with pytest.raises(BaseChangedError, match=f"base model changed: checkpoint step {STEPS} .* trained from {base_dir}"):
+        run_stage(_sft(tmp_path / "changed", tmp_path / "run", *LORA, f"train.steps={STEPS + 2}",
+                       f"checkpoint.dir={tmp_path / 'checkpoints'}"), progress=False)
+
+
+def test_export_is_a_merged_transformers_dir_and_a_peft_adapter_with_its_logits(base_dir, lora_run):
+    import peft
+    import torch
+    import transformers
+
+    _, summary = lora_run
+    export = Path(summary["export"])
+    merged = transformers.T5ForConditionalGeneration.from_pretrained(export).eval()
+    with_adapter = peft.PeftModel.from_pretrained(
+        transformers.T5ForConditionalGeneration.from_pretrained(base_dir), export / ADAPTER_SUBDIR).eval()
+    plain = transformers.T5ForConditionalGeneration.from_pretrained(base_dir).eval()
+    ids = torch.tensor([[5, 17, 42, 9, 1], [33, 8, 120, 1, 0]])
+    inputs = dict(input_ids=ids, attention_mask=(ids != 0).long(), decoder_input_ids=torch.tensor([[0, 7, 11], [0, 3, 4]]))
+    with torch.no_grad():
+        a, b, c = (m(**inputs).logits.numpy() for m in (merged, with_adapter, plain))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.abs(a - c).max() > 1e-3  # the adapters changed the model
+
+
+@pytest.mark.slow
+def test_sigkill_during_lora_training_then_resume_gives_bitwise_equal_adapters(base_dir, tmp_path):
+    kill_after = kill_and_resume(tmp_path, [*SMALL_T5, *SFT_QUICK, *LORA, f"init_from={base_dir}"], steps=16)
+    (_, a, _), (_, b, _) = (read_checkpoint_params(tmp_path / run / "checkpoints") for run in ("whole", "killed"))
+    assert set(a) == set(b) == {"lora"}  # the checkpoints hold the adapters and no base weights
+    assert _bitwise_equal(a, b), f"killed after checkpoint {kill_after}"
+
+
+def test_lora_config_errors(base_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora.rank' \(did you mean 'lora.r'\?\)"):
+        load_config(SFT_CONFIG, ["lora.rank=4", "lora.lora_alpha=8", "lora.target_modules=[q]"])
+    with pytest.raises(ConfigError, match="lora.lora_dropout=0.1 is not supported: llmjax merges the adapters"):
+        load_config(SFT_CONFIG, [*LORA, "lora.lora_dropout=0.1"])
+    with pytest.raises(ConfigError, match="lora: trains the adapters only, so train.trainable/train.frozen do not"):
+        load_config(SFT_CONFIG, [*LORA, "train.frozen=[shared]"])
+    with pytest.raises(lora.LoraConfigError, match=r"target_modules \['q_proj'\] are not modules of this T5 model"):
+        stage_module("sft").build_stage(_sft(base_dir, tmp_path / "run", "lora.r=4", "lora.lora_alpha=8",
+                                             "lora.target_modules=[q_proj]"))
+    assert not (tmp_path / "run").exists()  # refused before the run wrote anything
+    assert load_config(SFT_CONFIG).lora is None  # no section: no LoRA
+    shipped = load_config(SFT_CONFIG.parent / "sft_t5_tiny_lora.yaml")
+    assert shipped.lora == lora.LoraConfig(r=8, lora_alpha=32, target_modules=("q", "v")) and shipped.stage == "sft"

@@ -1,0 +1,198 @@
+"""LoRA core: config validation, where adapters go, init, merge/unmerge, and the trainable count.
+
+The reference for "base + adapters" is an independent forward: every targeted ``Dense`` call is
+intercepted and computed factored, ``x @ W + scale * (x @ A) @ B``, on the unscanned model; merging
+``W + scale * A @ B`` into the params must give the same logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import lora
+from llmjax.model_config import DecoderConfig, T5Config
+from llmjax.models import build_model, dummy_inputs, init_params, stack_layers
+from llmjax.models.layers import Dense
+from llmjax.train.state import count_params
+
+TINY_T5 = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+TINY_LLAMA = DecoderConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+T5_TARGETS = ("q", "v", "wi_0", "wo")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _tiny(family: str, scan: bool):
+    config = TINY_T5 if family == "t5" else TINY_LLAMA
+    return build_model(dataclasses.replace(config, scan_layers=scan))
+
+
+def _inputs(model, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(2, 64, size=(2, 7)), jnp.int32)
+    if isinstance(model.config, T5Config):
+        return (ids, jnp.asarray(rng.integers(2, 64, size=(2, 5)), jnp.int32))
+    return (ids,)
+
+
+def _logits(model, params, inputs):
+    return np.asarray(model.apply({"params": params}, *inputs))
+
+
+def _random_b(adapters, seed: int):
+    """Adapters with B drawn too (a fresh B is zero, which would hide a wrong merge)."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(adapters)
+    rng = np.random.default_rng(seed)
+    drawn = [jnp.asarray(rng.normal(0, 0.3, leaf.shape), jnp.float32) if path[-1].key == lora.LORA_B else leaf
+             for path, leaf in leaves]
+    return jax.tree_util.tree_unflatten(tree, drawn)
+
+
+def _factored_logits(model, params, adapters, cfg, inputs):
+    """Logits of the unscanned model with each targeted Dense computed as ``x W + s (x A) B``."""
+    def interceptor(next_fun, args, kwargs, context):
+        if not isinstance(context.module, Dense) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        node = adapters
+        for key in context.module.path:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        y = next_fun(*args, **kwargs)
+        if lora.LORA_A not in node:
+            return y
+        (x,) = args
+        return y + cfg.scale * (x @ node[lora.LORA_A]) @ node[lora.LORA_B]
+
+    with nn.intercept_methods(interceptor):
+        return _logits(model, params, inputs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoraConfig
+
+
+def test_config_scale_and_list_targets():
+    cfg = lora.LoraConfig(r=8, lora_alpha=32, target_modules=["q", "v", "q"])
+    assert cfg.scale == 4.0 and cfg.target_modules == ("q", "v") and cfg.lora_dropout == 0.0
+    hash(cfg)  # frozen: usable as a static jit argument
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=0, lora_alpha=8, target_modules=("q",)), "positive integer"),
+    (dict(r=4.5, lora_alpha=8, target_modules=("q",)), "positive integer"),
+    (dict(r=4, lora_alpha=0, target_modules=("q",)), "lora_alpha"),
+    (dict(r=4, lora_alpha=8, lora_dropout=1.0, target_modules=("q",)), "lora_dropout"),
+    (dict(r=4, lora_alpha=8, target_modules=()), "non-empty"),
+    (dict(r=4, lora_alpha=8, target_modules=("query",)), r"\['query'\].*q_proj"),
+])
+def test_config_rejects(kwargs, match):
+    with pytest.raises(lora.LoraConfigError, match=match):
+        lora.LoraConfig(**kwargs)
+
+
+def test_target_of_the_other_family_names_the_model_modules():
+    with pytest.raises(lora.LoraConfigError, match=r"\['q_proj'\] are not modules of this T5 model.*'wi_0'"):
+        lora.init(_tiny("t5", False), None, lora.LoraConfig(4, 8, target_modules=("q", "q_proj")), jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout, init, merge
+
+
+def test_sites_follow_peft_suffix_matching():
+    """``q`` adapts self- and cross-attention queries of both stacks (what PEFT's suffix match does)."""
+    modules = [m for site in lora.sites(TINY_T5, lora.LoraConfig(4, 8, target_modules=("q",))) for m in site.hf_modules]
+    assert sorted(modules) == sorted(
+        [f"encoder.block.{i}.layer.0.SelfAttention.q" for i in range(2)]
+        + [f"decoder.block.{i}.layer.0.SelfAttention.q" for i in range(3)]
+        + [f"decoder.block.{i}.layer.1.EncDecAttention.q" for i in range(3)])
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_init_layout_and_scanned_equals_stacked_unscanned(family):
+    cfg = lora.LoraConfig(r=3, lora_alpha=6, target_modules=T5_TARGETS if family == "t5" else LLAMA_TARGETS)
+    flat, scanned = _tiny(family, False), _tiny(family, True)
+    params = init_params(flat, jax.random.key(0))
+    adapters = lora.init(flat, params, cfg, jax.random.key(1))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
+        keys = tuple(k.key for k in path)
+        kernel = params
+        for key in keys[:-1] + ("kernel",):
+            kernel = kernel[key]
+        assert leaf.dtype == jnp.float32
+        want = (kernel.shape[0], 3) if keys[-1] == lora.LORA_A else (3, kernel.shape[1])
+        assert leaf.shape == want, keys
+        if keys[-1] == lora.LORA_A:  # PEFT's kaiming-uniform(a=sqrt(5)): U(+-1/sqrt(in))
+            bound = 1 / np.sqrt(kernel.shape[0])
+            assert 0.5 * bound < np.abs(leaf).max() <= bound
+        else:
+            assert not np.any(leaf)
+    stacked = lora.init(scanned, init_params(scanned, jax.random.key(0)), cfg, jax.random.key(1))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, stacked, stack_layers(adapters, flat.config))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_boxed_params_give_boxed_adapters_with_kernel_axes(scan):
+    model = _tiny("t5", scan)
+    boxed = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.key(0))["params"]
+    adapters = jax.eval_shape(lambda k: lora.init(model, boxed, lora.LoraConfig(2, 4, target_modules=("v", "wo")), k),
+                              jax.random.key(1))
+    specs = nn.get_partition_spec(adapters)
+    site = specs["decoder"]["layers" if scan else "layers_1"]
+    lead = ("layers",) if scan else ()
+    assert tuple(site["self_attention"]["v"]["lora_A"]) == lead + ("embed", None)
+    assert tuple(site["self_attention"]["v"]["lora_B"]) == lead + (None, "kv_heads")
+    assert tuple(site["mlp"]["wo"]["lora_A"]) == lead + ("mlp", None)
+    assert tuple(site["mlp"]["wo"]["lora_B"]) == lead + (None, "embed")
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_step0_merge_unmerge(family):
+    """Fresh adapters leave the logits unchanged; merged == factored forward; unmerge restores the base."""
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=T5_TARGETS if family == "t5" else LLAMA_TARGETS)
+    model = _tiny(family, False)
+    params = init_params(model, jax.random.key(0))
+    inputs = _inputs(model)
+    base = _logits(model, params, inputs)
+    fresh = lora.init(model, params, cfg, jax.random.key(1))
+    np.testing.assert_array_equal(_logits(model, lora.merge(params, fresh, cfg), inputs), base)
+
+    adapters = _random_b(fresh, seed=2)
+    merged = jax.jit(lora.merge, static_argnums=2)(params, adapters, cfg)
+    merged_logits = _logits(model, merged, inputs)
+    assert np.abs(merged_logits - base).max() > 1e-2  # the adapters do change the model
+    np.testing.assert_allclose(merged_logits, _factored_logits(model, params, adapters, cfg, inputs), atol=1e-5)
+    restored = lora.unmerge(merged, adapters, cfg)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), restored, params)
+
+
+def test_merge_scanned_equals_unscanned():
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=T5_TARGETS)
+    flat, scanned = _tiny("t5", False), _tiny("t5", True)
+    params = init_params(flat, jax.random.key(0))
+    adapters = _random_b(lora.init(flat, params, cfg, jax.random.key(1)), seed=3)
+    merged = lora.merge(stack_layers(params, flat.config), stack_layers(adapters, flat.config), cfg)
+    inputs = _inputs(flat)
+    np.testing.assert_allclose(_logits(scanned, merged, inputs), _logits(flat, lora.merge(params, adapters, cfg), inputs),
+                               atol=1e-5)
+
+
+def test_trainable_count_flan_t5_base_r32_qv():
+    """r=32 on q and v of FLAN-T5-base (d_model 768, 12 + 12 layers, 12 heads x 64): the course's 3,538,944.
+
+    Hand count: encoder 12 x (q, v) + decoder 12 x (self q, v + cross q, v) = 72 kernels of 768 x 768,
+    each adding (768 + 768) x 32 = 49,152 parameters.
+    """
+    config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    model = build_model(config)
+    abstract = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(config)), jax.random.key(0))["params"]
+    adapters = jax.eval_shape(lambda k: lora.init(model, abstract, lora.LoraConfig(32, 32, target_modules=("q", "v")), k),
+                              jax.random.key(1))
+    assert count_params(nn.meta.unbox(adapters)) == 72 * (768 + 768) * 32 == 3_538_944
