@@ -17,65 +17,26 @@ semantics are Hugging Face PEFT's ``PROMPT_TUNING`` (``peft.PromptTuningConfig``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
-from typing import Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.errors import UserError
+from llmjax.adapter_configs import INITS, PromptTuningConfig, PromptTuningError  # noqa: F401 (re-exported)
 from llmjax.hf.io import read_adapter_dir, write_adapter_dir
 from llmjax.models import model_family
 
 PEFT_TYPE = "PROMPT_TUNING"
 WEIGHTS_KEY = "prompt_embeddings"
-INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
-
-
-class PromptTuningError(UserError, ValueError):
-    """A prompt-tuning config, soft prompt or adapter directory llmjax cannot use (what is wrong, how to fix)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptTuningConfig:
-    """PEFT's ``PromptTuningConfig`` fields that matter here (the run config's ``prompt_tuning:`` section).
-
-    num_virtual_tokens:      ``n``, rows of the soft prompt
-    prompt_tuning_init:      ``RANDOM`` (N(0, 1)), ``SAMPLE_VOCAB`` (embeddings of random tokens) or
-                             ``TEXT`` (embeddings of ``prompt_tuning_init_text``'s tokens)
-    prompt_tuning_init_text: the text of ``TEXT``
-    tokenizer_name_or_path:  the tokenizer of ``TEXT`` when ``init`` is given none (a stage fills in its
-                             own); PEFT refuses to load a ``TEXT`` config without one
-    """
-
-    num_virtual_tokens: int
-    prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TEXT"] = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-
-    def __post_init__(self):
-        n = self.num_virtual_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise PromptTuningError(f"prompt_tuning.num_virtual_tokens must be an integer >= 1, got {n!r}")
-        if self.prompt_tuning_init not in INITS:
-            raise PromptTuningError(f"prompt_tuning.prompt_tuning_init={self.prompt_tuning_init!r} is unknown; "
-                                    f"use one of {list(INITS)}")
-        text = self.prompt_tuning_init_text
-        if self.prompt_tuning_init == "TEXT" and not (isinstance(text, str) and text.strip()):
-            raise PromptTuningError("prompt_tuning.prompt_tuning_init=TEXT needs prompt_tuning.prompt_tuning_init_text "
-                                    "(the words whose embeddings start the prompt)")
-        if self.prompt_tuning_init != "TEXT" and text is not None:
-            raise PromptTuningError(f"prompt_tuning.prompt_tuning_init_text is only read with prompt_tuning_init=TEXT "
-                                    f"(got {self.prompt_tuning_init}); set the init to TEXT or drop the text")
 
 
 def init(model, params: dict, cfg: PromptTuningConfig, key: jax.Array, tokenizer=None) -> jax.Array:
     """A fresh soft prompt, fp32 ``[num_virtual_tokens, d_model]`` (PEFT's inits, see the module docstring).
 
-    ``params``: the model's plain params (the vocabulary embedding is read for ``SAMPLE_VOCAB``/``TEXT``);
+    ``params``: the model's params, plain or boxed (the vocabulary embedding is read for ``SAMPLE_VOCAB``/``TEXT``);
     ``tokenizer``: an ``llmjax.data.tokenizer.Tokenizer`` for ``TEXT`` (default: ``cfg.tokenizer_name_or_path``).
     Traceable: the text is tokenized on the host, so this runs under ``jit`` with traced params.
     """
@@ -86,6 +47,8 @@ def init(model, params: dict, cfg: PromptTuningConfig, key: jax.Array, tokenizer
     embedding = params
     for name in family.embedding_path:
         embedding = embedding[name]
+    if isinstance(embedding, nn.Partitioned):  # a stage's boxed tree (the value, no sharding constraint)
+        embedding = embedding.value
     vocab = embedding.shape[0]
     if cfg.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = jax.random.randint(key, (n,), 0, vocab)
