@@ -266,3 +266,5 @@ def test_bad_configs_prompts_and_dirs_are_refused(tmp_path):
     loaded = load_config(sft, ["prompt_tuning.num_virtual_tokens=4", "prompt_tuning.prompt_tuning_init=SAMPLE_VOCAB",
                                "data.packing=false"])
     assert loaded.prompt_tuning == PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB")
+    shipped = load_config(CONFIGS_DIR / "sft_t5_tiny_prompt_tuning.yaml")
+    assert shipped.prompt_tuning.prompt_tuning_init == "TEXT" and shipped.stage == "sft" and not shipped.data.packing
