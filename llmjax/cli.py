@@ -53,6 +53,15 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_lora_merge(args) -> int:
+    from llmjax.loading import TOKENIZER_FILES
+    from llmjax.lora import merge_into_hf_dir
+
+    out = merge_into_hf_dir(args.base, args.adapter, args.out, copy_files=TOKENIZER_FILES)
+    print(f"wrote {args.base} with adapter {args.adapter} merged to {out}")
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from llmjax.data.sources import file_source
     from llmjax.data.tokenizer import train_tokenizer
@@ -89,7 +98,7 @@ def cmd_lab_summarize(args) -> int:
 
 def cmd_generate(args) -> int:
     from llmjax.evaluate import build_prompts, default_max_input_tokens, generate_texts, load_examples, \
-        load_model_for_inference, shot_pool_for
+        load_model_for_inference, shot_pool_for, with_adapters
 
     model, params, tokenizer = load_model_for_inference(args.model)
     config = _generation_config(args)
@@ -110,39 +119,48 @@ def cmd_generate(args) -> int:
         budget = args.max_input_tokens or default_max_input_tokens(model, config)
         prompts, _ = build_prompts(model, tokenizer, examples, template, shots=args.shots, shot_pool=pool,
                                    shot_seed=args.shot_seed, max_input_tokens=budget)
-    outputs = generate_texts(model, params, tokenizer, prompts, generation_config=config,
-                             batch_size=args.batch_size, rng=_rng(args.seed))
-    for example, prompt, output in zip(examples, prompts, outputs):
-        print(f"--- {example['id']} ---")
-        if args.show_prompt:
-            print(f"prompt: {prompt}")
-        print(output)
-        if "summary" in example:
-            print(f"reference: {example['summary']}")
+    for adapter, _, variant in with_adapters(model, params, args.adapter):
+        if adapter is not None:
+            print(f"=== adapter {adapter} ===")
+        outputs = generate_texts(model, variant, tokenizer, prompts, generation_config=config,
+                                 batch_size=args.batch_size, rng=_rng(args.seed))
+        for example, prompt, output in zip(examples, prompts, outputs):
+            print(f"--- {example['id']} ---")
+            if args.show_prompt:
+                print(f"prompt: {prompt}")
+            print(output)
+            if "summary" in example:
+                print(f"reference: {example['summary']}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from llmjax.evaluate import compare_shots, load_examples, load_model_for_inference, scores_table, \
-        shot_pool_for, write_report
+        shot_pool_for, with_adapters, write_report
     from llmjax.generate import resolve_config
 
     model, params, tokenizer = load_model_for_inference(args.model)
     config = _generation_config(args)
     examples = load_examples(args.data, args.split, args.limit)
-    results = compare_shots(
-        model, params, tokenizer, examples, args.template, shot_counts=args.shots,
-        shot_pool=shot_pool_for(args.data, args.split), shot_seed=args.shot_seed,
-        max_input_tokens=args.max_input_tokens, generation_config=config, batch_size=args.batch_size,
-        rng=_rng(args.seed),
-    )
-    settings = {"model": str(args.model), "data": str(args.data), "split": args.split, "limit": args.limit,
-                "shot_seed": args.shot_seed, "max_input_tokens": args.max_input_tokens,
-                "batch_size": args.batch_size, "seed": args.seed,
-                "generation_config": resolve_config(model, config).to_hf()}
-    paths = write_report(args.out, examples, results, args.template, settings, args.examples_shown)
-    print(scores_table(results))
-    print(f"wrote {paths['scores']}, {paths['predictions']} and {paths['report']}")
+    for adapter, adapter_dir, variant in with_adapters(model, params, args.adapter):
+        results = compare_shots(
+            model, variant, tokenizer, examples, args.template, shot_counts=args.shots,
+            shot_pool=shot_pool_for(args.data, args.split), shot_seed=args.shot_seed,
+            max_input_tokens=args.max_input_tokens, generation_config=config, batch_size=args.batch_size,
+            rng=_rng(args.seed),
+        )
+        settings = {"model": str(args.model), "data": str(args.data), "split": args.split, "limit": args.limit,
+                    "shot_seed": args.shot_seed, "max_input_tokens": args.max_input_tokens,
+                    "batch_size": args.batch_size, "seed": args.seed,
+                    "generation_config": resolve_config(model, config).to_hf()}
+        out = args.out
+        if adapter is not None:
+            settings["adapter"] = str(adapter_dir)
+            print(f"=== adapter {adapter} ===")
+            out = args.out if len(args.adapter) == 1 else args.out / adapter  # several: one report each
+        paths = write_report(out, examples, results, args.template, settings, args.examples_shown)
+        print(scores_table(results))
+        print(f"wrote {paths['scores']}, {paths['predictions']} and {paths['report']}")
     return 0
 
 
@@ -230,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     p.set_defaults(func=cmd_import)
 
+    lora = sub.add_parser("lora", help="LoRA adapters (Hugging Face PEFT format)").add_subparsers(
+        dest="lora_command", metavar="ACTION")
+    p = lora.add_parser("merge", help="merge a PEFT LoRA adapter into its Hugging Face base model")
+    p.add_argument("--base", required=True, type=Path, help="Hugging Face base model directory")
+    p.add_argument("--adapter", required=True, type=Path, help="PEFT adapter directory (adapter_config.json + "
+                                                                "adapter_model.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="new Hugging Face directory for the merged model "
+                                                            "(tokenizer files copied from --base)")
+    p.set_defaults(func=cmd_lora_merge)
+
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", metavar="ACTION")
     p = tok.add_parser("train", help="train a SentencePiece tokenizer with T5 conventions")
     p.add_argument("--input", nargs="+", required=True, type=Path, help="text or JSONL ({'text': ...}) files")
@@ -272,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="solved examples before each prompt (needs a template)")
     p.add_argument("--shot-seed", type=int, default=0, help="seed choosing the shots")
     p.add_argument("--show-prompt", action="store_true", help="print each full prompt before its output")
+    p.add_argument("--adapter", action="append", type=Path, default=[], metavar="DIR",
+                   help="PEFT LoRA adapter directory merged into the model; repeat it to run each adapter in turn "
+                        "on the model loaded once (outputs under '=== adapter NAME ===')")
     _add_decoding_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -285,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shot-seed", type=int, default=0, help="seed choosing the shots")
     p.add_argument("--out", required=True, type=Path, help="directory for scores.json, predictions.jsonl, report.md")
     p.add_argument("--examples-shown", type=int, default=5, help="examples in report.md (default 5)")
+    p.add_argument("--adapter", action="append", type=Path, default=[], metavar="DIR",
+                   help="PEFT LoRA adapter directory merged into the model; repeat it to run each adapter in turn "
+                        "on the model loaded once (several: one report each in OUT/NAME)")
     _add_decoding_options(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -333,14 +333,9 @@ def _check_prompt_tuning(config: RunConfig) -> None:
 
 
 def _check_lora(lora, model) -> None:
-    """A ``lora`` section the stages can train (``llmjax.stages.adapters``) on this model."""
+    """A ``lora`` section that fits this model (``llmjax.stages.adapters`` trains it)."""
     from llmjax.lora import sites
 
-    # The adapters are merged into the kernels inside the loss (W + s*A@B), which cannot express PEFT's
-    # dropout on the adapter's input alone (dropout(x) @ A @ B beside an undropped x @ W).
-    _require(lora.lora_dropout == 0, f"lora.lora_dropout={lora.lora_dropout} is not supported: llmjax merges the "
-                                     "adapters into the weights inside the loss, which cannot drop the adapter's "
-                                     "input alone; set lora.lora_dropout=0 (model.dropout_rate still applies)")
     sites(model, lora)  # every target is a module of this model (LoraConfigError names the ones it has)
 
 

@@ -2,7 +2,8 @@
 
 - ``load_model_for_inference(path)`` -> ``(model, params, tokenizer)`` from a Hugging Face
   directory, an llmjax checkpoint directory (``checkpoint.dir`` of a run) or a run directory
-  (``train.output_dir``, holding ``checkpoints/``).
+  (``train.output_dir``, holding ``checkpoints/``); ``with_adapters(model, params, dirs)`` gives the
+  params with each PEFT LoRA adapter merged in turn, the base loaded once.
 - ``generate_texts(...)``: prompts in, texts out, in batches (left padding for decoder-only
   models, right padding for T5), each output cut at its eos and stripped of its prefix.
 - ``evaluate_dataset(...)``: zero/one/few-shot prompts from a template (``llmjax.prompts``),
@@ -56,6 +57,40 @@ def load_model_for_inference(path: str | Path):
                              "`llmjax export` and add spiece.model to the exported directory")
     tokenizer = _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
     return loaded.model, loaded.params, tokenizer
+
+
+def with_adapters(model, params, adapter_dirs: Sequence[str | Path] = ()):
+    """``(name, directory, params)`` for each PEFT LoRA adapter directory in turn: ``params`` (the base, loaded once)
+    with that adapter merged into a fresh copy of the adapted kernels, the base itself untouched (so it is
+    never reloaded). Every adapter is read and checked against the model before the first is yielded.
+    No adapters: ``(None, None, params)`` alone. Names are the directories' names, with parents as needed to
+    tell them apart (``a/adapter`` and ``b/adapter`` -> ``a_adapter``, ``b_adapter``)."""
+    if not adapter_dirs:
+        yield None, None, params
+        return
+    from llmjax import lora
+
+    names = adapter_names(adapter_dirs)
+    adapters = [lora.from_pretrained(model, path) for path in adapter_dirs]
+    for name, path, (tree, cfg) in zip(names, adapter_dirs, adapters):
+        yield name, Path(path), jax.tree_util.tree_map(np.asarray, lora.merge(params, tree, cfg))
+
+
+def adapter_names(adapter_dirs: Sequence[str | Path]) -> list[str]:
+    """Distinct names of adapter directories: each one's last path parts, as few as set it apart."""
+    paths = [Path(path).absolute().parts[1:] for path in adapter_dirs]  # without the root "/"
+    if len(set(paths)) < len(paths):
+        raise InputError(f"the same adapter directory is given twice in {[str(p) for p in adapter_dirs]}; "
+                         "give each --adapter once")
+
+    def name(parts, others, depth=1):
+        clash = any(other[-depth:] == parts[-depth:] for other in others)
+        return "_".join(parts[-depth:]) if not clash else name(parts, others, depth + 1)
+
+    names = [name(parts, paths[:i] + paths[i + 1:]) for i, parts in enumerate(paths)]
+    if len(set(names)) < len(names):  # e.g. "a_b" from a/b beside "a_b" from a_b: fall back to full paths
+        names = ["_".join(parts) for parts in paths]
+    return names
 
 
 def load_generation_config(path: str | Path) -> GenerationConfig:

@@ -16,7 +16,7 @@ from tests.hf.helpers import save_torch_model
 
 COMMANDS = [
     ["train"], ["export"], ["import"], ["tokenizer", "train"], ["data", "dialogsum"], ["data", "corpus"],
-    ["generate"], ["evaluate"],
+    ["generate"], ["evaluate"], ["lora", "merge"],
 ]
 
 

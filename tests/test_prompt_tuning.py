@@ -150,8 +150,6 @@ def test_generation_with_a_soft_prompt_decodes_what_peft_decodes(models):
     ref = _peft_greedy(_peft_model(hf_dir, peft_dir, seq2seq), ids, mask, seq2seq, 8)
     ours = np.asarray(generate(model, params, ids, mask, soft_prompt=soft_prompt, max_new_tokens=8, min_new_tokens=8))
     np.testing.assert_array_equal(ours, ref)
-    plain = np.asarray(generate(model, params, ids, mask, max_new_tokens=8, min_new_tokens=8))
-    assert not np.array_equal(plain, ours)
     if not seq2seq:
         # llmjax keeps HF's padding-free positions (cumsum of the mask, virtual tokens first), so a padded row
         # decodes exactly as the same prompt alone (peft's generate counts positions through the pads).

@@ -2,5 +2,9 @@
 Hugging Face PEFT's format (:mod:`llmjax.lora.peft_format`)."""
 
 from llmjax.lora.core import (  # noqa: F401 (the public API)
-    FAMILY_TARGETS, LORA_A, LORA_B, LoraConfig, LoraConfigError, Site, delta, init, merge, sites, unmerge,
+    COLLECTION, FAMILY_TARGETS, LORA_A, LORA_B, LoraConfig, LoraConfigError, Site, apply_factored, delta, init, merge,
+    sites, unmerge,
+)
+from llmjax.lora.peft_format import (  # noqa: F401
+    AdapterError, from_pretrained, merge_into_hf_dir, read_config, save_pretrained,
 )

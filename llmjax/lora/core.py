@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from llmjax import hf
 from llmjax.errors import InputError
+from llmjax.models.layers import Dense
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 # The module names each family can adapt: every projection kernel inside a layer.
@@ -152,7 +153,8 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-def _value(x):
+def unboxed(x):
+    """The array inside an ``nn.Partitioned`` box, or ``x`` itself."""
     return x.value if _is_box(x) else x
 
 
@@ -171,7 +173,7 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
     index = {module: i for i, module in enumerate(sorted(m for site in targets for m in site.hf_modules))}
     for site in targets:
         kernel = _get(params, site.path + ("kernel",))
-        shape = _value(kernel).shape
+        shape = unboxed(kernel).shape
         fan_in, fan_out = shape[-2], shape[-1]
         bound = 1.0 / math.sqrt(fan_in)
         draws = [jax.random.uniform(jax.random.fold_in(key, index[m]), (fan_in, cfg.r), jnp.float32,
@@ -188,7 +190,7 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
 
 def delta(adapters_at_site: Mapping, scale: float) -> jax.Array:
     """``scale * A @ B``: ``[in, out]``, or ``[L, in, out]`` for a stack (fp32)."""
-    a, b = _value(adapters_at_site[LORA_A]), _value(adapters_at_site[LORA_B])
+    a, b = unboxed(adapters_at_site[LORA_A]), unboxed(adapters_at_site[LORA_B])
     return scale * jnp.einsum("...ir,...ro->...io", a, b, preferred_element_type=jnp.float32)
 
 
@@ -203,7 +205,7 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
     out = params
     for path in _adapted_paths(adapters):
         kernel = _get(params, path + ("kernel",))
-        value = _value(kernel)
+        value = unboxed(kernel)
         moved = (value.astype(jnp.float32) + sign * delta(_get(adapters, path), cfg.scale)).astype(value.dtype)
         out = _replace(out, path + ("kernel",), kernel.replace_boxed(moved) if _is_box(kernel) else moved)
     return out
@@ -221,3 +223,34 @@ def merge(params, adapters, cfg: LoraConfig):
 def unmerge(merged, adapters, cfg: LoraConfig):
     """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding)."""
     return _shift(merged, adapters, cfg, -1.0)
+
+
+COLLECTION = "lora"  # the variable collection apply_factored passes the adapters in (scanned like params)
+
+
+def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, **kwargs):
+    """``model.apply`` with each adapted ``Dense`` computed factored: ``x @ W + scale * (drop(x) @ A) @ B``.
+
+    Equals ``model.apply({"params": merge(params, adapters, cfg)}, ...)`` up to rounding, without forming
+    the merged kernels, so the backward pass needs no full-size kernel gradient. ``drop`` is dropout
+    with rate ``cfg.lora_dropout`` on the adapter's input (PEFT's), applied only when ``rngs`` has a
+    ``"dropout"`` key. The adapters travel as the ``"lora"`` variable collection, which has the params'
+    nesting, and are picked up by a method interceptor: the model's code does not know about them.
+    The adapter branch runs in fp32 and is cast to the layer's output dtype.
+    """
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        y = next_fun(*call_args, **call_kwargs)
+        module = context.module
+        if (context.method_name != "__call__" or not isinstance(module, Dense)
+                or not module.has_variable(COLLECTION, LORA_A)):
+            return y
+        x = call_args[0].astype(jnp.float32)
+        if cfg.lora_dropout > 0 and module.scope.has_rng("dropout"):
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0)
+        a, b = (unboxed(module.get_variable(COLLECTION, name)) for name in (LORA_A, LORA_B))
+        return y + (cfg.scale * ((x @ a) @ b)).astype(y.dtype)
+
+    variables = {"params": params, COLLECTION: adapters}
+    with nn.intercept_methods(interceptor):
+        return model.apply(variables, *args, rngs=rngs, **kwargs)

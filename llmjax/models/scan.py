@@ -56,7 +56,8 @@ def layer_stack(layer_cls: type[nn.Module], layer_args: tuple, config, num_layer
 
     scanned = nn.scan(
         body,
-        variable_axes={"params": 0, "cache": 0},
+        # "lora": LoRA adapters passed as a variable collection (llmjax.lora.apply_factored), stacked like params.
+        variable_axes={"params": 0, "cache": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},  # each layer its own init and dropout masks
         in_axes=(nn.broadcast,) * len(broadcast),
         length=num_layers,

@@ -9,8 +9,11 @@ and returns the Stage the loop runs instead:
              abstract target like any other leaf
 * trainable: the adapter leaves only: the optimizer state and the checkpoints hold adapters alone
              (with a base, the checkpoint also records its path and sha256 and a resume checks them)
-* loss:      the stage's loss on the merged params ``W + scale * A @ B`` (``llmjax.lora.merge`` inside
-             the jitted step; gradients reach A and B through the merge)
+* loss:      the stage's loss (``Stage.loss_for``) on the model computing each adapted ``Dense`` factored,
+             ``x @ W + scale * (dropout(x) @ A) @ B`` (``llmjax.lora.apply_factored``; PEFT's
+             ``lora_dropout``): measured faster than merging the kernels in the loss (merged 1.05-1.19x
+             slower, ``benchmarks/results/lora_forward_cpu.txt``). A stage without ``loss_for`` gets its
+             ``loss_fn`` on the merged params ``W + scale * A @ B`` and no ``lora_dropout``.
 * eval hook: the stage's hook on the merged params
 * export:    the merged model as a Hugging Face directory at ``export_dir`` (tokenizer beside it), and
              the adapters alone in PEFT's format in ``<export_dir>/adapter`` (``ADAPTER_SUBDIR``), which
@@ -36,7 +39,7 @@ from pathlib import Path
 import jax
 
 from llmjax import lora, prompt_tuning
-from llmjax.config import RunConfig
+from llmjax.config import ConfigError, RunConfig
 from llmjax.loading import ADAPTERS_KEY, SOFT_PROMPT_KEY, model_params
 from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
@@ -54,7 +57,7 @@ def with_run_adapters(config: RunConfig, stage: Stage) -> Stage:
 
 def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
     """``stage`` training the LoRA adapters of ``cfg`` on its frozen model (see the module docstring).
-    ``cfg`` was checked against the model with the run config (``RunConfig``: targets it has, no dropout)."""
+    ``cfg``'s targets were checked against the model with the run config."""
     model = stage.model
     base_tree = stage.init_tree or model_init_tree(model)
 
@@ -67,8 +70,15 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
         """The model's params with the adapters merged in: what the model computes with."""
         return lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg)
 
-    def loss_fn(tree, batch, rng):
-        return stage.loss_fn(merged(tree), batch, rng)
+    if stage.loss_for is not None:
+        loss_fn = stage.loss_for(_FactoredModel(model, cfg))
+    elif cfg.lora_dropout > 0:
+        raise ConfigError(f"lora.lora_dropout={cfg.lora_dropout} is not supported by stage {stage.name!r}: it gives "
+                          "no loss_for, so its adapters are merged into the weights inside the loss, which cannot "
+                          "drop the adapter's input alone; set lora.lora_dropout=0")
+    else:
+        def loss_fn(tree, batch, rng):
+            return stage.loss_fn(merged(tree), batch, rng)
 
     eval_hook = None
     if stage.eval_hook is not None:
@@ -83,12 +93,13 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
             hf.save_pretrained(model, jax.device_get(merged(tree)), out)
             if stage.tokenizer is not None:
                 stage.tokenizer.save_pretrained(out)
-            lora.save_pretrained(model, tree[ADAPTERS_KEY], cfg, out / ADAPTER_SUBDIR)
+            lora.save_pretrained(model, tree[ADAPTERS_KEY], cfg, out / ADAPTER_SUBDIR,
+                                 base_model_name_or_path=None if stage.base is None else stage.base.path)
         return str(out.absolute())
 
     return dataclasses.replace(
-        stage, loss_fn=loss_fn, is_trainable=is_adapter, init_tree=init_tree, eval_hook=eval_hook, export=export,
-        meta={**stage.meta, "lora": lora_meta(cfg)},
+        stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_adapter, init_tree=init_tree, eval_hook=eval_hook,
+        export=export, meta={**stage.meta, "lora": lora_meta(cfg)},
     )
 
 
@@ -101,6 +112,22 @@ def lora_meta(cfg: lora.LoraConfig) -> dict:
     """The LoRA config as the JSON a checkpoint records (``llmjax.loading`` reads it back)."""
     return {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v for f in dataclasses.fields(cfg)}
 
+
+class _FactoredModel:
+    """The model as a LoRA run's loss sees it: ``apply`` takes the run's tree (model params plus
+    ``ADAPTERS_KEY``) as its params and computes each adapted ``Dense`` factored (``lora.apply_factored``)."""
+
+    def __init__(self, model, cfg: lora.LoraConfig):
+        self.model, self.cfg = model, cfg
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def apply(self, variables, *args, rngs=None, **kwargs):
+        tree = variables["params"]
+        return lora.apply_factored(self.model, model_params(tree), tree[ADAPTERS_KEY], self.cfg, *args, rngs=rngs,
+                                   **kwargs)
 
 
 def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> Stage:
@@ -143,7 +170,7 @@ def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> S
         return str(out.absolute())
 
     return dataclasses.replace(
-        stage, loss_fn=loss_fn, is_trainable=is_soft_prompt, init_tree=init_tree, eval_hook=eval_hook,
+        stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_soft_prompt, init_tree=init_tree, eval_hook=eval_hook,
         export=export, meta={**stage.meta, "prompt_tuning": dataclasses.asdict(cfg)},
     )
 

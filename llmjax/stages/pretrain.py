@@ -16,6 +16,7 @@ cached in ``<train.output_dir>/tokenizer`` (a rerun or a resume reuses it).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -87,10 +88,12 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     if eval_source is not None:
         eval_data = lambda: iterator(eval_source, shuffle=False, num_epochs=1)  # noqa: E731
 
+    loss_for = partial(lm_loss_fn, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing)
     return with_run_adapters(config, Stage(
         name="pretrain",
         model=model,
-        loss_fn=lm_loss_fn(model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
+        loss_fn=loss_for(model),
+        loss_for=loss_for,
         train_data=iterator(train_source),
         eval_data=eval_data,
         is_trainable=run_trainable_filter(config),

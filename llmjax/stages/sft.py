@@ -20,6 +20,7 @@ checkpoint records).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -83,10 +84,12 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     output_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         dump_config(config, output_dir / "config.yaml")
+    loss_for = partial(lm_loss_fn, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing)
     return with_run_adapters(config, Stage(
         name="sft",
         model=model,
-        loss_fn=lm_loss_fn(model, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing),
+        loss_fn=loss_for(model),
+        loss_for=loss_for,
         train_data=train_data,
         eval_data=eval_data,
         is_trainable=run_trainable_filter(config),

@@ -69,6 +69,9 @@ class Stage:
                   default: the base, else ``model.init``). A stage with parts outside the model (adapters,
                   soft prompt, heads) adds them here: the same function builds the fresh state and, through
                   ``eval_shape``, the restore target, so every part initialises and resumes exactly.
+    loss_for:     ``(model-like) -> loss`` rebuilding ``loss_fn`` for another object with ``.apply(variables, ...)``
+                  and ``.config`` (how LoRA computes its adapters factored, ``llmjax.stages.adapters``), or
+                  None: the loss is only ``loss_fn``.
     export:       ``(state, out_dir) -> str`` writing the trained model (default: the merged params as a
                   Hugging Face directory plus the tokenizer).
     eval_hook:    ``(full params, step) -> {name: float}`` run every ``eval_hook_every_steps`` steps and
@@ -85,6 +88,7 @@ class Stage:
     is_trainable: TrainableFilter = train_everything
     base: Base | None = None
     init_tree: InitTree | None = None
+    loss_for: Callable[[Any], LossFn] | None = None
     export: Callable[[Any, Path], str] | None = None
     eval_hook: Callable[[dict, int], dict] | None = None
     eval_hook_every_steps: int = 0

@@ -8,6 +8,7 @@ intercepted and computed factored, ``x @ W + scale * (x @ A) @ B``, on the unsca
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -17,13 +18,13 @@ import pytest
 
 from llmjax import lora
 from llmjax.model_config import DecoderConfig, T5Config
-from llmjax.models import build_model, dummy_inputs, init_params, stack_layers
-from llmjax.models.layers import Dense
+from llmjax.models import build_model, dummy_inputs, stack_layers
 from llmjax.train.state import count_params
 
-TINY_T5 = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3, num_heads=2,
+# The dimensions of tests/lora/test_peft_format.py's torch models, so eagerly compiled ops are shared.
+TINY_T5 = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=3, num_heads=2,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
-TINY_LLAMA = DecoderConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+TINY_LLAMA = DecoderConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 T5_TARGETS = ("q", "v", "wi_0", "wo")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,6 +35,21 @@ def _tiny(family: str, scan: bool):
     return build_model(dataclasses.replace(config, scan_layers=scan))
 
 
+def random_params(model, seed: int = 0) -> dict:
+    """Random fp32 numpy params (matrices N(0, 1/fan_in), norm scales ~1) built from the abstract shapes:
+    no init is compiled, which on a busy CPU costs more than the whole test."""
+    abstract = nn.meta.unbox(jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if path[-1].key == "scale":
+            return (1 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
+        fan_in = leaf.shape[-2] if path[-1].key == "kernel" else 1
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract["params"])
+
+
 def _inputs(model, seed: int = 0):
     rng = np.random.default_rng(seed)
     ids = jnp.asarray(rng.integers(2, 64, size=(2, 7)), jnp.int32)
@@ -42,8 +58,15 @@ def _inputs(model, seed: int = 0):
     return (ids,)
 
 
+@functools.lru_cache
+def _forward(config):
+    # Jitted once per config: one compile of the whole forward is several times cheaper than eager dispatch.
+    model = build_model(config)
+    return jax.jit(lambda params, *inputs: model.apply({"params": params}, *inputs))
+
+
 def _logits(model, params, inputs):
-    return np.asarray(model.apply({"params": params}, *inputs))
+    return np.asarray(_forward(model.config)(params, *inputs))
 
 
 def _random_b(adapters, seed: int):
@@ -56,21 +79,8 @@ def _random_b(adapters, seed: int):
 
 
 def _factored_logits(model, params, adapters, cfg, inputs):
-    """Logits of the unscanned model with each targeted Dense computed as ``x W + s (x A) B``."""
-    def interceptor(next_fun, args, kwargs, context):
-        if not isinstance(context.module, Dense) or context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        node = adapters
-        for key in context.module.path:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        y = next_fun(*args, **kwargs)
-        if lora.LORA_A not in node:
-            return y
-        (x,) = args
-        return y + cfg.scale * (x @ node[lora.LORA_A]) @ node[lora.LORA_B]
-
-    with nn.intercept_methods(interceptor):
-        return _logits(model, params, inputs)
+    """Logits with each targeted Dense computed as ``x W + s (x A) B`` (no merged kernel is formed)."""
+    return np.asarray(jax.jit(lambda p, a, *x: lora.apply_factored(model, p, a, cfg, *x))(params, adapters, *inputs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,7 +128,7 @@ def test_sites_follow_peft_suffix_matching():
 def test_init_layout_and_scanned_equals_stacked_unscanned(family):
     cfg = lora.LoraConfig(r=3, lora_alpha=6, target_modules=T5_TARGETS if family == "t5" else LLAMA_TARGETS)
     flat, scanned = _tiny(family, False), _tiny(family, True)
-    params = init_params(flat, jax.random.key(0))
+    params = random_params(flat)
     adapters = lora.init(flat, params, cfg, jax.random.key(1))
     for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
         keys = tuple(k.key for k in path)
@@ -133,7 +143,7 @@ def test_init_layout_and_scanned_equals_stacked_unscanned(family):
             assert 0.5 * bound < np.abs(leaf).max() <= bound
         else:
             assert not np.any(leaf)
-    stacked = lora.init(scanned, init_params(scanned, jax.random.key(0)), cfg, jax.random.key(1))
+    stacked = lora.init(scanned, stack_layers(params, flat.config), cfg, jax.random.key(1))
     jax.tree_util.tree_map(np.testing.assert_array_equal, stacked, stack_layers(adapters, flat.config))
 
 
@@ -157,7 +167,7 @@ def test_step0_merge_unmerge(family):
     """Fresh adapters leave the logits unchanged; merged == factored forward; unmerge restores the base."""
     cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=T5_TARGETS if family == "t5" else LLAMA_TARGETS)
     model = _tiny(family, False)
-    params = init_params(model, jax.random.key(0))
+    params = random_params(model)
     inputs = _inputs(model)
     base = _logits(model, params, inputs)
     fresh = lora.init(model, params, cfg, jax.random.key(1))
@@ -173,14 +183,16 @@ def test_step0_merge_unmerge(family):
 
 
 def test_merge_scanned_equals_unscanned():
+    """On a stacked tree merge and unmerge act layer by layer (the scanned forward itself is checked against
+    peft in test_peft_format.py)."""
     cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=T5_TARGETS)
-    flat, scanned = _tiny("t5", False), _tiny("t5", True)
-    params = init_params(flat, jax.random.key(0))
+    flat = _tiny("t5", False)
+    params = random_params(flat)
     adapters = _random_b(lora.init(flat, params, cfg, jax.random.key(1)), seed=3)
-    merged = lora.merge(stack_layers(params, flat.config), stack_layers(adapters, flat.config), cfg)
-    inputs = _inputs(flat)
-    np.testing.assert_allclose(_logits(scanned, merged, inputs), _logits(flat, lora.merge(params, adapters, cfg), inputs),
-                               atol=1e-5)
+    stack = lambda tree: stack_layers(tree, flat.config)  # noqa: E731
+    for fn in (lora.merge, lora.unmerge):
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                               fn(stack(params), stack(adapters), cfg), stack(fn(params, adapters, cfg)))
 
 
 def test_trainable_count_flan_t5_base_r32_qv():
@@ -196,3 +208,33 @@ def test_trainable_count_flan_t5_base_r32_qv():
     adapters = jax.eval_shape(lambda k: lora.init(model, abstract, lora.LoraConfig(32, 32, target_modules=("q", "v")), k),
                               jax.random.key(1))
     assert count_params(nn.meta.unbox(adapters)) == 72 * (768 + 768) * 32 == 3_538_944
+
+
+def test_factored_equals_merged_on_scanned_stack_values_and_grads():
+    """apply_factored slices the stacked adapters per layer (the "lora" collection scans like params): logits and
+    adapter gradients equal those of the merged params; lora_dropout acts only with a dropout rng."""
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"))
+    flat, scanned = _tiny("llama", False), _tiny("llama", True)
+    params = random_params(flat)
+    adapters = stack_layers(_random_b(lora.init(flat, params, cfg, jax.random.key(1)), seed=5), flat.config)
+    params = stack_layers(params, flat.config)
+    inputs = _inputs(scanned)
+
+    def loss(adapters, factored):
+        if factored:
+            logits = lora.apply_factored(scanned, params, adapters, cfg, *inputs)
+        else:
+            logits = scanned.apply({"params": lora.merge(params, adapters, cfg)}, *inputs)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (g_merged, logits_merged), (g_factored, logits_factored) = grad(adapters, False), grad(adapters, True)
+    np.testing.assert_allclose(logits_factored, logits_merged, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_factored, g_merged)
+    assert (np.abs(np.asarray(g_merged["layers"]["mlp"]["wo"]["lora_B"])).max(axis=(1, 2)) > 0).all()  # every layer
+
+    dropped = dataclasses.replace(cfg, lora_dropout=0.5)
+    run = jax.jit(lambda key: lora.apply_factored(scanned, params, adapters, dropped, *inputs, rngs={"dropout": key}))
+    first, second = np.asarray(run(jax.random.key(0))), np.asarray(run(jax.random.key(1)))
+    assert np.abs(first - logits_merged).max() > 1e-2 and np.abs(first - second).max() > 1e-2
+    np.testing.assert_array_equal(first, np.asarray(run(jax.random.key(0))))

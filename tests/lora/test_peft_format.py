@@ -1,0 +1,219 @@
+"""PEFT's LoRA format both ways, with ``peft`` (torch) as the reference, T5 and LLaMA, scanned and not.
+
+(a) an adapter ``peft`` wrote (random non-zero B) read by llmjax gives peft's logits; (b) an adapter llmjax
+wrote read by ``peft.PeftModel.from_pretrained`` gives llmjax's logits; both within 1e-4. Then the
+errors for adapter directories llmjax must refuse, and ``llmjax lora merge`` against ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+peft = pytest.importorskip("peft")
+
+import llmjax.hf  # noqa: E402
+from llmjax import cli, lora  # noqa: E402
+from llmjax.testing import torch_llama, torch_t5  # noqa: E402
+from tests.lora.test_core import _random_b  # noqa: E402
+
+# Gated T5 (v1.1) and LLaMA with GQA, every projection adapted.
+FAMILIES = {
+    "t5": (lambda: torch_t5(0, vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=3,
+                            num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+           transformers.T5ForConditionalGeneration, ["q", "k", "v", "o", "wi_0", "wi_1", "wo"], "SEQ_2_SEQ_LM"),
+    "llama": (lambda: torch_llama(0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2),
+              transformers.LlamaForCausalLM, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"], "CAUSAL_LM"),
+}
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+    """family -> a saved random HF model directory."""
+    dirs = {}
+    for family, (build, *_) in FAMILIES.items():
+        dirs[family] = tmp_path_factory.mktemp(f"base_{family}")
+        build().save_pretrained(str(dirs[family]), safe_serialization=True)
+    return dirs
+
+
+def _ids(family: str):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(2, 64, size=(2, 6))
+    return (ids, rng.integers(2, 64, size=(2, 4))) if family == "t5" else (ids,)
+
+
+def _torch_logits(model, family: str) -> np.ndarray:
+    ids = [torch.tensor(x) for x in _ids(family)]
+    with torch.no_grad():
+        if family == "t5":
+            return model(input_ids=ids[0], decoder_input_ids=ids[1]).logits.numpy()
+        return model(input_ids=ids[0]).logits.numpy()
+
+
+def _llmjax_logits(model, params, adapters, cfg, family: str) -> np.ndarray:
+    merged = lora.merge(params, adapters, cfg)
+    return np.asarray(model.apply({"params": merged}, *[np.asarray(x, np.int32) for x in _ids(family)]))
+
+
+def _torch_base(family: str, base_dir: Path):
+    return FAMILIES[family][1].from_pretrained(str(base_dir)).eval()
+
+
+def _peft_adapter(family: str, base_dir: Path, out: Path):
+    """A peft LoRA adapter with random A (peft's init) and random B, saved to ``out``; -> the peft model."""
+    _, _, targets, task = FAMILIES[family]
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, task_type=task)
+    model = peft.get_peft_model(_torch_base(family, base_dir), config)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(str(out))
+    return model.eval()
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_peft_parity_both_ways(family, scan, base_dirs, tmp_path):
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+
+    # (a) peft writes, llmjax reads
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft")
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (3, 5, 0.0)
+    assert set(cfg.target_modules) == set(FAMILIES[family][2])  # peft writes them as a set, in any order
+    want = _torch_logits(peft_model, family)
+    base = _torch_logits(_torch_base(family, base_dirs[family]), family)
+    assert np.abs(want - base).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
+
+    # (b) llmjax writes, peft reads
+    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=FAMILIES[family][2][::2])
+    adapters = _random_b(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
+    lora.save_pretrained(model, adapters, cfg, tmp_path / "from_llmjax", base_model_name_or_path=str(base_dirs[family]))
+    loaded = peft.PeftModel.from_pretrained(_torch_base(family, base_dirs[family]), str(tmp_path / "from_llmjax"))
+    np.testing.assert_allclose(_torch_logits(loaded.eval(), family),
+                               _llmjax_logits(model, params, adapters, cfg, family), atol=TOL, rtol=0)
+    # and back: what llmjax wrote reads back bit-exactly
+    again, cfg_again = lora.from_pretrained(model, tmp_path / "from_llmjax")
+    assert cfg_again == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.device_get(adapters))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Directories llmjax refuses
+
+
+@pytest.fixture(scope="module")
+def t5_adapter(base_dirs, tmp_path_factory):
+    """``(model, adapter_dir)``: a valid llmjax-written T5 adapter (q, v; r=2)."""
+    model, params = llmjax.hf.from_pretrained(base_dirs["t5"], scan_layers=False)
+    cfg = lora.LoraConfig(2, 4, target_modules=("q", "v"))
+    directory = tmp_path_factory.mktemp("t5_adapter")
+    lora.save_pretrained(model, lora.init(model, params, cfg, jax.random.key(0)), cfg, directory)
+    return model, directory
+
+
+def _copy(directory: Path, tmp_path: Path, config_changes: dict | None = None, tensors=None) -> Path:
+    out = tmp_path / "adapter"
+    out.mkdir()
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(config_changes or {})
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    weights = safetensors.numpy.load_file(str(directory / "adapter_model.safetensors"))
+    safetensors.numpy.save_file(tensors(weights) if tensors else weights, str(out / "adapter_model.safetensors"))
+    return out
+
+
+Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"peft_type": "PROMPT_TUNING"}, "peft_type='PROMPT_TUNING'"),
+    ({"task_type": "CAUSAL_LM"}, "task_type='CAUSAL_LM'.*SEQ_2_SEQ_LM"),
+    ({"use_dora": True}, "use_dora=true .DoRA"),
+    ({"use_rslora": True}, "use_rslora=true"),
+    ({"bias": "lora_only"}, "bias=\"lora_only\""),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"layers_to_transform": [0]}, "layers_to_transform"),
+    ({"rank_pattern": {"q": 4}}, "rank_pattern"),
+    ({"alpha_pattern": {"v": 8}}, "alpha_pattern"),
+    ({"target_modules": ".*q"}, "list of module names"),
+    ({"target_modules": ["q_proj"]}, r"\['q_proj'\] are not modules of this T5 model.*another model family"),
+    ({"r": 0}, "r=0 must be a positive integer"),
+    ({"r": 3}, r"has shape \(2, 16\), expected \(3, 16\)"),
+    ({"target_modules": ["q", "v", "o"]}, r"missing \['base_model.model.decoder.block.0.layer.0.SelfAttention.o"),
+])
+def test_from_pretrained_refuses_config(changes, match, t5_adapter, tmp_path):
+    model, directory = t5_adapter
+    with pytest.raises(lora.AdapterError, match=match):
+        lora.from_pretrained(model, _copy(directory, tmp_path, changes))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: {k: v for k, v in t.items() if k != f"{Q0}.lora_B.weight"}, rf"missing \['{Q0}.lora_B.weight'\]"),
+    (lambda t: {**t, f"{Q0[:-1]}k.lora_A.weight": t[f"{Q0}.lora_A.weight"]}, r"unexpected \[.*SelfAttention.k.lora_A"),
+    (lambda t: {**t, f"{Q0}.lora_B.weight": t[f"{Q0}.lora_B.weight"][:4]}, r"lora_B.weight' has shape \(4, 2\), "
+                                                                            r"expected \(8, 2\)"),
+])
+def test_from_pretrained_refuses_tensors(edit, match, t5_adapter, tmp_path):
+    model, directory = t5_adapter
+    with pytest.raises(lora.AdapterError, match=match):
+        lora.from_pretrained(model, _copy(directory, tmp_path, tensors=edit))
+
+
+def test_from_pretrained_refuses_missing_files(t5_adapter, tmp_path):
+    model, directory = t5_adapter
+    with pytest.raises(lora.AdapterError, match="no such directory"):
+        lora.from_pretrained(model, tmp_path / "nowhere")
+    with pytest.raises(lora.AdapterError, match="adapter_config.json: missing"):
+        lora.from_pretrained(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(lora.AdapterError, match="not valid JSON"):
+        lora.from_pretrained(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text((directory / "adapter_config.json").read_text())
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(lora.AdapterError, match="will not unpickle"):
+        lora.from_pretrained(model, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# llmjax lora merge
+
+
+def test_cli_lora_merge_equals_peft_merge_and_unload(base_dirs, tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    for file in base_dirs["t5"].iterdir():
+        (base / file.name).write_bytes(file.read_bytes())
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    peft_model = _peft_adapter("t5", base, tmp_path / "adapter")
+    want = _torch_logits(peft_model.merge_and_unload(), "t5")
+
+    out = tmp_path / "merged"
+    assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(out)]) == 0
+    merged, info = transformers.T5ForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info.values()), info
+    np.testing.assert_allclose(_torch_logits(merged.eval(), "t5"), want, atol=TOL, rtol=0)
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 512}'
+
+    # refusals: one line, exit 2, nothing created
+    assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(out)]) == 2
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(base), "--out", str(tmp_path / "x")]) == 2
+    assert "adapter_config.json: missing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]

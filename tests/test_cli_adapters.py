@@ -1,0 +1,87 @@
+"""`llmjax generate` / `llmjax evaluate` with `--adapter DIR` (repeatable): each PEFT adapter merged in turn
+into the model loaded once, giving what the model with that adapter merged into its files gives."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from llmjax import hf, lora
+from llmjax.cli import main
+from llmjax.data.tokenizer import Tokenizer
+from llmjax.evaluate import adapter_names, load_model_for_inference
+from llmjax.errors import InputError
+from tests.test_cli_generate_evaluate import blocks, expected_texts, t5_dir  # noqa: F401 (t5_dir is a fixture)
+from tests.test_evaluate import tokenizer_dir  # noqa: F401 (a fixture)
+
+PROMPTS = ["#Person1#: Where is the bank?", "Hello there"]
+CFG = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v", "wo"))
+
+
+@pytest.fixture(scope="module")
+def adapters(t5_dir, tmp_path_factory):  # noqa: F811
+    """Two random adapters on the tiny T5 (B drawn, not zero) as PEFT dirs ``one/adapter``, ``two/adapter``,
+    and for each the model with it merged as a Hugging Face dir: ``[(adapter dir, merged dir), ...]``."""
+    model, params, _ = load_model_for_inference(t5_dir)
+    root = tmp_path_factory.mktemp("adapters")
+    pairs = []
+    for seed, name in enumerate(("one", "two")):
+        fresh = lora.init(model, params, CFG, jax.random.key(seed))
+        drawn = jax.tree_util.tree_map_with_path(
+            lambda path, x, s=seed: np.asarray(jax.random.normal(jax.random.key(100 + s), x.shape)) * 0.5
+            if path[-1].key == "lora_B" else np.asarray(x), fresh)
+        lora.save_pretrained(model, drawn, CFG, root / name / "adapter")
+        hf.save_pretrained(model, jax.tree_util.tree_map(np.asarray, lora.merge(params, drawn, CFG)), root / name / "merged")
+        Tokenizer.load(t5_dir).save_pretrained(root / name / "merged")
+        pairs.append((root / name / "adapter", root / name / "merged"))
+    return pairs
+
+
+def test_generate_runs_each_adapter_on_the_base_loaded_once(t5_dir, adapters, capsys, monkeypatch):  # noqa: F811
+    import llmjax.evaluate
+
+    loads = []
+    real = llmjax.evaluate.load_model
+    monkeypatch.setattr(llmjax.evaluate, "load_model", lambda path: loads.append(path) or real(path))
+    (one, merged_one), (two, merged_two) = adapters
+    args = ["generate", "--model", str(t5_dir), "--prompt", *PROMPTS, "--max-new-tokens", "6"]
+    assert main([*args, "--adapter", str(one), "--adapter", str(two)]) == 0
+    assert loads == [t5_dir]  # the base is read once for both adapters
+    texts_one, texts_two = (expected_texts(d, PROMPTS, max_new_tokens=6) for d in (merged_one, merged_two))
+    assert texts_one != texts_two  # the adapters make different models
+    assert capsys.readouterr().out == (f"=== adapter one_adapter ===\n{blocks(texts_one, [1, 2])}"
+                                       f"=== adapter two_adapter ===\n{blocks(texts_two, [1, 2])}")
+
+
+def test_evaluate_writes_one_report_per_adapter_equal_to_the_merged_models(t5_dir, adapters, tmp_path, capsys):  # noqa: F811
+    (one, merged_one), (two, merged_two) = adapters
+    args = ["evaluate", "--data", "bundled", "--limit", "2", "--template", "tldr", "--max-input-tokens", "1000",
+            "--max-new-tokens", "4"]
+    assert main([*args, "--model", str(t5_dir), "--adapter", str(one), "--adapter", str(two),
+                 "--out", str(tmp_path / "both")]) == 0
+    for name, adapter, merged in (("one_adapter", one, merged_one), ("two_adapter", two, merged_two)):
+        assert main([*args, "--model", str(merged), "--out", str(tmp_path / name)]) == 0
+        ours = json.loads((tmp_path / "both" / name / "scores.json").read_text())
+        theirs = json.loads((tmp_path / name / "scores.json").read_text())
+        assert ours["results"] == theirs["results"] and ours["settings"]["adapter"] == str(adapter)
+        assert (tmp_path / "both" / name / "predictions.jsonl").read_text() == \
+            (tmp_path / name / "predictions.jsonl").read_text()
+    predictions = [(tmp_path / "both" / n / "predictions.jsonl").read_text() for n in ("one_adapter", "two_adapter")]
+    assert predictions[0] != predictions[1]
+    # One adapter: its report goes to --out itself.
+    assert main([*args, "--model", str(t5_dir), "--adapter", str(one), "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / "predictions.jsonl").read_text() == predictions[0]
+
+
+def test_adapter_names_and_errors(t5_dir, adapters, tmp_path, capsys):  # noqa: F811
+    assert adapter_names(["runs/a/hf/adapter", "runs/b/hf/adapter", "x/other"]) == ["a_hf_adapter", "b_hf_adapter", "other"]
+    assert adapter_names(["/r/a/b", "/r/c/a_b", "/r/d/b"]) == ["r_a_b", "r_c_a_b", "r_d_b"]  # "a_b" twice: whole paths
+    assert adapter_names(["one", "two"]) == ["one", "two"]
+    with pytest.raises(InputError, match="the same adapter directory is given twice"):
+        adapter_names(["a/adapter", "a/adapter"])
+    args = ["generate", "--model", str(t5_dir), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert main([*args, "--adapter", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err
