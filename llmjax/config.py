@@ -1,9 +1,10 @@
 """A training run as nested frozen dataclasses: YAML in, ``a.b=c`` overrides, typed and validated.
 
 A run config is a YAML mapping with the sections of :class:`RunConfig` (``model``, ``data``, ``train``,
-``optim``, ``checkpoint``, ``mesh``, and the optional ``lora``). Any mapping may say ``include: other.yaml``
-(a path relative to the file that says it): the included mapping is loaded first and the keys beside
-``include`` override it. That is how a run names a model size or a mesh preset without restating it::
+``optim``, ``checkpoint``, ``mesh``, and the optional ``lora`` or ``prompt_tuning``). Any mapping may say
+``include: other.yaml`` (a path relative to the file that says it): the included mapping is loaded first and
+the keys beside ``include`` override it. That is how a run names a model size or a mesh preset without
+restating it::
 
     model: {include: model/t5_tiny.yaml, dropout_rate: 0.0}
     mesh: {include: mesh/single.yaml}
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from llmjax.adapter_configs import PromptTuningConfig
 from llmjax.errors import UserError
 from llmjax.model_config import MODEL_CONFIGS, family_of
 
@@ -253,12 +255,15 @@ class RunConfig:
     stage: str = "pretrain"
     init_from: str | None = None
     lora: Any = None  # llmjax.lora.LoraConfig: the stage trains LoRA adapters only; None: no LoRA
+    prompt_tuning: Any = None  # llmjax.prompt_tuning.PromptTuningConfig: the stage trains a soft prompt only
 
     def __post_init__(self):
         if self.lora is not None:
             _require(not self.train.trainable and not self.train.frozen,
                      "lora: trains the adapters only, so train.trainable/train.frozen do not apply; remove them "
                      "(or drop the lora section to choose what trains)")
+        if self.prompt_tuning is not None:
+            _check_prompt_tuning(self)
         if isinstance(self.model, dict):
             _require(self.init_from is not None, "the model section needs model.family (or set init_from to take "
                                                  "the model from a Hugging Face dir or checkpoint)")
@@ -305,14 +310,27 @@ TOP_LEVEL_KEYS = {"stage": str, "init_from": str | None}  # scalars beside the s
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
 # Sections a run may leave out (None): they turn a stage into something else (lora: adapters only).
-OPTIONAL_SECTIONS = ("lora",)
+# prompt_tuning: a soft prompt only.
+OPTIONAL_SECTIONS = ("lora", "prompt_tuning")
 
 
 def _optional_section_class(name: str):
     """The dataclass of an optional section; imported here, not at the top: it lives beside its code."""
-    from llmjax.lora import LoraConfig
+    if name == "lora":
+        from llmjax.lora import LoraConfig
 
-    return {"lora": LoraConfig}[name]
+        return LoraConfig
+    return PromptTuningConfig
+
+
+def _check_prompt_tuning(config: RunConfig) -> None:
+    """A ``prompt_tuning`` section the stages can train (``llmjax.stages.adapters``)."""
+    _require(config.lora is None, "lora and prompt_tuning are both set; a run trains one kind of adapter: "
+                                  "drop one of the two sections")
+    _require(not config.train.trainable and not config.train.frozen,
+             "prompt_tuning: trains the soft prompt only, so train.trainable/train.frozen do not apply; remove them")
+    _require(not config.data.packing, "prompt_tuning puts the soft prompt before each row's one example, which "
+                                      "packed rows do not have; set data.packing=false")
 
 
 def _check_lora(lora, model) -> None:

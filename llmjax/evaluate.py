@@ -151,10 +151,7 @@ def shot_pool_for(data: str | Path, split: str | None = "test") -> list[dict] | 
 
 def prompt_ids(model, tokenizer: Tokenizer, text: str) -> list[int]:
     """The token ids one prompt gives the model: encoder-decoder (T5) ``prompt + eos``; decoder ``bos + prompt``."""
-    if model_family(model.config).seq2seq:
-        return tokenizer.encode(text, add_eos=True)
-    bos = getattr(model.config, "bos_token_id", None)
-    return ([] if bos is None else [bos]) + tokenizer.encode(text, add_eos=False)
+    return model_family(model.config).prompt_ids(model.config, tokenizer, text)
 
 
 def encode_prompts(model, tokenizer: Tokenizer, texts: Sequence[str], bucket: bool = False):
@@ -189,12 +186,13 @@ def new_tokens(sequences: np.ndarray, prefix_length: int, eos_token_id: Sequence
 
 def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], *,
                    generation_config: GenerationConfig | None = None, batch_size: int = 8,
-                   rng: jax.Array | None = None) -> list[str]:
+                   rng: jax.Array | None = None, soft_prompt=None) -> list[str]:
     """Generate a continuation of every prompt; returns the decoded new text (special tokens dropped).
 
     Prompts run ``batch_size`` at a time; a short last batch is filled up with copies of its first
     prompt (their outputs are dropped) so every batch compiles to the same program. ``rng`` is
     folded with the batch number, so a seed gives the same outputs for the same batches.
+    ``soft_prompt`` ``[n, d_model]``: a prompt-tuning run's soft prompt, put before every prompt.
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -209,7 +207,7 @@ def generate_texts(model, params, tokenizer: Tokenizer, prompts: Sequence[str], 
         filled = batch + [batch[0]] * (batch_size - len(batch))
         ids, mask = encode_prompts(model, tokenizer, filled, bucket=True)
         sequences = generate(model, params, ids, mask, generation_config=config,
-                             rng=jax.random.fold_in(rng, start // batch_size))
+                             rng=jax.random.fold_in(rng, start // batch_size), soft_prompt=soft_prompt)
         prefix_length = 1 if seq2seq else ids.shape[1]  # T5: the decoder start token; decoder: the prompt
         tokens = new_tokens(np.asarray(jax.device_get(sequences)), prefix_length, config.eos_token_id)
         outputs.extend(tokenizer.decode(row).strip() for row in tokens[: len(batch)])

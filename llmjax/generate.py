@@ -27,6 +27,7 @@ from llmjax.generation.config import GenerationConfig
 from llmjax.generation.families import family_for, take_cache_rows
 from llmjax.generation.processors import greedy_tokens, process_scores
 from llmjax.models import model_family
+from llmjax.models.soft_prompt import check_soft_prompt
 
 __all__ = ["GenerationConfig", "generate", "resolve_config"]
 
@@ -68,6 +69,7 @@ def generate(
     *,
     rng: jax.Array | int | None = None,
     generation_config: GenerationConfig | None = None,
+    soft_prompt: jax.Array | None = None,
     **kwargs,
 ) -> jax.Array:
     """Decode continuations of ``input_ids``.
@@ -81,6 +83,8 @@ def generate(
         ``input_ids != pad_token_id`` when the pad token occurs and is not an eos, else ones.
       rng: a ``jax.random.key`` or an int seed; required when ``do_sample=True`` (same key,
         same output).
+      soft_prompt: ``[n, d_model]`` or ``[batch, n, d_model]`` prompt-tuning embeddings put before every
+        prompt (T5: the encoder input), as ``peft``'s prompt-tuning models generate; None: none.
       generation_config: a :class:`GenerationConfig`; ``kwargs`` (Hugging Face names:
         ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``num_beams``, ``length_penalty``, ``early_stopping``, ``eos_token_id``, ...) override it.
@@ -101,8 +105,12 @@ def generate(
             rng = jax.random.key(rng)
     else:
         rng = jax.random.key(0)  # unused; keeps one call signature for the compiled loop
+    if soft_prompt is not None:
+        soft_prompt = jnp.asarray(soft_prompt)
+        check_soft_prompt(soft_prompt, input_ids.shape[0], model_family(model.config).width(model.config))
     tokens, new_length = _decode_loop(
-        params, input_ids, attention_mask, rng, model=model, config=config, max_new_tokens=max_new_tokens
+        params, input_ids, attention_mask, rng, soft_prompt, model=model, config=config,
+        max_new_tokens=max_new_tokens,
     )
     copies = config.num_return_sequences
     prefix = jnp.repeat(prefix, copies, axis=0) if copies > 1 else prefix
@@ -227,14 +235,14 @@ class _BeamSearch:
         return tokens, jnp.max(lengths)
 
 
-def _decode_loop_impl(params, input_ids, attention_mask, rng, *, model, config, max_new_tokens):
+def _decode_loop_impl(params, input_ids, attention_mask, rng, soft_prompt, *, model, config, max_new_tokens):
     """-> (new tokens ``[N, max_new_tokens]`` int32, number of leading columns that are output)."""
     family = family_for(model)
     beam = config.num_beams > 1
     search = (_BeamSearch if beam else _TokenSearch)(config, max_new_tokens)
     copies = config.num_beams if beam else config.num_return_sequences
     logits, cache, context = family.prefill(
-        model, params, input_ids, attention_mask, copies, max_new_tokens, config.decoder_start_token_id
+        model, params, input_ids, attention_mask, copies, max_new_tokens, config.decoder_start_token_id, soft_prompt
     )
     state, feed, rows = search.step(search.init(logits.shape[0]), logits, 0, jax.random.fold_in(rng, 0))
 

@@ -18,7 +18,9 @@ the checkpoint layout that ``llmjax.train.checkpoint`` writes::
 
 A LoRA run's params hold one more top-level part, ``lora`` (:data:`ADAPTERS_KEY`: the adapters, at the
 targeted kernels' paths), and its metadata the LoRA config (``meta["lora"]``); reading such a checkpoint
-gives the model's params with the adapters merged in.
+gives the model's params with the adapters merged in. A prompt-tuning run's params hold ``soft_prompt``
+(:data:`SOFT_PROMPT_KEY`, ``[n, d_model]``), which no weight can absorb: it is read into
+``LoadedModel.soft_prompt`` for the model call's ``soft_prompt=``.
 
 A step is complete when its manifest exists; its files are checked against the manifest before
 they are read.
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "llmjax_manifest.json"
 ADAPTERS_KEY = "lora"  # a LoRA run's tree: the model's params plus this top-level part (llmjax.stages.adapters)
+SOFT_PROMPT_KEY = "soft_prompt"  # a prompt-tuning run's tree: the model's params plus its soft prompt [n, d]
 ITEMS = ("state", "data", "meta")  # the orbax items of one step
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")
@@ -69,6 +72,7 @@ class LoadedModel:
     tokenizer_dir:  the directory holding the tokenizer (the HF directory itself when it has one; the
                     one a checkpoint's metadata records), or None
     meta:           the checkpoint's metadata (family, model_config, stage, run_config, ...); {} for HF
+    soft_prompt:    a prompt-tuning run's trained soft prompt, fp32 ``[n, d_model]``; None otherwise
     """
 
     model: object
@@ -78,6 +82,7 @@ class LoadedModel:
     step: int | None = None
     tokenizer_dir: Path | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    soft_prompt: np.ndarray | None = None
 
     @property
     def config(self):
@@ -112,9 +117,12 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
         params = overlay_params(load_model(meta["base"]["path"], meta["base"].get("step")).params, params)
     if meta.get("lora"):
         params = merge_adapters(params, meta["lora"])
+    soft_prompt = None
+    if SOFT_PROMPT_KEY in params:
+        soft_prompt, params = np.asarray(params[SOFT_PROMPT_KEY], np.float32), model_params(params)
     tokenizer_dir = meta.get("tokenizer_dir")
     return LoadedModel(model_from_meta(meta), params, "checkpoint", checkpoint_dir, step,
-                       Path(tokenizer_dir) if tokenizer_dir else None, meta)
+                       Path(tokenizer_dir) if tokenizer_dir else None, meta, soft_prompt)
 
 
 HF_MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -259,8 +267,8 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
 
 
 def model_params(tree: dict) -> dict:
-    """The model's own params of a LoRA run's tree (the adapters left out)."""
-    return {key: value for key, value in tree.items() if key != ADAPTERS_KEY}
+    """The model's own params of a LoRA or prompt-tuning run's tree (adapters and soft prompt left out)."""
+    return {key: value for key, value in tree.items() if key not in (ADAPTERS_KEY, SOFT_PROMPT_KEY)}
 
 
 def merge_adapters(tree: dict, lora_meta: dict) -> dict:

@@ -5,9 +5,10 @@ offer ``encode``/``decode`` methods like ``T5``; decoder-only models take ``posi
 key mask like ``Decoder``. An adapter offers three pure functions, all traced inside the one jitted loop:
 
 * ``prefill(model, params, input_ids, attention_mask, copies, max_new_tokens,
-  decoder_start_token_id)`` -> ``(logits [B * copies, V] fp32, cache, context)``: runs the prompt once (T5: the
-  encoder once and the decoder start token, which also fills the cross-attention keys and
-  values; decoder: the whole left-padded prompt), then repeats the result ``copies``
+  decoder_start_token_id, soft_prompt)`` -> ``(logits [B * copies, V] fp32, cache, context)``: runs the prompt
+  once (T5: the encoder once and the decoder start token, which also fills the cross-attention keys and
+  values; decoder: the whole left-padded prompt), after the ``soft_prompt`` (``[n, d]``/``[B, n, d]``, prompt
+  tuning; None: none) when there is one, then repeats the result ``copies``
   times (beams or samples per prompt) row by row, so copies of one prompt are adjacent.
   ``context`` is loop-invariant (masks, positions) and is closed over, not carried.
 * ``step(model, params, cache, context, tokens [N], step)`` -> ``(logits [N, V], cache)``:
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from llmjax.models import cache_batch_axis, model_family
 from llmjax.models.decoder import default_positions
+from llmjax.models.soft_prompt import extend_mask, prompt_length
 
 
 def _repeat_rows(tree, copies: int, axis: int = 0):
@@ -48,8 +50,14 @@ class EncoderDecoderFamily:
         return jnp.full((input_ids.shape[0], 1), decoder_start_token_id, jnp.int32)
 
     @staticmethod
-    def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id):
-        encoded = model.apply({"params": params}, input_ids, attention_mask, method="encode")
+    def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id,
+                soft_prompt=None):
+        if soft_prompt is None:
+            encoded = model.apply({"params": params}, input_ids, attention_mask, method="encode")
+        else:  # the encoder outputs and the cross-attention mask cover the virtual tokens too
+            encoded = model.apply({"params": params}, input_ids, attention_mask, soft_prompt=soft_prompt,
+                                  method="encode")
+            attention_mask = extend_mask(attention_mask, prompt_length(soft_prompt))
         encoded, encoder_mask = _repeat_rows((encoded, attention_mask), copies)
         rows = encoded.shape[0]
         # Slot 0 holds the start token; new token i (0-based) is fed at slot i + 1.
@@ -75,6 +83,8 @@ class DecoderOnlyFamily:
 
     RoPE positions follow Hugging Face: ``cumsum(mask) - 1`` over the prompt, so every
     row's first real token is position 0 and new token i sits at ``real_tokens + i``.
+    A soft prompt of ``n`` virtual tokens takes slots and positions ``0..n-1`` before the prompt
+    (PEFT's order), which then starts at slot and position ``n``.
     """
 
     @staticmethod
@@ -82,17 +92,24 @@ class DecoderOnlyFamily:
         return input_ids
 
     @staticmethod
-    def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id):
-        batch, prompt_len = input_ids.shape
+    def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id,
+                soft_prompt=None):
+        batch = input_ids.shape[0]
+        virtual = prompt_length(soft_prompt)
+        prompt_len = virtual + input_ids.shape[1]  # cache slots the prompt fills (virtual tokens first)
+        attention_mask = extend_mask(attention_mask, virtual)
         cache_len = prompt_len + max_new_tokens
         key_mask = jnp.concatenate(
             [attention_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1
         )
         cache = model.init_cache(batch, cache_len)
+        positions = default_positions(prompt_len, attention_mask)
+        extra = {}
+        if soft_prompt is not None:  # the model puts the virtual tokens' positions 0..n-1 first itself
+            positions, extra = positions[:, virtual:], {"soft_prompt": soft_prompt}
         logits, variables = model.apply(
             {"params": params, "cache": cache}, input_ids, key_mask,
-            positions=default_positions(prompt_len, attention_mask), decode=True, cache_index=0,
-            mutable=["cache"],
+            positions=positions, decode=True, cache_index=0, mutable=["cache"], **extra,
         )
         next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
         logits, key_mask, next_position = _repeat_rows((logits[:, -1], key_mask, next_position), copies)

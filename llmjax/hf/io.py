@@ -230,8 +230,48 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
 
 def write_model_dir(path: str | Path, config: dict, tensors: dict[str, np.ndarray]) -> None:
     """Write ``config.json`` and ``model.safetensors`` into ``path`` (created if needed)."""
-    path = Path(path)
+    _write_dir(Path(path), "config.json", config, WEIGHTS_NAME, tensors)
+
+
+def _write_dir(path: Path, config_name: str, config: dict, weights_name: str, tensors: dict[str, np.ndarray]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (path / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     contiguous = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-    safetensors.numpy.save_file(contiguous, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    safetensors.numpy.save_file(contiguous, str(path / weights_name), metadata={"format": "pt"})
+
+
+# -- PEFT adapter directories (adapter_config.json + adapter_model.safetensors) ----------------------------
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_PICKLE_NAME = "adapter_model.bin"
+
+
+def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(adapter_config.json as a dict, tensors)`` of a PEFT adapter directory; clear errors when absent,
+    malformed or pickled."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory; pass a PEFT adapter directory "
+                              f"({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})")
+    config_file, weights = path / ADAPTER_CONFIG_NAME, path / ADAPTER_WEIGHTS_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing; a PEFT adapter directory needs {ADAPTER_CONFIG_NAME}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    if not weights.is_file():
+        if (path / ADAPTER_PICKLE_NAME).is_file():
+            raise CheckpointError(
+                f"{path / ADAPTER_PICKLE_NAME}: llmjax reads only safetensors and will not unpickle an adapter; "
+                "save it again with peft (model.save_pretrained(dir), safe_serialization is the default)")
+        raise CheckpointError(f"{weights}: missing; a PEFT adapter directory needs {ADAPTER_WEIGHTS_NAME}")
+    return config, load_safetensors(weights)
+
+
+def write_adapter_dir(path: str | Path, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` (created if needed)."""
+    _write_dir(Path(path), ADAPTER_CONFIG_NAME, config, ADAPTER_WEIGHTS_NAME, tensors)

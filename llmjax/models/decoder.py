@@ -41,6 +41,7 @@ from llmjax.model_config import DecoderConfig
 from llmjax.models.layers import (
     DTYPES, Attention, Dense, Embed, FeedForward, RMSNorm, mask_to_bias, normal_init,
 )
+from llmjax.models import soft_prompt as prompts
 from llmjax.models.scan import layer_stack
 
 
@@ -143,6 +144,7 @@ class Decoder(nn.Module):
         cache_index: jax.Array | int | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        soft_prompt: jax.Array | None = None,
     ):
         """Logits for every position.
 
@@ -158,13 +160,32 @@ class Decoder(nn.Module):
           cache_index: int or scalar int array, the first cache slot of this chunk (default 0).
           deterministic: False enables attention dropout (needs a ``dropout`` rng).
           return_hidden: also return the final-norm hidden states.
+          soft_prompt: ``[n, hidden]`` or ``[b, n, hidden]`` virtual token embeddings (prompt tuning) put
+            before the token embeddings as PEFT does with ``inputs_embeds``: the model runs on ``n + t``
+            slots, ``attention_mask`` grows by ``n`` ones and the default positions are computed over that
+            extended mask (virtual tokens ``0 .. n-1``, tokens shifted by ``n``); given ``positions``
+            are the tokens' own (already shifted) positions, the virtual tokens get ``0 .. n-1``. When
+            decoding, the chunk fills slots ``cache_index .. cache_index + n + t - 1`` and
+            ``attention_mask`` covers the cache slots, the virtual ones included. Not with packing.
 
         Returns:
-          logits ``[b, t, vocab]`` fp32, or ``(logits, hidden [b, t, hidden] compute dtype)``.
+          logits ``[b, t, vocab]`` fp32 (the real tokens only), or ``(logits, hidden [b, t, hidden]
+          compute dtype)``.
         """
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-        length = input_ids.shape[1]
+        virtual = prompts.prompt_length(soft_prompt)
+        if soft_prompt is not None:
+            if segment_ids is not None:
+                raise ValueError("soft_prompt cannot be combined with segment_ids (packing); prompt tuning needs "
+                                 "one example per row")
+            prompts.check_soft_prompt(soft_prompt, input_ids.shape[0], cfg.hidden_size)
+            if not decode:
+                attention_mask = prompts.extend_mask(attention_mask, virtual)
+            if positions is not None:
+                positions = prompts.extend_positions(jnp.asarray(positions), virtual)
+        length = input_ids.shape[1] + virtual
+        slots_shape = (input_ids.shape[0], length)
 
         if decode:
             if segment_ids is not None:
@@ -177,7 +198,7 @@ class Decoder(nn.Module):
                 mask_positions = default_positions(cache_len, attention_mask)
                 positions = jnp.take_along_axis(
                     jnp.broadcast_to(mask_positions, (input_ids.shape[0], cache_len)),
-                    jnp.broadcast_to(q_slots, input_ids.shape), axis=1,
+                    jnp.broadcast_to(q_slots, slots_shape), axis=1,
                 )
             mask = layers.attention_mask(
                 None, attention_mask, causal=True, q_positions=q_slots, k_positions=k_slots
@@ -191,17 +212,22 @@ class Decoder(nn.Module):
                 q_segment_ids=segment_ids, k_segment_ids=segment_ids,
             )
         bias = mask_to_bias(mask)
-        positions = jnp.broadcast_to(positions, input_ids.shape)
+        positions = jnp.broadcast_to(positions, slots_shape)
 
         embed = Embed(
             cfg.vocab_size, cfg.hidden_size, normal_init(cfg.initializer_range), dtype, param_dtype,
             name="embed",
         )
-        x = nn.with_logical_constraint(embed(input_ids), _HIDDEN_AXES)
+        x = embed(input_ids)
+        if soft_prompt is not None:
+            x = prompts.prepend(soft_prompt, x)
+        x = nn.with_logical_constraint(x, _HIDDEN_AXES)
         x = layer_stack(DecoderLayer, (cfg,), cfg, cfg.num_hidden_layers, x,
                         broadcast=(bias, positions, cache_index), static=(deterministic, decode),
                         rematerialize=not decode)
         hidden = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(x)
+        if virtual:  # the virtual tokens predict nothing: no LM head for them
+            hidden = hidden[:, virtual:]
         hidden = nn.with_logical_constraint(hidden, _HIDDEN_AXES)
 
         if cfg.tie_word_embeddings:

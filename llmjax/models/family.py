@@ -40,6 +40,8 @@ class Family:
     step_flops:     ``(config, batch, decoder_length, encoder_length) -> StepFlops``: matmul FLOPs of
                     one train step, pure arithmetic on the config (``llmjax.models.flops``)
     flops_formula:  what ``step_flops`` counts, printed beside MFU figures
+    width_field:    the config field of the embedding width (``d_model``, ``hidden_size``)
+    embedding_path: the token embedding's path in the params, ``[vocab, width]``
     """
 
     name: str
@@ -48,11 +50,25 @@ class Family:
     seq2seq: bool
     step_flops: Callable[..., StepFlops]
     flops_formula: str
+    width_field: str
+    embedding_path: tuple[str, ...]
+
+    def width(self, config) -> int:
+        """The embedding width of ``config``'s model (what a soft prompt row holds)."""
+        return getattr(config, self.width_field)
 
     @property
     def batch_format(self) -> str:
         """The batch contract's format (``llmjax.batch.FORMATS``): ``"seq2seq"`` or ``"causal"``."""
         return "seq2seq" if self.seq2seq else "causal"
+
+    def prompt_ids(self, config, tokenizer, text: str) -> list[int]:
+        """The token ids a prompt gives the model, as Hugging Face tokenizers make them: an encoder-decoder
+        reads ``text + eos``, a decoder ``bos + text`` (``tokenizer``: ``encode(text, add_eos=...)``)."""
+        if self.seq2seq:
+            return tokenizer.encode(text, add_eos=True)
+        bos = getattr(config, "bos_token_id", None)
+        return ([] if bos is None else [bos]) + tokenizer.encode(text, add_eos=False)
 
     def dummy_inputs(self, batch: int = 1, length: int = 8) -> tuple[jax.Array, ...]:
         """Positional arguments that ``model.init`` needs to build every parameter."""
@@ -85,9 +101,10 @@ def _decoder_flops(config: DecoderConfig, batch: int, decoder_length: int, encod
 
 FAMILIES: dict[str, Family] = {
     family.name: family for family in (
-        Family("t5", T5Config, _t5_module, seq2seq=True, step_flops=_t5_flops, flops_formula=T5_FORMULA),
+        Family("t5", T5Config, _t5_module, seq2seq=True, step_flops=_t5_flops, flops_formula=T5_FORMULA,
+               width_field="d_model", embedding_path=("shared", "embedding")),
         Family("decoder", DecoderConfig, _decoder_module, seq2seq=False, step_flops=_decoder_flops,
-               flops_formula=DECODER_FORMULA),
+               flops_formula=DECODER_FORMULA, width_field="hidden_size", embedding_path=("embed", "embedding")),
     )
 }
 """Family name -> record; the names and config classes are those of ``MODEL_CONFIGS``."""

@@ -22,6 +22,7 @@ from llmjax.models.layers import (
     normal_init,
 )
 from llmjax.models.layers import attention_mask as attention_mask_fn
+from llmjax.models import soft_prompt as prompts
 from llmjax.models.scan import layer_stack
 
 
@@ -189,18 +190,22 @@ class T5(nn.Module):
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, *,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-                 decoder_positions=None, deterministic=True, return_hidden=False):
+                 decoder_positions=None, deterministic=True, return_hidden=False, soft_prompt=None):
         """``input_ids [b, s]``, ``decoder_input_ids [b, t]`` int -> logits ``[b, t, vocab]`` fp32.
 
         Masks are ``[b, len]`` (1 = real token). For packed batches, segment ids
         ``[b, len]`` keep examples apart and positions ``[b, len]`` restart at 0 per
         example. ``return_hidden=True`` also returns the final decoder hidden state
         ``[b, t, d_model]`` (after the final norm, before the LM head scaling).
+        ``soft_prompt`` ``[n, d_model]`` or ``[b, n, d_model]``: prompt tuning, see :meth:`encode`;
+        the decoder attends to all ``n + s`` encoder outputs.
         """
         encoded = self.encode(
             input_ids, attention_mask, segment_ids=encoder_segment_ids, positions=encoder_positions,
-            deterministic=deterministic,
+            deterministic=deterministic, soft_prompt=soft_prompt,
         )
+        if soft_prompt is not None:
+            attention_mask = prompts.extend_mask(attention_mask, prompts.prompt_length(soft_prompt))
         return self.decode(
             decoder_input_ids, encoded, attention_mask, decoder_attention_mask,
             segment_ids=decoder_segment_ids, positions=decoder_positions,
@@ -208,9 +213,23 @@ class T5(nn.Module):
             return_hidden=return_hidden,
         )
 
-    def encode(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, deterministic=True):
-        """``input_ids [b, s]`` -> encoder outputs ``[b, s, d_model]`` (compute dtype)."""
-        s = input_ids.shape[1]
+    def encode(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None, deterministic=True,
+               soft_prompt=None):
+        """``input_ids [b, s]`` -> encoder outputs ``[b, s, d_model]`` (compute dtype).
+
+        ``soft_prompt`` ``[n, d_model]`` or ``[b, n, d_model]`` (fp32 is cast to the compute dtype) is put
+        before the token embeddings, as PEFT's prompt tuning does with ``inputs_embeds``: the outputs are
+        ``[b, n + s, d_model]``, the virtual tokens take relative positions ``0 .. n-1`` and the tokens
+        ``n .. n+s-1``, and ``attention_mask`` grows by ``n`` ones (pass
+        ``llmjax.models.soft_prompt.extend_mask(attention_mask, n)`` to :meth:`decode`). Not with packing.
+        """
+        if soft_prompt is not None:
+            if segment_ids is not None or positions is not None:
+                raise ValueError("T5.encode: soft_prompt cannot be combined with packing (segment_ids/positions); "
+                                 "prompt tuning needs one example per row")
+            prompts.check_soft_prompt(soft_prompt, input_ids.shape[0], self.config.d_model)
+            attention_mask = prompts.extend_mask(attention_mask, prompts.prompt_length(soft_prompt))
+        s = input_ids.shape[1] + prompts.prompt_length(soft_prompt)
         if positions is None:
             # One row, broadcast over the batch: the relative bias is then gathered (and its gradient
             # scattered) once instead of once per example.
@@ -218,7 +237,10 @@ class T5(nn.Module):
         mask = attention_mask_fn(
             None, attention_mask, q_segment_ids=segment_ids, k_segment_ids=segment_ids
         )
-        x = nn.with_logical_constraint(self.shared(input_ids), _ACT)
+        x = self.shared(input_ids)
+        if soft_prompt is not None:
+            x = prompts.prepend(soft_prompt, x)
+        x = nn.with_logical_constraint(x, _ACT)
         return self.encoder(x, positions, positions, mask, None, None, deterministic=deterministic)
 
     def decode(self, decoder_input_ids, encoder_outputs, encoder_mask=None, decoder_attention_mask=None, *,

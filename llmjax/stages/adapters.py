@@ -24,6 +24,13 @@ and returns the Stage the loop runs instead:
              of a LoRA run's checkpoint gives the merged params
 
 The model's own code never sees the adapters; reward and PPO stages reuse this as SFT does.
+
+``with_prompt_tuning(stage, cfg)`` does the same for a ``prompt_tuning:`` section: the tree gains
+``soft_prompt`` (``SOFT_PROMPT_KEY``, fp32 ``[n, d_model]`` from ``llmjax.prompt_tuning.init`` on the base,
+replicated), which alone trains; the loss and the eval hook pass it to the model call as ``soft_prompt=``
+(the model stays the base); the export writes the base as a Hugging Face directory (tokenizer beside it)
+and the soft prompt as a PEFT ``PROMPT_TUNING`` directory in ``<export_dir>/adapter``; ``meta["prompt_tuning"]``
+records the config and ``llmjax.loading.load_model`` reads the prompt into ``LoadedModel.soft_prompt``.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from pathlib import Path
 
 import jax
 
-from llmjax import lora
+from llmjax import lora, prompt_tuning
 from llmjax.config import ConfigError, RunConfig
-from llmjax.loading import ADAPTERS_KEY, model_params
+from llmjax.loading import ADAPTERS_KEY, SOFT_PROMPT_KEY, model_params
 from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
 
@@ -43,7 +50,10 @@ ADAPTER_SUBDIR = "adapter"  # the PEFT adapter directory inside the export direc
 
 
 def with_run_adapters(config: RunConfig, stage: Stage) -> Stage:
-    """The stage a run config asks for: ``stage`` itself, or with its ``lora:`` section applied."""
+    """The stage a run config asks for: ``stage`` itself, or with its ``lora:`` or ``prompt_tuning:`` section
+    applied."""
+    if config.prompt_tuning is not None:
+        return with_prompt_tuning(stage, config.prompt_tuning)
     return stage if config.lora is None else with_lora(stage, config.lora)
 
 
@@ -120,3 +130,53 @@ class _FactoredModel:
         tree = variables["params"]
         return lora.apply_factored(self.model, model_params(tree), tree[ADAPTERS_KEY], self.cfg, *args, rngs=rngs,
                                    **kwargs)
+
+
+def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> Stage:
+    """``stage`` training a soft prompt of ``cfg`` before its frozen model's input (see the module docstring).
+    A ``TEXT`` init reads the stage's tokenizer, which the exported config names (PEFT needs one)."""
+    model = stage.model
+    base_tree = stage.init_tree or model_init_tree(model)
+    tokenizer_dir = stage.meta.get("tokenizer_dir")
+    if cfg.prompt_tuning_init == "TEXT" and cfg.tokenizer_name_or_path is None and tokenizer_dir:
+        cfg = dataclasses.replace(cfg, tokenizer_name_or_path=str(tokenizer_dir))
+    if cfg.prompt_tuning_init == "TEXT":  # a text the tokenizer cannot use fails now, before the run starts
+        prompt_tuning.text_token_ids(model, cfg, stage.tokenizer)
+
+    def init_tree(key, base):
+        base_key, prompt_key = jax.random.split(key)
+        params = base_tree(base_key, base)
+        soft_prompt = prompt_tuning.init(model, params, cfg, prompt_key, stage.tokenizer)
+        return {**params, SOFT_PROMPT_KEY: soft_prompt}
+
+    def loss_fn(tree, batch, rng):
+        return stage.loss_fn(model_params(tree), batch, rng, soft_prompt=tree[SOFT_PROMPT_KEY])
+
+    eval_hook = None
+    if stage.eval_hook is not None:
+        eval_hook = lambda tree, step: stage.eval_hook(model_params(tree), step,  # noqa: E731
+                                                       soft_prompt=tree[SOFT_PROMPT_KEY])
+
+    def export(state, out: Path) -> str:
+        from llmjax import hf
+
+        tree = jax.device_get(state.full_params())
+        out = Path(out)
+        if jax.process_index() == 0:
+            hf.save_pretrained(model, model_params(tree), out)
+            if stage.tokenizer is not None:
+                stage.tokenizer.save_pretrained(out)
+            base_path = stage.base.path if stage.base is not None else str(out.absolute())
+            prompt_tuning.save_pretrained(model, tree[SOFT_PROMPT_KEY], cfg, out / ADAPTER_SUBDIR,
+                                          base_model_name_or_path=base_path)
+        return str(out.absolute())
+
+    return dataclasses.replace(
+        stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_soft_prompt, init_tree=init_tree, eval_hook=eval_hook,
+        export=export, meta={**stage.meta, "prompt_tuning": dataclasses.asdict(cfg)},
+    )
+
+
+def is_soft_prompt(path: tuple[str, ...]) -> bool:
+    """The trainable filter of a prompt-tuning run: the soft prompt alone."""
+    return path[0] == SOFT_PROMPT_KEY

@@ -138,19 +138,20 @@ def generation_budget(model, tokenizer, prompts: list[str], decoder_length: int)
 
 
 def rouge_hook(model, tokenizer, prompts: list[str], references: list[str], *, max_new_tokens: int):
-    """``(params, step) -> {rouge1, rouge2, rougeL, rougeLsum}`` of greedy generations for ``prompts``."""
+    """``(params, step, soft_prompt=None) -> {rouge1, rouge2, rougeL, rougeLsum}`` of greedy generations for
+    ``prompts`` (after the soft prompt ``[n, d_model]`` of a prompt-tuning run)."""
     from llmjax.evaluate import generate_texts
     from llmjax.generate import GenerationConfig
 
     generation = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id,
                                   pad_token_id=model.config.pad_token_id)
 
-    def hook(params, step: int) -> dict[str, float]:
+    def hook(params, step: int, soft_prompt=None) -> dict[str, float]:
         del step
         # Host copies: generation compiles its own programs and must not inherit the training shardings.
-        host = jax.device_get(params)
+        host, soft_prompt = jax.device_get((params, soft_prompt))
         predictions = generate_texts(model, host, tokenizer, prompts, generation_config=generation,
-                                     batch_size=min(GENERATION_BATCH, len(prompts)))
+                                     batch_size=min(GENERATION_BATCH, len(prompts)), soft_prompt=soft_prompt)
         return text_metrics.rouge(predictions, references)
 
     return hook

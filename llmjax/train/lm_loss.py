@@ -1,7 +1,9 @@
 """Loss functions of language models on the batch contract (``llmjax/batch.py``).
 
 Each factory returns a ``LossFn`` (contract in ``llmjax.train.step``): sums over
-target tokens, with ``sums["weights"]`` the number of target tokens.
+target tokens, with ``sums["weights"]`` the number of target tokens. It also takes
+``soft_prompt=`` (``[n, d_model]``), passed to the model call, so a prompt-tuning run
+(``llmjax.stages.adapters``) reuses it.
 
 Compute runs in the model's dtype (bf16 for training); logits and the loss are fp32.
 """
@@ -31,7 +33,7 @@ def seq2seq_loss_fn(model: nn.Module, z_loss: float = 0.0, label_smoothing: floa
     """
     pad_id = model.config.pad_token_id
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, soft_prompt=None):
         packed = "encoder_segment_ids" in batch
         logits = model.apply(
             {"params": params},
@@ -42,6 +44,7 @@ def seq2seq_loss_fn(model: nn.Module, z_loss: float = 0.0, label_smoothing: floa
             decoder_segment_ids=batch.get("decoder_segment_ids"),
             encoder_positions=batch.get("encoder_positions"),
             decoder_positions=batch.get("decoder_positions"),
+            soft_prompt=soft_prompt,
             **_model_kwargs(rng),
         )
         return _token_loss(logits, batch, z_loss, label_smoothing)
@@ -52,13 +55,14 @@ def seq2seq_loss_fn(model: nn.Module, z_loss: float = 0.0, label_smoothing: floa
 def causal_lm_loss_fn(model: nn.Module, z_loss: float = 0.0, label_smoothing: float = 0.0) -> LossFn:
     """Cross-entropy (+ z-loss) of a decoder-only model on ``decoder_*`` batch features."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, soft_prompt=None):
         logits = model.apply(
             {"params": params},
             batch["decoder_input_tokens"],
             None,
             positions=batch.get("decoder_positions"),
             segment_ids=batch.get("decoder_segment_ids"),
+            soft_prompt=soft_prompt,
             **_model_kwargs(rng),
         )
         return _token_loss(logits, batch, z_loss, label_smoothing)

@@ -1,0 +1,81 @@
+"""A stage with a ``prompt_tuning:`` section (``llmjax.stages.adapters.with_prompt_tuning``): only the soft
+prompt trains and is checkpointed, the base is unchanged, the loss falls, the ROUGE hook generates after the
+soft prompt, a TEXT init holds the text's embeddings, and the export is the base plus a PEFT prompt dir."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from llmjax import prompt_tuning
+from llmjax.loading import load_model, open_manager
+from llmjax.stages import run_stage, stage_module
+from llmjax.stages.adapters import ADAPTER_SUBDIR
+from tests.stages.test_sft import _metrics, _sft
+from tests.stages.test_sft import pretrained  # noqa: F401 (a fixture)
+
+N = 5
+PROMPT = [f"prompt_tuning.num_virtual_tokens={N}", "data.packing=false"]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def prompt_run(pretrained, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("prompt") / "run"
+    summary = run_stage(_sft(pretrained, out, *PROMPT, "prompt_tuning.prompt_tuning_init=SAMPLE_VOCAB",
+                             f"train.steps={STEPS}", "optim.learning_rate=0.1", "train.export_hf=hf"), progress=False)
+    return out, summary
+
+
+def test_prompt_tuning_trains_the_soft_prompt_alone_and_loss_falls(pretrained, prompt_run):  # noqa: F811
+    out, summary = prompt_run
+    assert summary["step"] == STEPS
+    losses = [r["loss"] for r in _metrics(out) if r["split"] == "train"]
+    assert len(losses) == STEPS and losses[-1] < losses[0] - 0.05, losses
+
+    manager = open_manager(out / "checkpoints", read_only=True)
+    saved = manager.item_metadata(STEPS)["state"]
+    meta = manager.restore(STEPS, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    assert set(saved["params"]) == {"soft_prompt"} and not saved.get("frozen_params")
+    assert meta["prompt_tuning"]["num_virtual_tokens"] == N
+
+    base = load_model(pretrained)
+    trained = load_model(out / "checkpoints")
+    for got, want in zip(jax.tree_util.tree_leaves(trained.params), jax.tree_util.tree_leaves(base.params)):
+        np.testing.assert_array_equal(got, want)  # the model's weights never moved
+    width = base.config.d_model
+    assert trained.soft_prompt.shape == (N, width)
+    embedding = np.asarray(base.params["shared"]["embedding"])
+    moved = [not (embedding == row).all(axis=1).any() for row in trained.soft_prompt]
+    assert all(moved)  # every row started as a vocabulary row (SAMPLE_VOCAB) and was trained away from it
+
+    exported, cfg = prompt_tuning.from_pretrained(trained.model, summary["export"] + "/" + ADAPTER_SUBDIR)
+    np.testing.assert_array_equal(exported, trained.soft_prompt)
+    assert cfg.prompt_tuning_init == "SAMPLE_VOCAB" and cfg.num_virtual_tokens == N
+    beside = load_model(summary["export"]).params  # the base beside it, as a Hugging Face dir
+    for got, want in zip(jax.tree_util.tree_leaves(beside), jax.tree_util.tree_leaves(base.params)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_rouge_hook_generates_after_the_soft_prompt_and_text_init_holds_the_texts_embeddings(
+        pretrained, tmp_path, monkeypatch):  # noqa: F811
+    import llmjax.evaluate
+
+    seen = []
+    real = llmjax.evaluate.generate_texts
+    monkeypatch.setattr(llmjax.evaluate, "generate_texts",
+                        lambda *a, soft_prompt=None, **k: seen.append(soft_prompt) or real(*a, soft_prompt=soft_prompt, **k))
+    text = "summarize the dialogue"
+    stage = stage_module("sft").build_stage(_sft(
+        pretrained, tmp_path / "run", *PROMPT, "prompt_tuning.prompt_tuning_init=TEXT",
+        f"prompt_tuning.prompt_tuning_init_text='{text}'", "train.rouge_every_steps=1", "train.rouge_examples=2"))
+    tree = stage.init_tree(jax.random.key(0), stage.base.params)
+    ids = stage.tokenizer.encode(text, add_eos=True)  # T5 tokenizes as HF: text + eos, repeated to N rows
+    expected = np.asarray(stage.base.params["shared"]["embedding"])[(ids * N)[:N]]
+    np.testing.assert_array_equal(np.asarray(tree["soft_prompt"]), expected)
+    assert stage.is_trainable(("soft_prompt",)) and not stage.is_trainable(("shared", "embedding"))
+
+    scores = stage.eval_hook(tree, 1)
+    assert set(scores) >= {"rouge1", "rougeL"}
+    np.testing.assert_array_equal(np.asarray(seen[-1]), expected)
