@@ -1,0 +1,203 @@
+"""LoRA vs full fine-tuning: train-step time and optimizer-state bytes, llmjax and PyTorch/PEFT, one run.
+
+    .venv/bin/python benchmarks/lora_train.py              # both models (~10 min on 2 shared cores)
+    .venv/bin/python benchmarks/lora_train.py --only t5 --steps 2
+
+For T5 v1.1 small and the LLaMA-style decoder of T5-small size (the models and batches of
+``train_throughput.py``), four sides run the same train step (forward, backward, clip 1.0, AdamW, fp32,
+dropout off) from the same weights on the same batch:
+
+* ``llmjax full``: every parameter trains (``train_everything``);
+* ``llmjax lora``: the SFT/PPO path of a run with a ``lora:`` section. The stage is wrapped by
+  ``llmjax.stages.adapters.with_lora``: the adapters join the tree, only they train, the loss runs on the
+  merged kernels ``W + scale * A @ B``;
+* ``pytorch full`` and ``peft lora``: Hugging Face ``transformers`` with ``torch.optim.AdamW`` and
+  ``peft.get_peft_model`` with the same LoRA config, the reference.
+
+The steps are interleaved (one step of each side in turn), so load from other processes hits all alike.
+Printed per side: median step time (wall and CPU time of this process), and optimizer-state bytes per
+device (llmjax: from the state's shardings; PyTorch: the bytes of ``optimizer.state`` tensors). Then the
+ratios LoRA / full for each library. Not run by pytest; results in ``benchmarks/results/lora_train_cpu.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import (  # noqa: E402
+    OPTIM, Timing, Workload, decoder_workload, machine_lines, t5_workload,
+)
+
+from llmjax import lora, sharding  # noqa: E402
+from llmjax.models import build_model  # noqa: E402
+from llmjax.train.lm_loss import lm_loss_fn  # noqa: E402
+from llmjax.train.loop import Stage  # noqa: E402
+from llmjax.train.optim import make_optimizer  # noqa: E402
+from llmjax.train.state import count_params, init_train_state, train_everything  # noqa: E402
+from llmjax.train.step import compile_step, make_train_step  # noqa: E402
+
+# The course's targets: q and v; rank 8 and 32 with alpha = 2r would change only the scale.
+TARGETS = {"t5": ("q", "v"), "decoder": ("q_proj", "v_proj")}
+
+
+def llmjax_side(work: Workload, lora_cfg: lora.LoraConfig | None, params=None):
+    """``(step_fn, model, host params, info)`` for full training (``lora_cfg`` None) or LoRA on the same
+    weights. ``info``: trainable parameter count and optimizer bytes per device."""
+    model = build_model(dataclasses.replace(work.config, remat_policy="none"))
+    tx, _ = make_optimizer(OPTIM, total_steps=1000)
+    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    stage = Stage(name="benchmark", model=model, loss_fn=lm_loss_fn(model), train_data=None)
+    if lora_cfg is not None:
+        from llmjax.stages.adapters import with_lora
+
+        stage = with_lora(stage, lora_cfg)
+    state, shardings = init_train_state(model, tx, stage.is_trainable, seed=0, mesh=mesh, params=params,
+                                        init_tree=stage.init_tree)
+    info = {"trainable": count_params(state.params),
+            "optimizer_bytes": sharding.state_bytes_per_device(state.opt_state, shardings.opt_state)}
+    with sharding.activate(mesh):
+        host = jax.device_get(state.full_params() if lora_cfg is None else state.frozen_params)
+        step = compile_step(make_train_step(stage.loss_fn, tx), updates_state=True,
+                            state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
+        batch = sharding.shard_batch(work.batch, mesh)
+    holder = {"state": state}
+
+    def run() -> float:
+        with sharding.activate(mesh):
+            holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+        return float(metrics["loss"])
+
+    return run, model, host, info
+
+
+def torch_side(work: Workload, model, params, lora_cfg: lora.LoraConfig | None):
+    """``(step_fn, info)``: one PyTorch train step on the same weights, full or through ``peft``."""
+    import torch
+    import transformers
+
+    from llmjax import hf
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(model, params, tmp)
+        auto = transformers.AutoModelForSeq2SeqLM if work.family == "t5" else transformers.AutoModelForCausalLM
+        torch_model = auto.from_pretrained(tmp, dtype=torch.float32)
+    if lora_cfg is not None:
+        import peft
+
+        torch_model = peft.get_peft_model(torch_model, peft.LoraConfig(
+            r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=0.0,
+            target_modules=list(lora_cfg.target_modules)))
+    torch_model.train()
+    trainable = [p for p in torch_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=OPTIM.learning_rate, weight_decay=OPTIM.weight_decay)
+    as_long = lambda name: torch.from_numpy(work.batch[name].astype(np.int64))  # noqa: E731
+    if work.family == "t5":
+        inputs = {"input_ids": as_long("encoder_input_tokens"),
+                  "attention_mask": torch.ones_like(as_long("encoder_input_tokens")),
+                  "decoder_input_ids": as_long("decoder_input_tokens"),
+                  "labels": as_long("decoder_target_tokens")}
+    else:
+        inputs = {"input_ids": as_long("decoder_input_tokens"), "labels": as_long("decoder_input_tokens")}
+
+    def run() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch_model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, OPTIM.clip_grad_norm)
+        optimizer.step()
+        return float(loss.detach())
+
+    def optimizer_bytes() -> int:
+        return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+
+    return run, {"trainable": sum(p.numel() for p in trainable), "optimizer_bytes": optimizer_bytes}
+
+
+def compare(work: Workload, rank: int, warmup: int, steps: int) -> list[str]:
+    cfg = lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[work.family])
+    full_run, model, params, full_info = llmjax_side(work, None)
+    lora_run, _, _, lora_info = llmjax_side(work, cfg, params=params)
+    torch_full, torch_full_info = torch_side(work, model, params, None)
+    torch_lora, torch_lora_info = torch_side(work, model, params, cfg)
+    sides = {"llmjax full": full_run, "llmjax lora": lora_run, "pytorch full": torch_full, "peft lora": torch_lora}
+    first = {}
+    for name, run in sides.items():  # first call: compile (llmjax) + a step; losses before any update agree
+        start = time.perf_counter()
+        first[name] = (run(), time.perf_counter() - start)
+    infos = {"llmjax full": full_info, "llmjax lora": lora_info, "pytorch full": torch_full_info,
+             "peft lora": torch_lora_info}
+    for info in infos.values():  # PyTorch allocates its AdamW moments at the first step
+        if callable(info["optimizer_bytes"]):
+            info["optimizer_bytes"] = info["optimizer_bytes"]()
+    timings = {name: Timing() for name in sides}
+    for i in range(warmup + steps):
+        for name, run in sides.items():
+            timings[name].measure(run) if i >= warmup else run()
+
+    total = count_params(params)
+    lines = [f"== {work.name}: {total / 1e6:.1f}M params, batch {work.batch_size}, fp32, AdamW + clip 1.0; "
+             f"LoRA r={rank}, alpha={2 * rank}, targets {list(cfg.target_modules)} ==",
+             "first call (compile + step) and its loss: " + ", ".join(
+                 f"{name} {seconds:.1f} s loss {loss:.6f}" for name, (loss, seconds) in first.items())]
+    medians = {}
+    for name, timing in timings.items():
+        medians[name] = (statistics.median(timing.wall), statistics.median(timing.cpu))
+        info = infos[name]
+        lines.append(f"  {name:13s} step median wall {medians[name][0]:7.3f} s (min {min(timing.wall):.3f}) "
+                     f"cpu {medians[name][1]:7.3f} CPU-s; trainable {info['trainable']:>11,d} "
+                     f"({100 * info['trainable'] / total:6.3f}%); optimizer state "
+                     f"{info['optimizer_bytes'] / 2**20:9.3f} MiB per device")
+    for full, adapted in (("llmjax full", "llmjax lora"), ("pytorch full", "peft lora")):
+        lines.append(
+            f"  {adapted} / {full}: step time wall {medians[adapted][0] / medians[full][0]:.2f}x, "
+            f"CPU {medians[adapted][1] / medians[full][1]:.2f}x; optimizer bytes "
+            f"{100 * infos[adapted]['optimizer_bytes'] / infos[full]['optimizer_bytes']:.2f}%")
+    lines.append(f"  llmjax lora / peft lora step time: wall {medians['llmjax lora'][0] / medians['peft lora'][0]:.2f}x, "
+                 f"CPU {medians['llmjax lora'][1] / medians['peft lora'][1]:.2f}x")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first call")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--t5-batch", type=int, default=4)
+    parser.add_argument("--encoder-length", type=int, default=512)
+    parser.add_argument("--decoder-length", type=int, default=114)
+    parser.add_argument("--decoder-only-batch", type=int, default=4)
+    parser.add_argument("--decoder-only-length", type=int, default=256)
+    parser.add_argument("--only", choices=("t5", "decoder"), default=None)
+    args = parser.parse_args()
+    for line in machine_lines():
+        print(line, flush=True)
+    workloads = []
+    if args.only in (None, "t5"):
+        workloads.append(t5_workload(args.t5_batch, args.encoder_length, args.decoder_length))
+    if args.only in (None, "decoder"):
+        workloads.append(decoder_workload(args.decoder_only_batch, args.decoder_only_length))
+    for work in workloads:
+        for line in compare(work, args.rank, args.warmup, args.steps):
+            print(line, flush=True)
+    print("(wall: seconds of wall-clock time per step; cpu: CPU-seconds of this process per step, which other "
+          "processes sharing the cores do not inflate)")
+    print(f"load average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
