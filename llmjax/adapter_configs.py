@@ -1,12 +1,13 @@
-"""Configs of the adapter kinds a run config may add (``prompt_tuning:``), kept in the core layer so
-``llmjax.config`` can build them; the code that uses them re-exports them (``llmjax.prompt_tuning``)."""
+"""Configs of the adapter kinds a run config may add (``lora:``, ``prompt_tuning:``), kept in the core layer so
+``llmjax.config`` can build and check them; the code that uses them re-exports them (``llmjax.lora``,
+``llmjax.prompt_tuning``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-from llmjax.errors import UserError
+from llmjax.errors import InputError, UserError
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -46,3 +47,75 @@ class PromptTuningConfig:
         if self.prompt_tuning_init != "TEXT" and text is not None:
             raise PromptTuningError(f"prompt_tuning.prompt_tuning_init_text is only read with prompt_tuning_init=TEXT "
                                     f"(got {self.prompt_tuning_init}); set the init to TEXT or drop the text")
+
+
+# The module names each family can adapt: every projection kernel inside a layer.
+FAMILY_TARGETS = {
+    "T5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+class LoraConfigError(InputError):
+    """A LoRA setting (``r``, ``lora_alpha``, ``target_modules``, ...) that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters, PEFT's names and meaning.
+
+    r: rank of the update (> 0). lora_alpha: the update is scaled by ``lora_alpha / r``.
+    lora_dropout: dropout on the adapter's input while training, in [0, 1).
+    target_modules: Hugging Face module names to adapt, e.g. ``("q", "v")`` (T5) or ``("q_proj", "v_proj")``.
+    """
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise LoraConfigError(f"lora r={self.r!r} must be a positive integer (the rank, e.g. 8)")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise LoraConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number (e.g. 2 * r)")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise LoraConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        targets = tuple(dict.fromkeys(targets))  # a list from YAML/JSON -> tuple, repeats dropped
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise LoraConfigError(
+                f"lora target_modules={self.target_modules!r} must be a non-empty list of module names, e.g. "
+                f"{list(FAMILY_TARGETS['T5'][:1] + FAMILY_TARGETS['T5'][2:3])} (T5) or ['q_proj', 'v_proj'] (LLaMA)"
+            )
+        known = {name for names in FAMILY_TARGETS.values() for name in names}
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            listed = "; ".join(f"{family}: {list(names)}" for family, names in FAMILY_TARGETS.items())
+            raise LoraConfigError(f"lora target_modules {unknown} are not module names llmjax can adapt ({listed})")
+        object.__setattr__(self, "target_modules", targets)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.r
+
+
+def lora_targets(model_config) -> tuple[str, ...]:
+    """The module names ``target_modules`` may name on this model: a T5 feed-forward is ``wi`` or, gated,
+    ``wi_0`` and ``wi_1``; LLaMA-style decoders have all seven projections."""
+    from llmjax.model_config import family_of
+
+    if family_of(model_config) != "t5":
+        return FAMILY_TARGETS["llama"]
+    ffn = ("wi_0", "wi_1") if model_config.gated else ("wi",)
+    return ("q", "k", "v", "o", *ffn, "wo")
+
+
+def check_lora_targets(cfg: "LoraConfig", model_config) -> None:
+    """Refuse targets the model does not have, listing the ones it has (before a run writes anything)."""
+    have = lora_targets(model_config)
+    missing = [t for t in cfg.target_modules if t not in have]
+    if missing:
+        family = "T5" if "q" in have else "llama"
+        raise LoraConfigError(f"lora target_modules {missing} are not modules of this {family} model; "
+                              f"its modules are {list(have)}")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmjax.adapter_configs import PromptTuningConfig
+from llmjax.adapter_configs import LoraConfig, PromptTuningConfig, check_lora_targets
 from llmjax.errors import UserError
 from llmjax.model_config import MODEL_CONFIGS, family_of
 
@@ -315,12 +315,8 @@ OPTIONAL_SECTIONS = ("lora", "prompt_tuning")
 
 
 def _optional_section_class(name: str):
-    """The dataclass of an optional section; imported here, not at the top: it lives beside its code."""
-    if name == "lora":
-        from llmjax.lora import LoraConfig
-
-        return LoraConfig
-    return PromptTuningConfig
+    """The dataclass of an optional section (both live in ``llmjax.adapter_configs``)."""
+    return LoraConfig if name == "lora" else PromptTuningConfig
 
 
 def _check_prompt_tuning(config: RunConfig) -> None:
@@ -335,9 +331,7 @@ def _check_prompt_tuning(config: RunConfig) -> None:
 
 def _check_lora(lora, model) -> None:
     """A ``lora`` section that fits this model (``llmjax.stages.adapters`` trains it)."""
-    from llmjax.lora import sites
-
-    sites(model, lora)  # every target is a module of this model (LoraConfigError names the ones it has)
+    check_lora_targets(lora, model)  # every target is a module of this model (the error names the ones it has)
 
 
 def _check_batch_fits_mesh(train: TrainConfig, data_parallel_size: int | None) -> None:

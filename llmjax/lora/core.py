@@ -24,62 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from llmjax import hf
-from llmjax.errors import InputError
+from llmjax.adapter_configs import FAMILY_TARGETS, LoraConfig, LoraConfigError  # noqa: F401 (re-exported)
 from llmjax.models.layers import Dense
 
 LORA_A, LORA_B = "lora_A", "lora_B"
-# The module names each family can adapt: every projection kernel inside a layer.
-FAMILY_TARGETS = {
-    "T5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
 _LAYER_KEY = re.compile(r"layers_(\d+)")
 
 Path = tuple[str, ...]
-
-
-class LoraConfigError(InputError):
-    """A LoRA setting (``r``, ``lora_alpha``, ``target_modules``, ...) that cannot be used."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """LoRA hyper-parameters, PEFT's names and meaning.
-
-    r: rank of the update (> 0). lora_alpha: the update is scaled by ``lora_alpha / r``.
-    lora_dropout: dropout on the adapter's input while training, in [0, 1).
-    target_modules: Hugging Face module names to adapt, e.g. ``("q", "v")`` (T5) or ``("q_proj", "v_proj")``.
-    """
-
-    r: int
-    lora_alpha: float
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise LoraConfigError(f"lora r={self.r!r} must be a positive integer (the rank, e.g. 8)")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise LoraConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number (e.g. 2 * r)")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise LoraConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
-        targets = tuple(dict.fromkeys(targets))  # a list from YAML/JSON -> tuple, repeats dropped
-        if not targets or not all(isinstance(t, str) for t in targets):
-            raise LoraConfigError(
-                f"lora target_modules={self.target_modules!r} must be a non-empty list of module names, e.g. "
-                f"{list(FAMILY_TARGETS['T5'][:1] + FAMILY_TARGETS['T5'][2:3])} (T5) or ['q_proj', 'v_proj'] (LLaMA)"
-            )
-        known = {name for names in FAMILY_TARGETS.values() for name in names}
-        unknown = [t for t in targets if t not in known]
-        if unknown:
-            listed = "; ".join(f"{family}: {list(names)}" for family, names in FAMILY_TARGETS.items())
-            raise LoraConfigError(f"lora target_modules {unknown} are not module names llmjax can adapt ({listed})")
-        object.__setattr__(self, "target_modules", targets)
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / self.r
 
 
 @dataclasses.dataclass(frozen=True)
