@@ -90,9 +90,18 @@ def cmd_data_corpus(args) -> int:
 
 
 def cmd_lab_summarize(args) -> int:
+    import dataclasses
+
+    from llmjax.lab.adapter_rows import AdapterRows, parse_ranks
     from llmjax.lab.summarize import LabSettings, run_lab
 
-    run_lab(args.out, LabSettings.tiny() if args.tiny else LabSettings(), progress=not args.no_progress)
+    rows = AdapterRows.tiny() if args.tiny else AdapterRows()
+    if args.lora_ranks is not None:
+        rows = dataclasses.replace(rows, lora_ranks=parse_ranks(args.lora_ranks))
+    if args.no_prompt_tuning:
+        rows = dataclasses.replace(rows, prompt_tuning=False)
+    run_lab(args.out, LabSettings.tiny() if args.tiny else LabSettings(), progress=not args.no_progress,
+            adapter_rows=rows)
     return 0
 
 
@@ -285,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (a finished pre-training there is reused)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps (a smoke test, seconds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the phase lines stay)")
+    p.add_argument("--lora-ranks", metavar="R,R,...", help="ranks of the lora_r<r> rows (default 1,4,8,16,32; "
+                                                         "--tiny: 1); 'none' for no LoRA rows")
+    p.add_argument("--no-prompt-tuning", action="store_true", help="skip the prompt_tuning row")
     p.set_defaults(func=cmd_lab_summarize)
 
     p = sub.add_parser("generate", help="generate text from a Hugging Face directory or an llmjax checkpoint")

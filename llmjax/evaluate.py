@@ -300,8 +300,9 @@ def build_prompts(model, tokenizer: Tokenizer, examples: Sequence[dict], templat
 def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dict], template: PromptTemplate | str, *,
                      shots: int = 0, shot_pool: Sequence[dict] | None = None, shot_seed: int = 0,
                      max_input_tokens: int | None = None, generation_config: GenerationConfig | None = None,
-                     batch_size: int = 8, rng: jax.Array | None = None) -> EvalResult:
-    """Prompt, generate and score every example (each needs the template's fields and ``summary``)."""
+                     batch_size: int = 8, rng: jax.Array | None = None, soft_prompt=None) -> EvalResult:
+    """Prompt, generate and score every example (each needs the template's fields and ``summary``).
+    ``soft_prompt`` ``[n, d_model]``: a prompt-tuning run's soft prompt, put before every prompt."""
     if not examples:
         raise InputError("no examples to evaluate; check the data path, split and --limit")
     template = get_template(template)
@@ -310,7 +311,7 @@ def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dic
     prompts, kept = build_prompts(model, tokenizer, examples, template, shots=shots, shot_pool=shot_pool,
                                   shot_seed=shot_seed, max_input_tokens=max_input_tokens)
     predictions = generate_texts(model, params, tokenizer, prompts, generation_config=generation_config,
-                                 batch_size=batch_size, rng=rng)
+                                 batch_size=batch_size, rng=rng, soft_prompt=soft_prompt)
     references = [example_references(example, template) for example in examples]
     return EvalResult(shots, [str(e.get("id", i)) for i, e in enumerate(examples)], prompts, predictions,
                       references, kept, score_predictions(predictions, references))

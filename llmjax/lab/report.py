@@ -2,7 +2,8 @@
 
 ``results.json`` maps each row name to its scores (ROUGE F-measures in [0, 1] against all references
 of an example, the best one counting; corpus BLEU in [0, 100]), ``trainable_params``,
-``trainable_fraction`` and ``train_seconds``; the key ``_lab`` holds the run's facts (settings,
+``trainable_fraction`` and ``train_seconds``, and for trained rows ``optimizer_state_bytes`` and
+``step_seconds``; the key ``_lab`` holds the run's facts (settings,
 forgetting numbers, curves), so one file rescores and replots the run.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
 RANDOM_SAME_TOPIC = {"first": 0.534, "all": 0.714}  # README: ROUGE-L of a random same-topic training summary
 EXAMPLES_SHOWN = 4
+PEFT_FRACTION = 0.02  # issue 11: a LoRA row training at most this share of the parameters ...
+PEFT_QUALITY = 0.97   # ... reaches at least this share of full fine-tuning's ROUGE-L
 
 
 def write_predictions(path: Path, result) -> None:
@@ -85,6 +88,93 @@ def plot_curves(out: Path, results: dict, facts: dict) -> list[Path]:
     return paths
 
 
+def adapter_row_names(results: dict) -> list[str]:
+    """The parameter-efficient rows present: ``lora_r<r>`` by rank, then ``prompt_tuning``."""
+    lora = sorted((row for row in results if row.startswith("lora_r")), key=lambda row: int(row.removeprefix("lora_r")))
+    return lora + [row for row in ("prompt_tuning",) if row in results]
+
+
+def plot_lora_sweep(out: Path, results: dict) -> Path | None:
+    """``lora_sweep.png``: test ROUGE-L against trainable fraction (log scale) of the LoRA rows, with full
+    fine-tuning and prompt tuning marked and the 2% / 97% target drawn; None without adapter rows."""
+    rows = adapter_row_names(results)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    lora = [row for row in rows if row.startswith("lora_r")]
+    if lora:
+        xs, ys = [results[row]["trainable_fraction"] for row in lora], [results[row]["rougeL"] for row in lora]
+        ax.plot(xs, ys, "-o", label="LoRA on " + ", ".join(results[lora[0]].get("target_modules", [])))
+        for row, x, y in zip(lora, xs, ys):
+            ax.annotate(f"r={row.removeprefix('lora_r')}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    if "prompt_tuning" in results:
+        r = results["prompt_tuning"]
+        ax.plot([r["trainable_fraction"]], [r["rougeL"]], "D", label=f"prompt tuning ({r['num_virtual_tokens']} tokens)")
+    full = results["full_ft"]
+    ax.plot([full["trainable_fraction"]], [full["rougeL"]], "*", markersize=14, label="full fine-tuning")
+    ax.axhline(PEFT_QUALITY * full["rougeL"], linestyle=":", color="gray")
+    ax.annotate(f"{PEFT_QUALITY:.0%} of full fine-tuning", (0.01, PEFT_QUALITY * full["rougeL"]),
+                xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
+    ax.axvline(PEFT_FRACTION, linestyle="--", color="gray")
+    ax.set_xscale("log")
+    ax.set(title="test ROUGE-L against the share of parameters trained", xlabel="trainable fraction (log scale)",
+           ylabel="ROUGE-L (all references)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, out / "lora_sweep.png")
+
+
+def _share(row: dict, full: dict, key: str) -> str:
+    return f"{row[key] / full[key]:.1%}" if row.get(key) is not None and full.get(key) else "-"
+
+
+def adapter_section(results: dict, facts: dict, png: Path | None) -> list[str]:
+    """``report.md``'s section on the parameter-efficient rows (empty without them): their settings, a table
+    against full fine-tuning, and which LoRA row trains <= 2% of the parameters and how close it comes."""
+    rows = adapter_row_names(results)
+    if not rows:
+        return []
+    s, full = facts["adapter_rows"], results["full_ft"]
+    text = [
+        "## Parameter-efficient fine-tuning", "",
+        f"Every row below trains as `full_ft` does (same task, steps, batch and schedule, from the same pre-trained "
+        f"model), only part of the model: LoRA on {', '.join(s['lora_target_modules'])} with lora_alpha = "
+        f"{s['lora_alpha_per_rank']:g} r (scale {s['lora_alpha_per_rank']:g} at every rank) at learning rate "
+        f"{s['lora_learning_rate']:g}; prompt tuning with {s['num_virtual_tokens']} virtual tokens initialised from "
+        f"\"{s['prompt_tuning_init_text']}\" at learning rate {s['prompt_learning_rate']:g}, on unpacked rows "
+        f"(full fine-tuning: {facts['settings']['sft_learning_rate']:g}). Trainable fraction as PEFT's trainable%: "
+        "trainable / (base + trainable). Optimizer state: what the run's checkpoint holds; step time: the median "
+        "of the loop's logged step times.", "",
+        "| row | trainable params | trainable fraction | ROUGE-L | of full_ft's | optimizer state (MiB) | of full_ft's "
+        "| step seconds | of full_ft's |", "|---|" + "---:|" * 8,
+    ]
+    for row in ["full_ft", *rows]:
+        r = results[row]
+        text.append(f"| {row} | {r['trainable_params']:,} | {r['trainable_fraction']:.2%} | {r['rougeL']:.4f} | "
+                    f"{_share(r, full, 'rougeL')} | {_megabytes(r)} | {_share(r, full, 'optimizer_state_bytes')} | "
+                    f"{_step_seconds(r)} | {_share(r, full, 'step_seconds')} |")
+    small = [row for row in rows if row.startswith("lora_r") and results[row]["trainable_fraction"] <= PEFT_FRACTION]
+    text.append("")
+    if small:
+        best = max(small, key=lambda row: results[row]["rougeL"])
+        ratio = results[best]["rougeL"] / full["rougeL"] if full["rougeL"] else float("nan")
+        text.append(f"LoRA rows training at most {PEFT_FRACTION:.0%} of the parameters: "
+                    + ", ".join(f"`{row}` ({results[row]['trainable_fraction']:.2%})" for row in small)
+                    + f". The best of them, `{best}`, reaches {ratio:.1%} of full fine-tuning's ROUGE-L "
+                    f"({results[best]['rougeL']:.4f} against {full['rougeL']:.4f}); the target, at least "
+                    f"{PEFT_QUALITY:.0%}, is {'met' if ratio >= PEFT_QUALITY else 'not met'}.")
+    else:
+        text.append(f"No LoRA row trains at most {PEFT_FRACTION:.0%} of the parameters of this model.")
+    if png is not None:
+        text += ["", f"![{png.stem}]({png.name})"]
+    return text + [""]
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -94,15 +184,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _megabytes(r: dict) -> str:
+    return f"{r['optimizer_state_bytes'] / 2**20:.3f}" if r.get("optimizer_state_bytes") is not None else "-"
+
+
+def _step_seconds(r: dict) -> str:
+    return f"{r['step_seconds']:.3f}" if r.get("step_seconds") is not None else "-"
+
+
 def results_table(results: dict) -> str:
     lines = ["| row | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | ROUGE-L (first ref) | trainable params | "
-             "trainable fraction | train seconds |", "|---|" + "---:|" * 9]
+             "trainable fraction | train seconds | optimizer state (MiB) | step seconds (median) |", "|---|" + "---:|" * 11]
     for row, r in results.items():
         lines.append(f"| {row} | " + " | ".join(f"{r[k]:.4f}" if k != "bleu" else f"{r[k]:.1f}" for k in SCORE_KEYS)
                      + f" | {r['rougeL_first_ref']:.4f} | {r['trainable_params']:,} | {r['trainable_fraction']:.4f} "
-                     f"| {r['train_seconds']:.0f} |")
+                     f"| {r['train_seconds']:.0f} | {_megabytes(r)} | {_step_seconds(r)} |")
     lines.append(f"| random same-topic summary (README baseline) | 0.725 | 0.569 | {RANDOM_SAME_TOPIC['all']} | 0.715 "
-                 f"| 61.7 | {RANDOM_SAME_TOPIC['first']} | - | - | - |")
+                 f"| 61.7 | {RANDOM_SAME_TOPIC['first']} | - | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -127,6 +225,7 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         write_predictions(predictions / f"{row}.jsonl", result)
     (out / "results.json").write_text(json.dumps({**results, "_lab": facts}, indent=2) + "\n", encoding="utf-8")
     pngs = plot_curves(out, results, facts)
+    sweep = plot_lora_sweep(out, results)
     forgetting, settings = facts["forgetting"], facts["settings"]
     share = forgetting["mixture_share"]
     text = [
@@ -149,6 +248,7 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         f"| after SFT on DialogSum only (`full_ft`) | {forgetting['after_sft']:.4f} |",
         f"| after SFT with {share:.0%} span corruption in the mixture (`full_ft_mixed`) | "
         f"{forgetting['after_mixed_sft']:.4f} |", "",
+        *adapter_section(results, facts, sweep),
         f"## Examples (first {min(EXAMPLES_SHOWN, len(examples))} test dialogues)", "",
         examples_table(examples, outputs), "",
         "## Curves", "", *[f"![{p.stem}]({p.name})" for p in pngs], "",

@@ -11,6 +11,8 @@
    validation ROUGE and the pre-training held-out loss are measured: the curves of the report.
 4. **Forgetting**: the same SFT with a share of span-corruption examples in the mixture (row
    ``full_ft_mixed``); the held-out span-corruption loss before SFT, after SFT and after mixed SFT.
+5. **Parameter-efficient rows** (``llmjax.lab.adapter_rows``): the full fine-tuning run with a ``lora:``
+   section, one row ``lora_r<r>`` per rank of a sweep, and with a ``prompt_tuning:`` section (``prompt_tuning``).
 
 Outputs (``llmjax.lab.report``): ``results.json``, ``predictions/<row>.jsonl``, ``report.md``, PNG curves.
 """
@@ -34,6 +36,7 @@ from llmjax.data.tokenizer import Tokenizer, train_tokenizer
 from llmjax.evaluate import evaluate_dataset, load_model_for_inference
 from llmjax.generate import GenerationConfig
 from llmjax.lab import report
+from llmjax.lab.adapter_rows import AdapterRows, run_adapter_row, run_measures
 from llmjax.loading import newest_complete_step
 from llmjax.stages import run_stage
 from llmjax.stages.sft import build_stage as build_sft_stage
@@ -157,11 +160,11 @@ def heldout_loss(model, params, batches: list[dict]) -> float:
     return loss / weights
 
 
-def evaluate_row(model, params, tokenizer, examples, settings: LabSettings, shots: int = 0):
+def evaluate_row(model, params, tokenizer, examples, settings: LabSettings, shots: int = 0, soft_prompt=None):
     generation = GenerationConfig(max_new_tokens=settings.max_new_tokens)
     return evaluate_dataset(model, params, tokenizer, examples, TEMPLATE, shots=shots,
                             shot_pool=bundled_dialogsum("train"), generation_config=generation,
-                            batch_size=settings.generation_batch_size)
+                            batch_size=settings.generation_batch_size, soft_prompt=soft_prompt)
 
 
 def row_entry(result, trainable: int, total: int, seconds: float, **extra) -> dict:
@@ -219,10 +222,18 @@ def fine_tune(out: Path, name: str, base, tokenizer_dir: Path, tasks, rates, set
     return {"params": tuned, "seconds": seconds, "curve": curve}
 
 
+def step_costs(run_dir: Path) -> dict:
+    """A fine-tuning run's ``optimizer_state_bytes`` and median ``step_seconds`` (``adapter_rows.run_measures``)."""
+    measured = run_measures(run_dir)
+    return {key: measured[key] for key in ("optimizer_state_bytes", "step_seconds")}
+
+
 # -- the lab ---------------------------------------------------------------------
 
-def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True) -> dict:
-    """Run the whole lab into ``out``; returns the ``results.json`` mapping."""
+def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
+            adapter_rows: AdapterRows = AdapterRows()) -> dict:
+    """Run the whole lab into ``out`` (``adapter_rows``: which parameter-efficient rows); returns the
+    ``results.json`` mapping."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -252,12 +263,32 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
         outputs[row] = evaluate_row(model, tuned["params"], tokenizer, test, settings)
         results[row] = row_entry(outputs[row], total, total, tuned["seconds"],
                                  heldout_loss=tuned["curve"][-1]["heldout_loss"], tasks=list(tasks),
-                                 task_rates=list(rates))
+                                 task_rates=list(rates), **step_costs(out / row))
         say(f"{row}: ROUGE-L {results[row]['rougeL']:.4f}")
+
+    adapter_names = adapter_rows.row_names()
+    full_ft_config = sft_config(out / "full_ft", settings, runs["full_ft"][0], runs["full_ft"][1], settings.sft_steps,
+                                tokenizer_dir)
+
+    def measure(tuned_model, tuned_params, soft_prompt):
+        say(f"generating {len(test)} test summaries")
+        return (evaluate_row(tuned_model, tuned_params, tokenizer, test, settings, soft_prompt=soft_prompt),
+                heldout_loss(tuned_model, tuned_params, held_out))
+
+    for i, row in enumerate(adapter_names, 1):
+        tuned = run_adapter_row(out, row, adapter_rows, full_ft_config, measure,
+                                lambda message: say(f"[{i}/{len(adapter_names)}] {message}"), progress)
+        outputs[row] = tuned["result"]
+        trainable = tuned["trainable_params"]
+        results[row] = row_entry(outputs[row], trainable, total + trainable, tuned["seconds"],
+                                 heldout_loss=tuned["heldout_loss"], optimizer_state_bytes=tuned["optimizer_state_bytes"],
+                                 step_seconds=tuned["step_seconds"], **adapter_rows.row_settings(row))
+        say(f"[{i}/{len(adapter_names)}] {row}: ROUGE-L {results[row]['rougeL']:.4f} "
+            f"({results[row]['trainable_fraction']:.2%} of the parameters trained)")
 
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
                   "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"], "mixture_share": settings.mixture_share}
-    facts = {"settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
+    facts = {"settings": dataclasses.asdict(settings), "adapter_rows": dataclasses.asdict(adapter_rows), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
              "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
              "curves": curves, "pretrain_dir": str(out / "pretrain")}
     report.write_outputs(out, test, outputs, results, facts)

@@ -1,5 +1,6 @@
-"""``llmjax lab summarize``: a shrunken run produces every output, consistently; the saved full run
-(``labs/summarize``) meets the lab's targets and rescoring its predictions reproduces its numbers."""
+"""``llmjax lab summarize``: a shrunken run produces every output, consistently (the LoRA and prompt-tuning
+rows training only their adapters); the saved full run (``labs/summarize``) meets the lab's targets and
+rescoring its predictions reproduces its numbers."""
 
 import json
 from pathlib import Path
@@ -8,10 +9,12 @@ import pytest
 
 from llmjax import text_metrics
 from llmjax.cli import main
-from llmjax.lab.report import RANDOM_SAME_TOPIC, SCORE_KEYS
+from llmjax.lab.report import PEFT_FRACTION, PEFT_QUALITY, RANDOM_SAME_TOPIC, SCORE_KEYS, adapter_row_names
 
 ROWS = ("zero_shot", "one_shot", "few_shot", "full_ft", "full_ft_mixed")
 METRIC_KEYS = set(SCORE_KEYS) | {"trainable_params", "trainable_fraction", "train_seconds"}
+COST_KEYS = {"optimizer_state_bytes", "step_seconds"}  # trained rows also measure what a step costs
+TINY_ADAPTER_ROWS = ("lora_r1", "prompt_tuning")
 SAVED = Path(__file__).resolve().parents[2] / "labs" / "summarize"
 
 
@@ -24,9 +27,11 @@ def _rescore(predictions_file: Path) -> dict:
 
 
 def _check_outputs(out: Path, examples: int) -> dict:
+    """Every row's fields, predictions and report lines; the adapter rows present train only their part."""
     results = json.loads((out / "results.json").read_text())
     assert set(ROWS) <= set(results)
-    for row in ROWS:
+    adapter_rows = adapter_row_names(results)
+    for row in (*ROWS, *adapter_rows):
         entry = results[row]
         assert METRIC_KEYS <= set(entry), row
         rescored = _rescore(out / "predictions" / f"{row}.jsonl")
@@ -39,13 +44,26 @@ def _check_outputs(out: Path, examples: int) -> dict:
     for row in ("full_ft", "full_ft_mixed"):
         assert results[row]["trainable_params"] == total and results[row]["trainable_fraction"] == 1.0
         assert results[row]["train_seconds"] > 0
+        if COST_KEYS <= set(results[row]):  # a run saved before the costs were measured has none
+            assert results[row]["optimizer_state_bytes"] >= 8 * total  # AdamW: two fp32 moments per parameter
+    full = results["full_ft"]
+    for row in adapter_rows:
+        entry = results[row]
+        assert COST_KEYS <= set(entry) and entry["train_seconds"] > 0 and entry["step_seconds"] > 0, row
+        trainable = entry["trainable_params"]
+        assert entry["trainable_fraction"] == pytest.approx(trainable / (total + trainable))
+        assert 8 * trainable <= entry["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 10, row
     forgetting = results["_lab"]["forgetting"]
     assert forgetting["after_sft"] == results["full_ft"]["heldout_loss"]
     assert forgetting["after_mixed_sft"] == results["full_ft_mixed"]["heldout_loss"]
     report = (out / "report.md").read_text()
     assert "## Forgetting" in report and f"{forgetting['before_sft']:.4f}" in report
-    assert all(f"| {row} |" in report for row in ROWS)
-    for png in ("loss.png", "rouge.png", "forgetting.png"):
+    assert all(f"| {row} |" in report for row in (*ROWS, *adapter_rows))
+    pngs = ["loss.png", "rouge.png", "forgetting.png"]
+    if adapter_rows:
+        assert "## Parameter-efficient fine-tuning" in report
+        pngs.append("lora_sweep.png")
+    for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return results
 
@@ -56,10 +74,20 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress"]) == 0
     first = _check_outputs(out, examples=8)
     assert first["_lab"]["pretrain_seconds"] > 0
-    assert "pre-training a T5" in capsys.readouterr().out
-    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "pre-training a T5" in printed and "[2/2] prompt_tuning: ROUGE-L" in printed
+    # Only the adapters train, by hand count: r=1 on q and v (32x32) of the 1+1-layer T5's encoder
+    # self-attention and decoder self- and cross-attention; 4 soft-prompt rows of width 32.
+    assert adapter_row_names(first) == list(TINY_ADAPTER_ROWS)
+    assert all(COST_KEYS <= set(first[row]) for row in ("full_ft", "full_ft_mixed"))
+    assert first["lora_r1"]["trainable_params"] == 1 * (32 + 32) * 6
+    assert first["prompt_tuning"]["trainable_params"] == 4 * 32
+    assert all(first[row]["trainable_fraction"] < 0.02 for row in TINY_ADAPTER_ROWS)
+    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--lora-ranks", "none",
+                 "--no-prompt-tuning"]) == 0
     second = _check_outputs(out, examples=8)
     assert second["_lab"]["pretrain_seconds"] == 0 and "reusing the pre-trained model" in capsys.readouterr().out
+    assert adapter_row_names(second) == []  # the flags chose no adapter rows
     # The same pre-trained model and greedy decoding: the in-context rows repeat exactly.
     assert all(second[row]["rougeL"] == first[row]["rougeL"] for row in ("zero_shot", "one_shot", "few_shot"))
 
@@ -83,3 +111,21 @@ def test_saved_lab_run_beats_the_random_same_topic_baseline():
     full = json.loads((SAVED / "results.json").read_text())["full_ft"]
     assert full["rougeL_first_ref"] > RANDOM_SAME_TOPIC["first"]  # the facts, not only the frames
     assert full["rougeL"] > RANDOM_SAME_TOPIC["all"]
+
+
+def test_lab_refuses_bad_lora_ranks_before_running(tmp_path, capsys):
+    assert main(["lab", "summarize", "--out", str(tmp_path / "lab"), "--tiny", "--lora-ranks", "4,x"]) == 2
+    assert "--lora-ranks '4,x'" in capsys.readouterr().err
+    assert not (tmp_path / "lab").exists()
+
+
+@needs_saved_run
+@pytest.mark.xfail(strict=True, reason="the saved run predates the LoRA rows (and its full_ft is undertrained); "
+                                       "remove this mark with a run that passes")
+def test_saved_lab_run_lora_with_few_parameters_nears_full_fine_tuning():
+    results = json.loads((SAVED / "results.json").read_text())
+    small = [row for row in adapter_row_names(results)
+             if row.startswith("lora_r") and results[row]["trainable_fraction"] <= PEFT_FRACTION]
+    assert small, "no LoRA row trains <= 2% of the parameters"
+    best = max(results[row]["rougeL"] for row in small)
+    assert best >= PEFT_QUALITY * results["full_ft"]["rougeL"]
