@@ -141,6 +141,7 @@ def run_adapter_row(out: Path, row: str, rows: AdapterRows, full_ft_config: RunC
     start = time.perf_counter()
     train(stage, config, progress=progress)
     seconds = time.perf_counter() - start
+    say(f"{row}: generating the test summaries")
     loaded = load_model(run_dir)  # a LoRA run's adapters merged in; a prompt-tuning run's soft prompt beside
     result, held_out = measure(loaded.model, loaded.params, loaded.soft_prompt)
     return {"result": result, "seconds": seconds, "heldout_loss": held_out, **run_measures(run_dir)}

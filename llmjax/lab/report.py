@@ -121,6 +121,8 @@ def plot_lora_sweep(out: Path, results: dict) -> Path | None:
     ax.annotate(f"{PEFT_QUALITY:.0%} of full fine-tuning", (0.01, PEFT_QUALITY * full["rougeL"]),
                 xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     ax.axvline(PEFT_FRACTION, linestyle="--", color="gray")
+    ax.annotate(f"{PEFT_FRACTION:.0%} trained", (PEFT_FRACTION, 0.99), xycoords=("data", "axes fraction"), fontsize=8,
+                va="top", ha="right", rotation=90)
     ax.set_xscale("log")
     ax.set(title="test ROUGE-L against the share of parameters trained", xlabel="trainable fraction (log scale)",
            ylabel="ROUGE-L (all references)")
@@ -149,15 +151,15 @@ def adapter_section(results: dict, facts: dict, png: Path | None) -> list[str]:
         f"\"{s['prompt_tuning_init_text']}\" at learning rate {s['prompt_learning_rate']:g}, on unpacked rows "
         f"(full fine-tuning: {facts['settings']['sft_learning_rate']:g}). Trainable fraction as PEFT's trainable%: "
         "trainable / (base + trainable). Optimizer state: what the run's checkpoint holds; step time: the median "
-        "of the loop's logged step times.", "",
+        "of the loop's logged step times; held-out loss: the pre-training objective's, as under Forgetting.", "",
         "| row | trainable params | trainable fraction | ROUGE-L | of full_ft's | optimizer state (MiB) | of full_ft's "
-        "| step seconds | of full_ft's |", "|---|" + "---:|" * 8,
+        "| step seconds | of full_ft's | held-out pre-training loss |", "|---|" + "---:|" * 9,
     ]
     for row in ["full_ft", *rows]:
         r = results[row]
         text.append(f"| {row} | {r['trainable_params']:,} | {r['trainable_fraction']:.2%} | {r['rougeL']:.4f} | "
                     f"{_share(r, full, 'rougeL')} | {_megabytes(r)} | {_share(r, full, 'optimizer_state_bytes')} | "
-                    f"{_step_seconds(r)} | {_share(r, full, 'step_seconds')} |")
+                    f"{_step_seconds(r)} | {_share(r, full, 'step_seconds')} | {r['heldout_loss']:.4f} |")
     small = [row for row in rows if row.startswith("lora_r") and results[row]["trainable_fraction"] <= PEFT_FRACTION]
     text.append("")
     if small:

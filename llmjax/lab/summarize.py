@@ -271,7 +271,6 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
                                 tokenizer_dir)
 
     def measure(tuned_model, tuned_params, soft_prompt):
-        say(f"generating {len(test)} test summaries")
         return (evaluate_row(tuned_model, tuned_params, tokenizer, test, settings, soft_prompt=soft_prompt),
                 heldout_loss(tuned_model, tuned_params, held_out))
 
