@@ -227,6 +227,19 @@ def test_evaluate_scores_equal_metrics_on_its_predictions(loaded, examples):
     assert len(result.scores) == 12
 
 
+def test_evaluate_generates_after_a_soft_prompt(loaded, examples):
+    family, (model, params, tokenizer) = loaded
+    soft_prompt = 3.0 * jax.random.normal(jax.random.key(1), (4, model.config.d_model if hasattr(model.config, "d_model")
+                                                                else model.config.hidden_size))
+    options = dict(max_input_tokens=200, generation_config=GREEDY, batch_size=4)
+    plain = evaluate_dataset(model, params, tokenizer, examples, "summarize", **options)
+    prompted = evaluate_dataset(model, params, tokenizer, examples, "summarize", soft_prompt=soft_prompt, **options)
+    assert prompted.predictions == generate_texts(model, params, tokenizer, prompted.prompts, generation_config=GREEDY,
+                                                  batch_size=4, soft_prompt=soft_prompt)
+    if family == "t5":  # the random tiny decoder says the same words whatever comes first
+        assert prompted.predictions != plain.predictions  # the prompt reached the model
+
+
 def test_perfect_and_hand_checked_scores(examples):
     references = [example["summary"] for example in examples]
     perfect = score_predictions(references, references)
