@@ -287,9 +287,9 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
 
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
                   "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"], "mixture_share": settings.mixture_share}
-    facts = {"settings": dataclasses.asdict(settings), "adapter_rows": dataclasses.asdict(adapter_rows), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
+    facts = {"settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
              "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
-             "curves": curves, "pretrain_dir": str(out / "pretrain")}
+             "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}
     report.write_outputs(out, test, outputs, results, facts)
     say(f"done in {facts['lab_seconds']:.0f} s: {out / 'report.md'}")
     return results
