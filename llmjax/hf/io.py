@@ -247,14 +247,18 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = "adapter_model.bin"
 
 
-def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(adapter_config.json as a dict, tensors)`` of a PEFT adapter directory; clear errors when absent,
-    malformed or pickled."""
+# PEFT's task_type of a model, by whether it is an encoder-decoder (``Family.seq2seq``).
+PEFT_TASK_TYPES = {True: "SEQ_2_SEQ_LM", False: "CAUSAL_LM"}
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """``adapter_config.json`` of a PEFT adapter directory as a dict (its ``peft_type`` says which kind of
+    adapter it is); clear errors when the directory or file is absent or malformed."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory; pass a PEFT adapter directory "
                               f"({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})")
-    config_file, weights = path / ADAPTER_CONFIG_NAME, path / ADAPTER_WEIGHTS_NAME
+    config_file = path / ADAPTER_CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; a PEFT adapter directory needs {ADAPTER_CONFIG_NAME}")
     try:
@@ -263,6 +267,14 @@ def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(adapter_config.json as a dict, tensors)`` of a PEFT adapter directory; clear errors when absent,
+    malformed or pickled."""
+    config, path = read_adapter_config(path), Path(path)
+    weights = path / ADAPTER_WEIGHTS_NAME
     if not weights.is_file():
         if (path / ADAPTER_PICKLE_NAME).is_file():
             raise CheckpointError(
