@@ -22,12 +22,12 @@ from llmjax.errors import InputError
 from llmjax.hf.io import (
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TASK_TYPES, CheckpointError, read_adapter_dir, write_adapter_dir,
 )
+from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import LORA_A, LORA_B, LoraConfig, LoraConfigError, Site, merge, sites, unboxed
 from llmjax.models import model_family
 
 PEFT_TYPE = "LORA"
 _PREFIX = "base_model.model."
-_SHOWN = 6  # key names listed in one message
 
 # adapter_config.json options that change what the adapter computes: the values plain LoRA has (a JSON
 # null, false, {} or [] where PEFT writes one of those), and what the option is, for the message.
@@ -170,11 +170,9 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     expected = {_key(m, name) for site in targeted for m in site.hf_modules for name in (LORA_A, LORA_B)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        found = ([f"missing {missing[:_SHOWN]}{' ...' if len(missing) > _SHOWN else ''}"] if missing else []) + (
-            [f"unexpected {unexpected[:_SHOWN]}{' ...' if len(unexpected) > _SHOWN else ''}"] if unexpected else [])
         raise AdapterError(
             f"{file}: tensors do not match target_modules {list(cfg.target_modules)} on this model: "
-            f"{', '.join(found)}; was the adapter made for a model with this config.json (layer count, "
+            f"{tensor_mismatch(missing, unexpected)}; was the adapter made for a model with this config.json (layer count, "
             "gated MLP)?")
     adapters: dict = {}
     for site in targeted:

@@ -155,7 +155,7 @@ Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
     ({"target_modules": ["q_proj"]}, r"\['q_proj'\] are not modules of this T5 model.*another model family"),
     ({"r": 0}, "r=0 must be a positive integer"),
     ({"r": 3}, r"has shape \(2, 16\), expected \(3, 16\)"),
-    ({"target_modules": ["q", "v", "o"]}, r"missing \['base_model.model.decoder.block.0.layer.0.SelfAttention.o"),
+    ({"target_modules": ["q", "v", "o"]}, r"missing tensors \['base_model.model.decoder.block.0.layer.0.SelfAttention.o"),
 ])
 def test_from_pretrained_refuses_config(changes, match, t5_adapter, tmp_path):
     model, directory = t5_adapter
@@ -164,8 +164,8 @@ def test_from_pretrained_refuses_config(changes, match, t5_adapter, tmp_path):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda t: {k: v for k, v in t.items() if k != f"{Q0}.lora_B.weight"}, rf"missing \['{Q0}.lora_B.weight'\]"),
-    (lambda t: {**t, f"{Q0[:-1]}k.lora_A.weight": t[f"{Q0}.lora_A.weight"]}, r"unexpected \[.*SelfAttention.k.lora_A"),
+    (lambda t: {k: v for k, v in t.items() if k != f"{Q0}.lora_B.weight"}, rf"missing tensors \['{Q0}.lora_B.weight'\]"),
+    (lambda t: {**t, f"{Q0[:-1]}k.lora_A.weight": t[f"{Q0}.lora_A.weight"]}, r"unexpected tensors \[.*SelfAttention.k.lora_A"),
     (lambda t: {**t, f"{Q0}.lora_B.weight": t[f"{Q0}.lora_B.weight"][:4]}, r"lora_B.weight' has shape \(4, 2\), "
                                                                             r"expected \(8, 2\)"),
 ])
