@@ -107,9 +107,9 @@ def cmd_lab_summarize(args) -> int:
 
 def cmd_generate(args) -> int:
     from llmjax.evaluate import build_prompts, default_max_input_tokens, generate_texts, load_examples, \
-        load_model_for_inference, shot_pool_for, with_adapters
+        load_for_inference, shot_pool_for, with_adapters
 
-    model, params, tokenizer = load_model_for_inference(args.model)
+    model, params, tokenizer, run_prompt = load_for_inference(args.model)
     config = _generation_config(args)
     if args.dataset is not None:
         examples = load_examples(args.dataset, args.split, args.limit)
@@ -128,11 +128,11 @@ def cmd_generate(args) -> int:
         budget = args.max_input_tokens or default_max_input_tokens(model, config)
         prompts, _ = build_prompts(model, tokenizer, examples, template, shots=args.shots, shot_pool=pool,
                                    shot_seed=args.shot_seed, max_input_tokens=budget)
-    for adapter, _, variant in with_adapters(model, params, args.adapter):
+    for adapter, _, variant, soft_prompt in with_adapters(model, params, args.adapter, run_prompt):
         if adapter is not None:
             print(f"=== adapter {adapter} ===")
         outputs = generate_texts(model, variant, tokenizer, prompts, generation_config=config,
-                                 batch_size=args.batch_size, rng=_rng(args.seed))
+                                 batch_size=args.batch_size, rng=_rng(args.seed), soft_prompt=soft_prompt)
         for example, prompt, output in zip(examples, prompts, outputs):
             print(f"--- {example['id']} ---")
             if args.show_prompt:
@@ -144,19 +144,19 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from llmjax.evaluate import compare_shots, load_examples, load_model_for_inference, scores_table, \
+    from llmjax.evaluate import compare_shots, load_examples, load_for_inference, scores_table, \
         shot_pool_for, with_adapters, write_report
     from llmjax.generate import resolve_config
 
-    model, params, tokenizer = load_model_for_inference(args.model)
+    model, params, tokenizer, run_prompt = load_for_inference(args.model)
     config = _generation_config(args)
     examples = load_examples(args.data, args.split, args.limit)
-    for adapter, adapter_dir, variant in with_adapters(model, params, args.adapter):
+    for adapter, adapter_dir, variant, soft_prompt in with_adapters(model, params, args.adapter, run_prompt):
         results = compare_shots(
             model, variant, tokenizer, examples, args.template, shot_counts=args.shots,
             shot_pool=shot_pool_for(args.data, args.split), shot_seed=args.shot_seed,
             max_input_tokens=args.max_input_tokens, generation_config=config, batch_size=args.batch_size,
-            rng=_rng(args.seed),
+            rng=_rng(args.seed), soft_prompt=soft_prompt,
         )
         settings = {"model": str(args.model), "data": str(args.data), "split": args.split, "limit": args.limit,
                     "shot_seed": args.shot_seed, "max_input_tokens": args.max_input_tokens,
@@ -194,6 +194,13 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     g.add_argument("--max-input-tokens", type=int,
                    help="prompt budget in tokens (default: 512 for T5, context length minus new tokens for decoders)")
+
+
+def _add_adapter_option(p: argparse.ArgumentParser, several: str) -> None:
+    p.add_argument("--adapter", action="append", type=Path, default=[], metavar="DIR",
+                   help="PEFT adapter directory: LoRA (merged into the model) or prompt tuning (its soft prompt "
+                        "before every prompt); repeat it, kinds mixed, to run each adapter in turn on the model "
+                        f"loaded once ({several})")
 
 
 def _generation_config(args):
@@ -312,9 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="solved examples before each prompt (needs a template)")
     p.add_argument("--shot-seed", type=int, default=0, help="seed choosing the shots")
     p.add_argument("--show-prompt", action="store_true", help="print each full prompt before its output")
-    p.add_argument("--adapter", action="append", type=Path, default=[], metavar="DIR",
-                   help="PEFT LoRA adapter directory merged into the model; repeat it to run each adapter in turn "
-                        "on the model loaded once (outputs under '=== adapter NAME ===')")
+    _add_adapter_option(p, "outputs under '=== adapter NAME ==='")
     _add_decoding_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -328,9 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shot-seed", type=int, default=0, help="seed choosing the shots")
     p.add_argument("--out", required=True, type=Path, help="directory for scores.json, predictions.jsonl, report.md")
     p.add_argument("--examples-shown", type=int, default=5, help="examples in report.md (default 5)")
-    p.add_argument("--adapter", action="append", type=Path, default=[], metavar="DIR",
-                   help="PEFT LoRA adapter directory merged into the model; repeat it to run each adapter in turn "
-                        "on the model loaded once (several: one report each in OUT/NAME)")
+    _add_adapter_option(p, "several: one report each in OUT/NAME")
     _add_decoding_options(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -3,7 +3,8 @@
 - ``load_model_for_inference(path)`` -> ``(model, params, tokenizer)`` from a Hugging Face
   directory, an llmjax checkpoint directory (``checkpoint.dir`` of a run) or a run directory
   (``train.output_dir``, holding ``checkpoints/``); ``with_adapters(model, params, dirs)`` gives the
-  params with each PEFT LoRA adapter merged in turn, the base loaded once.
+  params and soft prompt of each PEFT adapter in turn (LoRA merged, prompt tuning's soft prompt), the base
+  loaded once.
 - ``generate_texts(...)``: prompts in, texts out, in batches (left padding for decoder-only
   models, right padding for T5), each output cut at its eos and stripped of its prefix.
 - ``evaluate_dataset(...)``: zero/one/few-shot prompts from a template (``llmjax.prompts``),
@@ -32,6 +33,7 @@ from llmjax import text_metrics
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.errors import InputError, InputNotFoundError
 from llmjax.generate import GenerationConfig, generate, resolve_config
+from llmjax.hf.io import ADAPTER_CONFIG_NAME, read_adapter_config
 from llmjax.loading import ModelPathError, load_model
 from llmjax.models import model_family
 from llmjax.prompts import TEMPLATES, PromptTemplate, fit_prompt, select_shots
@@ -48,32 +50,75 @@ INPUT_PREVIEW_CHARS = 240
 def load_model_for_inference(path: str | Path):
     """``(model, params, tokenizer)`` from a Hugging Face directory or an llmjax checkpoint/run directory
     (``llmjax.loading.load_model``); the tokenizer is the HF directory's ``spiece.model`` or the one the
-    checkpoint's metadata records. Params are host fp32 arrays."""
+    checkpoint's metadata records. Params are host fp32 arrays. A prompt-tuning run is refused (its soft
+    prompt would be lost): read it with :func:`load_for_inference`."""
+    model, params, tokenizer, soft_prompt = load_for_inference(path)
+    if soft_prompt is not None:
+        raise ModelPathError(f"{path} is a prompt-tuning run: its model needs its soft prompt; read it with "
+                             "llmjax.evaluate.load_for_inference (as `llmjax generate/evaluate --model` do) or use "
+                             "the run's exported hf/ directory with its PEFT prompt in hf/adapter")
+    return model, params, tokenizer
+
+
+def load_for_inference(path: str | Path):
+    """``(model, params, tokenizer, soft_prompt)``: :func:`load_model_for_inference` plus the soft prompt of a
+    prompt-tuning run (fp32 ``[n, d_model]``), None for any other model."""
     loaded = load_model(path)
     if loaded.kind == "hf":
-        return loaded.model, loaded.params, _load_tokenizer(loaded.path, f"Hugging Face directory {loaded.path}")
-    if loaded.tokenizer_dir is None:
+        tokenizer = _load_tokenizer(loaded.path, f"Hugging Face directory {loaded.path}")
+    elif loaded.tokenizer_dir is None:
         raise ModelPathError(f"checkpoint {loaded.path} records no tokenizer directory; export it with "
                              "`llmjax export` and add spiece.model to the exported directory")
-    tokenizer = _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
-    return loaded.model, loaded.params, tokenizer
+    else:
+        tokenizer = _load_tokenizer(loaded.tokenizer_dir, f"the tokenizer directory of {loaded.path}")
+    return loaded.model, loaded.params, tokenizer, loaded.soft_prompt
 
 
-def with_adapters(model, params, adapter_dirs: Sequence[str | Path] = ()):
-    """``(name, directory, params)`` for each PEFT LoRA adapter directory in turn: ``params`` (the base, loaded once)
-    with that adapter merged into a fresh copy of the adapted kernels, the base itself untouched (so it is
-    never reloaded). Every adapter is read and checked against the model before the first is yielded.
-    No adapters: ``(None, None, params)`` alone. Names are the directories' names, with parents as needed to
-    tell them apart (``a/adapter`` and ``b/adapter`` -> ``a_adapter``, ``b_adapter``)."""
+def with_adapters(model, params, adapter_dirs: Sequence[str | Path] = (), soft_prompt=None):
+    """``(name, directory, params, soft_prompt)`` for each PEFT adapter directory in turn, on ``params`` (the
+    base, loaded once and never changed, so never reloaded). The kind is the directory's ``peft_type``
+    (:data:`ADAPTER_KINDS`): a LoRA adapter gives the base with it merged into a fresh copy of the adapted kernels
+    and ``soft_prompt`` (the base's own, e.g. a prompt-tuning run's, or None); a prompt-tuning one gives the base
+    itself and the adapter's soft prompt, fp32 ``[n, d_model]``, in place of the base's.
+    Every adapter is read and checked against the model before the first is yielded. No adapters:
+    ``(None, None, params, soft_prompt)`` alone. Names are the directories' names, with parents as needed to tell
+    them apart (``a/adapter`` and ``b/adapter`` -> ``a_adapter``, ``b_adapter``)."""
     if not adapter_dirs:
-        yield None, None, params
+        yield None, None, params, soft_prompt
         return
+    names = adapter_names(adapter_dirs)
+    appliers = [read_adapter(model, path) for path in adapter_dirs]
+    for name, path, apply in zip(names, adapter_dirs, appliers):
+        variant, adapter_prompt = apply(params)
+        yield name, Path(path), variant, soft_prompt if adapter_prompt is None else adapter_prompt
+
+
+def _read_lora(model, path):
     from llmjax import lora
 
-    names = adapter_names(adapter_dirs)
-    adapters = [lora.from_pretrained(model, path) for path in adapter_dirs]
-    for name, path, (tree, cfg) in zip(names, adapter_dirs, adapters):
-        yield name, Path(path), jax.tree_util.tree_map(np.asarray, lora.merge(params, tree, cfg))
+    adapters, cfg = lora.from_pretrained(model, path)
+    return lambda params: (jax.tree_util.tree_map(np.asarray, lora.merge(params, adapters, cfg)), None)
+
+
+def _read_prompt_tuning(model, path):
+    from llmjax import prompt_tuning
+
+    soft_prompt, _ = prompt_tuning.from_pretrained(model, path)
+    return lambda params: (params, soft_prompt)
+
+
+ADAPTER_KINDS: dict[str, Callable] = {"LORA": _read_lora, "PROMPT_TUNING": _read_prompt_tuning}
+"""PEFT ``peft_type`` -> ``(model, directory) -> (base params -> (params, soft_prompt or None))``."""
+
+
+def read_adapter(model, path: str | Path) -> Callable:
+    """Read and check the PEFT adapter directory ``path`` for ``model``, of the kind its ``peft_type`` names ->
+    a function ``base params -> (params, soft_prompt or None)`` giving the model with the adapter."""
+    peft_type = read_adapter_config(path).get("peft_type")
+    if peft_type not in ADAPTER_KINDS:
+        raise InputError(f"{Path(path) / ADAPTER_CONFIG_NAME}: peft_type={peft_type!r} is not supported; "
+                         f"--adapter takes PEFT adapters of peft_type {' or '.join(map(repr, ADAPTER_KINDS))}")
+    return ADAPTER_KINDS[peft_type](model, path)
 
 
 def adapter_names(adapter_dirs: Sequence[str | Path]) -> list[str]:
@@ -301,8 +346,8 @@ def evaluate_dataset(model, params, tokenizer: Tokenizer, examples: Sequence[dic
                      shots: int = 0, shot_pool: Sequence[dict] | None = None, shot_seed: int = 0,
                      max_input_tokens: int | None = None, generation_config: GenerationConfig | None = None,
                      batch_size: int = 8, rng: jax.Array | None = None, soft_prompt=None) -> EvalResult:
-    """Prompt, generate and score every example (each needs the template's fields and ``summary``).
-    ``soft_prompt`` ``[n, d_model]``: a prompt-tuning run's soft prompt, put before every prompt."""
+    """Prompt, generate and score every example (each needs the template's fields and ``summary``);
+    ``soft_prompt`` as in :func:`generate_texts`."""
     if not examples:
         raise InputError("no examples to evaluate; check the data path, split and --limit")
     template = get_template(template)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.adapter_configs import INITS, PromptTuningConfig, PromptTuningError  # noqa: F401 (re-exported)
-from llmjax.hf.io import read_adapter_dir, write_adapter_dir
+from llmjax.hf.io import PEFT_TASK_TYPES, read_adapter_dir, write_adapter_dir
 from llmjax.models import model_family
 
 PEFT_TYPE = "PROMPT_TUNING"
@@ -82,7 +82,8 @@ def text_token_ids(model, cfg: PromptTuningConfig, tokenizer=None) -> list[int]:
 
 def _task_type(model) -> tuple[str, int]:
     """PEFT's ``task_type`` for the model and its default ``num_transformer_submodules``."""
-    return ("SEQ_2_SEQ_LM", 2) if model_family(model.config).seq2seq else ("CAUSAL_LM", 1)
+    seq2seq = model_family(model.config).seq2seq
+    return PEFT_TASK_TYPES[seq2seq], 2 if seq2seq else 1
 
 
 def _first(hf_config: dict, *names: str):

@@ -1,24 +1,28 @@
-"""`llmjax generate` / `llmjax evaluate` with `--adapter DIR` (repeatable): each PEFT adapter merged in turn
-into the model loaded once, giving what the model with that adapter merged into its files gives."""
+"""`llmjax generate` / `llmjax evaluate` with `--adapter DIR` (repeatable, kinds mixed): each PEFT adapter in turn
+on the model loaded once; a LoRA adapter gives what the model with it merged into its files gives, a prompt-tuning
+adapter what the base gives with its soft prompt."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from llmjax import hf, lora
+from llmjax import hf, lora, prompt_tuning
 from llmjax.cli import main
 from llmjax.data.tokenizer import Tokenizer
-from llmjax.evaluate import adapter_names, load_model_for_inference
+from llmjax.evaluate import adapter_names, evaluate_dataset, generate_texts, load_examples, load_generation_config, \
+    load_model_for_inference
 from llmjax.errors import InputError
 from tests.test_cli_generate_evaluate import blocks, expected_texts, t5_dir  # noqa: F401 (t5_dir is a fixture)
 from tests.test_evaluate import tokenizer_dir  # noqa: F401 (a fixture)
 
 PROMPTS = ["#Person1#: Where is the bank?", "Hello there"]
 CFG = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v", "wo"))
+PT_CFG = prompt_tuning.PromptTuningConfig(num_virtual_tokens=3)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +89,56 @@ def test_adapter_names_and_errors(t5_dir, adapters, tmp_path, capsys):  # noqa: 
     args = ["generate", "--model", str(t5_dir), "--prompt", "hi", "--max-new-tokens", "2"]
     assert main([*args, "--adapter", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def soft_prompt_dir(t5_dir, tmp_path_factory):  # noqa: F811
+    """A PEFT prompt-tuning dir for the tiny T5 written by ``prompt_tuning.save_pretrained``: ``(dir, soft prompt)``."""
+    model, params, _ = load_model_for_inference(t5_dir)
+    soft_prompt = prompt_tuning.init(model, params, PT_CFG, jax.random.key(7))
+    directory = tmp_path_factory.mktemp("prompts") / "pt" / "adapter"
+    prompt_tuning.save_pretrained(model, soft_prompt, PT_CFG, directory)
+    return directory, np.asarray(soft_prompt)
+
+
+def test_generate_mixes_prompt_tuning_and_lora_adapters(t5_dir, adapters, soft_prompt_dir, capsys):  # noqa: F811
+    (one, merged_one), _ = adapters
+    directory, soft_prompt = soft_prompt_dir
+    args = ["generate", "--model", str(t5_dir), "--prompt", *PROMPTS, "--max-new-tokens", "6"]
+    assert main([*args, "--adapter", str(directory), "--adapter", str(one)]) == 0
+    model, params, tokenizer = load_model_for_inference(t5_dir)
+    config = dataclasses.replace(load_generation_config(t5_dir), max_new_tokens=6)
+    prompted = generate_texts(model, params, tokenizer, PROMPTS, generation_config=config, rng=jax.random.key(0),
+                              soft_prompt=soft_prompt)
+    assert prompted != expected_texts(t5_dir, PROMPTS, max_new_tokens=6)  # the soft prompt changes the output
+    assert capsys.readouterr().out == (f"=== adapter pt_adapter ===\n{blocks(prompted, [1, 2])}"
+                                       f"=== adapter one_adapter ===\n"
+                                       f"{blocks(expected_texts(merged_one, PROMPTS, max_new_tokens=6), [1, 2])}")
+
+
+def test_evaluate_with_a_prompt_tuning_adapter(t5_dir, soft_prompt_dir, tmp_path, capsys):  # noqa: F811
+    directory, soft_prompt = soft_prompt_dir
+    data = tmp_path / "short.jsonl"  # short dialogues: on long ones the random tiny T5 says the same with any prompt
+    data.write_text("".join(json.dumps({"id": str(i), "dialogue": f"#Person1#: {text}", "summary": "x"}) + "\n"
+                            for i, text in enumerate(PROMPTS)))
+    assert main(["evaluate", "--model", str(t5_dir), "--adapter", str(directory), "--data", str(data),
+                 "--template", "summarize", "--max-new-tokens", "4", "--out", str(tmp_path / "out")]) == 0
+    model, params, tokenizer = load_model_for_inference(t5_dir)
+    config = dataclasses.replace(load_generation_config(t5_dir), max_new_tokens=4)
+    examples = load_examples(data, None)
+    expected, base = (evaluate_dataset(model, params, tokenizer, examples, "summarize", generation_config=config,
+                                       rng=jax.random.key(0), soft_prompt=prompt) for prompt in (soft_prompt, None))
+    assert expected.predictions != base.predictions
+    lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prediction"] for line in lines] == expected.predictions
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["settings"]["adapter"] == str(directory)
+
+
+def test_unknown_adapter_kind_is_a_user_error(t5_dir, soft_prompt_dir, tmp_path, capsys):  # noqa: F811
+    directory, _ = soft_prompt_dir
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    args = ["generate", "--model", str(t5_dir), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert main([*args, "--adapter", str(directory), "--adapter", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # every adapter is checked before the first runs
+    assert "peft_type='IA3' is not supported" in captured.err and "'LORA' or 'PROMPT_TUNING'" in captured.err

@@ -266,3 +266,17 @@ def test_bad_configs_prompts_and_dirs_are_refused(tmp_path):
     assert loaded.prompt_tuning == PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB")
     shipped = load_config(CONFIGS_DIR / "sft_t5_tiny_prompt_tuning.yaml")
     assert shipped.prompt_tuning.prompt_tuning_init == "TEXT" and shipped.stage == "sft" and not shipped.data.packing
+
+
+def test_throughput_counts_the_virtual_tokens():
+    from types import SimpleNamespace
+
+    from llmjax.models import step_flops
+    from llmjax.train.loop import _throughput
+
+    config = load_config(CONFIGS_DIR / "sft_t5_tiny_prompt_tuning.yaml")
+    throughput = _throughput(SimpleNamespace(model=SimpleNamespace(config=config.model)), config, 1.0)
+    batch, n, data = config.train.batch_size, config.prompt_tuning.num_virtual_tokens, config.data
+    assert throughput.tokens_per_step == batch * (data.encoder_length + n + data.decoder_length)
+    assert throughput.flops_per_step == step_flops(config.model, batch, data.decoder_length,
+                                                   data.encoder_length + n).total

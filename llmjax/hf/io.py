@@ -42,10 +42,15 @@ def read_config(path: str | Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
+    return _read_json(config_file)
+
+
+def _read_json(file: Path):
+    """The JSON value in ``file``; a file that is not JSON text is a CheckpointError."""
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
 def _corrupt(file: Path, problem: str) -> CheckpointError:
@@ -179,10 +184,7 @@ def load_safetensors(file: str | Path) -> dict[str, np.ndarray]:
 
 def _read_weight_map(index: Path) -> dict[str, str]:
     """``weight_map`` of a sharded checkpoint's index: tensor name -> shard file name in the same directory."""
-    try:
-        content = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    content = _read_json(index)
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: has no 'weight_map'; the index file is malformed")
@@ -247,22 +249,31 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = "adapter_model.bin"
 
 
-def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(adapter_config.json as a dict, tensors)`` of a PEFT adapter directory; clear errors when absent,
-    malformed or pickled."""
+# PEFT's task_type of a model, by whether it is an encoder-decoder (``Family.seq2seq``).
+PEFT_TASK_TYPES = {True: "SEQ_2_SEQ_LM", False: "CAUSAL_LM"}
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """``adapter_config.json`` of a PEFT adapter directory as a dict (its ``peft_type`` says which kind of
+    adapter it is); clear errors when the directory or file is absent or malformed."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory; pass a PEFT adapter directory "
                               f"({ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})")
-    config_file, weights = path / ADAPTER_CONFIG_NAME, path / ADAPTER_WEIGHTS_NAME
+    config_file = path / ADAPTER_CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; a PEFT adapter directory needs {ADAPTER_CONFIG_NAME}")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    config = _read_json(config_file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_adapter_dir(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(adapter_config.json as a dict, tensors)`` of a PEFT adapter directory; clear errors when absent,
+    malformed or pickled."""
+    config, path = read_adapter_config(path), Path(path)
+    weights = path / ADAPTER_WEIGHTS_NAME
     if not weights.is_file():
         if (path / ADAPTER_PICKLE_NAME).is_file():
             raise CheckpointError(

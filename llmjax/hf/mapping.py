@@ -161,6 +161,13 @@ def _listed(names: list[str]) -> str:
     return f"{names[:_SHOWN]}{' ...' if len(names) > _SHOWN else ''}"
 
 
+def tensor_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """``missing tensors [...], unexpected tensors [...]`` for an error message: the first names of each
+    non-empty list."""
+    return ", ".join(f"{what} tensors {_listed(names)}"
+                     for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
+
+
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b))
 
@@ -182,10 +189,8 @@ def import_tensors(tensors: Mapping[str, np.ndarray], weights: WeightMap) -> dic
     unexpected = sorted(name for name in tensors
                         if name not in expected and name not in weights.tied and not ignored.fullmatch(name))
     if missing or unexpected:
-        found = ([f"missing tensors {_listed(missing)}"] if missing else []) + (
-            [f"unexpected tensors {_listed(unexpected)}"] if unexpected else [])
         raise CheckpointError(
-            f"{weights.family} checkpoint does not match config.json: {', '.join(found)}; are "
+            f"{weights.family} checkpoint does not match config.json: {tensor_mismatch(missing, unexpected)}; are "
             f"{'/'.join(weights.config_keys)} in config.json the ones these weights were saved with?"
         )
     for name, source in weights.tied.items():

@@ -6,5 +6,5 @@ from llmjax.lora.core import (  # noqa: F401 (the public API)
     sites, unmerge,
 )
 from llmjax.lora.peft_format import (  # noqa: F401
-    AdapterError, from_pretrained, merge_into_hf_dir, read_config, save_pretrained,
+    PEFT_TYPE, AdapterError, from_pretrained, lora_config, merge_into_hf_dir, save_pretrained,
 )

@@ -16,19 +16,18 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import safetensors.numpy
 
 from llmjax import hf
 from llmjax.errors import InputError
-from llmjax.hf.io import CheckpointError, load_safetensors
+from llmjax.hf.io import (
+    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TASK_TYPES, CheckpointError, read_adapter_dir, write_adapter_dir,
+)
+from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import LORA_A, LORA_B, LoraConfig, LoraConfigError, Site, merge, sites, unboxed
 from llmjax.models import model_family
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLED_NAME = "adapter_model.bin"
+PEFT_TYPE = "LORA"
 _PREFIX = "base_model.model."
-_SHOWN = 6  # key names listed in one message
 
 # adapter_config.json options that change what the adapter computes: the values plain LoRA has (a JSON
 # null, false, {} or [] where PEFT writes one of those), and what the option is, for the message.
@@ -53,7 +52,6 @@ _PLAIN_LORA = {
     "arrow_config": ((None, {}), "Arrow routing"),
     "megatron_config": ((None, {}), "Megatron parallel layers"),
 }
-_TASK_TYPES = {True: "SEQ_2_SEQ_LM", False: "CAUSAL_LM"}  # by family seq2seq
 
 
 class AdapterError(CheckpointError):
@@ -100,8 +98,8 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
                                      f"expected {want} for r={cfg.r}")
                 tensors[_key(module, name)] = np.ascontiguousarray(layer.T)
     config = {
-        "peft_type": "LORA",
-        "task_type": _TASK_TYPES[model_family(model.config).seq2seq],
+        "peft_type": PEFT_TYPE,
+        "task_type": PEFT_TASK_TYPES[model_family(model.config).seq2seq],
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,
@@ -121,30 +119,16 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "alpha_pattern": {},
         "revision": None,
     }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    safetensors.numpy.save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_adapter_dir(path, config, tensors)
 
 
-def read_config(path: str | Path, model) -> LoraConfig:
-    """``adapter_config.json`` of a PEFT directory -> :class:`LoraConfig`, refusing what plain LoRA is not."""
-    path = Path(path)
-    file = path / CONFIG_NAME
-    if not path.is_dir():
-        raise AdapterError(f"{path}: no such directory; pass a PEFT adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
-    if not file.is_file():
-        raise AdapterError(f"{file}: missing; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{file}: expected a JSON object of LoRA settings")
-    if raw.get("peft_type") != "LORA":
+def lora_config(raw: dict, model, file: str | Path) -> LoraConfig:
+    """A PEFT ``adapter_config.json`` (``raw``, read from ``file``) -> :class:`LoraConfig` for ``model``, refusing
+    what plain LoRA is not."""
+    if raw.get("peft_type") != PEFT_TYPE:
         raise AdapterError(f"{file}: peft_type={raw.get('peft_type')!r}; llmjax.lora reads LoRA adapters "
                            "(peft_type \"LORA\"); prompt-tuning directories go to llmjax.prompt_tuning")
-    task = _TASK_TYPES[model_family(model.config).seq2seq]
+    task = PEFT_TASK_TYPES[model_family(model.config).seq2seq]
     if raw.get("task_type") not in (None, task):
         raise AdapterError(f"{file}: task_type={raw['task_type']!r}, but this {type(model.config).__name__} model "
                            f"is {task}; the adapter was made for another kind of model")
@@ -176,27 +160,19 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     Every adapted module of the config must be in the file with the shapes the model gives (A ``[r, in]``,
     B ``[out, r]``) and nothing else may be; otherwise :class:`AdapterError` names the keys.
     """
-    path = Path(path)
-    cfg = read_config(path, model)
-    file = path / WEIGHTS_NAME
-    if not file.is_file():
-        if (path / PICKLED_NAME).is_file():
-            raise AdapterError(f"{path / PICKLED_NAME}: llmjax reads only safetensors and will not unpickle an "
-                               "adapter; save it again with peft (save_pretrained(dir, safe_serialization=True))")
-        raise AdapterError(f"{file}: missing; a PEFT adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    raw, tensors = read_adapter_dir(path)
+    config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
+    cfg = lora_config(raw, model, config_file)
     try:
         targeted = sites(model.config, cfg)
     except LoraConfigError as e:
-        raise AdapterError(f"{path / CONFIG_NAME}: {e}; was the adapter made for another model family?") from None
-    tensors = load_safetensors(file)
+        raise AdapterError(f"{config_file}: {e}; was the adapter made for another model family?") from None
     expected = {_key(m, name) for site in targeted for m in site.hf_modules for name in (LORA_A, LORA_B)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        found = ([f"missing {missing[:_SHOWN]}{' ...' if len(missing) > _SHOWN else ''}"] if missing else []) + (
-            [f"unexpected {unexpected[:_SHOWN]}{' ...' if len(unexpected) > _SHOWN else ''}"] if unexpected else [])
         raise AdapterError(
             f"{file}: tensors do not match target_modules {list(cfg.target_modules)} on this model: "
-            f"{', '.join(found)}; was the adapter made for a model with this config.json (layer count, "
+            f"{tensor_mismatch(missing, unexpected)}; was the adapter made for a model with this config.json (layer count, "
             "gated MLP)?")
     adapters: dict = {}
     for site in targeted:
@@ -210,7 +186,7 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
                 value = tensors[_key(module, name)]
                 if tuple(value.shape) != want:
                     raise AdapterError(f"{file}: tensor {_key(module, name)!r} has shape {tuple(value.shape)}, "
-                                       f"expected {want} (r={cfg.r} from {CONFIG_NAME}); the adapter and "
+                                       f"expected {want} (r={cfg.r} from {ADAPTER_CONFIG_NAME}); the adapter and "
                                        "its config, or the base model, do not match")
                 layers.append(np.asarray(value, np.float32).T)
             node[name] = np.stack(layers) if site.stacked else layers[0]

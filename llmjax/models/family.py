@@ -37,7 +37,7 @@ class Family:
                     T5 batch features, decoding from ``decoder_start_token_id``); False for a
                     decoder-only model (call ``(input_ids, attention_mask, positions=...)``,
                     ``decoder_*`` features, left-padded prompts that the output repeats)
-    step_flops:     ``(config, batch, decoder_length, encoder_length) -> StepFlops``: matmul FLOPs of
+    step_flops:     ``(config, batch, decoder_length, encoder_length, virtual_tokens) -> StepFlops``: matmul FLOPs of
                     one train step, pure arithmetic on the config (``llmjax.models.flops``)
     flops_formula:  what ``step_flops`` counts, printed beside MFU figures
     width_field:    the config field of the embedding width (``d_model``, ``hidden_size``)
@@ -88,15 +88,17 @@ def _decoder_module() -> type[nn.Module]:
     return Decoder
 
 
-def _t5_flops(config: T5Config, batch: int, decoder_length: int, encoder_length: int | None) -> StepFlops:
+def _t5_flops(config: T5Config, batch: int, decoder_length: int, encoder_length: int | None,
+              virtual_tokens: int = 0) -> StepFlops:
     if encoder_length is None:
         raise ValueError("T5 FLOPs need encoder_length (the encoder input length)")
-    return t5_step_flops(config, batch, encoder_length, decoder_length)
+    return t5_step_flops(config, batch, encoder_length + virtual_tokens, decoder_length)  # a soft prompt: encoder
 
 
-def _decoder_flops(config: DecoderConfig, batch: int, decoder_length: int, encoder_length: int | None) -> StepFlops:
+def _decoder_flops(config: DecoderConfig, batch: int, decoder_length: int, encoder_length: int | None,
+                   virtual_tokens: int = 0) -> StepFlops:
     del encoder_length  # a decoder-only model reads one sequence
-    return decoder_step_flops(config, batch, decoder_length)
+    return decoder_step_flops(config, batch, decoder_length, virtual_tokens)
 
 
 FAMILIES: dict[str, Family] = {
@@ -115,7 +117,9 @@ def model_family(config) -> Family:
     return FAMILIES[family_of(config)]
 
 
-def step_flops(config, batch: int, decoder_length: int, encoder_length: int | None = None) -> StepFlops:
-    """Matmul FLOPs of one train step of ``config``'s model; an encoder-decoder needs ``encoder_length``."""
-    return model_family(config).step_flops(config, batch, decoder_length, encoder_length)
+def step_flops(config, batch: int, decoder_length: int, encoder_length: int | None = None,
+               virtual_tokens: int = 0) -> StepFlops:
+    """Matmul FLOPs of one train step of ``config``'s model; an encoder-decoder needs ``encoder_length``.
+    ``virtual_tokens``: a prompt-tuning soft prompt's length, before the encoder input (T5) or the input."""
+    return model_family(config).step_flops(config, batch, decoder_length, encoder_length, virtual_tokens)
 

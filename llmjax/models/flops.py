@@ -30,14 +30,15 @@ T5_FORMULA = (
     "+ 6*(P_dec + P_head)*N_dec + 12*L_dec*d_attn*(T + S)*N_dec   (decoder self+cross attn, LM head)\n"
     "  P_enc = L_enc*(4*d*d_attn + n_ff*d*d_ff), P_crosskv = L_dec*2*d*d_attn,\n"
     "  P_dec = L_dec*(6*d*d_attn + n_ff*d*d_ff) - P_crosskv, P_head = d*V, n_ff = 3 if gated else 2,\n"
-    "  N_enc = batch*S, N_dec = batch*T; embedding lookups and relative bias not counted"
+    "  N_enc = batch*S, N_dec = batch*T (prompt tuning: S counts the n virtual tokens);\n"
+    "  embedding lookups and relative bias not counted"
 )
 """What ``t5_step_flops`` counts, printed beside MFU figures."""
 
 DECODER_FORMULA = (
     "6*(P_layers + P_head)*N + 12*L*d_q*T*N\n"
     "  P_layers = L*(2*d*d_q + 2*d*d_kv + 3*d*d_ff), P_head = d*V, N = batch*T;\n"
-    "  embedding lookup not counted"
+    "  prompt tuning: T counts the n virtual tokens, the LM head only batch*(T - n); embedding lookup not counted"
 )
 """What ``decoder_step_flops`` counts, printed beside MFU figures."""
 
@@ -77,12 +78,15 @@ def t5_step_flops(config: T5Config, batch: int, encoder_length: int, decoder_len
     return StepFlops(dense=float(dense), attention=float(attention), tokens=encoder_tokens + decoder_tokens)
 
 
-def decoder_step_flops(config: DecoderConfig, batch: int, length: int) -> StepFlops:
-    """FLOPs of one decoder-only train step on ``[batch, length]`` tokens."""
+def decoder_step_flops(config: DecoderConfig, batch: int, length: int, virtual_tokens: int = 0) -> StepFlops:
+    """FLOPs of one decoder-only train step on ``[batch, length]`` tokens after ``virtual_tokens`` soft-prompt
+    positions (prompt tuning): the layers see ``length + virtual_tokens`` positions, the LM head the real
+    tokens only (the model gives no logits for the virtual ones)."""
     d, d_q, d_kv = config.hidden_size, config.num_attention_heads * config.dim_per_head, \
         config.kv_heads * config.dim_per_head
-    tokens = batch * length
+    positions = length + virtual_tokens
+    tokens = batch * positions
     layer_params = 2 * d * d_q + 2 * d * d_kv + 3 * d * config.intermediate_size
-    params = config.num_hidden_layers * layer_params + d * config.vocab_size
-    attention = 12 * config.num_hidden_layers * d_q * length * tokens
-    return StepFlops(dense=float(6 * params * tokens), attention=float(attention), tokens=tokens)
+    dense = 6 * (config.num_hidden_layers * layer_params * tokens + d * config.vocab_size * batch * length)
+    attention = 12 * config.num_hidden_layers * d_q * positions * tokens
+    return StepFlops(dense=float(dense), attention=float(attention), tokens=tokens)

@@ -86,23 +86,33 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
     if stage.eval_hook is not None:
         eval_hook = lambda tree, step: stage.eval_hook(merged(tree), step)  # noqa: E731
 
+    def save_adapter(tree, directory: Path) -> None:
+        lora.save_pretrained(model, tree[ADAPTERS_KEY], cfg, directory,
+                             base_model_name_or_path=None if stage.base is None else stage.base.path)
+
+    return dataclasses.replace(
+        stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_adapter, init_tree=init_tree, eval_hook=eval_hook,
+        export=_exporter(stage, merged, save_adapter), meta={**stage.meta, "lora": lora_meta(cfg)},
+    )
+
+
+def _exporter(stage: Stage, model_params_of, save_adapter):
+    """A run's ``export(state, out)``: the model (``model_params_of(tree)``) as a Hugging Face directory at ``out``
+    with the stage's tokenizer beside it, and the adapter alone, ``save_adapter(tree, out / ADAPTER_SUBDIR)``."""
+
     def export(state, out: Path) -> str:
         from llmjax import hf
 
         tree = jax.device_get(state.full_params())
         out = Path(out)
         if jax.process_index() == 0:
-            hf.save_pretrained(model, jax.device_get(merged(tree)), out)
+            hf.save_pretrained(stage.model, jax.device_get(model_params_of(tree)), out)
             if stage.tokenizer is not None:
                 stage.tokenizer.save_pretrained(out)
-            lora.save_pretrained(model, tree[ADAPTERS_KEY], cfg, out / ADAPTER_SUBDIR,
-                                 base_model_name_or_path=None if stage.base is None else stage.base.path)
+            save_adapter(tree, out / ADAPTER_SUBDIR)
         return str(out.absolute())
 
-    return dataclasses.replace(
-        stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_adapter, init_tree=init_tree, eval_hook=eval_hook,
-        export=export, meta={**stage.meta, "lora": lora_meta(cfg)},
-    )
+    return export
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
@@ -157,23 +167,14 @@ def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> S
         eval_hook = lambda tree, step: stage.eval_hook(model_params(tree), step,  # noqa: E731
                                                        soft_prompt=tree[SOFT_PROMPT_KEY])
 
-    def export(state, out: Path) -> str:
-        from llmjax import hf
-
-        tree = jax.device_get(state.full_params())
-        out = Path(out)
-        if jax.process_index() == 0:
-            hf.save_pretrained(model, model_params(tree), out)
-            if stage.tokenizer is not None:
-                stage.tokenizer.save_pretrained(out)
-            base_path = stage.base.path if stage.base is not None else str(out.absolute())
-            prompt_tuning.save_pretrained(model, tree[SOFT_PROMPT_KEY], cfg, out / ADAPTER_SUBDIR,
-                                          base_model_name_or_path=base_path)
-        return str(out.absolute())
+    def save_adapter(tree, directory: Path) -> None:
+        base_path = stage.base.path if stage.base is not None else str(directory.parent.absolute())
+        prompt_tuning.save_pretrained(model, tree[SOFT_PROMPT_KEY], cfg, directory, base_model_name_or_path=base_path)
 
     return dataclasses.replace(
         stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_soft_prompt, init_tree=init_tree, eval_hook=eval_hook,
-        export=export, meta={**stage.meta, "prompt_tuning": dataclasses.asdict(cfg)},
+        export=_exporter(stage, model_params, save_adapter),
+        meta={**stage.meta, "prompt_tuning": dataclasses.asdict(cfg)},
     )
 
 

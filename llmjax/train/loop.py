@@ -292,7 +292,8 @@ def _evaluate(stage: Stage, eval_step, state, mesh, max_batches: int, writer: Me
 def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | None) -> Throughput:
     dc, batch_size = config.data, config.train.batch_size
     encoder_length = dc.encoder_length if model_family(stage.model.config).seq2seq else None
-    flops = step_flops(stage.model.config, batch_size, dc.decoder_length, encoder_length)
+    virtual = config.prompt_tuning.num_virtual_tokens if config.prompt_tuning is not None else 0  # the soft prompt
+    flops = step_flops(stage.model.config, batch_size, dc.decoder_length, encoder_length, virtual)
     if peak_flops_per_sec is None and jax.process_index() == 0:
         # CPU "devices" (fake ones included) share the host's cores, which one matmul already uses.
         devices = 1 if jax.default_backend() == "cpu" else jax.device_count()

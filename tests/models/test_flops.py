@@ -66,6 +66,19 @@ def test_decoder_attention_by_hand():
     assert decoder_step_flops(DECODER_TINY, batch=3, length=5).attention == 12 * 2 * 16 * 5 * 15
 
 
+def test_virtual_tokens_lengthen_the_input_but_get_no_lm_head():
+    # decoder: the layers see length + n positions, the LM head only the length real ones
+    batch, length, n = 3, 5, 2
+    plain = decoder_step_flops(DECODER_TINY, batch, length + n)
+    prompted = decoder_step_flops(DECODER_TINY, batch, length, virtual_tokens=n)
+    assert prompted.tokens == batch * (length + n) == plain.tokens
+    assert prompted.attention == plain.attention == 12 * 2 * 16 * 7 * 21
+    assert prompted.dense == plain.dense - 6 * 16 * 96 * batch * n
+    assert step_flops(DECODER_TINY, batch, length, virtual_tokens=n) == prompted
+    # T5: the soft prompt lengthens the encoder input
+    assert step_flops(T5_TINY, 2, 3, encoder_length=10, virtual_tokens=4) == t5_step_flops(T5_TINY, 2, 14, 3)
+
+
 def test_step_flops_dispatches_and_t5_needs_encoder_length():
     assert step_flops(DECODER_TINY, 3, 5) == decoder_step_flops(DECODER_TINY, 3, 5)
     assert step_flops(T5_TINY, 2, 3, encoder_length=10) == t5_step_flops(T5_TINY, 2, 10, 3)

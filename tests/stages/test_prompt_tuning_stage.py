@@ -79,3 +79,25 @@ def test_rouge_hook_generates_after_the_soft_prompt_and_text_init_holds_the_text
     scores = stage.eval_hook(tree, 1)
     assert set(scores) >= {"rouge1", "rougeL"}
     np.testing.assert_array_equal(np.asarray(seen[-1]), expected)
+
+
+def test_generate_from_a_prompt_tuning_run_applies_its_soft_prompt(prompt_run, capsys):
+    """``llmjax generate --model RUN`` puts the run's soft prompt first; the 3-tuple loader refuses the run
+    rather than silently dropping it."""
+    from llmjax.cli import main
+    from llmjax.evaluate import ModelPathError, generate_texts, load_for_inference, load_model_for_inference
+    from llmjax.generate import GenerationConfig
+
+    out, _ = prompt_run
+    with pytest.raises(ModelPathError, match="prompt-tuning run"):
+        load_model_for_inference(out)
+    model, params, tokenizer, soft_prompt = load_for_inference(out)
+    assert soft_prompt.shape == (N, model.config.d_model)
+    text = "#Person1#: Can I book a table for two at 7:00 pm? #Person2#: Sure."
+    assert main(["generate", "--model", str(out), "--prompt", text, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    config = GenerationConfig(max_new_tokens=8, eos_token_id=tokenizer.eos_id, pad_token_id=model.config.pad_token_id)
+    with_prompt = generate_texts(model, params, tokenizer, [text], generation_config=config, soft_prompt=soft_prompt)
+    without = generate_texts(model, params, tokenizer, [text], generation_config=config)
+    assert with_prompt != without  # the check below can tell the two apart
+    assert with_prompt[0] in printed.splitlines()
