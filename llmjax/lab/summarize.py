@@ -63,7 +63,7 @@ class LabSettings:
     pretrain_learning_rate: float = 3e-3
     sft_steps: int = 300
     sft_batch_size: int = 16
-    sft_learning_rate: float = 1e-3
+    sft_learning_rate: float = 3e-4   # through the SFT stage, 1e-3 gave validation ROUGE-L 0.05 at 300 x 16, 3e-4 0.16
     sft_encoder_length: int = 256      # packed rows: a prompt + dialogue is ~130-200 tokens
     sft_decoder_length: int = 64
     curve_points: int = 3              # SFT segments, each followed by validation ROUGE + held-out loss
