@@ -27,16 +27,15 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import (  # noqa: E402
-    OPTIM, Timing, Workload, decoder_workload, machine_lines, t5_workload,
+    OPTIM, Timing, Workload, add_workload_args, machine_lines, step_runner, torch_model_and_inputs,
+    torch_train_step, workloads_of,
 )
 
 from llmjax import lora, sharding  # noqa: E402
@@ -44,7 +43,7 @@ from llmjax.models import build_model  # noqa: E402
 from llmjax.train.lm_loss import lm_loss_fn  # noqa: E402
 from llmjax.train.loop import Stage  # noqa: E402
 from llmjax.train.optim import make_optimizer  # noqa: E402
-from llmjax.train.state import count_params, init_train_state, train_everything  # noqa: E402
+from llmjax.train.state import count_params, init_train_state  # noqa: E402
 from llmjax.train.step import compile_step, make_train_step  # noqa: E402
 
 # The course's targets: q and v; rank 8 and 32 with alpha = 2r would change only the scale.
@@ -71,61 +70,28 @@ def llmjax_side(work: Workload, lora_cfg: lora.LoraConfig | None, params=None):
         step = compile_step(make_train_step(stage.loss_fn, tx), updates_state=True,
                             state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
         batch = sharding.shard_batch(work.batch, mesh)
-    holder = {"state": state}
-
-    def run() -> float:
-        with sharding.activate(mesh):
-            holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready((holder["state"], metrics))
-        return float(metrics["loss"])
-
-    return run, model, host, info
+    return step_runner(step, state, batch, mesh), model, host, info
 
 
 def torch_side(work: Workload, model, params, lora_cfg: lora.LoraConfig | None):
     """``(step_fn, info)``: one PyTorch train step on the same weights, full or through ``peft``."""
     import torch
-    import transformers
 
-    from llmjax import hf
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(model, params, tmp)
-        auto = transformers.AutoModelForSeq2SeqLM if work.family == "t5" else transformers.AutoModelForCausalLM
-        torch_model = auto.from_pretrained(tmp, dtype=torch.float32)
+    torch_model, inputs = torch_model_and_inputs(work, model, params)
     if lora_cfg is not None:
         import peft
 
         torch_model = peft.get_peft_model(torch_model, peft.LoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=0.0,
             target_modules=list(lora_cfg.target_modules)))
-    torch_model.train()
-    trainable = [p for p in torch_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=OPTIM.learning_rate, weight_decay=OPTIM.weight_decay)
-    as_long = lambda name: torch.from_numpy(work.batch[name].astype(np.int64))  # noqa: E731
-    if work.family == "t5":
-        inputs = {"input_ids": as_long("encoder_input_tokens"),
-                  "attention_mask": torch.ones_like(as_long("encoder_input_tokens")),
-                  "decoder_input_ids": as_long("decoder_input_tokens"),
-                  "labels": as_long("decoder_target_tokens")}
-    else:
-        inputs = {"input_ids": as_long("decoder_input_tokens"), "labels": as_long("decoder_input_tokens")}
-
-    def run() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch_model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, OPTIM.clip_grad_norm)
-        optimizer.step()
-        return float(loss.detach())
+    run, optimizer = torch_train_step(torch_model, inputs)
 
     def optimizer_bytes() -> int:
         return sum(t.numel() * t.element_size() for state in optimizer.state.values()
                    for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
 
-    return run, {"trainable": sum(p.numel() for p in trainable), "optimizer_bytes": optimizer_bytes}
+    trainable = sum(p.numel() for p in torch_model.parameters() if p.requires_grad)
+    return run, {"trainable": trainable, "optimizer_bytes": optimizer_bytes}
 
 
 def compare(work: Workload, rank: int, warmup: int, steps: int) -> list[str]:
@@ -174,24 +140,12 @@ def compare(work: Workload, rank: int, warmup: int, steps: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first call")
+    add_workload_args(parser)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--t5-batch", type=int, default=4)
-    parser.add_argument("--encoder-length", type=int, default=512)
-    parser.add_argument("--decoder-length", type=int, default=114)
-    parser.add_argument("--decoder-only-batch", type=int, default=4)
-    parser.add_argument("--decoder-only-length", type=int, default=256)
-    parser.add_argument("--only", choices=("t5", "decoder"), default=None)
     args = parser.parse_args()
     for line in machine_lines():
         print(line, flush=True)
-    workloads = []
-    if args.only in (None, "t5"):
-        workloads.append(t5_workload(args.t5_batch, args.encoder_length, args.decoder_length))
-    if args.only in (None, "decoder"):
-        workloads.append(decoder_workload(args.decoder_only_batch, args.decoder_only_length))
-    for work in workloads:
+    for work in workloads_of(args):
         for line in compare(work, args.rank, args.warmup, args.steps):
             print(line, flush=True)
     print("(wall: seconds of wall-clock time per step; cpu: CPU-seconds of this process per step, which other "

@@ -220,6 +220,11 @@ def llmjax_side(work: Workload, scan_layers: bool, params=None):
         step = compile_step(make_train_step(lm_loss_fn(model), tx), updates_state=True,
                             state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh))
         batch = sharding.shard_batch(work.batch, mesh)
+    return step_runner(step, state, batch, mesh), model, params
+
+
+def step_runner(step, state, batch, mesh):
+    """``run() -> loss``: one call of the compiled train ``step`` on ``batch``, carrying the state, blocking."""
     holder = {"state": state}
 
     def run() -> float:
@@ -228,11 +233,12 @@ def llmjax_side(work: Workload, scan_layers: bool, params=None):
         jax.block_until_ready((holder["state"], metrics))
         return float(metrics["loss"])
 
-    return run, model, params
+    return run
 
 
-def torch_side(work: Workload, model, params):
-    """``step_fn()`` running one PyTorch train step (same weights, batch, optimizer settings)."""
+def torch_model_and_inputs(work: Workload, model, params):
+    """The Hugging Face PyTorch model with llmjax's ``params`` (through ``llmjax.hf.save_pretrained``) and
+    the keyword inputs of ``work``'s batch for its forward pass with labels."""
     import torch
     import transformers
 
@@ -244,9 +250,6 @@ def torch_side(work: Workload, model, params):
         hf.save_pretrained(model, params, tmp)
         auto = transformers.AutoModelForSeq2SeqLM if work.family == "t5" else transformers.AutoModelForCausalLM
         torch_model = auto.from_pretrained(tmp, dtype=torch.float32)
-    torch_model.train()
-    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=OPTIM.learning_rate,
-                                  weight_decay=OPTIM.weight_decay)
     as_long = lambda name: torch.from_numpy(work.batch[name].astype(np.int64))  # noqa: E731
     if work.family == "t5":
         inputs = {"input_ids": as_long("encoder_input_tokens"),
@@ -255,15 +258,33 @@ def torch_side(work: Workload, model, params):
                   "labels": as_long("decoder_target_tokens")}
     else:
         inputs = {"input_ids": as_long("decoder_input_tokens"), "labels": as_long("decoder_input_tokens")}
+    return torch_model, inputs
+
+
+def torch_train_step(torch_model, inputs):
+    """``(step_fn, optimizer)``: ``step_fn()`` runs one PyTorch train step of the parameters that require
+    gradients (AdamW with the benchmark's settings, clipping) and returns the loss."""
+    import torch
+
+    torch_model.train()
+    trainable = [p for p in torch_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=OPTIM.learning_rate, weight_decay=OPTIM.weight_decay)
 
     def run() -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = torch_model(**inputs).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), OPTIM.clip_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trainable, OPTIM.clip_grad_norm)
         optimizer.step()
         return float(loss.detach())
 
+    return run, optimizer
+
+
+def torch_side(work: Workload, model, params):
+    """``step_fn()`` running one PyTorch train step (same weights, batch, optimizer settings)."""
+    torch_model, inputs = torch_model_and_inputs(work, model, params)
+    run, _ = torch_train_step(torch_model, inputs)
     return run, torch_model
 
 
@@ -429,10 +450,8 @@ def aot_worker(batch_size: int, encoder_length: int, decoder_length: int) -> Non
 # ----------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # Defaults sized for ~10 minutes on 2 shared cores: T5 keeps the span-corruption lengths (512/114)
-    # at batch 4; the decoder-only model reads 4 x 256 tokens.
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The step counts and workload shapes every train-step benchmark takes."""
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first call")
     parser.add_argument("--t5-batch", type=int, default=4)
@@ -440,8 +459,25 @@ def main() -> None:
     parser.add_argument("--decoder-length", type=int, default=114)
     parser.add_argument("--decoder-only-batch", type=int, default=4)
     parser.add_argument("--decoder-only-length", type=int, default=256)
-    parser.add_argument("--peak-size", type=int, default=4096)
     parser.add_argument("--only", choices=("t5", "decoder"), default=None, help="run one model family only")
+
+
+def workloads_of(args) -> list[Workload]:
+    """The workloads ``add_workload_args``' arguments ask for."""
+    workloads = []
+    if args.only in (None, "t5"):
+        workloads.append(t5_workload(args.t5_batch, args.encoder_length, args.decoder_length))
+    if args.only in (None, "decoder"):
+        workloads.append(decoder_workload(args.decoder_only_batch, args.decoder_only_length))
+    return workloads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Defaults sized for ~10 minutes on 2 shared cores: T5 keeps the span-corruption lengths (512/114)
+    # at batch 4; the decoder-only model reads 4 x 256 tokens.
+    add_workload_args(parser)
+    parser.add_argument("--peak-size", type=int, default=4096)
     parser.add_argument("--skip-aot", action="store_true")
     parser.add_argument("--aot-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -456,12 +492,7 @@ def main() -> None:
     for family, record in FAMILIES.items():
         indented = record.flops_formula.replace("\n", "\n  ")
         print(f"FLOPs per train step, {family} (matmuls only, forward + backward):\n  {indented}")
-    workloads = []
-    if args.only in (None, "t5"):
-        workloads.append(t5_workload(args.t5_batch, args.encoder_length, args.decoder_length))
-    if args.only in (None, "decoder"):
-        workloads.append(decoder_workload(args.decoder_only_batch, args.decoder_only_length))
-    reports = [compare(work, peak, args.warmup, args.steps) for work in workloads]
+    reports = [compare(work, peak, args.warmup, args.steps) for work in workloads_of(args)]
     for report in reports:
         for line in report(peak):
             print(line, flush=True)
