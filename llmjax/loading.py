@@ -112,16 +112,21 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
             "(no numbered step directories, no checkpoints/); pass one of those"
         )
     step, params, meta = read_checkpoint_params(checkpoint_dir, step)
+    model = model_from_meta(meta)
     if meta.get("base"):
-        # A run with a frozen base saved only what trained: lay that over the base it names.
-        params = overlay_params(load_model(meta["base"]["path"], meta["base"].get("step")).params, params)
+        # A run with a frozen base saved only what trained: lay that over the base it names, in the run's
+        # layer layout (an unscanned Hugging Face base under a scanned run, or the other way round).
+        from llmjax.models import to_layout
+
+        base = load_model(meta["base"]["path"], meta["base"].get("step"))
+        params = overlay_params(to_layout(base.params, base.config, model.config), params)
     if meta.get("lora"):
         params = merge_adapters(params, meta["lora"])
     soft_prompt = None
     if SOFT_PROMPT_KEY in params:
         soft_prompt, params = np.asarray(params[SOFT_PROMPT_KEY], np.float32), model_params(params)
     tokenizer_dir = meta.get("tokenizer_dir")
-    return LoadedModel(model_from_meta(meta), params, "checkpoint", checkpoint_dir, step,
+    return LoadedModel(model, params, "checkpoint", checkpoint_dir, step,
                        Path(tokenizer_dir) if tokenizer_dir else None, meta, soft_prompt)
 
 

@@ -9,7 +9,7 @@ import jax
 
 from llmjax.model_config import MODEL_CONFIGS, DecoderConfig, T5Config, family_of  # noqa: F401 (re-exported)
 from llmjax.models.family import FAMILIES, Family, model_family, step_flops  # noqa: F401 (re-exported)
-from llmjax.models.scan import cache_batch_axis, stack_layers, unstack_layers  # noqa: F401 (re-exported)
+from llmjax.models.scan import cache_batch_axis, stack_layers, to_layout, unstack_layers  # noqa: F401 (re-exported)
 
 
 def build_model(config) -> nn.Module:

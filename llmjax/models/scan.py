@@ -137,6 +137,14 @@ def unstack_layers(params: dict, config) -> dict:
     return out
 
 
+def to_layout(params: dict, source_config, target_config) -> dict:
+    """``params`` of a model with ``source_config`` in the layer layout of ``target_config`` (the same
+    weights; unchanged when both have the same ``scan_layers``)."""
+    if source_config.scan_layers == target_config.scan_layers:
+        return params
+    return stack_layers(params, source_config) if target_config.scan_layers else unstack_layers(params, source_config)
+
+
 # Where scanned stacks sit in the param trees of all families (the ``layers`` entries).
 STACKS = ("layers", "encoder/layers", "decoder/layers")
 

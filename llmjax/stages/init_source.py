@@ -25,7 +25,7 @@ from llmjax.config import ConfigError, RunConfig
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.loading import LoadedModel, load_model, model_sha256
 from llmjax.model_config import family_of
-from llmjax.models import build_model, stack_layers, unstack_layers
+from llmjax.models import build_model, to_layout
 from llmjax.train.loop import Base
 from llmjax.train.state import TrainableFilter, trainable_filter
 
@@ -63,8 +63,7 @@ def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
     runtime = {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}
     model = dataclasses.replace(source, **runtime)
     if model.scan_layers != source.scan_layers:  # the same weights in the run's layer layout
-        convert = stack_layers if model.scan_layers else unstack_layers
-        loaded = dataclasses.replace(loaded, model=build_model(model), params=convert(loaded.params, source))
+        loaded = dataclasses.replace(loaded, model=build_model(model), params=to_layout(loaded.params, source, model))
     return dataclasses.replace(config, model=model), loaded
 
 

@@ -189,3 +189,22 @@ def test_lora_dropout_drops_the_adapter_input_in_training_only(base_dir, tmp_pat
     plain = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "plain", "model.dropout_rate=0.0"))
     with pytest.raises(ConfigError, match="lora.lora_dropout=0.5 is not supported by stage 'sft': it gives no loss_for"):
         with_lora(dataclasses.replace(plain, loss_for=None), lora.LoraConfig(4, 8, 0.5, ("q", "v")))
+
+
+def test_a_lora_run_in_the_other_layer_layout_than_its_base_loads_merged(base_dir, tmp_path):
+    """An unrolled-layer LoRA run (``model.scan_layers=false``) on a base read in the scanned layout: its
+    checkpoint holds unrolled adapters, and ``load_model`` lays them over the base in the run's layout."""
+    out = tmp_path / "run"
+    run_stage(_sft(base_dir, out, *LORA, "model.scan_layers=false", "train.steps=1", "optim.learning_rate=1e-2"),
+              progress=False)
+    loaded = load_model(out)
+    assert not loaded.config.scan_layers
+    _, trained, meta = read_checkpoint_params(out / "checkpoints")
+    base = load_model(base_dir)
+    assert base.config.scan_layers  # the two layouts differ, which is what this test is about
+    from llmjax.models import unstack_layers
+
+    expected = lora.merge(unstack_layers(base.params, base.config), trained["lora"], lora.LoraConfig(**meta["lora"]))
+    for got, want in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert jax.tree_util.tree_structure(loaded.params) == jax.tree_util.tree_structure(expected)
