@@ -19,6 +19,7 @@ left null, which asks for a derived value, takes the init source's).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 from llmjax.config import ConfigError, RunConfig
@@ -26,7 +27,8 @@ from llmjax.data.tokenizer import Tokenizer
 from llmjax.loading import LoadedModel, load_model, model_sha256
 from llmjax.model_config import family_of
 from llmjax.models import build_model, to_layout
-from llmjax.train.loop import Base
+from llmjax.train.lm_loss import lm_loss_fn
+from llmjax.train.loop import Base, Stage
 from llmjax.train.state import TrainableFilter, trainable_filter
 
 # Model-config fields that change how the model computes, not what its weights are.
@@ -93,3 +95,15 @@ def init_tokenizer(config: RunConfig, loaded: LoadedModel | None) -> tuple[Token
 def run_trainable_filter(config: RunConfig) -> TrainableFilter:
     """``train.trainable`` / ``train.frozen`` as the loop's filter (everything trains by default)."""
     return trainable_filter(config.train.trainable, config.train.frozen)
+
+
+def lm_stage(config: RunConfig, loaded: LoadedModel | None, **fields) -> Stage:
+    """The Stage of a run that trains the model's token cross-entropy (pretrain, SFT): the family's loss with
+    the run's z-loss and label smoothing, the run's trainable filter, ``loaded`` as the base, and the run's
+    ``lora:`` / ``prompt_tuning:`` section applied (``llmjax.stages.adapters``). ``fields``: the rest of the
+    Stage (``name``, ``model``, data, hooks, tokenizer, meta)."""
+    from llmjax.stages.adapters import with_run_adapters
+
+    loss_for = partial(lm_loss_fn, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing)
+    return with_run_adapters(config, Stage(loss_fn=loss_for(fields["model"]), loss_for=loss_for,
+                                           is_trainable=run_trainable_filter(config), base=base_of(loaded), **fields))

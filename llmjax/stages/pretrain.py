@@ -16,7 +16,6 @@ cached in ``<train.output_dir>/tokenizer`` (a rerun or a resume reuses it).
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,9 +29,7 @@ from llmjax.data.sources import DataIterator, JsonlSource, ParquetSource, TextSo
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
 from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
-from llmjax.stages.adapters import with_run_adapters
-from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
-from llmjax.train.lm_loss import lm_loss_fn
+from llmjax.stages.init_source import init_tokenizer, lm_stage, resolve_init
 from llmjax.train.loop import Stage, train
 
 OBJECTIVES = {True: "span_corruption", False: "causal_lm"}  # Family.seq2seq -> the pre-training objective
@@ -88,19 +85,15 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     if eval_source is not None:
         eval_data = lambda: iterator(eval_source, shuffle=False, num_epochs=1)  # noqa: E731
 
-    loss_for = partial(lm_loss_fn, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing)
-    return with_run_adapters(config, Stage(
+    return lm_stage(
+        config, loaded,
         name="pretrain",
         model=model,
-        loss_fn=loss_for(model),
-        loss_for=loss_for,
         train_data=iterator(train_source),
         eval_data=eval_data,
-        is_trainable=run_trainable_filter(config),
-        base=base_of(loaded),
         tokenizer=tokenizer,
         meta={"tokenizer_dir": str(tokenizer_dir)},
-    ))
+    )
 
 
 # -- data ------------------------------------------------------------------------

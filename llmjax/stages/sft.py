@@ -20,7 +20,6 @@ checkpoint records).
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -31,10 +30,8 @@ from llmjax.config import ConfigError, RunConfig, dump_config
 from llmjax.data.instruction_pipeline import build_tasks, instruction_batches, mixed_source
 from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
-from llmjax.stages.adapters import with_run_adapters
-from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
+from llmjax.stages.init_source import init_tokenizer, lm_stage, resolve_init
 from llmjax.stages.pretrain import check_vocab
-from llmjax.train.lm_loss import lm_loss_fn
 from llmjax.train.loop import Stage, train
 
 EVAL_SPLIT = "validation"
@@ -84,22 +81,18 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     output_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         dump_config(config, output_dir / "config.yaml")
-    loss_for = partial(lm_loss_fn, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing)
-    return with_run_adapters(config, Stage(
+    return lm_stage(
+        config, loaded,
         name="sft",
         model=model,
-        loss_fn=loss_for(model),
-        loss_for=loss_for,
         train_data=train_data,
         eval_data=eval_data,
-        is_trainable=run_trainable_filter(config),
-        base=base_of(loaded),
         eval_hook=eval_hook,
         eval_hook_every_steps=tc.rouge_every_steps,
         eval_hook_split="generate",
         tokenizer=tokenizer,
         meta={"tokenizer_dir": str(tokenizer_dir)},
-    ))
+    )
 
 
 def rouge_sample(config: RunConfig) -> tuple[list[str], list[str]]:
