@@ -42,7 +42,7 @@ import jax
 
 from llmjax import lora, prompt_tuning
 from llmjax.config import ConfigError, RunConfig
-from llmjax.loading import ADAPTERS_KEY, SOFT_PROMPT_KEY, model_params
+from llmjax.loading import ADAPTERS_KEY, HEADS_KEY, SOFT_PROMPT_KEY, model_params
 from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
 
@@ -116,8 +116,9 @@ def _exporter(stage: Stage, model_params_of, save_adapter):
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
-    """The trainable filter of a LoRA run: the leaves under ``ADAPTERS_KEY``."""
-    return path[0] == ADAPTERS_KEY
+    """The trainable filter of a LoRA run: the leaves under ``ADAPTERS_KEY``, and the heads a reward or PPO
+    stage adds (``HEADS_KEY``: a new head has nothing to start from, so it always trains)."""
+    return path[0] in (ADAPTERS_KEY, HEADS_KEY)
 
 
 def lora_meta(cfg: lora.LoraConfig) -> dict:
@@ -179,5 +180,5 @@ def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> S
 
 
 def is_soft_prompt(path: tuple[str, ...]) -> bool:
-    """The trainable filter of a prompt-tuning run: the soft prompt alone."""
-    return path[0] == SOFT_PROMPT_KEY
+    """The trainable filter of a prompt-tuning run: the soft prompt, and the heads a stage adds."""
+    return path[0] in (SOFT_PROMPT_KEY, HEADS_KEY)
