@@ -42,7 +42,7 @@ import jax
 
 from llmjax import lora, prompt_tuning
 from llmjax.config import ConfigError, RunConfig
-from llmjax.loading import ADAPTERS_KEY, HEADS_KEY, SOFT_PROMPT_KEY, model_params
+from llmjax.loading import ADAPTERS_KEY, EXTRA_KEYS, HEADS_KEY, SOFT_PROMPT_KEY, model_params
 from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
 
@@ -69,8 +69,10 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
         return {**params, ADAPTERS_KEY: lora.init(model, params, cfg, adapter_key)}
 
     def merged(tree):
-        """The model's params with the adapters merged in: what the model computes with."""
-        return lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg)
+        """The model's params with the adapters merged in (what the model computes with), beside the tree's other
+        parts (a reward or PPO stage's heads, which its loss reads)."""
+        others = {key: value for key, value in tree.items() if key in EXTRA_KEYS and key != ADAPTERS_KEY}
+        return {**lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg), **others}
 
     if cfg.lora_dropout == 0:
         def loss_fn(tree, batch, rng):
@@ -106,7 +108,7 @@ def _exporter(stage: Stage, model_params_of, save_adapter):
         tree = jax.device_get(state.full_params())
         out = Path(out)
         if jax.process_index() == 0:
-            hf.save_pretrained(stage.model, jax.device_get(model_params_of(tree)), out)
+            hf.save_pretrained(stage.model, jax.device_get(model_params(model_params_of(tree))), out)
             if stage.tokenizer is not None:
                 stage.tokenizer.save_pretrained(out)
             save_adapter(tree, out / ADAPTER_SUBDIR)
