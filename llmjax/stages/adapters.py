@@ -120,7 +120,7 @@ def _exporter(stage: Stage, model_params_of, save_adapter):
         tree = jax.device_get(state.full_params())
         out = Path(out)
         if jax.process_index() == 0:
-            hf.save_pretrained(stage.model, jax.device_get(model_params_of(tree)), out)
+            hf.save_pretrained(stage.model, jax.device_get(model_params(model_params_of(tree))), out)
             if stage.tokenizer is not None:
                 stage.tokenizer.save_pretrained(out)
             save_adapter(tree, out / ADAPTER_SUBDIR)
