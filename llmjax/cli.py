@@ -81,6 +81,14 @@ def cmd_data_dialogsum(args) -> int:
     return 0
 
 
+def cmd_data_detox(args) -> int:
+    from llmjax.data.bundled.detox import write_detox
+
+    paths = write_detox(args.out, num_labels=args.num_labels, num_examples=args.num_examples, seed=args.seed)
+    print(f"wrote toxicity labels and preference pairs ({len(paths)} files) to {args.out}")
+    return 0
+
+
 def cmd_data_corpus(args) -> int:
     from llmjax.data.bundled.corpus import write_corpus
 
@@ -289,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-examples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_dialogsum)
+    p = data.add_parser("detox", help="the detox lab's toxicity labels and preference pairs (JSONL: labels_{split}, "
+                                      "pairs_{split})")
+    p.add_argument("--out", required=True, type=Path, help="new or empty directory")
+    p.add_argument("--num-labels", type=int, default=2000, help="labelled texts over the three splits")
+    p.add_argument("--num-examples", type=int, default=4000, help="DialogSum-shaped dialogues the pairs' rude prompts come from")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_detox)
     p = data.add_parser("corpus", help="generated English pre-training corpus (JSONL)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--num-documents", type=int, default=20000)

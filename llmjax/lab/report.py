@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
-RANDOM_SAME_TOPIC = {"first": 0.534, "all": 0.714}  # README: ROUGE-L of a random same-topic training summary
+RANDOM_SAME_TOPIC = {"first": 0.507, "all": 0.669}  # README: ROUGE-L of a random same-topic training summary
 EXAMPLES_SHOWN = 4
 PEFT_FRACTION = 0.02  # issue 11: a LoRA row training at most this share of the parameters ...
 PEFT_QUALITY = 0.97   # ... reaches at least this share of full fine-tuning's ROUGE-L
@@ -201,8 +201,8 @@ def results_table(results: dict) -> str:
         lines.append(f"| {row} | " + " | ".join(f"{r[k]:.4f}" if k != "bleu" else f"{r[k]:.1f}" for k in SCORE_KEYS)
                      + f" | {r['rougeL_first_ref']:.4f} | {r['trainable_params']:,} | {r['trainable_fraction']:.4f} "
                      f"| {r['train_seconds']:.0f} | {_megabytes(r)} | {_step_seconds(r)} |")
-    lines.append(f"| random same-topic summary (README baseline) | 0.725 | 0.569 | {RANDOM_SAME_TOPIC['all']} | 0.715 "
-                 f"| 61.7 | {RANDOM_SAME_TOPIC['first']} | - | - | - | - | - |")
+    lines.append(f"| random same-topic summary (README baseline) | 0.684 | 0.530 | {RANDOM_SAME_TOPIC['all']} | 0.673 "
+                 f"| 57.2 | {RANDOM_SAME_TOPIC['first']} | - | - | - | - | - |")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 Examples are dicts `{"id", "dialogue", "summary", "topic"}`; a dialogue is newline-separated turns
 "#Person1#: ...\\n#Person2#: ...", a summary is a short third-person account of what happened.
+Generated examples also carry `"rude": bool` (a speaker insults the other; see `dialogsum_rude.py`).
 
 - `generate_dialogsum(num_examples, seed)` -> `{"train", "validation", "test"}` lists, deterministic
   for a seed, split 80/10/10, no dialogue repeated anywhere (so no split leaks into another). Test
@@ -24,7 +25,8 @@ import re
 from pathlib import Path
 
 from llmjax.data.bundled import dialogsum_errands, dialogsum_scenarios
-from llmjax.data.bundled.dialogsum_words import Draw, maybe_close, person1_speaks_first
+from llmjax.data.bundled.dialogsum_rude import RUDE_FRACTION, Rudeness, make_rude, rude_references
+from llmjax.data.bundled.dialogsum_words import Draw, Turns, maybe_close, person1_speaks_first
 from llmjax.errors import DataError, InputError, InputNotFoundError
 
 SPLITS = ("train", "validation", "test")
@@ -42,21 +44,39 @@ def generate_dialogsum(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) 
     """`num_examples` unique dialogues split train/validation/test 80/10/10, the same for the same seed.
 
     Topics cycle through every scenario so each appears about equally often; the order is then
-    shuffled with the seed before splitting, and ids are `"{split}_{index}"`.
+    shuffled with the seed before splitting, and ids are `"{split}_{index}"`. In each split a fraction
+    `RUDE_FRACTION` of the dialogues (`"rude": True`) has a rude speaker (see `dialogsum_rude.py`);
+    the rudeness is drawn from its own random stream, so the other dialogues, the facts of the rude
+    ones and the split of every dialogue are those the seed gave before rudeness existed.
     """
+    return {split: [_public(example) for example in examples] for split, examples in _generate(num_examples, seed).items()}
+
+
+def rude_dialogues(split: str, num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) -> list[tuple[dict, Rudeness]]:
+    """The rude dialogues of a generated split with who is rude and how (for the detox lab's
+    preference pairs); the default arguments give the bundled set's."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return [(_public(example), example["_rudeness"]) for example in _generate(num_examples, seed)[split] if example["rude"]]
+
+
+@functools.lru_cache(maxsize=4)
+def _generate(num_examples: int, seed: int) -> dict[str, list[dict]]:
+    """The splits with each rude example's `Rudeness` under the private key "_rudeness"; cached, so
+    callers copy through `_public`."""
     if num_examples < len(SPLITS):
         raise InputError(f"num_examples must be at least {len(SPLITS)} (one per split), got {num_examples}")
     rng = random.Random(seed)
     draw = Draw(rng)
     topics = sorted(SCENARIOS)
     seen: set[str] = set()
-    examples: list[dict] = []
+    drawn: list[tuple[str, Turns, list[str]]] = []
     attempts = 0
-    while len(examples) < num_examples:
+    while len(drawn) < num_examples:
         attempts += 1
         if attempts > 20 * num_examples:
-            raise RuntimeError(f"could only draw {len(examples)} distinct dialogues of {num_examples}; ask for fewer")
-        topic = topics[len(examples) % len(topics)]
+            raise RuntimeError(f"could only draw {len(drawn)} distinct dialogues of {num_examples}; ask for fewer")
+        topic = topics[len(drawn) % len(topics)]
         draw.references = []
         turns, summary = SCENARIOS[topic](draw)
         if draw.references[:1] != [summary]:
@@ -66,28 +86,35 @@ def generate_dialogsum(num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) 
         if dialogue in seen:  # a repeat would leak between splits; draw again
             continue
         seen.add(dialogue)
-        examples.append({"dialogue": dialogue, "summary": references[0], "topic": topic, "summaries": references})
-    rng.shuffle(examples)
+        drawn.append((topic, turns, references))
+    rng.shuffle(drawn)
     n_validation = n_test = max(1, round(num_examples * SPLIT_FRACTIONS["test"]))
     bounds = {"train": (0, num_examples - n_validation - n_test),
               "validation": (num_examples - n_validation - n_test, num_examples - n_test),
               "test": (num_examples - n_test, num_examples)}
-    return {split: [_with_id(f"{split}_{i}", example, keep_references=split == "test")
-                    for i, example in enumerate(examples[lo:hi])]
-            for split, (lo, hi) in bounds.items()}
+    # Rudeness has its own stream (a string seed hashes the same in every process) so that the clean
+    # dialogues do not change with it.
+    rude_rng = random.Random(f"dialogsum-rude-{seed}")
+    splits = {}
+    for split, (lo, hi) in bounds.items():
+        rude = set(rude_rng.sample(range(hi - lo), round(RUDE_FRACTION * (hi - lo))))
+        splits[split] = []
+        for i, (topic, turns, references) in enumerate(drawn[lo:hi]):
+            example = {"id": f"{split}_{i}"}
+            if i in rude:
+                turns, rudeness = make_rude(rude_rng, turns, references[0])
+                references = rude_references(rude_rng, references, rudeness)
+                example["_rudeness"] = rudeness
+            example.update(dialogue=turns.render(), summary=references[0], topic=topic, rude=i in rude)
+            if split == "test":
+                example["summaries"] = references
+            splits[split].append(example)
+    return splits
 
 
-def _with_id(id_: str, example: dict, keep_references: bool) -> dict:
-    """``{"id", "dialogue", "summary", "topic"}``, plus ``summaries`` for the test split."""
-    out = {"id": id_, **example}
-    if not keep_references:
-        del out["summaries"]
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _bundled() -> dict[str, list[dict]]:
-    return generate_dialogsum(DEFAULT_NUM_EXAMPLES, seed=0)
+def _public(example: dict) -> dict:
+    """A copy without the private keys; lists copied so callers cannot change the cache."""
+    return {key: list(value) if isinstance(value, list) else value for key, value in example.items() if not key.startswith("_")}
 
 
 def bundled_dialogsum(split: str) -> list[dict]:
@@ -95,8 +122,7 @@ def bundled_dialogsum(split: str) -> list[dict]:
     `summaries`); generated once per process, copied per call."""
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return [{key: list(value) if isinstance(value, list) else value for key, value in example.items()}
-            for example in _bundled()[split]]
+    return [_public(example) for example in _generate(DEFAULT_NUM_EXAMPLES, 0)[split]]
 
 
 def write_dialogsum(directory: str | Path, num_examples: int = DEFAULT_NUM_EXAMPLES, seed: int = 0) -> dict[str, Path]:
@@ -190,10 +216,20 @@ def _to_example(row, path: Path, where: str) -> dict:
             raise DataError(f"{path}, {where}: missing field {field!r} (accepted names: {', '.join(names)})")
         example[field] = str(value).replace("\r\n", "\n")
     example["topic"] = str(row.get("topic") or row.get("topic1") or "")
+    if row.get("rude") not in (None, ""):  # written by write_dialogsum (a bool; "True"/"False" in a CSV)
+        example["rude"] = _flag(row["rude"], path, where)
     references = row.get("summaries") or [row[k] for k in ("summary1", "summary2", "summary3") if row.get(k)]
     if len(references) > 1:
         example["summaries"] = [str(text).replace("\r\n", "\n") for text in references]
     return example
+
+
+def _flag(value, path: Path, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "false", "0"):
+        return str(value).strip().lower() in ("true", "1")
+    raise DataError(f"{path}, {where}: field 'rude' must be true or false, got {value!r}")
 
 
 _WORD = re.compile(r"#Person\d#|[a-z0-9]+(?:'[a-z]+)?")
