@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from llmjax import rl_configs
 from llmjax.adapter_configs import LoraConfig, PromptTuningConfig, check_lora_targets
 from llmjax.errors import UserError
 from llmjax.model_config import MODEL_CONFIGS, family_of
@@ -256,8 +257,14 @@ class RunConfig:
     init_from: str | None = None
     lora: Any = None  # llmjax.lora.LoraConfig: the stage trains LoRA adapters only; None: no LoRA
     prompt_tuning: Any = None  # llmjax.prompt_tuning.PromptTuningConfig: the stage trains a soft prompt only
+    # The preference/RL stages' own settings (llmjax.rl_configs): each belongs to the stage of its name.
+    reward: Any = None  # RewardConfig (stage: reward; default settings when left out)
+    ppo: Any = None     # PPOConfig (stage: ppo; required, it names the reward model)
+    dpo: Any = None     # DPOConfig (stage: dpo; default settings when left out)
+    grpo: Any = None    # GRPOConfig (stage: grpo; required, it names the reward model)
 
     def __post_init__(self):
+        _check_stage_sections(self)
         if self.lora is not None:
             _require(not self.train.trainable and not self.train.frozen,
                      "lora: trains the adapters only, so train.trainable/train.frozen do not apply; remove them "
@@ -311,12 +318,27 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
 # Sections a run may leave out (None): they turn a stage into something else (lora: adapters only).
 # prompt_tuning: a soft prompt only.
-OPTIONAL_SECTIONS = ("lora", "prompt_tuning")
+# reward/ppo/dpo/grpo: the settings of the stage of that name.
+OPTIONAL_SECTIONS = ("lora", "prompt_tuning", *rl_configs.SECTIONS)
 
 
 def _optional_section_class(name: str):
-    """The dataclass of an optional section (both live in ``llmjax.adapter_configs``)."""
-    return LoraConfig if name == "lora" else PromptTuningConfig
+    """The dataclass of an optional section (``llmjax.adapter_configs`` and ``llmjax.rl_configs``)."""
+    return {"lora": LoraConfig, "prompt_tuning": PromptTuningConfig, **rl_configs.SECTIONS}[name]
+
+
+def _check_stage_sections(config: RunConfig) -> None:
+    """A stage's own section belongs to that stage: ``ppo:`` under ``stage: sft`` is a mistake, not ignored;
+    ``reward``/``dpo`` without their section take its defaults; ``ppo``/``grpo`` need theirs (the reward model)."""
+    for name in rl_configs.SECTIONS:
+        if getattr(config, name) is not None and config.stage != name:
+            raise ConfigError(f"the {name}: section configures stage: {name}, but stage is {config.stage!r}; "
+                              f"remove the section or set stage: {name}")
+    if config.stage in rl_configs.SECTIONS and getattr(config, config.stage) is None:
+        if config.stage in ("ppo", "grpo"):
+            raise ConfigError(f"stage: {config.stage} needs a {config.stage}: section naming at least "
+                              f"{config.stage}.reward_model (a stage: reward run or its export)")
+        object.__setattr__(config, config.stage, rl_configs.SECTIONS[config.stage]())
 
 
 def _check_prompt_tuning(config: RunConfig) -> None:

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "llmjax_manifest.json"
 ADAPTERS_KEY = "lora"  # a LoRA run's tree: the model's params plus this top-level part (llmjax.stages.adapters)
 SOFT_PROMPT_KEY = "soft_prompt"  # a prompt-tuning run's tree: the model's params plus its soft prompt [n, d]
+HEADS_KEY = "heads"  # a reward or PPO run's tree: {"score": ...} / {"value": ...} heads (llmjax.models.heads)
+REFERENCE_KEY = "reference"  # a full-fine-tuning PPO/DPO/GRPO run's frozen copy of the initial model params
+EXTRA_KEYS = (ADAPTERS_KEY, SOFT_PROMPT_KEY, HEADS_KEY, REFERENCE_KEY)  # tree parts that are not model params
 ITEMS = ("state", "data", "meta")  # the orbax items of one step
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")
@@ -73,6 +76,8 @@ class LoadedModel:
                     one a checkpoint's metadata records), or None
     meta:           the checkpoint's metadata (family, model_config, stage, run_config, ...); {} for HF
     soft_prompt:    a prompt-tuning run's trained soft prompt, fp32 ``[n, d_model]``; None otherwise
+    heads:          a reward or PPO run's heads (``{"score": {...}}``, ``{"value": {...}}``,
+                    ``llmjax.models.heads``) as host arrays; None otherwise
     """
 
     model: object
@@ -83,6 +88,7 @@ class LoadedModel:
     tokenizer_dir: Path | None = None
     meta: dict = dataclasses.field(default_factory=dict)
     soft_prompt: np.ndarray | None = None
+    heads: dict | None = None
 
     @property
     def config(self):
@@ -120,14 +126,15 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
 
         base = load_model(meta["base"]["path"], meta["base"].get("step"))
         params = overlay_params(to_layout(base.params, base.config, model.config), params)
+    heads = jax.tree_util.tree_map(np.asarray, params[HEADS_KEY]) if HEADS_KEY in params else None
     if meta.get("lora"):
         params = merge_adapters(params, meta["lora"])
     soft_prompt = None
     if SOFT_PROMPT_KEY in params:
-        soft_prompt, params = np.asarray(params[SOFT_PROMPT_KEY], np.float32), model_params(params)
+        soft_prompt = np.asarray(params[SOFT_PROMPT_KEY], np.float32)
     tokenizer_dir = meta.get("tokenizer_dir")
-    return LoadedModel(model, params, "checkpoint", checkpoint_dir, step,
-                       Path(tokenizer_dir) if tokenizer_dir else None, meta, soft_prompt)
+    return LoadedModel(model, model_params(params), "checkpoint", checkpoint_dir, step,
+                       Path(tokenizer_dir) if tokenizer_dir else None, meta, soft_prompt, heads)
 
 
 HF_MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")
@@ -272,8 +279,8 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
 
 
 def model_params(tree: dict) -> dict:
-    """The model's own params of a LoRA or prompt-tuning run's tree (adapters and soft prompt left out)."""
-    return {key: value for key, value in tree.items() if key not in (ADAPTERS_KEY, SOFT_PROMPT_KEY)}
+    """The model's own params of a run's tree (adapters, soft prompt, heads and reference copy left out)."""
+    return {key: value for key, value in tree.items() if key not in EXTRA_KEYS}
 
 
 def merge_adapters(tree: dict, lora_meta: dict) -> dict:
