@@ -198,6 +198,8 @@ def results_table(results: dict) -> str:
     lines = ["| row | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | BLEU | ROUGE-L (first ref) | trainable params | "
              "trainable fraction | train seconds | optimizer state (MiB) | step seconds (median) |", "|---|" + "---:|" * 11]
     for row, r in results.items():
+        if "rouge1" not in r:  # the reward model: no summaries (the detox section reports it)
+            continue
         lines.append(f"| {row} | " + " | ".join(f"{r[k]:.4f}" if k != "bleu" else f"{r[k]:.1f}" for k in SCORE_KEYS)
                      + f" | {r['rougeL_first_ref']:.4f} | {r['trainable_params']:,} | {r['trainable_fraction']:.4f} "
                      f"| {r['train_seconds']:.0f} | {_megabytes(r)} | {_step_seconds(r)} |")
@@ -228,6 +230,9 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
     (out / "results.json").write_text(json.dumps({**results, "_lab": facts}, indent=2) + "\n", encoding="utf-8")
     pngs = plot_curves(out, results, facts)
     sweep = plot_lora_sweep(out, results)
+    from llmjax.lab.detox_report import detox_section, plot_detox
+
+    detox_png = plot_detox(out, results) if "detox" in facts else None
     forgetting, settings = facts["forgetting"], facts["settings"]
     share = forgetting["mixture_share"]
     text = [
@@ -251,6 +256,7 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         f"| after SFT with {share:.0%} span corruption in the mixture (`full_ft_mixed`) | "
         f"{forgetting['after_mixed_sft']:.4f} |", "",
         *adapter_section(results, facts, sweep),
+        *(detox_section(results, facts, detox_png) if "detox" in facts else []),
         f"## Examples (first {min(EXAMPLES_SHOWN, len(examples))} test dialogues)", "",
         examples_table(examples, outputs), "",
         "## Curves", "", *[f"![{p.stem}]({p.name})" for p in pngs], "",

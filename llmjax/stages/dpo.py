@@ -102,7 +102,7 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
         is_trainable=lambda path: path[0] != REFERENCE_KEY and trainable(path),
         tokenizer=tokenizer, meta={"tokenizer_dir": str(tokenizer_dir), "dpo": dataclasses.asdict(cfg)},
     )
-    stage.export = _export_policy(stage)  # with_lora replaces it with the merged model and the adapter
+    # Export: the loop's (the model's own params, no reference), or with_lora's (merged model and adapter).
     return with_run_adapters(config, stage)
 
 
@@ -178,18 +178,3 @@ def dpo_loss_fn(model, beta: float):
 
     return loss_fn
 
-
-def _export_policy(stage: Stage):
-    """``export(state, out)`` of full fine-tuning: the policy as a Hugging Face directory with the tokenizer beside
-    it; the reference is left out."""
-
-    def export(state, out: Path) -> str:
-        from llmjax import hf
-
-        policy = jax.device_get(model_params(state.full_params()))  # the reference never leaves the devices
-        if jax.process_index() == 0:
-            hf.save_pretrained(stage.model, policy, out)
-            stage.tokenizer.save_pretrained(out)
-        return str(Path(out).absolute())
-
-    return export

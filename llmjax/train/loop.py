@@ -26,6 +26,7 @@ from llmjax import sharding
 from llmjax.models import model_family, step_flops
 from llmjax.config import ConfigError, MeshConfig, RunConfig, config_to_dict
 from llmjax.errors import UserError
+from llmjax.loading import model_params
 from llmjax.train.checkpoint import Checkpointer, model_meta
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
 from llmjax.train.optim import make_optimizer
@@ -324,7 +325,8 @@ def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | Non
 def _export(stage: Stage, state, out: Path) -> str:
     from llmjax import hf
 
-    params = jax.device_get(state.full_params())
+    # The model's own params: a stage's heads and frozen reference copy are not part of the exported model.
+    params = jax.device_get(model_params(state.full_params()))
     if jax.process_index() == 0:
         hf.save_pretrained(stage.model, params, out)
         if stage.tokenizer is not None:

@@ -4,6 +4,7 @@ run, a resumed run equals an uninterrupted one bitwise, and bad data or settings
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -24,6 +25,7 @@ from llmjax.stages import stage_module
 from llmjax.stages.dpo import dpo_loss_fn, pairs_batch
 from llmjax.rl_configs import DPOConfig
 from llmjax.sharding import make_mesh
+from llmjax.train import loop
 from llmjax.train.loop import train
 
 DPO_CONFIG = CONFIGS_DIR / "dpo_t5_tiny.yaml"
@@ -93,7 +95,8 @@ def _config(base, data, out, *overrides):
 def _train_capturing(config, mesh="one"):
     """Run ``config``'s stage with the real loop; ``(summary, metrics rows, final full tree on the host)``."""
     stage = stage_module("dpo").build_stage(config)
-    captured, export = {}, stage.export
+    captured = {}
+    export = stage.export or partial(loop._export, stage)  # the loop's own export when the stage gives none
 
     def capture(state, out):
         captured["tree"] = jax.device_get(state.full_params())
