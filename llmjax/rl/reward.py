@@ -147,24 +147,28 @@ def label_ids(rows: Sequence[Mapping], num_labels: int, names: Sequence[str] | N
     return ids
 
 
-def classifier_batch(model, tokenizer, texts: Sequence[str], cfg: RewardConfig, labels=None, weight=None) -> dict:
-    """Labelled texts -> a classifier batch (module docstring); ``labels`` None: zeros (scoring only)."""
+def classifier_batch(model, tokenizer, texts: Sequence[str], cfg: RewardConfig, labels=None, weight=None,
+                     where: str = "") -> dict:
+    """Labelled texts -> a classifier batch (module docstring); ``labels`` None: zeros (scoring only); ``where``
+    names the texts in errors."""
     prompt, prompt_mask = encode_prompts(model, tokenizer, [""] * len(texts), 1)
     response, response_mask = encode_responses(tokenizer, texts, cfg.response_length, model.config.pad_token_id,
-                                               what="text")
+                                               what=f"{where} text".strip())
     return {"prompt_ids": prompt, "prompt_mask": prompt_mask, "response_ids": response, "response_mask": response_mask,
             "label": np.zeros(len(texts), np.int32) if labels is None else np.asarray(labels, np.int32),
             "weight": np.ones(len(texts), np.float32) if weight is None else np.asarray(weight, np.float32)}
 
 
 def pairwise_batch(model, tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str],
-                   cfg: RewardConfig, weight=None) -> dict:
+                   cfg: RewardConfig, weight=None, where: str = "") -> dict:
     """Preference pairs -> a pairwise batch (module docstring); ``prompts`` as the policy reads them."""
-    prompt, prompt_mask = encode_prompts(model, tokenizer, prompts, cfg.prompt_length)
-    pad = model.config.pad_token_id
-    chosen_ids, chosen_mask = encode_responses(tokenizer, chosen, cfg.response_length, pad, what="chosen response")
-    rejected_ids, rejected_mask = encode_responses(tokenizer, rejected, cfg.response_length, pad,
-                                                   what="rejected response")
+    prompt, prompt_mask = encode_prompts(model, tokenizer, prompts, cfg.prompt_length,
+                                         what=f"{where} prompt".strip())
+    pad, budget = model.config.pad_token_id, cfg.response_length
+    chosen_ids, chosen_mask = encode_responses(tokenizer, chosen, budget, pad,
+                                               what=f"{where} chosen response".strip())
+    rejected_ids, rejected_mask = encode_responses(tokenizer, rejected, budget, pad,
+                                                   what=f"{where} rejected response".strip())
     return {"prompt_ids": prompt, "prompt_mask": prompt_mask, "chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
             "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
             "weight": np.ones(len(prompts), np.float32) if weight is None else np.asarray(weight, np.float32)}
@@ -176,9 +180,9 @@ def rows_batch(model, tokenizer, rows: Sequence[Mapping], cfg: RewardConfig, lab
     check_rows(rows, cfg.kind, where)
     if cfg.kind == "classifier":
         return classifier_batch(model, tokenizer, [r["text"] for r in rows], cfg,
-                                label_ids(rows, cfg.num_labels, labels, where))
+                                label_ids(rows, cfg.num_labels, labels, where), where=f"{where}:")
     return pairwise_batch(model, tokenizer, [pair_prompt(r["prompt"]) for r in rows], [r["chosen"] for r in rows],
-                          [r["rejected"] for r in rows], cfg)
+                          [r["rejected"] for r in rows], cfg, where=f"{where}:")
 
 
 # -- a trained reward model ------------------------------------------------------------------------------------
