@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ConfigError, DataConfig, RunConfig, dump_config
+from llmjax.data.rows import train_and_eval_rows
 from llmjax.loading import REFERENCE_KEY, LoadedModel, model_params
 from llmjax.models import build_model
 from llmjax.rl.losses import dpo_loss, masked_sum, token_logprobs
@@ -48,7 +49,6 @@ from llmjax.rl.reward import check_rows, pair_prompt, pairwise_batch
 from llmjax.rl.sequences import response_outputs
 from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.stages.pretrain import check_vocab
-from llmjax.stages.reward import _row_batches
 from llmjax.train.loop import Stage, train
 from llmjax.train.state import model_init_tree
 
@@ -78,16 +78,12 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     model = build_model(config.model)
 
     train_rows, eval_rows = preference_rows(config.data, need_eval=bool(tc.eval_every_steps))
-    rows = dict(batch_size=tc.batch_size, process_index=jax.process_index(), process_count=jax.process_count())
     train_batch = pairs_batch(model, tokenizer, train_rows, cfg, f"{config.data.source} (training pairs)")
-    train_data = _row_batches(train_batch, list(range(len(train_rows))), seed=tc.seed, **rows)
-    eval_data = None
-    if eval_rows is not None:
-        eval_batch = pairs_batch(model, tokenizer, eval_rows, cfg,
-                                 f"{config.data.eval_source or EVAL_SPLIT} (held-out pairs)")
-        # Padded to whole batches with index -1: rows of weight 0, so every batch has the compiled shape.
-        padded = list(range(len(eval_rows))) + [-1] * (-len(eval_rows) % tc.batch_size)
-        eval_data = lambda: _row_batches(eval_batch, padded, shuffle=False, num_epochs=1, **rows)  # noqa: E731
+    eval_batch = None if eval_rows is None else pairs_batch(
+        model, tokenizer, eval_rows, cfg, f"{config.data.eval_source or EVAL_SPLIT} (held-out pairs)")
+    train_data, eval_data = train_and_eval_rows(train_batch, eval_batch, batch_size=tc.batch_size, seed=tc.seed,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count(), name="preference pairs")
 
     output_dir = Path(tc.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -229,9 +229,9 @@ def test_bad_data_and_settings_are_clear_errors(bases, data, tmp_path):
     build = stage_module("dpo").build_stage
     base = bases["t5"]
     broken = _write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "hi", "chosen": "a"}])
-    with pytest.raises(DataError, match="rejected"):
+    with pytest.raises(DataError, match="missing field 'rejected'"):
         build(_config(base, data, tmp_path, f"data.source={broken}"))
-    with pytest.raises(SequenceLengthError, match="chosen response 0 has 16 tokens .* raise the stage's response_length"):
+    with pytest.raises(SequenceLengthError, match="chosen response 0 has 16 tokens .* response_length"):
         build(_config(base, data, tmp_path, "dpo.response_length=3"))
     with pytest.raises(SequenceLengthError, match="raise the stage's prompt_length"):
         build(_config(base, data, tmp_path, "dpo.prompt_length=8"))
@@ -242,6 +242,7 @@ def test_bad_data_and_settings_are_clear_errors(bases, data, tmp_path):
     with pytest.raises(ConfigError, match="needs held-out pairs: set data.eval_source"):
         build(_config(base, data, tmp_path, "data.eval_source=null", "train.eval_every_steps=2"))
     with pytest.raises(ConfigError, match="stage: dpo does not train a soft prompt"):
-        build(_config(base, data, tmp_path, "prompt_tuning.num_virtual_tokens=4", "data.packing=false"))
+        build(_config(base, data, tmp_path, "prompt_tuning.num_virtual_tokens=4",
+                      "data.packing=false"))
     with pytest.raises(ConfigError, match="lora.lora_dropout=0.1 is not supported by stage 'dpo'"):
         build(_config(base, data, tmp_path, *LORA, "lora.lora_dropout=0.1"))
