@@ -125,7 +125,7 @@ def pairs_batch(model, tokenizer, rows: list[dict], cfg, where: str) -> dict:
     encoding; ``cfg``: ``prompt_length`` and ``response_length``)."""
     check_rows(rows, "pairwise", where)
     return pairwise_batch(model, tokenizer, [pair_prompt(r["prompt"]) for r in rows], [r["chosen"] for r in rows],
-                          [r["rejected"] for r in rows], cfg)
+                          [r["rejected"] for r in rows], cfg, where=f"{where}:")
 
 
 def with_reference(model_tree):

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from llmjax import hf
-from llmjax.config import CONFIGS_DIR, ConfigError, load_config
+from llmjax.config import CONFIGS_DIR, ConfigError, DataConfig, load_config
 from llmjax.data.tokenizer import train_tokenizer
 from llmjax.errors import DataError
 from llmjax.loading import ADAPTERS_KEY, REFERENCE_KEY, load_model, open_manager
@@ -22,11 +21,10 @@ from llmjax.models import build_model, init_params
 from llmjax.rl.reward import pair_prompt
 from llmjax.rl.sequences import SequenceLengthError, response_outputs
 from llmjax.stages import stage_module
-from llmjax.stages.dpo import dpo_loss_fn, pairs_batch
+from llmjax.stages.dpo import dpo_loss_fn, pairs_batch, preference_rows
 from llmjax.rl_configs import DPOConfig
 from llmjax.sharding import make_mesh
 from llmjax.train import loop
-from llmjax.train.loop import train
 
 DPO_CONFIG = CONFIGS_DIR / "dpo_t5_tiny.yaml"
 MODELS = {
@@ -105,7 +103,7 @@ def _train_capturing(config, mesh="one"):
     stage.export = capture
     if mesh == "one":  # compiling for one device is cheaper; the 8 fake ones (mesh=None) for the main run only
         mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    summary = train(stage, config, mesh=mesh, progress=False)
+    summary = loop.train(stage, config, mesh=mesh, progress=False)
     rows = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
     return summary, rows, captured["tree"]
 
@@ -246,3 +244,11 @@ def test_bad_data_and_settings_are_clear_errors(bases, data, tmp_path):
                       "data.packing=false"))
     with pytest.raises(ConfigError, match="lora.lora_dropout=0.1 is not supported by stage 'dpo'"):
         build(_config(base, data, tmp_path, *LORA, "lora.lora_dropout=0.1"))
+
+
+def test_bundled_pairs_are_the_detox_splits():
+    from llmjax.data.bundled import detox
+
+    train_rows, eval_rows = preference_rows(DataConfig(kind="bundled", source="detox_pairs"), need_eval=True)
+    assert train_rows == detox.preference_pairs("train") and eval_rows == detox.preference_pairs("validation")
+    assert preference_rows(DataConfig(kind="bundled", source="detox_pairs"), need_eval=False)[1] is None
