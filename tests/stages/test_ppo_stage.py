@@ -22,7 +22,7 @@ PPO_CONFIG = CONFIGS_DIR / "ppo_t5_tiny.yaml"
 REWARD_CONFIG = CONFIGS_DIR / "reward_t5_tiny.yaml"
 PPO_QUICK = ["ppo.max_new_tokens=6", "ppo.prompt_length=1024", "ppo.epochs=2", "ppo.minibatches=2",
              "train.batch_size=8", "checkpoint.async_save=false", "train.export_hf=null", "optim.learning_rate=1e-3"]
-SMALL_DECODER = ["model.family=llama", "model.vocab_size=256", "model.hidden_size=32", "model.intermediate_size=64",
+SMALL_DECODER = ["model.hidden_size=32", "model.intermediate_size=64",
                  "model.num_hidden_layers=1", "model.num_attention_heads=4", "model.num_key_value_heads=2",
                  "model.max_position_embeddings=2048"]
 
@@ -32,7 +32,7 @@ def reward_model(pretrained, tmp_path_factory):  # noqa: F811
     """A 2-step toxicity classifier on the small T5 (what it scores matters less than that it is one)."""
     out = tmp_path_factory.mktemp("reward") / "run"
     run_stage(load_config(REWARD_CONFIG, [
-        f"init_from={pretrained}", "train.steps=2", "train.batch_size=8", f"train.output_dir={out}",
+        "model={}", f"init_from={pretrained}", "train.steps=2", "train.batch_size=8", f"train.output_dir={out}",
         "train.eval_every_steps=0", "optim.warmup_steps=0", "checkpoint.every_steps=2", "train.export_hf=null",
         "reward.response_length=256"]), progress=False)
     return out
@@ -43,7 +43,7 @@ def decoder_base(pretrained, tmp_path_factory):  # noqa: F811
     """A 1-step decoder pre-training run with the small T5's tokenizer (so the T5 reward model reads its tokens)."""
     out = tmp_path_factory.mktemp("decoder") / "run"
     run_stage(load_config(CONFIGS_DIR / "pretrain_decoder_tiny.yaml", [
-        "model={}", *SMALL_DECODER, f"data.tokenizer={pretrained / 'tokenizer'}", "train.steps=1",
+        *SMALL_DECODER, f"data.tokenizer={pretrained / 'tokenizer'}", "train.steps=1",
         "train.batch_size=8", f"train.output_dir={out}", "train.eval_every_steps=0", "data.decoder_length=64",
         "optim.warmup_steps=0", "checkpoint.every_steps=1", "train.export_hf=null"]), progress=False)
     return out
@@ -52,7 +52,7 @@ def decoder_base(pretrained, tmp_path_factory):  # noqa: F811
 def _ppo(init_from, reward, out, *overrides, stage="ppo"):
     extra = ([f"ppo.reward_model={reward}"] if stage == "ppo" else
              ["stage=grpo", "ppo=null", f"grpo.reward_model={reward}", "grpo.max_new_tokens=6", "grpo.group_size=2",
-              "grpo.prompt_length=1024", "train.batch_size=4", "checkpoint.async_save=false", "train.export_hf=null",
+              "grpo.prompt_length=1024", "train.batch_size=8", "checkpoint.async_save=false", "train.export_hf=null",
               "optim.learning_rate=1e-3"])
     quick = PPO_QUICK if stage == "ppo" else []
     return load_config(PPO_CONFIG, [f"init_from={init_from}", f"train.output_dir={out}", *quick, *extra, *overrides])
