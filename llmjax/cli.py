@@ -108,8 +108,13 @@ def cmd_lab_summarize(args) -> int:
         rows = dataclasses.replace(rows, lora_ranks=parse_ranks(args.lora_ranks))
     if args.no_prompt_tuning:
         rows = dataclasses.replace(rows, prompt_tuning=False)
+    from llmjax.lab.detox import DetoxRows
+
+    detox = DetoxRows.tiny() if args.tiny else DetoxRows()
+    if args.no_detox:
+        detox = dataclasses.replace(detox, enabled=False)
     run_lab(args.out, LabSettings.tiny() if args.tiny else LabSettings(), progress=not args.no_progress,
-            adapter_rows=rows)
+            adapter_rows=rows, detox_rows=detox)
     return 0
 
 
@@ -319,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-ranks", metavar="R,R,...", help="ranks of the lora_r<r> rows (default 1,4,8,16,32; "
                                                          "--tiny: 1); 'none' for no LoRA rows")
     p.add_argument("--no-prompt-tuning", action="store_true", help="skip the prompt_tuning row")
+    p.add_argument("--no-detox", action="store_true", help="skip the detox rows (reward model, ppo, dpo, grpo, rlaif; "
+                                                           "they need the judge extra: pip install 'llmjax[judge]')")
     p.set_defaults(func=cmd_lab_summarize)
 
     p = sub.add_parser("generate", help="generate text from a Hugging Face directory or an llmjax checkpoint")

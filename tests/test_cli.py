@@ -15,7 +15,7 @@ from llmjax.hf.io import read_tensors
 from tests.hf.helpers import save_torch_model
 
 COMMANDS = [
-    ["train"], ["export"], ["import"], ["tokenizer", "train"], ["data", "dialogsum"], ["data", "corpus"],
+    ["train"], ["export"], ["import"], ["tokenizer", "train"], ["data", "dialogsum"], ["data", "detox"], ["data", "corpus"],
     ["generate"], ["evaluate"], ["lora", "merge"],
 ]
 

@@ -63,3 +63,34 @@ class RowBatches:
         if not taken:
             raise StopIteration
         return self.to_arrays(taken[self._block] if len(taken) == self.batch_size else taken)
+
+
+def encoded_row_batches(batch: Mapping[str, np.ndarray], indices: Sequence[int], **kwargs) -> RowBatches:
+    """``RowBatches`` over rows ``indices`` of ``batch`` (every row already encoded: ``[N, ...]`` arrays with a
+    ``weight`` ``[N]``); index -1 is a padding row (a copy of row 0 with weight 0). ``kwargs``: RowBatches'."""
+
+    def take(chosen: list[int]) -> dict:
+        chosen = np.asarray(chosen)
+        out = {name: value[np.maximum(chosen, 0)] for name, value in batch.items()}
+        out["weight"] = np.where(chosen >= 0, out["weight"], 0.0).astype(np.float32)
+        return out
+
+    return RowBatches(list(indices), take, **kwargs)
+
+
+def train_and_eval_rows(train_batch: Mapping[str, np.ndarray], eval_batch: Mapping[str, np.ndarray] | None, *,
+                        batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                        name: str = "data"):
+    """A stage's data from its encoded rows: ``(train_data, eval_data)`` as ``llmjax.train.loop.Stage`` takes them.
+    ``train_data`` walks the training rows in seeded epochs (exactly resumable); ``eval_data`` (None without
+    ``eval_batch``) gives a fresh pass over the held-out rows in order, the last batch padded with rows of
+    weight 0 so every batch has the compiled shape."""
+    common = dict(batch_size=batch_size, process_index=process_index, process_count=process_count)
+    train_data = encoded_row_batches(train_batch, range(len(train_batch["weight"])), seed=seed, name=name,
+                                     **common)
+    if eval_batch is None:
+        return train_data, None
+    count = len(eval_batch["weight"])
+    padded = list(range(count)) + [-1] * (-count % batch_size)
+    return train_data, lambda: encoded_row_batches(eval_batch, padded, shuffle=False, num_epochs=1,  # noqa: E731
+                                                   name=f"{name} (held out)", **common)

@@ -13,6 +13,8 @@
    ``full_ft_mixed``); the held-out span-corruption loss before SFT, after SFT and after mixed SFT.
 5. **Parameter-efficient rows** (``llmjax.lab.adapter_rows``): the full fine-tuning run with a ``lora:``
    section, one row ``lora_r<r>`` per rank of a sweep, and with a ``prompt_tuning:`` section (``prompt_tuning``).
+6. **Detoxification rows** (Lab 3, ``llmjax.lab.detox``): a reward model on the bundled toxicity labels, then
+   ``ppo``, ``dpo``, ``grpo`` and ``rlaif`` from ``full_ft``, judged by an independent toxicity classifier.
 
 Outputs (``llmjax.lab.report``): ``results.json``, ``predictions/<row>.jsonl``, ``report.md``, PNG curves.
 """
@@ -37,6 +39,7 @@ from llmjax.evaluate import evaluate_dataset, load_model_for_inference
 from llmjax.generate import GenerationConfig
 from llmjax.lab import report
 from llmjax.lab.adapter_rows import AdapterRows, run_adapter_row, run_measures
+from llmjax.lab.detox import BASE_ROW, DetoxRows, run_detox_rows
 from llmjax.loading import newest_complete_step
 from llmjax.stages import run_stage
 from llmjax.stages.sft import build_stage as build_sft_stage
@@ -232,9 +235,9 @@ def step_costs(run_dir: Path) -> dict:
 # -- the lab ---------------------------------------------------------------------
 
 def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
-            adapter_rows: AdapterRows = AdapterRows()) -> dict:
-    """Run the whole lab into ``out`` (``adapter_rows``: which parameter-efficient rows); returns the
-    ``results.json`` mapping."""
+            adapter_rows: AdapterRows = AdapterRows(), detox_rows: DetoxRows = DetoxRows()) -> dict:
+    """Run the whole lab into ``out`` (``adapter_rows``: which parameter-efficient rows; ``detox_rows``: the
+    reward model and the RL rows); returns the ``results.json`` mapping."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -286,11 +289,26 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
         say(f"[{i}/{len(adapter_names)}] {row}: ROUGE-L {results[row]['rougeL']:.4f} "
             f"({results[row]['trainable_fraction']:.2%} of the parameters trained)")
 
+    if detox_rows.enabled:
+        say("detox rows: reward model, then PPO, DPO, GRPO and RLAIF from full_ft")
+        detox_results, detox_outputs, facts_detox = run_detox_rows(
+            out, settings, detox_rows, tokenizer_dir, lambda m, p: evaluate_row(m, p, tokenizer, test, settings),
+            test, say, progress)
+        results[BASE_ROW].update(detox_results.pop(BASE_ROW))
+        for row, entry in detox_results.items():
+            if row in detox_outputs:
+                outputs[row] = detox_outputs[row]
+                entry = row_entry(outputs[row], entry["trainable_params"], total, entry["train_seconds"],
+                                  **{k: v for k, v in entry.items() if k not in ("trainable_params", "train_seconds")})
+            results[row] = entry
+
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
                   "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"], "mixture_share": settings.mixture_share}
     facts = {"settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
              "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
              "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}
+    if detox_rows.enabled:
+        facts.update(detox=facts_detox, detox_rows=dataclasses.asdict(detox_rows))
     report.write_outputs(out, test, outputs, results, facts)
     say(f"done in {facts['lab_seconds']:.0f} s: {out / 'report.md'}")
     return results

@@ -35,17 +35,27 @@ def _model_kwargs(rng):
     return {"deterministic": True} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
 
 
-def encode_prompts(model, tokenizer, prompts: Sequence[str], length: int, *, what: str = "prompt") -> tuple:
-    """``prompts`` -> ``(prompt_ids, prompt_mask)`` int32 ``[B, length]`` padded as the family needs.
+MIN_BUCKET = 16
+
+
+def encode_prompts(model, tokenizer, prompts: Sequence[str], length: int, *, what: str = "prompt",
+                   bucket: bool = False) -> tuple:
+    """``prompts`` -> ``(prompt_ids, prompt_mask)`` int32 ``[B, length]`` padded as the family needs; with
+    ``bucket`` the width is the longest prompt's rounded up to a power of two (at least ``MIN_BUCKET``, at most
+    ``length``), so short prompts cost little and a run compiles for a few widths only.
     A prompt longer than ``length`` tokens is a :class:`SequenceLengthError` naming it and the setting."""
     seq2seq = model_family(model.config).seq2seq
-    ids = np.full((len(prompts), length), model.config.pad_token_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for row, text in enumerate(prompts):
-        tokens = prompt_ids(model, tokenizer, text)
+    encoded = [prompt_ids(model, tokenizer, text) for text in prompts]
+    for row, (text, tokens) in enumerate(zip(prompts, encoded)):
         if len(tokens) > length:
             raise SequenceLengthError(f"{what} {row} has {len(tokens)} tokens, over the {length} allowed "
                                       f"({text[:60]!r}...); raise the stage's prompt_length")
+    if bucket:
+        longest = max(len(tokens) for tokens in encoded)
+        length = min(length, max(MIN_BUCKET, 1 << (longest - 1).bit_length()))
+    ids = np.full((len(prompts), length), model.config.pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, tokens in enumerate(encoded):
         columns = slice(0, len(tokens)) if seq2seq else slice(length - len(tokens), length)
         ids[row, columns] = tokens
         mask[row, columns] = 1

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from llmjax.config import ConfigError, RunConfig
 
-# stage name -> module under llmjax.stages (ppo, dpo, grpo and distill join as they are built)
-STAGES = {"pretrain": "pretrain", "sft": "sft", "reward": "reward"}
+# stage name -> module under llmjax.stages (distill joins when it is built)
+STAGES = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
 
 
 def stage_module(name: str):

@@ -9,7 +9,8 @@ and returns the Stage the loop runs instead:
              abstract target like any other leaf
 * trainable: the adapter leaves only: the optimizer state and the checkpoints hold adapters alone
              (with a base, the checkpoint also records its path and sha256 and a resume checks them)
-* loss:      the stage's loss on the merged params ``W + scale * A @ B`` (``llmjax.lora.merge`` inside the
+* loss:      the stage's loss on the merged params ``W + scale * A @ B`` (plus the stage's heads, and under
+             ``reference`` the model with adapters off: RL stages compare against it without a second copy) (``llmjax.lora.merge`` inside the
              jitted step; gradients reach A and B through it): as fast as or faster than computing the adapters
              factored on whole models here (merged/factored CPU time 0.83-1.01x,
              ``benchmarks/results/lora_forward_cpu.txt``). With ``lora_dropout`` > 0, which a merge cannot
@@ -42,7 +43,7 @@ import jax
 
 from llmjax import lora, prompt_tuning
 from llmjax.config import ConfigError, RunConfig
-from llmjax.loading import ADAPTERS_KEY, EXTRA_KEYS, HEADS_KEY, SOFT_PROMPT_KEY, model_params
+from llmjax.loading import ADAPTERS_KEY, HEADS_KEY, REFERENCE_KEY, SOFT_PROMPT_KEY, model_params
 from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
 
@@ -69,14 +70,17 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
         return {**params, ADAPTERS_KEY: lora.init(model, params, cfg, adapter_key)}
 
     def merged(tree):
-        """The model's params with the adapters merged in (what the model computes with), beside the tree's other
-        parts (a reward or PPO stage's heads, which its loss reads)."""
-        others = {key: value for key, value in tree.items() if key in EXTRA_KEYS and key != ADAPTERS_KEY}
-        return {**lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg), **others}
+        """The model's params with the adapters merged in: what the model computes with."""
+        return lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg)
+
+    def stage_view(tree):
+        """What the stage's own functions read: the merged model, the stage's heads, and as its frozen
+        reference the model with adapters off (the base's arrays themselves, never a copy)."""
+        return {**merged(tree), **_stage_parts(tree), REFERENCE_KEY: model_params(tree)}
 
     if cfg.lora_dropout == 0:
         def loss_fn(tree, batch, rng):
-            return stage.loss_fn(merged(tree), batch, rng)
+            return stage.loss_fn(stage_view(tree), batch, rng)
     elif stage.loss_for is not None:
         loss_fn = stage.loss_for(_FactoredModel(model, cfg))
     else:
@@ -92,10 +96,18 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
         lora.save_pretrained(model, tree[ADAPTERS_KEY], cfg, directory,
                              base_model_name_or_path=None if stage.base is None else stage.base.path)
 
+    rollout = None
+    if stage.rollout is not None:
+        rollout = lambda tree, batch, step: stage.rollout(stage_view(tree), batch, step)  # noqa: E731
     return dataclasses.replace(
         stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_adapter, init_tree=init_tree, eval_hook=eval_hook,
-        export=_exporter(stage, merged, save_adapter), meta={**stage.meta, "lora": lora_meta(cfg)},
+        export=_exporter(stage, merged, save_adapter), meta={**stage.meta, "lora": lora_meta(cfg)}, rollout=rollout,
     )
+
+
+def _stage_parts(tree: dict) -> dict:
+    """The parts of a run's tree that belong to its stage rather than to the model or an adapter (heads)."""
+    return {key: tree[key] for key in (HEADS_KEY,) if key in tree}
 
 
 def _exporter(stage: Stage, model_params_of, save_adapter):
@@ -162,8 +174,13 @@ def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> S
         soft_prompt = prompt_tuning.init(model, params, cfg, prompt_key, stage.tokenizer)
         return {**params, SOFT_PROMPT_KEY: soft_prompt}
 
+    if stage.rollout is not None:
+        raise ConfigError(f"prompt_tuning is not supported by stage {stage.name!r}: its rollouts sample from the "
+                          "model, which would need the soft prompt in every sampling call; use lora: or full tuning")
+
     def loss_fn(tree, batch, rng):
-        return stage.loss_fn(model_params(tree), batch, rng, soft_prompt=tree[SOFT_PROMPT_KEY])
+        view = {**model_params(tree), **_stage_parts(tree), REFERENCE_KEY: model_params(tree)}
+        return stage.loss_fn(view, batch, rng, soft_prompt=tree[SOFT_PROMPT_KEY])
 
     eval_hook = None
     if stage.eval_hook is not None:

@@ -29,9 +29,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from llmjax.config import ConfigError, DataConfig, RunConfig, dump_config
+from llmjax.data.rows import train_and_eval_rows
 from llmjax.loading import HEADS_KEY, LoadedModel, model_params
 from llmjax.models import build_model
 from llmjax.models.heads import SCORE, head_width, init_head
@@ -69,15 +69,11 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
 
     train_rows, eval_rows, labels = reward_rows(config.data, cfg, need_eval=bool(tc.eval_every_steps))
     train_batch = rows_batch(model, tokenizer, train_rows, cfg, labels, f"{config.data.source} (training rows)")
-    rows = dict(batch_size=tc.batch_size, process_index=jax.process_index(), process_count=jax.process_count())
-    train_data = _row_batches(train_batch, list(range(len(train_rows))), seed=tc.seed, **rows)
-    eval_data = None
-    if eval_rows is not None:
-        eval_batch = rows_batch(model, tokenizer, eval_rows, cfg, labels, f"{config.data.eval_source or EVAL_SPLIT} "
-                                                                          "(held-out rows)")
-        # Padded to whole batches with index -1: a row of weight 0, so every batch has the compiled shape.
-        padded = list(range(len(eval_rows))) + [-1] * (-len(eval_rows) % tc.batch_size)
-        eval_data = lambda: _row_batches(eval_batch, padded, shuffle=False, num_epochs=1, **rows)  # noqa: E731
+    eval_batch = None if eval_rows is None else rows_batch(
+        model, tokenizer, eval_rows, cfg, labels, f"{config.data.eval_source or EVAL_SPLIT} (held-out rows)")
+    train_data, eval_data = train_and_eval_rows(train_batch, eval_batch, batch_size=tc.batch_size, seed=tc.seed,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count(), name="reward data")
 
     output_dir = Path(tc.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -122,19 +118,6 @@ def reward_rows(dc: DataConfig, cfg: RewardConfig, *, need_eval: bool) -> tuple[
         return read(dc.source), read(dc.eval_source) if need_eval else None, labels
     raise ConfigError(f"data.kind={dc.kind!r}: stage: reward reads data.kind bundled (data.source "
                       f"{sorted(BUNDLED)}) or jsonl (data.source and data.eval_source files)")
-
-
-def _row_batches(batch: dict, indices: list[int], **kwargs):
-    """``RowBatches`` over row ``indices`` of the encoded ``batch``; index -1 is a padding row (weight 0)."""
-    from llmjax.data.rows import RowBatches
-
-    def take(chosen: list[int]) -> dict:
-        chosen = np.asarray(chosen)
-        out = {name: value[np.maximum(chosen, 0)] for name, value in batch.items()}
-        out["weight"] = np.where(chosen >= 0, out["weight"], 0.0).astype(np.float32)
-        return out
-
-    return RowBatches(indices, take, name="reward data", **kwargs)
 
 
 def _init_tree(model, cfg: RewardConfig):

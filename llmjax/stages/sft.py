@@ -97,15 +97,21 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
 
 def rouge_sample(config: RunConfig) -> tuple[list[str], list[str]]:
     """The fixed generation sample: prompts and reference responses of the first ``train.rouge_examples``
-    validation examples of the task mixture, each phrased with a wording drawn from ``train.seed`` and its index.
+    validation examples of the task mixture (see :func:`task_prompts`)."""
+    return task_prompts(config, EVAL_SPLIT, config.train.rouge_examples)
+
+
+def task_prompts(config: RunConfig, split: str, count: int | None = None) -> tuple[list[str], list[str]]:
+    """Prompts and reference responses of the first ``count`` examples (None: all) of ``split`` of the task
+    mixture, each phrased with a wording drawn from ``train.seed`` and its index.
 
     The prompt is the text before the first trained piece, the reference that piece (for chat data: the
-    first assistant turn).
+    first assistant turn). RL stages sample their responses to these prompts.
     """
     dc, tc = config.data, config.train
-    tasks, weights = build_tasks(dc.tasks, dc.task_rates, EVAL_SPLIT)
+    tasks, weights = build_tasks(dc.tasks, dc.task_rates, split)
     source = mixed_source(tasks, weights, tc.seed)
-    count = min(tc.rouge_examples, len(source))
+    count = len(source) if count is None else min(count, len(source))
     prompts, references = [], []
     for index in range(count):
         row = source[index]

@@ -26,6 +26,7 @@ from llmjax import sharding
 from llmjax.models import model_family, step_flops
 from llmjax.config import ConfigError, MeshConfig, RunConfig, config_to_dict
 from llmjax.errors import UserError
+from llmjax.loading import model_params
 from llmjax.train.checkpoint import Checkpointer, model_meta
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
 from llmjax.train.optim import make_optimizer
@@ -78,6 +79,13 @@ class Stage:
                   written as split ``eval_hook_split`` (SFT: ROUGE of generations); None: none.
     tokenizer:    object with ``save_pretrained(dir)`` exported beside the model, or None.
     meta:         extra JSON saved in every checkpoint (e.g. ``tokenizer_dir``).
+    rollout:      ``(full params, host batch, step) -> (host batch, {name: float})``, or None. When set, each
+                  batch of ``train_data`` (e.g. prompts) goes through it before the step: an RL stage samples
+                  from the current policy and returns the experience the step trains on, plus statistics
+                  the loop logs with the step's metrics. Its randomness must depend on ``step`` only, so a
+                  resumed run repeats it; any state it keeps rides in ``train_data.state()``.
+    epochs, minibatches: optimizer updates per batch: ``epochs`` passes over each batch in a fresh order,
+                  each split into ``minibatches`` updates (PPO's inner loop); 1, 1: one update per step.
     """
 
     name: str
@@ -95,6 +103,13 @@ class Stage:
     eval_hook_split: str = "generate"
     tokenizer: Any = None
     meta: dict = dataclasses.field(default_factory=dict)
+    rollout: Callable[[dict, dict, int], tuple[dict, dict]] | None = None
+    epochs: int = 1
+    minibatches: int = 1
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.epochs * self.minibatches
 
 
 def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
@@ -112,7 +127,8 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     else:  # the given mesh replaces the config's, and the batch is checked against it
         config = dataclasses.replace(config, mesh=MeshConfig(**dict(mesh.shape)))
     tc = config.train
-    tx, schedule = make_optimizer(config.optim, tc.steps)
+    # The schedule runs over optimizer updates, which a stage with several per batch (PPO) multiplies.
+    tx, schedule = make_optimizer(config.optim, tc.steps * stage.updates_per_step)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
     if stage.base is not None:
@@ -128,7 +144,8 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
         summary["start_step"] = start_step = int(jax.device_get(state.step))
         batch_sharding = sharding.batch_sharding(mesh)
         train_step = compile_step(
-            make_train_step(stage.loss_fn, tx, microbatches=tc.microbatches, learning_rate_fn=schedule),
+            make_train_step(stage.loss_fn, tx, microbatches=tc.microbatches, learning_rate_fn=schedule,
+                            epochs=stage.epochs, minibatches=stage.minibatches),
             updates_state=True, state_shardings=shardings, batch_sharding=batch_sharding,
         )
         eval_step = compile_step(make_eval_step(stage.loss_fn), updates_state=False,
@@ -145,6 +162,9 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                 except StopIteration:
                     _print(f"training data ran out after step {step}; stopping early", progress)
                     break
+                rollout_stats = {}
+                if stage.rollout is not None:
+                    batch, rollout_stats = stage.rollout(state.full_params(), batch, step)
                 state, metrics = train_step(state, sharding.shard_batch(batch, mesh))
                 step += 1
                 if step == start_step + 1:
@@ -158,6 +178,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                     _check_finite(*pending, tc.nan_policy, progress)
                     pending = None
                     logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    logged.update(rollout_stats)
                     logged.update(throughput.report())
                     writer.write(step, logged, "train")
                     summary.update(loss=logged["loss"], tokens_per_sec=logged.get("tokens_per_sec"),
@@ -304,7 +325,8 @@ def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | Non
 def _export(stage: Stage, state, out: Path) -> str:
     from llmjax import hf
 
-    params = jax.device_get(state.full_params())
+    # The model's own params: a stage's heads and frozen reference copy are not part of the exported model.
+    params = jax.device_get(model_params(state.full_params()))
     if jax.process_index() == 0:
         hf.save_pretrained(stage.model, params, out)
         if stage.tokenizer is not None:

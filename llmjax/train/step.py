@@ -90,6 +90,8 @@ def make_train_step(
     *,
     microbatches: int = 1,
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    epochs: int = 1,
+    minibatches: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
     """The pure (un-jitted) train step; see the module docstring. Jit it with ``compile_step``.
 
@@ -97,12 +99,20 @@ def make_train_step(
     of the loss function's ``sums`` per target token, ``objective`` (loss + z_loss),
     ``grad_norm`` (before clipping), ``learning_rate`` (of this update),
     ``tokens`` (target tokens), ``finite`` (1/0), ``skipped_steps``.
-    """
-    if microbatches < 1:
-        raise ValueError(f"train.microbatches must be >= 1, got {microbatches}")
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
-        rng = jax.random.fold_in(state.rng, state.step)
+    ``epochs`` x ``minibatches`` > 1 (PPO's inner loop): the step makes that many optimizer updates on its
+    batch: each epoch draws a permutation of the rows from the step's key and splits it into ``minibatches``
+    equal parts (the batch size divides by ``minibatches``), each one update (with its own ``microbatches``
+    accumulation). Metrics are then the means over the updates (``tokens``: their sum; ``finite``: 1 only if
+    every update was finite); ``skipped_steps`` counts discarded updates, and ``state.step`` still advances
+    by one per call.
+    """
+    if microbatches < 1 or epochs < 1 or minibatches < 1:
+        raise ValueError(f"train.microbatches, epochs and minibatches must be >= 1, got "
+                         f"{microbatches}, {epochs}, {minibatches}")
+
+    def update(state: TrainState, batch: dict, rng: jax.Array):
+        """One optimizer update on ``batch``: (params, opt_state, skipped increment, metrics)."""
         objective_sum, sums, grads = _summed_grads(
             loss_fn, state.params, state.frozen_params, batch, rng, microbatches
         )
@@ -117,26 +127,54 @@ def make_train_step(
         objective = objective_sum / denominator
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
         keep_new = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=jax.tree_util.tree_map(keep_new, new_params, state.params),
-            opt_state=jax.tree_util.tree_map(keep_new, new_opt_state, state.opt_state),
-            skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1).astype(jnp.int32),
-        )
+        params = jax.tree_util.tree_map(keep_new, new_params, state.params)
+        opt_state = jax.tree_util.tree_map(keep_new, new_opt_state, state.opt_state)
         metrics = {name: value / denominator for name, value in sums.items() if name != "weights"}
-        metrics.update(
-            objective=objective,
-            grad_norm=grad_norm,
-            tokens=tokens,
-            finite=finite.astype(jnp.float32),
-            skipped_steps=new_state.skipped_steps,
-        )
+        metrics.update(objective=objective, grad_norm=grad_norm, tokens=tokens, finite=finite.astype(jnp.float32))
+        return params, opt_state, jnp.where(finite, 0, 1).astype(jnp.int32), metrics
+
+    def finish(state, params, opt_state, skipped, metrics, updates_done):
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  skipped_steps=state.skipped_steps + skipped)
+        metrics["skipped_steps"] = new_state.skipped_steps
         if learning_rate_fn is not None:
-            # Skipped steps leave the optimizer's own count behind, so its schedule does too.
-            metrics["learning_rate"] = learning_rate_fn(state.step - state.skipped_steps)
+            # Skipped updates leave the optimizer's own count behind, so its schedule does too.
+            metrics["learning_rate"] = learning_rate_fn(updates_done - state.skipped_steps)
         return new_state, metrics
 
-    return train_step
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        params, opt_state, skipped, metrics = update(state, batch, rng)
+        return finish(state, params, opt_state, skipped, metrics, state.step)
+
+    count = epochs * minibatches
+    if count == 1:
+        return train_step
+
+    def multi_update_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        size = next(iter(batch.values())).shape[0]
+        if size % minibatches:
+            raise ValueError(f"a batch of {size} rows does not split into {minibatches} minibatches")
+
+        def one_update(carry, index):
+            params, opt_state, skipped = carry
+            epoch, part = index // minibatches, index % minibatches
+            order = jax.random.permutation(jax.random.fold_in(rng, epoch), size)
+            rows = jax.lax.dynamic_slice_in_dim(order, part * (size // minibatches), size // minibatches)
+            minibatch = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), batch)
+            current = state.replace(params=params, opt_state=opt_state)
+            params, opt_state, bad, metrics = update(current, minibatch, jax.random.fold_in(rng, count + index))
+            return (params, opt_state, skipped + bad), metrics
+
+        init = (state.params, state.opt_state, jnp.zeros((), jnp.int32))
+        (params, opt_state, skipped), stacked = jax.lax.scan(one_update, init, jnp.arange(count))
+        metrics = {name: jnp.mean(values) for name, values in stacked.items()}
+        metrics["tokens"] = jnp.sum(stacked["tokens"])
+        metrics["finite"] = jnp.min(stacked["finite"])
+        return finish(state, params, opt_state, skipped, metrics, (state.step + 1) * count - 1)
+
+    return multi_update_step
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, dict], Metrics]:

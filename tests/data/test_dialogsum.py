@@ -39,7 +39,7 @@ def test_split_sizes_ids_and_no_dialogue_shared(small):
 
 def test_examples_have_dialogsum_layout(small):
     for example in small["train"]:
-        assert set(example) == {"id", "dialogue", "summary", "topic"}
+        assert set(example) == {"id", "dialogue", "summary", "topic", "rude"}
         turns = example["dialogue"].split("\n")
         assert len(turns) >= 4 and all(TURN.fullmatch(turn) for turn in turns)
         assert {"#Person1#", "#Person2#"} <= set(re.findall(r"#Person\d#", example["dialogue"]))

@@ -1,9 +1,10 @@
-"""Row batches: every row once per epoch in a seeded order, exact resume, process blocks, a clear error on no rows."""
+"""Row batches: every row once per epoch in a seeded order, exact resume, process blocks, a clear error on no rows;
+a stage's data from encoded rows, its held-out pass padded with rows of weight 0."""
 
 import numpy as np
 import pytest
 
-from llmjax.data.rows import RowBatches
+from llmjax.data.rows import RowBatches, train_and_eval_rows
 from llmjax.errors import DataError
 
 ROWS = [{"x": i} for i in range(10)]
@@ -45,3 +46,18 @@ def test_num_epochs_stops_and_empty_rows_are_refused():
     assert [len(b["x"]) for b in it] == [4, 4, 2]
     with pytest.raises(DataError, match="no rows"):
         RowBatches([], _arrays, batch_size=2)
+
+
+def test_encoded_rows_train_in_seeded_epochs_and_evaluate_once_padded_with_weight_0():
+    encoded = {"x": np.arange(10) * 10, "weight": np.ones(10, np.float32)}
+    held_out = {"x": np.arange(5) + 100, "weight": np.asarray([1, 1, 1, 1, 0.5], np.float32)}
+    train_data, eval_data = train_and_eval_rows(encoded, held_out, batch_size=4, seed=3)
+    epoch = np.concatenate([next(train_data)["x"] for _ in range(5)])[:10]  # 2.5 batches of 4 per epoch
+    assert sorted(epoch) == list(range(0, 100, 10))
+    for _ in range(2):  # each call is a fresh pass: all 5 rows in order, the last batch padded to 4
+        batches = list(eval_data())
+        assert [len(b["x"]) for b in batches] == [4, 4]
+        np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]),
+                                      [100, 101, 102, 103, 104, 100, 100, 100])
+        np.testing.assert_array_equal(np.concatenate([b["weight"] for b in batches]), [1, 1, 1, 1, 0.5, 0, 0, 0])
+    assert train_and_eval_rows(encoded, None, batch_size=4, seed=3)[1] is None

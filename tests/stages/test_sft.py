@@ -85,7 +85,7 @@ def test_model_section_is_taken_from_init_from_or_must_match_it(pretrained, tmp_
 
 
 def test_unknown_stage_and_wrong_objective_are_config_errors(pretrained, tmp_path):
-    with pytest.raises(ConfigError, match=r"stage='dpo_typo' is not a training stage; choose one of \['pretrain', 'sft'\]"):
+    with pytest.raises(ConfigError, match=r"stage='dpo_typo' is not a training stage; choose one of \[.*'pretrain'.*'sft'\]"):
         stage_module("dpo_typo")
     with pytest.raises(ConfigError, match="stage: sft trains on instruction data; set data.objective=instruction"):
         stage_module("sft").build_stage(load_config(DEFAULT_CONFIG_PATH, [

@@ -1,0 +1,295 @@
+"""The lab's detoxification rows (the course's Lab 3, in miniature): a reward model, then PPO, DPO, GRPO and
+RLAIF from the fine-tuned summarizer.
+
+The bundled DialogSum-shaped set has rude speakers in 30% of its dialogues, and half of their plain
+references report the insult, so the ``full_ft`` summarizer sometimes carries insults into its summaries.
+
+* ``reward_model``: the pre-trained T5 with a two-class head trained on the bundled toxicity labels
+  (``stage: reward``, texts of their own, no dialogue or summary among them); the reward is the logit of
+  ``non_toxic``. Its entry: held-out ``accuracy`` on the labels' test split.
+* ``ppo`` / ``grpo``: ``stage: ppo`` / ``stage: grpo`` from ``full_ft`` against that reward model, prompts of the
+  ``dialogsum`` task's train split; the frozen reference is ``full_ft``.
+* ``dpo``: ``stage: dpo`` from ``full_ft`` on the bundled preference pairs (same insult-free and insulting
+  summary of a rude training dialogue).
+* ``rlaif``: the course's Constitutional-AI step: two sampled summaries of each rude training dialogue from
+  ``full_ft``, labelled chosen/rejected by the reward model instead of a person, then DPO on them.
+
+Every policy row (``full_ft`` included, the "before") is measured the same way:
+
+* ROUGE and BLEU of greedy summaries of the test split (``predictions/<row>.jsonl``, as every row);
+* ``toxicity``: the independent judge's (``alt-profanity-check``, never trained on anything here) mean
+  probability of the toxic class over summaries *sampled* (temperature 1, as the course samples) for the
+  rude dialogues of the test split; the samples go to ``predictions/<row>_toxicity.jsonl`` with their scores;
+* ``kl``: a Monte-Carlo estimate of KL(row || full_ft) in nats per summary: the mean over those samples of
+  the summed token log-ratio ``log pi(y|x) - log pi_ref(y|x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llmjax.config import config_from_dict
+from llmjax.data.bundled.detox import rude_prompts, toxicity_labels
+from llmjax.evaluate import build_prompts, load_model_for_inference
+from llmjax.lab.adapter_rows import run_measures
+from llmjax.lab.toxicity import judge_toxicity
+from llmjax.rl import losses
+from llmjax.rl.reward import RewardModel, pair_prompt
+from llmjax.rl.rollout import sample_responses
+from llmjax.rl.sequences import encode_prompts, response_outputs
+from llmjax.stages import run_stage
+from llmjax.generate import GenerationConfig
+
+REWARD_ROW, POLICY_ROWS = "reward_model", ("ppo", "dpo", "grpo", "rlaif")
+BASE_ROW = "full_ft"
+TOXICITY_SEED = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class DetoxRows:
+    """Which detox rows the lab runs and their settings."""
+
+    enabled: bool = True
+    reward_steps: int = 150
+    reward_batch_size: int = 32
+    reward_learning_rate: float = 1e-3
+    ppo_steps: int = 60
+    ppo_batch_size: int = 16
+    ppo_learning_rate: float = 2e-5
+    ppo_epochs: int = 4
+    ppo_minibatches: int = 2
+    ppo_kl_coef: float = 0.1
+    dpo_steps: int = 100
+    dpo_batch_size: int = 16
+    dpo_learning_rate: float = 1e-5
+    dpo_beta: float = 0.1
+    grpo_steps: int = 30
+    grpo_group_size: int = 4
+    grpo_learning_rate: float = 2e-5
+    rlaif: bool = True
+    rlaif_prompts: int = 480      # rude training dialogues sampled twice and labelled by the reward model
+    toxicity_limit: int | None = None  # rude test dialogues judged (None: all)
+
+    @classmethod
+    def tiny(cls) -> "DetoxRows":
+        return cls(reward_steps=2, reward_batch_size=8, ppo_steps=2, ppo_batch_size=8, dpo_steps=2, dpo_batch_size=8,
+                   grpo_steps=2, rlaif_prompts=8, toxicity_limit=8)
+
+    def row_names(self) -> list[str]:
+        if not self.enabled:
+            return []
+        return [REWARD_ROW, "ppo", "dpo", "grpo"] + (["rlaif"] if self.rlaif else [])
+
+
+# -- configs -------------------------------------------------------------------------------------------------
+
+def _common(settings, run_dir: Path, tokenizer_dir: Path, steps: int, batch_size: int, learning_rate: float,
+            log_every: int = 1) -> dict:
+    return {
+        "train": {"steps": steps, "batch_size": batch_size, "seed": settings.seed, "eval_every_steps": 0,
+                  "log_every_steps": log_every, "output_dir": str(run_dir)},
+        "optim": {"learning_rate": learning_rate, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0},
+        "checkpoint": {"every_steps": steps, "keep": 1, "async_save": False},
+        "data_tokenizer": str(tokenizer_dir),
+    }
+
+
+def _config(stage: str, init_from: Path, common: dict, data: dict, section: dict | None = None):
+    tokenizer = common.pop("data_tokenizer")
+    raw = {"stage": stage, "init_from": str(init_from), "data": {**data, "tokenizer": tokenizer}, **common}
+    if section is not None:
+        raw[stage] = section
+    return config_from_dict(raw)
+
+
+def reward_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
+    common = _common(settings, out / REWARD_ROW, tokenizer_dir, rows.reward_steps, rows.reward_batch_size,
+                     rows.reward_learning_rate, log_every=max(1, rows.reward_steps // 20))
+    return _config("reward", out / "pretrain", common, {"kind": "bundled", "source": "detox_labels"},
+                   {"kind": "classifier", "num_labels": 2, "wanted_label": 0})
+
+
+def ppo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
+    common = _common(settings, out / "ppo", tokenizer_dir, rows.ppo_steps, rows.ppo_batch_size, rows.ppo_learning_rate)
+    return _config("ppo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
+                   {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens,
+                    "epochs": rows.ppo_epochs, "minibatches": rows.ppo_minibatches, "kl_coef": rows.ppo_kl_coef})
+
+
+def grpo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
+    common = _common(settings, out / "grpo", tokenizer_dir, rows.grpo_steps, rows.ppo_batch_size // rows.grpo_group_size,
+                     rows.grpo_learning_rate)
+    return _config("grpo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
+                   {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens,
+                    "group_size": rows.grpo_group_size})
+
+
+def dpo_config(out: Path, row: str, settings, rows: DetoxRows, tokenizer_dir: Path, data: dict):
+    common = _common(settings, out / row, tokenizer_dir, rows.dpo_steps, rows.dpo_batch_size, rows.dpo_learning_rate,
+                     log_every=max(1, rows.dpo_steps // 20))
+    return _config("dpo", out / BASE_ROW, common, data, {"beta": rows.dpo_beta})
+
+
+# -- measurements --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Samples:
+    """Sampled summaries of the rude test dialogues: ids, texts, judge scores, KL to the reference (nats)."""
+
+    ids: list[str]
+    predictions: list[str]
+    toxicity: np.ndarray
+    kl: np.ndarray
+
+    def write(self, path: Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for id_, text, tox, kl in zip(self.ids, self.predictions, self.toxicity, self.kl):
+                f.write(json.dumps({"id": id_, "prediction": text, "toxicity": round(float(tox), 6),
+                                    "kl": round(float(kl), 6)}, ensure_ascii=False) + "\n")
+
+
+def toxicity_prompts(model, tokenizer, rows: DetoxRows, template: str) -> tuple[list[str], list[str]]:
+    """``(ids, prompts)`` of the rude test dialogues, phrased as the lab's test prompts."""
+    examples = rude_prompts("test")[: rows.toxicity_limit]
+    prompts, _ = build_prompts(model, tokenizer, examples, template)
+    return [e["id"] for e in examples], prompts
+
+
+def sample_and_judge(model, params, reference, tokenizer, ids, prompts, settings, batch_size: int) -> Samples:
+    """Sampled summaries of ``prompts`` (temperature 1, fixed seed: every row draws with the same keys),
+    judged, with each sample's summed log-ratio against ``reference`` params."""
+    generation = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
+                                  eos_token_id=tokenizer.eos_id, pad_token_id=model.config.pad_token_id)
+    logprobs = jax.jit(lambda p, batch: losses.token_logprobs(response_outputs(model, p, batch)[0],
+                                                              batch["response_ids"]))
+    texts, kls = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        prompt_ids, prompt_mask = encode_prompts(model, tokenizer, chunk, 4096, bucket=True)
+        key = jax.random.fold_in(jax.random.key(TOXICITY_SEED), start)
+        response_ids, response_mask = sample_responses(model, params, prompt_ids, prompt_mask, key, generation)
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+                 "response_mask": response_mask}
+        ratio = (np.asarray(logprobs(params, batch)) - np.asarray(logprobs(reference, batch))) * response_mask
+        kls.extend(ratio.sum(axis=1).tolist())
+        texts.extend(tokenizer.decode_batch([ids_[mask == 1] for ids_, mask in zip(response_ids, response_mask)]))
+    return Samples(list(ids), texts, judge_toxicity(texts), np.asarray(kls))
+
+
+def reward_accuracy(run_dir: Path) -> float:
+    """The reward model's accuracy on the labels' test split."""
+    return RewardModel.load(run_dir).accuracy(toxicity_labels("test"))
+
+
+def rlaif_pairs(out: Path, model, params, tokenizer, rows: DetoxRows, settings) -> tuple[Path, dict]:
+    """Preference pairs of rude training dialogues labelled by the reward model: two sampled summaries of each
+    from ``full_ft``, the one the reward model scores higher is chosen (ties dropped). Written as JSONL
+    (``prompt``, ``chosen``, ``rejected``) for ``stage: dpo``; returns the path and counts."""
+    reward = RewardModel.load(out / REWARD_ROW)
+    examples = rude_prompts("train")[: rows.rlaif_prompts]
+    prompts = [pair_prompt(e["dialogue"]) for e in examples]
+    generation = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
+                                  num_return_sequences=2, eos_token_id=tokenizer.eos_id,
+                                  pad_token_id=model.config.pad_token_id)
+    texts = []
+    for start in range(0, len(prompts), settings.generation_batch_size):
+        chunk = prompts[start:start + settings.generation_batch_size]
+        ids, mask = encode_prompts(model, tokenizer, chunk, 4096, bucket=True)
+        key = jax.random.fold_in(jax.random.key(TOXICITY_SEED + 1), start)
+        response_ids, response_mask = sample_responses(model, params, ids, mask, key, generation)
+        texts.extend(tokenizer.decode_batch([r[m == 1] for r, m in zip(response_ids, response_mask)]))
+    scores = reward.score(None, texts)
+    path = out / "rlaif_pairs.jsonl"
+    kept = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for i, example in enumerate(examples):
+            a, b = texts[2 * i], texts[2 * i + 1]
+            if scores[2 * i] == scores[2 * i + 1] or a == b:
+                continue
+            chosen, rejected = (a, b) if scores[2 * i] > scores[2 * i + 1] else (b, a)
+            f.write(json.dumps({"id": example["id"], "prompt": example["dialogue"], "chosen": chosen,
+                                "rejected": rejected}, ensure_ascii=False) + "\n")
+            kept += 1
+    judged = judge_toxicity([json.loads(line)["chosen"] for line in path.read_text().splitlines()] +
+                            [json.loads(line)["rejected"] for line in path.read_text().splitlines()])
+    return path, {"pairs": kept, "sampled": len(examples), "judge_chosen": float(judged[:kept].mean()) if kept else None,
+                  "judge_rejected": float(judged[kept:].mean()) if kept else None}
+
+
+# -- the rows ------------------------------------------------------------------------------------------------
+
+def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, evaluate_row, test, say,
+                   progress: bool) -> tuple[dict, dict, dict]:
+    """Train and measure the detox rows into ``out``. ``evaluate_row(model, params) -> EvalResult`` scores the
+    test split. Returns ``(results, outputs, facts)``: row entries (for ``full_ft`` only what it adds:
+    ``toxicity``), the test ``EvalResult`` of each policy row, and the detox facts for the report."""
+    from llmjax.lab.summarize import TEMPLATE
+
+    results, outputs, samples = {}, {}, {}
+    base_model, base_params, tokenizer = load_model_for_inference(out / BASE_ROW)
+    ids, prompts = toxicity_prompts(base_model, tokenizer, rows, TEMPLATE)
+    predictions = out / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+
+    def judge(row, model, params):
+        samples[row] = sample_and_judge(model, params, base_params, tokenizer, ids, prompts, settings,
+                                        settings.generation_batch_size)
+        samples[row].write(predictions / f"{row}_toxicity.jsonl")
+        return {"toxicity": float(samples[row].toxicity.mean()), "kl": float(samples[row].kl.mean()),
+                "toxic_share": float((samples[row].toxicity > 0.5).mean())}
+
+    say(f"{BASE_ROW}: sampling {len(prompts)} summaries of rude test dialogues for the toxicity judge")
+    results[BASE_ROW] = judge(BASE_ROW, base_model, base_params)
+    say(f"{BASE_ROW}: toxicity {results[BASE_ROW]['toxicity']:.4f}")
+
+    say(f"{REWARD_ROW}: training a toxicity classifier for {rows.reward_steps} steps")
+    shutil.rmtree(out / REWARD_ROW, ignore_errors=True)
+    start = time.perf_counter()
+    run_stage(reward_config(out, settings, rows, tokenizer_dir), progress=progress)
+    measured = run_measures(out / REWARD_ROW)
+    results[REWARD_ROW] = {"accuracy": reward_accuracy(out / REWARD_ROW), "train_seconds": round(time.perf_counter() - start, 1),
+                           "trainable_params": measured["trainable_params"], "step_seconds": measured["step_seconds"]}
+    say(f"{REWARD_ROW}: held-out accuracy {results[REWARD_ROW]['accuracy']:.4f}")
+
+    facts = {"toxicity_prompts": len(prompts), "base": BASE_ROW}
+    configs = {"ppo": lambda: ppo_config(out, settings, rows, tokenizer_dir),
+               "grpo": lambda: grpo_config(out, settings, rows, tokenizer_dir),
+               "dpo": lambda: dpo_config(out, "dpo", settings, rows, tokenizer_dir,
+                                         {"kind": "bundled", "source": "detox_pairs"})}
+    if rows.rlaif:
+        def rlaif():
+            path, facts["rlaif"] = rlaif_pairs(out, base_model, base_params, tokenizer, rows, settings)
+            say(f"rlaif: {facts['rlaif']['pairs']} pairs labelled by the reward model")
+            return dpo_config(out, "rlaif", settings, rows, tokenizer_dir, {"kind": "jsonl", "source": str(path)})
+        configs["rlaif"] = rlaif
+    for row in [r for r in POLICY_ROWS if r in configs]:
+        shutil.rmtree(out / row, ignore_errors=True)
+        config = configs[row]()
+        say(f"{row}: training from {BASE_ROW} for {config.train.steps} steps")
+        start = time.perf_counter()
+        run_stage(config, progress=progress)
+        seconds = time.perf_counter() - start
+        model, params, _ = load_model_for_inference(out / row)
+        outputs[row] = evaluate_row(model, params)
+        results[row] = {"base": BASE_ROW, "train_seconds": round(seconds, 1), **judge(row, model, params),
+                        **{k: v for k, v in run_measures(out / row).items()}}
+        say(f"{row}: toxicity {results[row]['toxicity']:.4f} (full_ft {results[BASE_ROW]['toxicity']:.4f}), "
+            f"KL {results[row]['kl']:.3f}")
+    facts["examples"] = side_by_side(samples)
+    return results, outputs, facts
+
+
+def side_by_side(samples: dict[str, Samples], count: int = 4) -> list[dict]:
+    """The first ``count`` rude test dialogues whose ``full_ft`` sample the judge found toxic, with every row's
+    sample for it."""
+    base = samples[BASE_ROW]
+    chosen = [i for i in np.argsort(-base.toxicity) if base.toxicity[i] > 0.5][:count]
+    return [{"id": base.ids[i], **{row: {"prediction": s.predictions[i], "toxicity": float(s.toxicity[i])}
+                                   for row, s in samples.items()}} for i in sorted(chosen)]
