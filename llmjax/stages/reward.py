@@ -16,7 +16,8 @@ batches, the loss and the reader of a trained reward model):
 * tree:      the model's params plus ``{HEADS_KEY: {"score": head}}`` (``init_head``, built in ``init_tree``, so a
              resume restores it exactly); full fine-tuning trains everything (``train.trainable``/``frozen``
              choose among the model's params; the head always trains), a ``lora:`` section the adapters and
-             the head (``llmjax.stages.adapters``).
+             the head (``llmjax.stages.adapters``; ``lora_dropout`` works: the loss is rebuilt on the model that
+             computes the adapters factored).
 * export:    the model as a Hugging Face directory with the tokenizer beside it (under LoRA: the merged model
              and the PEFT adapter in ``adapter/``), plus ``reward_head.safetensors`` and ``reward_config.json``;
              ``llmjax.rl.reward.RewardModel.load`` reads it, the run directory or a checkpoint.

@@ -164,3 +164,24 @@ def test_classifier_reaches_95_percent_held_out_accuracy_on_the_bundled_labels(p
     assert held_out["tokens"] == len(detox.toxicity_labels("validation"))  # the whole split, padding not counted
     assert held_out["accuracy"] >= 0.95, held_out
     assert RewardModel.load(out).accuracy(detox.toxicity_labels("test"), batch_size=64) >= 0.95
+
+
+def test_lora_dropout_drops_the_adapter_input_and_evaluation_is_the_merged_model(pretrained, tmp_path):  # noqa: F811
+    from llmjax import lora
+    from llmjax.loading import model_params
+    from llmjax.rl.reward import reward_loss_fn
+
+    config = _reward(tmp_path / "d", "lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[v]", "lora.lora_dropout=0.5",
+                     init_from=pretrained)
+    stage = stage_module("reward").build_stage(config)
+    tree = stage.init_tree(jax.random.key(0), stage.base.params)
+    # Nonzero B, so the adapters change the output (they start at zero, which dropout cannot show).
+    tree["lora"] = jax.tree_util.tree_map(lambda x: x + 0.5, tree["lora"])
+    batch = next(stage.train_data)
+    loss = jax.jit(lambda t, r: stage.loss_fn(t, batch, r)[0])
+    a, b = float(loss(tree, jax.random.key(1))), float(loss(tree, jax.random.key(2)))
+    assert a != b
+    # Without an rng (evaluation) the factored loss is the loss of the merged weights.
+    merged = {**lora.merge(model_params(tree), tree["lora"], config.lora), HEADS_KEY: tree[HEADS_KEY]}
+    expected = float(jax.jit(lambda t: reward_loss_fn(stage.model, config.reward)(t, batch, None)[0])(merged))
+    np.testing.assert_allclose(float(loss(tree, None)), expected, rtol=1e-5)
