@@ -36,8 +36,10 @@ import jax
 import numpy as np
 
 from llmjax.config import config_from_dict
+from llmjax.data.tokenizer import Tokenizer
 from llmjax.data.bundled.detox import rude_prompts, toxicity_labels
-from llmjax.evaluate import build_prompts, load_model_for_inference
+from llmjax.data.bundled.detox import preference_pairs
+from llmjax.evaluate import build_prompts, load_model_for_inference, prompt_ids
 from llmjax.lab.adapter_rows import run_measures
 from llmjax.lab.toxicity import judge_toxicity
 from llmjax.rl import losses
@@ -112,14 +114,20 @@ def _config(stage: str, init_from: Path, common: dict, data: dict, section: dict
 def reward_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
     common = _common(settings, out / REWARD_ROW, tokenizer_dir, rows.reward_steps, rows.reward_batch_size,
                      rows.reward_learning_rate, log_every=max(1, rows.reward_steps // 20))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    longest = max(len(tokenizer.encode(r["text"])) for split in ("train", "validation") for r in toxicity_labels(split))
     return _config("reward", out / "pretrain", common, {"kind": "bundled", "source": "detox_labels"},
-                   {"kind": "classifier", "num_labels": 2, "wanted_label": 0})
+                   {"kind": "classifier", "num_labels": 2, "wanted_label": 0, "response_length": _round_up(longest)})
+
+
+def _round_up(n: int, multiple: int = 32) -> int:
+    return -(-n // multiple) * multiple
 
 
 def ppo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
     common = _common(settings, out / "ppo", tokenizer_dir, rows.ppo_steps, rows.ppo_batch_size, rows.ppo_learning_rate)
     return _config("ppo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
-                   {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens,
+                   {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens, "prompt_length": 2048,
                     "epochs": rows.ppo_epochs, "minibatches": rows.ppo_minibatches, "kl_coef": rows.ppo_kl_coef})
 
 
@@ -128,13 +136,19 @@ def grpo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
                      rows.grpo_learning_rate)
     return _config("grpo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
                    {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens,
-                    "group_size": rows.grpo_group_size})
+                    "prompt_length": 2048, "group_size": rows.grpo_group_size})
 
 
-def dpo_config(out: Path, row: str, settings, rows: DetoxRows, tokenizer_dir: Path, data: dict):
+def dpo_config(out: Path, row: str, settings, rows: DetoxRows, tokenizer_dir: Path, data: dict, pairs: list[dict]):
+    """``stage: dpo`` from ``full_ft`` on ``data``; ``pairs``: its rows, whose longest prompt and response (in the
+    lab tokenizer's tokens, rounded up to a multiple of 32) set the stage's budgets."""
     common = _common(settings, out / row, tokenizer_dir, rows.dpo_steps, rows.dpo_batch_size, rows.dpo_learning_rate,
                      log_every=max(1, rows.dpo_steps // 20))
-    return _config("dpo", out / BASE_ROW, common, data, {"beta": rows.dpo_beta})
+    model, _, tokenizer = load_model_for_inference(out / BASE_ROW)
+    prompt = max(len(prompt_ids(model, tokenizer, pair_prompt(p["prompt"]))) for p in pairs)
+    response = max(len(tokenizer.encode(p[k])) for p in pairs for k in ("chosen", "rejected"))
+    return _config("dpo", out / BASE_ROW, common, data, {"beta": rows.dpo_beta, "prompt_length": _round_up(prompt),
+                                                         "response_length": _round_up(response)})
 
 
 # -- measurements --------------------------------------------------------------------------------------------
@@ -158,7 +172,7 @@ class Samples:
 def toxicity_prompts(model, tokenizer, rows: DetoxRows, template: str) -> tuple[list[str], list[str]]:
     """``(ids, prompts)`` of the rude test dialogues, phrased as the lab's test prompts."""
     examples = rude_prompts("test")[: rows.toxicity_limit]
-    prompts, _ = build_prompts(model, tokenizer, examples, template)
+    prompts, _ = build_prompts(model, tokenizer, examples, template, max_input_tokens=4096)
     return [e["id"] for e in examples], prompts
 
 
@@ -262,12 +276,15 @@ def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, ev
     configs = {"ppo": lambda: ppo_config(out, settings, rows, tokenizer_dir),
                "grpo": lambda: grpo_config(out, settings, rows, tokenizer_dir),
                "dpo": lambda: dpo_config(out, "dpo", settings, rows, tokenizer_dir,
-                                         {"kind": "bundled", "source": "detox_pairs"})}
+                                         {"kind": "bundled", "source": "detox_pairs"},
+                                         preference_pairs("train") + preference_pairs("validation"))}
     if rows.rlaif:
         def rlaif():
             path, facts["rlaif"] = rlaif_pairs(out, base_model, base_params, tokenizer, rows, settings)
             say(f"rlaif: {facts['rlaif']['pairs']} pairs labelled by the reward model")
-            return dpo_config(out, "rlaif", settings, rows, tokenizer_dir, {"kind": "jsonl", "source": str(path)})
+            pairs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            return dpo_config(out, "rlaif", settings, rows, tokenizer_dir, {"kind": "jsonl", "source": str(path)},
+                              pairs)
         configs["rlaif"] = rlaif
     for row in [r for r in POLICY_ROWS if r in configs]:
         shutil.rmtree(out / row, ignore_errors=True)
