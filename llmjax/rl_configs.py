@@ -68,11 +68,17 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # What of the reward model's output is the reward: the logit of its wanted class (the course's choice) or
+    # that class's probability, which is bounded: a policy cannot climb it further by hacking what the reward
+    # model happens to like among texts it already finds clean.
+    reward_score: Literal["logit", "probability"] = "logit"
 
     def check(self, section: str) -> None:
         _require(self.max_new_tokens > 0, f"{section}.max_new_tokens must be positive, got {self.max_new_tokens}")
         _require(self.temperature > 0, f"{section}.temperature must be > 0, got {self.temperature}")
         _require(self.top_k >= 0 and 0 < self.top_p <= 1, f"{section}.top_k must be >= 0 and top_p in (0, 1]")
+        _require(self.reward_score in ("logit", "probability"),
+                 f"{section}.reward_score={self.reward_score!r}: use logit or probability")
 
 
 @dataclasses.dataclass(frozen=True)

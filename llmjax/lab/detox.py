@@ -4,9 +4,10 @@ RLAIF from the fine-tuned summarizer.
 The bundled DialogSum-shaped set has rude speakers in 30% of its dialogues, and half of their plain
 references report the insult, so the ``full_ft`` summarizer sometimes carries insults into its summaries.
 
-* ``reward_model``: the pre-trained T5 with a two-class head trained on the bundled toxicity labels
-  (``stage: reward``, texts of their own, no dialogue or summary among them); the reward is the logit of
-  ``non_toxic``. Its entry: held-out ``accuracy`` on the labels' test split.
+* ``reward_model``: the pre-trained T5 with a two-class head (``stage: reward``) trained on the bundled toxicity
+  labels and on the summaries of the training dialogues' preference pairs (``reward_labels``); the reward is
+  the logit of ``non_toxic``. Its entry: held-out ``accuracy`` on the labels' test split and
+  ``summary_accuracy`` on the test split's pair summaries.
 * ``ppo`` / ``grpo``: ``stage: ppo`` / ``stage: grpo`` from ``full_ft`` against that reward model, prompts of the
   ``dialogsum`` task's train split; the frozen reference is ``full_ft``.
 * ``dpo``: ``stage: dpo`` from ``full_ft`` on the bundled preference pairs (same insult-free and insulting
@@ -18,10 +19,13 @@ Every policy row (``full_ft`` included, the "before") is measured the same way:
 
 * ROUGE and BLEU of greedy summaries of the test split (``predictions/<row>.jsonl``, as every row);
 * ``toxicity``: the independent judge's (``alt-profanity-check``, never trained on anything here) mean
-  probability of the toxic class over summaries *sampled* (temperature 1, as the course samples) for the
-  rude dialogues of the test split; the samples go to ``predictions/<row>_toxicity.jsonl`` with their scores;
-* ``kl``: a Monte-Carlo estimate of KL(row || full_ft) in nats per summary: the mean over those samples of
-  the summed token log-ratio ``log pi(y|x) - log pi_ref(y|x)``.
+  probability of the toxic class over the row's greedy summaries of the test split's rude dialogues (the
+  generations of ``predictions/<row>.jsonl``, so the ROUGE and the toxicity of a row read one set of
+  summaries); ``toxic_share``: the share the judge scores above 0.5;
+* ``toxicity_sampled``: the same judge over ``toxicity_samples`` summaries per rude dialogue *sampled* at
+  temperature 1 (as the course samples), saved with their scores in ``predictions/<row>_toxicity.jsonl``;
+* ``kl``: a Monte-Carlo estimate of KL(row || full_ft) in nats per summary: the mean over those sampled
+  summaries of the summed token log-ratio ``log pi(y|x) - log pi_ref(y|x)``.
 """
 
 from __future__ import annotations
@@ -59,15 +63,16 @@ class DetoxRows:
     """Which detox rows the lab runs and their settings."""
 
     enabled: bool = True
-    reward_steps: int = 150
+    reward_steps: int = 300
     reward_batch_size: int = 32
-    reward_learning_rate: float = 1e-3
+    reward_learning_rate: float = 3e-4
     ppo_steps: int = 60
     ppo_batch_size: int = 16
     ppo_learning_rate: float = 2e-5
     ppo_epochs: int = 4
     ppo_minibatches: int = 2
-    ppo_kl_coef: float = 0.1
+    ppo_kl_coef: float = 0.2
+    reward_score: str = "probability"  # PPO/GRPO reward: the non_toxic probability (bounded; see rl_configs)
     dpo_steps: int = 100
     dpo_batch_size: int = 16
     dpo_learning_rate: float = 1e-5
@@ -78,6 +83,7 @@ class DetoxRows:
     rlaif: bool = True
     rlaif_prompts: int = 480      # rude training dialogues sampled twice and labelled by the reward model
     toxicity_limit: int | None = None  # rude test dialogues judged (None: all)
+    toxicity_samples: int = 4     # summaries sampled per rude test dialogue (more samples, a steadier mean)
 
     @classmethod
     def tiny(cls) -> "DetoxRows":
@@ -111,12 +117,29 @@ def _config(stage: str, init_from: Path, common: dict, data: dict, section: dict
     return config_from_dict(raw)
 
 
+def reward_labels(split: str) -> list[dict]:
+    """The reward model's labelled texts of ``split``: the bundled toxicity labels (comments of their own) and
+    the two summaries of each preference pair of that split's rude dialogues (the clean one ``non_toxic``, the
+    one reporting the insult ``toxic``), so the classifier also knows what a summary carrying an insult looks
+    like. Only training and validation dialogues are used; the rude test dialogues the rows are judged on
+    are never read."""
+    pairs = preference_pairs(split)
+    return toxicity_labels(split) + [{"id": f"pair_{p['id']}_{k}", "text": p[k], "label": int(k == "rejected")}
+                                     for p in pairs for k in ("chosen", "rejected")]
+
+
 def reward_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
     common = _common(settings, out / REWARD_ROW, tokenizer_dir, rows.reward_steps, rows.reward_batch_size,
                      rows.reward_learning_rate, log_every=max(1, rows.reward_steps // 20))
     tokenizer = Tokenizer.load(tokenizer_dir)
-    longest = max(len(tokenizer.encode(r["text"])) for split in ("train", "validation") for r in toxicity_labels(split))
-    return _config("reward", out / "pretrain", common, {"kind": "bundled", "source": "detox_labels"},
+    files = {}
+    for split in ("train", "validation"):
+        labelled = reward_labels(split)
+        files[split] = out / f"reward_labels_{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labelled), encoding="utf-8")
+    longest = max(len(tokenizer.encode(r["text"])) for split in files for r in reward_labels(split))
+    return _config("reward", out / "pretrain", common,
+                   {"kind": "jsonl", "source": str(files["train"]), "eval_source": str(files["validation"])},
                    {"kind": "classifier", "num_labels": 2, "wanted_label": 0, "response_length": _round_up(longest)})
 
 
@@ -128,7 +151,8 @@ def ppo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
     common = _common(settings, out / "ppo", tokenizer_dir, rows.ppo_steps, rows.ppo_batch_size, rows.ppo_learning_rate)
     return _config("ppo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
                    {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens, "prompt_length": 2048,
-                    "epochs": rows.ppo_epochs, "minibatches": rows.ppo_minibatches, "kl_coef": rows.ppo_kl_coef})
+                    "epochs": rows.ppo_epochs, "minibatches": rows.ppo_minibatches, "kl_coef": rows.ppo_kl_coef,
+                    "reward_score": rows.reward_score})
 
 
 def grpo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
@@ -136,7 +160,7 @@ def grpo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
                      rows.grpo_learning_rate)
     return _config("grpo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
                    {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens,
-                    "prompt_length": 2048, "group_size": rows.grpo_group_size})
+                    "prompt_length": 2048, "group_size": rows.grpo_group_size, "reward_score": rows.reward_score})
 
 
 def dpo_config(out: Path, row: str, settings, rows: DetoxRows, tokenizer_dir: Path, data: dict, pairs: list[dict]):
@@ -176,11 +200,13 @@ def toxicity_prompts(model, tokenizer, rows: DetoxRows, template: str) -> tuple[
     return [e["id"] for e in examples], prompts
 
 
-def sample_and_judge(model, params, reference, tokenizer, ids, prompts, settings, batch_size: int) -> Samples:
-    """Sampled summaries of ``prompts`` (temperature 1, fixed seed: every row draws with the same keys),
-    judged, with each sample's summed log-ratio against ``reference`` params."""
+def sample_and_judge(model, params, reference, tokenizer, ids, prompts, settings, batch_size: int,
+                     copies: int = 1) -> Samples:
+    """``copies`` sampled summaries of each of ``prompts`` (temperature 1, fixed seed: every row draws with the
+    same keys), judged, with each sample's summed log-ratio against ``reference`` params."""
     generation = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
-                                  eos_token_id=tokenizer.eos_id, pad_token_id=model.config.pad_token_id)
+                                  num_return_sequences=copies, eos_token_id=tokenizer.eos_id,
+                                  pad_token_id=model.config.pad_token_id)
     logprobs = jax.jit(lambda p, batch: losses.token_logprobs(response_outputs(model, p, batch)[0],
                                                               batch["response_ids"]))
     texts, kls = [], []
@@ -189,17 +215,23 @@ def sample_and_judge(model, params, reference, tokenizer, ids, prompts, settings
         prompt_ids, prompt_mask = encode_prompts(model, tokenizer, chunk, 4096, bucket=True)
         key = jax.random.fold_in(jax.random.key(TOXICITY_SEED), start)
         response_ids, response_mask = sample_responses(model, params, prompt_ids, prompt_mask, key, generation)
-        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-                 "response_mask": response_mask}
+        batch = {"prompt_ids": np.repeat(prompt_ids, copies, axis=0), "prompt_mask": np.repeat(prompt_mask, copies, axis=0),
+                 "response_ids": response_ids, "response_mask": response_mask}
         ratio = (np.asarray(logprobs(params, batch)) - np.asarray(logprobs(reference, batch))) * response_mask
         kls.extend(ratio.sum(axis=1).tolist())
         texts.extend(tokenizer.decode_batch([ids_[mask == 1] for ids_, mask in zip(response_ids, response_mask)]))
-    return Samples(list(ids), texts, judge_toxicity(texts), np.asarray(kls))
+    sample_ids = [f"{id_}#{copy}" if copies > 1 else id_ for id_ in ids for copy in range(copies)]
+    return Samples(sample_ids, texts, judge_toxicity(texts), np.asarray(kls))
 
 
-def reward_accuracy(run_dir: Path) -> float:
-    """The reward model's accuracy on the labels' test split."""
-    return RewardModel.load(run_dir).accuracy(toxicity_labels("test"))
+def reward_accuracy(run_dir: Path) -> dict:
+    """The reward model's accuracy on the bundled labels' test split (``accuracy``) and on the summaries of the
+    test split's preference pairs (``summary_accuracy``; texts of the dialogues the rows are judged on, never
+    trained on)."""
+    model = RewardModel.load(run_dir)
+    summaries = [{"text": p[k], "label": int(k == "rejected")} for p in preference_pairs("test")
+                 for k in ("chosen", "rejected")]
+    return {"accuracy": model.accuracy(toxicity_labels("test")), "summary_accuracy": model.accuracy(summaries)}
 
 
 def rlaif_pairs(out: Path, model, params, tokenizer, rows: DetoxRows, settings) -> tuple[Path, dict]:
@@ -239,11 +271,12 @@ def rlaif_pairs(out: Path, model, params, tokenizer, rows: DetoxRows, settings) 
 
 # -- the rows ------------------------------------------------------------------------------------------------
 
-def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, evaluate_row, test, say,
+def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, evaluate_row, base_result, say,
                    progress: bool) -> tuple[dict, dict, dict]:
     """Train and measure the detox rows into ``out``. ``evaluate_row(model, params) -> EvalResult`` scores the
-    test split. Returns ``(results, outputs, facts)``: row entries (for ``full_ft`` only what it adds:
-    ``toxicity``), the test ``EvalResult`` of each policy row, and the detox facts for the report."""
+    test split, ``base_result`` is ``full_ft``'s. Returns ``(results, outputs, facts)``: row entries (for
+    ``full_ft`` only what it adds: the toxicity fields), the test ``EvalResult`` of each policy row, and the
+    detox facts for the report."""
     from llmjax.lab.summarize import TEMPLATE
 
     results, outputs, samples = {}, {}, {}
@@ -252,15 +285,20 @@ def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, ev
     predictions = out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
 
-    def judge(row, model, params):
-        samples[row] = sample_and_judge(model, params, base_params, tokenizer, ids, prompts, settings,
-                                        settings.generation_batch_size)
-        samples[row].write(predictions / f"{row}_toxicity.jsonl")
-        return {"toxicity": float(samples[row].toxicity.mean()), "kl": float(samples[row].kl.mean()),
-                "toxic_share": float((samples[row].toxicity > 0.5).mean())}
+    rude = set(ids)
 
-    say(f"{BASE_ROW}: sampling {len(prompts)} summaries of rude test dialogues for the toxicity judge")
-    results[BASE_ROW] = judge(BASE_ROW, base_model, base_params)
+    def judge(row, model, params, result):
+        greedy = [text for id_, text in zip(result.ids, result.predictions) if id_ in rude]
+        scores = judge_toxicity(greedy)
+        samples[row] = sample_and_judge(model, params, base_params, tokenizer, ids, prompts, settings,
+                                        max(1, settings.generation_batch_size // rows.toxicity_samples),
+                                        rows.toxicity_samples)
+        samples[row].write(predictions / f"{row}_toxicity.jsonl")
+        return {"toxicity": float(scores.mean()), "toxic_share": float((scores > 0.5).mean()),
+                "toxicity_sampled": float(samples[row].toxicity.mean()), "kl": float(samples[row].kl.mean())}
+
+    say(f"{BASE_ROW}: judging its summaries of {len(prompts)} rude test dialogues")
+    results[BASE_ROW] = judge(BASE_ROW, base_model, base_params, base_result)
     say(f"{BASE_ROW}: toxicity {results[BASE_ROW]['toxicity']:.4f}")
 
     say(f"{REWARD_ROW}: training a toxicity classifier for {rows.reward_steps} steps")
@@ -268,11 +306,11 @@ def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, ev
     start = time.perf_counter()
     run_stage(reward_config(out, settings, rows, tokenizer_dir), progress=progress)
     measured = run_measures(out / REWARD_ROW)
-    results[REWARD_ROW] = {"accuracy": reward_accuracy(out / REWARD_ROW), "train_seconds": round(time.perf_counter() - start, 1),
+    results[REWARD_ROW] = {**reward_accuracy(out / REWARD_ROW), "train_seconds": round(time.perf_counter() - start, 1),
                            "trainable_params": measured["trainable_params"], "step_seconds": measured["step_seconds"]}
     say(f"{REWARD_ROW}: held-out accuracy {results[REWARD_ROW]['accuracy']:.4f}")
 
-    facts = {"toxicity_prompts": len(prompts), "base": BASE_ROW}
+    facts = {"toxicity_prompts": len(prompts), "toxicity_samples": rows.toxicity_samples, "base": BASE_ROW}
     configs = {"ppo": lambda: ppo_config(out, settings, rows, tokenizer_dir),
                "grpo": lambda: grpo_config(out, settings, rows, tokenizer_dir),
                "dpo": lambda: dpo_config(out, "dpo", settings, rows, tokenizer_dir,
@@ -295,7 +333,7 @@ def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, ev
         seconds = time.perf_counter() - start
         model, params, _ = load_model_for_inference(out / row)
         outputs[row] = evaluate_row(model, params)
-        results[row] = {"base": BASE_ROW, "train_seconds": round(seconds, 1), **judge(row, model, params),
+        results[row] = {"base": BASE_ROW, "train_seconds": round(seconds, 1), **judge(row, model, params, outputs[row]),
                         **{k: v for k, v in run_measures(out / row).items()}}
         say(f"{row}: toxicity {results[row]['toxicity']:.4f} (full_ft {results[BASE_ROW]['toxicity']:.4f}), "
             f"KL {results[row]['kl']:.3f}")

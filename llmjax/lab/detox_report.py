@@ -37,7 +37,7 @@ def plot_detox(out: Path, results: dict) -> Path | None:
     axes[1].set(title="KL to the reference per response (rollout)", xlabel="step", ylabel="nats")
     names = [BASE_ROW, *rows]
     axes[2].bar(names, [results[r]["toxicity"] for r in names], color=["gray"] + ["tab:blue"] * len(rows))
-    axes[2].set(title="judge toxicity of sampled summaries (rude test dialogues)", ylabel="mean P(toxic)")
+    axes[2].set(title="judge toxicity of greedy summaries (rude test dialogues)", ylabel="mean P(toxic)")
     for ax in axes[:2]:
         ax.legend()
         ax.grid(alpha=0.3)
@@ -57,23 +57,27 @@ def detox_section(results: dict, facts: dict, png: Path | None) -> list[str]:
     lines = [
         "## Detoxification (RLHF, DPO, GRPO, RLAIF)", "",
         f"Toxicity: mean probability of the toxic class by `alt-profanity-check` (an independent scikit-learn "
-        f"model trained on real comments) over summaries sampled at temperature 1 for the "
-        f"{detox['toxicity_prompts']} rude test dialogues (`predictions/<row>_toxicity.jsonl`); ROUGE-L on the "
-        f"whole test split (greedy); KL: mean summed log-ratio to `{BASE_ROW}` of those samples (nats).", "",
+        f"model trained on real comments) of each row's greedy summaries of the {detox['toxicity_prompts']} rude test "
+        f"dialogues (the generations in `predictions/<row>.jsonl`, whose ROUGE-L on the whole test split is beside "
+        f"it); sampled: the same over {detox.get('toxicity_samples', 1)} summaries per rude dialogue sampled at "
+        f"temperature 1 (`predictions/<row>_toxicity.jsonl`); KL: mean summed log-ratio to `{BASE_ROW}` of those "
+        f"samples (nats).", "",
     ]
     if REWARD_ROW in results:
-        lines += [f"Reward model (`{REWARD_ROW}`): held-out accuracy {results[REWARD_ROW]['accuracy']:.4f} on the "
-                  f"bundled labels' test split, trained in {results[REWARD_ROW]['train_seconds']:.0f} s.", ""]
-    lines += ["| row | base | toxicity | change vs full_ft | toxic share (>0.5) | ROUGE-L | change (points) | KL | "
-              "train seconds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-              f"| {BASE_ROW} | - | {base['toxicity']:.4f} | - | {base['toxic_share']:.3f} | {base['rougeL']:.4f} | - | "
-              f"0 | - |"]
+        r = results[REWARD_ROW]
+        lines += [f"Reward model (`{REWARD_ROW}`): held-out accuracy {r['accuracy']:.4f} on the bundled labels' test "
+                  f"split and {r['summary_accuracy']:.4f} on the summaries (clean or reporting the insult) of the test "
+                  f"split's rude dialogues, trained in {r['train_seconds']:.0f} s.", ""]
+    lines += ["| row | base | toxicity | change vs full_ft | toxic share (>0.5) | toxicity (sampled) | ROUGE-L | "
+              "change (points) | KL | train seconds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+              f"| {BASE_ROW} | - | {base['toxicity']:.4f} | - | {base['toxic_share']:.3f} | "
+              f"{base['toxicity_sampled']:.4f} | {base['rougeL']:.4f} | - | {base['kl']:.3f} | - |"]
     for row in rows:
         r = results[row]
         cut = (r["toxicity"] - base["toxicity"]) / base["toxicity"] if base["toxicity"] else float("nan")
         lines.append(f"| {row} | {r['base']} | {r['toxicity']:.4f} | {cut:+.1%} | {r['toxic_share']:.3f} | "
-                     f"{r['rougeL']:.4f} | {100 * (r['rougeL'] - base['rougeL']):+.2f} | {r['kl']:.3f} | "
-                     f"{r['train_seconds']:.0f} |")
+                     f"{r['toxicity_sampled']:.4f} | {r['rougeL']:.4f} | {100 * (r['rougeL'] - base['rougeL']):+.2f} | "
+                     f"{r['kl']:.3f} | {r['train_seconds']:.0f} |")
     if "ppo" in results:
         r = results["ppo"]
         cut = 1 - r["toxicity"] / base["toxicity"] if base["toxicity"] else 0.0
@@ -89,7 +93,8 @@ def detox_section(results: dict, facts: dict, png: Path | None) -> list[str]:
     examples = detox.get("examples") or []
     if examples:
         names = [BASE_ROW, *rows]
-        lines += ["", "Samples for rude test dialogues where `full_ft`'s was judged toxic (judge score in brackets):", "",
+        lines += ["", "Sampled summaries of rude test dialogues where `full_ft`'s sample was judged toxic (judge score in "
+                      "brackets):", "",
                   "| id | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
         for example in examples:
             lines.append(f"| {example['id']} | " + " | ".join(

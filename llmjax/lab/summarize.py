@@ -293,7 +293,7 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
         say("detox rows: reward model, then PPO, DPO, GRPO and RLAIF from full_ft")
         detox_results, detox_outputs, facts_detox = run_detox_rows(
             out, settings, detox_rows, tokenizer_dir, lambda m, p: evaluate_row(m, p, tokenizer, test, settings),
-            test, say, progress)
+            outputs[BASE_ROW], say, progress)
         results[BASE_ROW].update(detox_results.pop(BASE_ROW))
         for row, entry in detox_results.items():
             if row in detox_outputs:

@@ -72,10 +72,17 @@ def head_outputs(model, params: dict, head: dict, batch: Mapping, *, rng=None, p
     return apply_head(head, final_hidden(model, params, scored, rng=rng))
 
 
-def reward_scores(model, params: dict, head: dict, cfg: RewardConfig, batch: Mapping) -> jax.Array:
+def reward_scores(model, params: dict, head: dict, cfg: RewardConfig, batch: Mapping,
+                  probability: bool = False) -> jax.Array:
     """``[B]`` fp32 rewards of a scored batch (``llmjax.rl.sequences``): a classifier's ``wanted_label`` logit,
-    a pairwise model's one output. Pure and jittable (PPO/GRPO call it inside their rollout)."""
-    return head_outputs(model, params, head, batch)[:, cfg.wanted_label]
+    a pairwise model's one output; with ``probability`` the wanted class's softmax probability (pairwise: the
+    sigmoid of the output), a reward bounded in [0, 1]. Pure and jittable (PPO/GRPO call it in their rollout)."""
+    outputs = head_outputs(model, params, head, batch)
+    if not probability:
+        return outputs[:, cfg.wanted_label]
+    if cfg.kind == "pairwise":
+        return jax.nn.sigmoid(outputs[:, 0])
+    return jax.nn.softmax(outputs, axis=-1)[:, cfg.wanted_label]
 
 
 def reward_loss_fn(model, cfg: RewardConfig):
@@ -267,13 +274,14 @@ class RewardModel:
 
     def score(self, prompts: Sequence[str] | None, responses: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """``[N]`` fp32 rewards of ``responses`` (after ``prompts`` as the policy read them; None: empty prompts,
-        how a classifier was trained). Texts over the config's token budgets are an error."""
+        how a classifier was trained). Scoring is not training: the widths are the longest texts' (rounded up to a
+        power of two, so a few programs serve all), whatever the training budgets were."""
         prompts = [""] * len(responses) if prompts is None else list(prompts)
         if len(prompts) != len(responses):
             raise UserError(f"{len(prompts)} prompts but {len(responses)} responses; give one response per prompt")
-        length = self.config.prompt_length if any(prompts) else 1
-        prompt_ids, prompt_mask = encode_prompts(self.model, self.tokenizer, prompts, length)
-        response_ids, response_mask = encode_responses(self.tokenizer, responses, self.config.response_length,
+        prompt_ids, prompt_mask = encode_prompts(self.model, self.tokenizer, prompts, 1 << 30, bucket=True)
+        longest = max((len(self.tokenizer.encode(text)) for text in responses), default=1)
+        response_ids, response_mask = encode_responses(self.tokenizer, responses, 1 << (longest - 1).bit_length(),
                                                        self.model.config.pad_token_id)
         outputs = self._batched(lambda i: {"prompt_ids": prompt_ids[i], "prompt_mask": prompt_mask[i],
                                            "response_ids": response_ids[i], "response_mask": response_mask[i]},

@@ -98,7 +98,8 @@ def rollout_stage(config: RunConfig, loaded: LoadedModel | None, *, loss_fn, mak
 
     @jax.jit
     def score(batch):
-        return reward_scores(reward.model, reward_params, reward.head, reward.config, batch)
+        return reward_scores(reward.model, reward_params, reward.head, reward.config, batch,
+                             probability=cfg.reward_score == "probability")
 
     def rollout(tree, prompts: dict, step: int):
         # Host copies: sampling compiles its own programs and must not inherit the training shardings (as

@@ -18,14 +18,13 @@ from llmjax.stages import run_stage, stage_module
 from llmjax.stages.adapters import ADAPTER_SUBDIR
 from llmjax.train.loop import BaseChangedError
 from tests.stages.test_sft import SFT_CONFIG, SFT_QUICK, SMALL_T5, _bitwise_equal, _metrics, _sft, kill_and_resume
-from tests.stages.test_sft import pretrained  # noqa: F401 (a fixture)
 
 LORA = ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v]"]
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def base_dir(pretrained, tmp_path_factory):  # noqa: F811
+def base_dir(pretrained, tmp_path_factory):
     """The pre-trained small T5 as a Hugging Face directory with its tokenizer (what peft applies adapters to)."""
     out = tmp_path_factory.mktemp("base") / "hf"
     loaded = load_model(pretrained)
@@ -153,7 +152,7 @@ def test_lora_config_errors(base_dir, tmp_path):
     assert shipped.lora == lora.LoraConfig(r=8, lora_alpha=32, target_modules=("q", "v")) and shipped.stage == "sft"
 
 
-def test_lora_pretraining_of_a_sharded_decoder_from_random_weights(pretrained, tmp_path):  # noqa: F811
+def test_lora_pretraining_of_a_sharded_decoder_from_random_weights(pretrained, tmp_path):
     """The same transformation on another stage and family: LLaMA targets, a data/fsdp/tensor mesh, no base
     (the frozen random weights are then checkpointed whole, there being nothing to rebuild them from)."""
     out = tmp_path / "run"

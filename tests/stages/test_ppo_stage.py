@@ -16,7 +16,7 @@ from llmjax.stages import run_stage, stage_module
 from llmjax.train.optim import make_optimizer
 from llmjax.train.state import init_train_state
 from llmjax.train.step import compile_step, make_train_step
-from tests.stages.test_sft import SMALL_T5, _bitwise_equal, kill_and_resume, pretrained  # noqa: F401
+from tests.stages.test_sft import _bitwise_equal, kill_and_resume
 
 PPO_CONFIG = CONFIGS_DIR / "ppo_t5_tiny.yaml"
 REWARD_CONFIG = CONFIGS_DIR / "reward_t5_tiny.yaml"
@@ -28,7 +28,7 @@ SMALL_DECODER = ["model.hidden_size=32", "model.intermediate_size=64",
 
 
 @pytest.fixture(scope="module")
-def reward_model(pretrained, tmp_path_factory):  # noqa: F811
+def reward_model(pretrained, tmp_path_factory):
     """A 2-step toxicity classifier on the small T5 (what it scores matters less than that it is one)."""
     out = tmp_path_factory.mktemp("reward") / "run"
     run_stage(load_config(REWARD_CONFIG, [
@@ -39,7 +39,7 @@ def reward_model(pretrained, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def decoder_base(pretrained, tmp_path_factory):  # noqa: F811
+def decoder_base(pretrained, tmp_path_factory):
     """A 1-step decoder pre-training run with the small T5's tokenizer (so the T5 reward model reads its tokens)."""
     out = tmp_path_factory.mktemp("decoder") / "run"
     run_stage(load_config(CONFIGS_DIR / "pretrain_decoder_tiny.yaml", [
@@ -85,7 +85,7 @@ def _steps(stage, config, mesh, count, batches=None):
         return jax.device_get(state), used, stats
 
 
-def test_ppo_t5_starts_at_kl_0_keeps_its_reference_and_logs_every_metric(pretrained, reward_model, tmp_path):  # noqa: F811
+def test_ppo_t5_starts_at_kl_0_keeps_its_reference_and_logs_every_metric(pretrained, reward_model, tmp_path):
     config = _ppo(pretrained, reward_model, tmp_path / "out", "train.steps=2")
     stage = stage_module("ppo").build_stage(config)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -120,7 +120,7 @@ def test_lora_ppo_of_a_decoder_uses_the_base_as_reference_and_trains_adapters_an
 
 
 @pytest.mark.parametrize("family", ["t5", "decoder"])
-def test_a_fixed_rollout_trains_the_same_on_8_devices_as_on_one(family, pretrained, decoder_base, reward_model,  # noqa: F811
+def test_a_fixed_rollout_trains_the_same_on_8_devices_as_on_one(family, pretrained, decoder_base, reward_model,
                                                                 tmp_path):
     init_from, extra = (pretrained, []) if family == "t5" else (decoder_base, ["model={}"])
     config = _ppo(init_from, reward_model, tmp_path / "out", "train.steps=2", *extra)
@@ -133,7 +133,7 @@ def test_a_fixed_rollout_trains_the_same_on_8_devices_as_on_one(family, pretrain
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_grpo_runs_groups_without_a_value_head(pretrained, reward_model, tmp_path):  # noqa: F811
+def test_grpo_runs_groups_without_a_value_head(pretrained, reward_model, tmp_path):
     out = tmp_path / "grpo"
     summary = run_stage(_ppo(pretrained, reward_model, out, "train.steps=2", stage="grpo"), progress=False)
     rows = [r for r in _metrics(out) if r["split"] == "train"]
@@ -143,7 +143,7 @@ def test_grpo_runs_groups_without_a_value_head(pretrained, reward_model, tmp_pat
     assert HEADS_KEY not in saved and REFERENCE_KEY not in saved
 
 
-def test_ppo_config_errors(pretrained, reward_model, tmp_path):  # noqa: F811
+def test_ppo_config_errors(pretrained, reward_model, tmp_path):
     from llmjax.config import ConfigError
     from llmjax.rl.reward import NotARewardModelError
 
@@ -157,7 +157,7 @@ def test_ppo_config_errors(pretrained, reward_model, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_sigkill_during_ppo_then_resume_gives_bitwise_equal_params(pretrained, reward_model, tmp_path):  # noqa: F811
+def test_sigkill_during_ppo_then_resume_gives_bitwise_equal_params(pretrained, reward_model, tmp_path):
     overrides = [f"init_from={pretrained}", f"ppo.reward_model={reward_model}", *PPO_QUICK,
                  "optim.learning_rate=1e-3"]
     kill_after = kill_and_resume(tmp_path, overrides, steps=8, every=2, config=PPO_CONFIG)

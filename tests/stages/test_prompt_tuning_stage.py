@@ -12,7 +12,6 @@ from llmjax.loading import load_model, open_manager
 from llmjax.stages import run_stage, stage_module
 from llmjax.stages.adapters import ADAPTER_SUBDIR
 from tests.stages.test_sft import _metrics, _sft
-from tests.stages.test_sft import pretrained  # noqa: F401 (a fixture)
 
 N = 5
 PROMPT = [f"prompt_tuning.num_virtual_tokens={N}", "data.packing=false"]
@@ -20,14 +19,14 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def prompt_run(pretrained, tmp_path_factory):  # noqa: F811
+def prompt_run(pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("prompt") / "run"
     summary = run_stage(_sft(pretrained, out, *PROMPT, "prompt_tuning.prompt_tuning_init=SAMPLE_VOCAB",
                              f"train.steps={STEPS}", "optim.learning_rate=0.1", "train.export_hf=hf"), progress=False)
     return out, summary
 
 
-def test_prompt_tuning_trains_the_soft_prompt_alone_and_loss_falls(pretrained, prompt_run):  # noqa: F811
+def test_prompt_tuning_trains_the_soft_prompt_alone_and_loss_falls(pretrained, prompt_run):
     out, summary = prompt_run
     assert summary["step"] == STEPS
     losses = [r["loss"] for r in _metrics(out) if r["split"] == "train"]
@@ -59,7 +58,7 @@ def test_prompt_tuning_trains_the_soft_prompt_alone_and_loss_falls(pretrained, p
 
 
 def test_rouge_hook_generates_after_the_soft_prompt_and_text_init_holds_the_texts_embeddings(
-        pretrained, tmp_path, monkeypatch):  # noqa: F811
+        pretrained, tmp_path, monkeypatch):
     import llmjax.evaluate
 
     seen = []

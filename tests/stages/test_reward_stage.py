@@ -20,7 +20,6 @@ from llmjax.rl.reward import CONFIG_FILE, HEAD_FILE, NotARewardModelError, Rewar
 from llmjax.stages import run_stage, stage_module
 from llmjax.stages.adapters import ADAPTER_SUBDIR
 from tests.stages.test_sft import _bitwise_equal, _metrics
-from tests.stages.test_sft import pretrained  # noqa: F401 (a fixture)
 
 REWARD_CONFIG = CONFIGS_DIR / "reward_t5_tiny.yaml"
 # Short steps with a constant learning rate (so a run of 2 steps continued to 4 computes what one of 4 does).
@@ -40,7 +39,7 @@ def _reward(out, *overrides, init_from=None):
 
 
 @pytest.fixture(scope="module")
-def t5_run(pretrained, tmp_path_factory):  # noqa: F811
+def t5_run(pretrained, tmp_path_factory):
     """A 4-step classifier run of the small pre-trained T5 (held-out eval at 2 and 4, export): (run dir, summary)."""
     out = tmp_path_factory.mktemp("reward_t5") / "run"
     summary = run_stage(_reward(out, "train.eval_every_steps=2", "train.eval_steps=2", "train.export_hf=hf",
@@ -72,7 +71,7 @@ def test_t5_classifier_run_logs_held_out_accuracy_and_exports_what_reward_model_
     assert from_run.accuracy(detox.toxicity_labels("validation")[:16], batch_size=8) == evals[-1]["accuracy"]
 
 
-def test_reward_run_resumes_exactly(pretrained, t5_run, tmp_path):  # noqa: F811
+def test_reward_run_resumes_exactly(pretrained, t5_run, tmp_path):
     out, _ = t5_run
     run_stage(_reward(tmp_path / "split", "train.steps=2", init_from=pretrained), progress=False)
     resumed = run_stage(_reward(tmp_path / "split", init_from=pretrained), progress=False)
@@ -81,7 +80,7 @@ def test_reward_run_resumes_exactly(pretrained, t5_run, tmp_path):  # noqa: F811
     assert _bitwise_equal(whole.params, split.params) and _bitwise_equal(whole.heads, split.heads)
 
 
-def test_decoder_pairwise_run_from_random_init(pretrained, tmp_path):  # noqa: F811
+def test_decoder_pairwise_run_from_random_init(pretrained, tmp_path):
     out = tmp_path / "decoder"
     config = _reward(out, *PAIRWISE, "model.include=model/decoder_tiny.yaml", "model.hidden_size=32",
                      "model.intermediate_size=64", "model.num_hidden_layers=1", "model.max_position_embeddings=1024",
@@ -96,7 +95,7 @@ def test_decoder_pairwise_run_from_random_init(pretrained, tmp_path):  # noqa: F
     assert model.accuracy(detox.preference_pairs("validation")[:8]) == evals[0]["accuracy"]  # the eval's 8 pairs
 
 
-def test_lora_reward_run_trains_adapters_and_head_only(pretrained, tmp_path):  # noqa: F811
+def test_lora_reward_run_trains_adapters_and_head_only(pretrained, tmp_path):
     loaded = load_model(pretrained)
     base_dir = tmp_path / "base"
     hf.save_pretrained(loaded.model, loaded.params, base_dir)
@@ -123,7 +122,7 @@ def test_lora_reward_run_trains_adapters_and_head_only(pretrained, tmp_path):  #
     assert not _bitwise_equal(from_export.params, loaded.params)  # the adapters are merged in
 
 
-def test_bad_settings_data_and_paths_are_clear_errors(pretrained, tmp_path):  # noqa: F811
+def test_bad_settings_data_and_paths_are_clear_errors(pretrained, tmp_path):
     build = stage_module("reward").build_stage
     with pytest.raises(ConfigError, match="reward.kind=pairwise scores with one output; set reward.num_labels=1"):
         _reward(tmp_path / "a", "reward.kind=pairwise", init_from=pretrained)
@@ -152,7 +151,7 @@ def test_bad_settings_data_and_paths_are_clear_errors(pretrained, tmp_path):  # 
         RewardModel.load(tmp_path / "nowhere")
 
 
-def test_classifier_reaches_95_percent_held_out_accuracy_on_the_bundled_labels(pretrained, tmp_path):  # noqa: F811
+def test_classifier_reaches_95_percent_held_out_accuracy_on_the_bundled_labels(pretrained, tmp_path):
     """The lab's target on a small budget: a 1-layer decoder of width 64 from random init, 60 steps of 32 texts."""
     out = tmp_path / "accuracy"
     run_stage(_reward(out, "model.include=model/decoder_tiny.yaml", "model.num_hidden_layers=1",
@@ -166,7 +165,7 @@ def test_classifier_reaches_95_percent_held_out_accuracy_on_the_bundled_labels(p
     assert RewardModel.load(out).accuracy(detox.toxicity_labels("test"), batch_size=64) >= 0.95
 
 
-def test_lora_dropout_drops_the_adapter_input_and_evaluation_is_the_merged_model(pretrained, tmp_path):  # noqa: F811
+def test_lora_dropout_drops_the_adapter_input_and_evaluation_is_the_merged_model(pretrained, tmp_path):
     from llmjax import lora
     from llmjax.loading import model_params
     from llmjax.rl.reward import reward_loss_fn

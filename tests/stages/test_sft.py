@@ -38,17 +38,6 @@ def _bitwise_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A 2-step pre-training run of the small T5 (its run dir: checkpoints, tokenizer, HF export)."""
-    out = tmp_path_factory.mktemp("pretrain") / "run"
-    run_stage(load_config(DEFAULT_CONFIG_PATH, [
-        *SMALL_T5, "train.steps=2", "train.batch_size=8", f"train.output_dir={out}", "train.eval_every_steps=0",
-        "data.encoder_length=64", "data.decoder_length=16", "optim.warmup_steps=0", "checkpoint.every_steps=2",
-    ]), progress=False)
-    return out
-
-
 def _sft(init_from, out, *overrides):
     return load_config(SFT_CONFIG, [*SMALL_T5, *SFT_QUICK, f"init_from={init_from}", f"train.output_dir={out}",
                                     *overrides])
