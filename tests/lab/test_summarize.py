@@ -15,6 +15,7 @@ ROWS = ("zero_shot", "one_shot", "few_shot", "full_ft", "full_ft_mixed")
 METRIC_KEYS = set(SCORE_KEYS) | {"trainable_params", "trainable_fraction", "train_seconds"}
 COST_KEYS = {"optimizer_state_bytes", "step_seconds"}  # trained rows also measure what a step costs
 TINY_ADAPTER_ROWS = ("lora_r1", "prompt_tuning")
+DETOX_ROWS = ("reward_model", "ppo", "dpo", "grpo", "rlaif")
 SAVED = Path(__file__).resolve().parents[2] / "labs" / "summarize"
 
 
@@ -63,9 +64,37 @@ def _check_outputs(out: Path, examples: int) -> dict:
     if adapter_rows:
         assert "## Parameter-efficient fine-tuning" in report
         pngs.append("lora_sweep.png")
+    if DETOX_ROWS[0] in results:
+        _check_detox(out, results, examples)
+        pngs.append("detox.png")
     for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return results
+
+
+def _check_detox(out: Path, results: dict, examples: int) -> None:
+    """The detox rows: ROUGE rescored from their predictions, the judge's toxicity rescored from the same greedy
+    summaries of the rude test dialogues, sampled summaries saved with their scores, each RL row naming its base."""
+    from llmjax.data.bundled.detox import rude_prompts
+    from llmjax.lab.toxicity import judge_toxicity
+
+    detox = results["_lab"]["detox"]
+    rude = {e["id"] for e in rude_prompts("test")}
+    assert 0.0 <= results["reward_model"]["accuracy"] <= 1.0 and results["reward_model"]["train_seconds"] > 0
+    for row in ("full_ft", *[r for r in DETOX_ROWS[1:] if r in results]):
+        entry = results[row]
+        if row != "full_ft":
+            assert entry["base"] == "full_ft" and METRIC_KEYS <= set(entry), row
+            rescored = _rescore(out / "predictions" / f"{row}.jsonl")
+            assert rescored["count"] == examples
+            assert all(entry[key] == pytest.approx(rescored[key], abs=1e-9) for key in SCORE_KEYS), row
+        greedy = [json.loads(line) for line in (out / "predictions" / f"{row}.jsonl").read_text().splitlines()]
+        scores = judge_toxicity([r["prediction"] for r in greedy if r["id"] in rude])
+        assert entry["toxicity"] == pytest.approx(float(scores.mean()), abs=1e-9), row
+        sampled = [json.loads(line) for line in (out / "predictions" / f"{row}_toxicity.jsonl").read_text().splitlines()]
+        assert len(sampled) == detox["toxicity_prompts"] * detox["toxicity_samples"], row
+        assert entry["toxicity_sampled"] == pytest.approx(sum(r["toxicity"] for r in sampled) / len(sampled), abs=1e-5)
+    assert "## Detoxification" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -83,8 +112,9 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     assert first["lora_r1"]["trainable_params"] == 1 * (32 + 32) * 6
     assert first["prompt_tuning"]["trainable_params"] == 4 * 32
     assert all(first[row]["trainable_fraction"] < 0.02 for row in TINY_ADAPTER_ROWS)
+    assert all(row in first for row in DETOX_ROWS)
     assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--lora-ranks", "none",
-                 "--no-prompt-tuning"]) == 0
+                 "--no-prompt-tuning", "--no-detox"]) == 0
     second = _check_outputs(out, examples=8)
     assert second["_lab"]["pretrain_seconds"] == 0 and "reusing the pre-trained model" in capsys.readouterr().out
     assert adapter_row_names(second) == []  # the flags chose no adapter rows
