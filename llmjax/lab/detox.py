@@ -78,6 +78,7 @@ class DetoxRows:
     dpo_learning_rate: float = 1e-5
     dpo_beta: float = 0.1
     grpo_steps: int = 30
+    grpo_batch_size: int = 4      # prompts per GRPO step, each sampled grpo_group_size times
     grpo_group_size: int = 4
     grpo_learning_rate: float = 2e-5
     rlaif: bool = True
@@ -88,7 +89,7 @@ class DetoxRows:
     @classmethod
     def tiny(cls) -> "DetoxRows":
         return cls(reward_steps=2, reward_batch_size=8, ppo_steps=2, ppo_batch_size=8, dpo_steps=2, dpo_batch_size=8,
-                   grpo_steps=2, rlaif_prompts=8, toxicity_limit=8)
+                   grpo_steps=2, grpo_batch_size=8, rlaif_prompts=8, toxicity_limit=8)
 
     def row_names(self) -> list[str]:
         if not self.enabled:
@@ -156,7 +157,7 @@ def ppo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
 
 
 def grpo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
-    common = _common(settings, out / "grpo", tokenizer_dir, rows.grpo_steps, rows.ppo_batch_size // rows.grpo_group_size,
+    common = _common(settings, out / "grpo", tokenizer_dir, rows.grpo_steps, rows.grpo_batch_size,
                      rows.grpo_learning_rate)
     return _config("grpo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
                    {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens,

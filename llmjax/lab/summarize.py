@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from llmjax.config import RunConfig, config_from_dict
 from llmjax.data.bundled.corpus import bundled_documents

@@ -1,8 +1,9 @@
 """Training stages: each module defines one (data + loss + trainable filter + init source) and runs the loop.
 
 The run config's ``stage:`` names the stage (default ``pretrain``); ``run_stage(config)`` looks it up in
-:data:`STAGES` and runs it. A stage module has ``run(config, *, progress) -> summary`` and
-``build_stage(config) -> llmjax.train.loop.Stage``.
+:data:`STAGES` and runs it. A stage module has
+``build_stage(config, loaded=None) -> llmjax.train.loop.Stage`` (``loaded``: its ``init_from`` already read by
+``llmjax.stages.init_source.resolve_init``); the one loop runs every stage.
 """
 
 from __future__ import annotations
@@ -36,4 +37,8 @@ def run_stage(config: RunConfig, *, progress: bool = True) -> dict:
 
     # A bad mesh or batch for these devices fails here, before the stage writes anything.
     config = config.for_devices(jax.device_count(), jax.process_count())
-    return stage.run(config, progress=progress)
+    from llmjax.stages.init_source import resolve_init
+    from llmjax.train.loop import train
+
+    config, loaded = resolve_init(config)
+    return train(stage.build_stage(config, loaded), config, progress=progress)

@@ -49,17 +49,12 @@ from llmjax.rl.reward import check_rows, pair_prompt, pairwise_batch
 from llmjax.rl.sequences import response_outputs
 from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.stages.pretrain import check_vocab
-from llmjax.train.loop import Stage, train
+from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
 
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 BUNDLED_PAIRS = "detox_pairs"
 
-
-def run(config: RunConfig, *, progress: bool = True) -> dict:
-    """Train the DPO policy of ``config``; returns the loop's summary dict."""
-    config, loaded = resolve_init(config)
-    return train(build_stage(config, loaded), config, progress=progress)
 
 
 def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:

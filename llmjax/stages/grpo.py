@@ -15,15 +15,9 @@ import numpy as np
 from llmjax.config import RunConfig
 from llmjax.loading import LoadedModel
 from llmjax.rl import grpo
-from llmjax.stages.init_source import resolve_init
 from llmjax.stages.ppo import rollout_stage
-from llmjax.train.loop import Stage, train
+from llmjax.train.loop import Stage
 
-
-def run(config: RunConfig, *, progress: bool = True) -> dict:
-    """GRPO-tune the model of ``config`` against its reward model; returns the loop's summary dict."""
-    config, loaded = resolve_init(config)
-    return train(build_stage(config, loaded), config, progress=progress)
 
 
 def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:

@@ -42,16 +42,11 @@ from llmjax.stages.adapters import with_run_adapters
 from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.stages.pretrain import check_vocab
 from llmjax.stages.sft import task_prompts
-from llmjax.train.loop import Stage, train
+from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
 
 KL_COEF_STATE = "kl_coef"
 
-
-def run(config: RunConfig, *, progress: bool = True) -> dict:
-    """PPO-tune the model of ``config`` against its reward model; returns the loop's summary dict."""
-    config, loaded = resolve_init(config)
-    return train(build_stage(config, loaded), config, progress=progress)
 
 
 def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:

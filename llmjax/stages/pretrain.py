@@ -30,16 +30,11 @@ from llmjax.data.tokenizer import Tokenizer, train_tokenizer
 from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
 from llmjax.stages.init_source import init_tokenizer, lm_stage, resolve_init
-from llmjax.train.loop import Stage, train
+from llmjax.train.loop import Stage
 
 OBJECTIVES = {True: "span_corruption", False: "causal_lm"}  # Family.seq2seq -> the pre-training objective
 TOKENIZER_TRAINING_DOCUMENTS = 5_000
 
-
-def run(config: RunConfig, *, progress: bool = True) -> dict:
-    """Pre-train the model of ``config`` and return the loop's summary dict."""
-    config, loaded = resolve_init(config)
-    return train(build_stage(config, loaded), config, progress=progress)
 
 
 def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:

@@ -39,17 +39,12 @@ from llmjax.rl.reward import reward_loss_fn, reward_meta, rows_batch, save_head
 from llmjax.rl_configs import RewardConfig
 from llmjax.stages.init_source import base_of, init_tokenizer, resolve_init, run_trainable_filter
 from llmjax.stages.pretrain import check_vocab
-from llmjax.train.loop import Stage, train
+from llmjax.train.loop import Stage
 from llmjax.train.state import model_init_tree
 
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 BUNDLED = {"detox_labels": "classifier", "detox_pairs": "pairwise"}  # bundled source -> the reward kind it trains
 
-
-def run(config: RunConfig, *, progress: bool = True) -> dict:
-    """Train the reward model of ``config``; returns the loop's summary dict."""
-    config, loaded = resolve_init(config)
-    return train(build_stage(config, loaded), config, progress=progress)
 
 
 def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:

@@ -32,16 +32,11 @@ from llmjax.loading import LoadedModel
 from llmjax.models import build_model, model_family
 from llmjax.stages.init_source import init_tokenizer, lm_stage, resolve_init
 from llmjax.stages.pretrain import check_vocab
-from llmjax.train.loop import Stage, train
+from llmjax.train.loop import Stage
 
 EVAL_SPLIT = "validation"
 GENERATION_BATCH = 8
 
-
-def run(config: RunConfig, *, progress: bool = True) -> dict:
-    """Fine-tune the model of ``config`` on its instruction tasks; returns the loop's summary dict."""
-    config, loaded = resolve_init(config)
-    return train(build_stage(config, loaded), config, progress=progress)
 
 
 def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:

@@ -20,7 +20,7 @@ from llmjax.model_config import DecoderConfig, T5Config
 from llmjax.models import build_model, init_params
 from llmjax.rl.reward import pair_prompt
 from llmjax.rl.sequences import SequenceLengthError, response_outputs
-from llmjax.stages import stage_module
+from llmjax.stages import run_stage, stage_module
 from llmjax.stages.dpo import dpo_loss_fn, pairs_batch, preference_rows
 from llmjax.rl_configs import DPOConfig
 from llmjax.sharding import make_mesh
@@ -213,7 +213,7 @@ def test_lora_dpo_of_the_decoder_trains_adapters_against_the_base_itself(bases, 
 
 def test_resume_continues_bitwise_and_rebuilds_the_reference_from_the_base(bases, data, full_run, tmp_path):
     whole = full_run[3]  # on the 8 fake devices, as these runs
-    stage_module("dpo").run(_config(bases["t5"], data, tmp_path / "split", "train.steps=2"), progress=False)
+    run_stage(_config(bases["t5"], data, tmp_path / "split", "train.steps=2"), progress=False)
     summary, _, resumed = _train_capturing(_config(bases["t5"], data, tmp_path / "split", "train.steps=4",
                                                    "train.export_hf=hf"), mesh=None)
     assert summary["start_step"] == 2 and summary["step"] == 4

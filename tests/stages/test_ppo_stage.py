@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llmjax import sharding
-from llmjax.config import CONFIGS_DIR, DEFAULT_CONFIG_PATH, load_config
+from llmjax.config import CONFIGS_DIR, load_config
 from llmjax.loading import HEADS_KEY, REFERENCE_KEY, model_params, read_checkpoint_params
 from llmjax.stages import run_stage, stage_module
 from llmjax.train.optim import make_optimizer
