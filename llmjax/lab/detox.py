@@ -73,7 +73,7 @@ class DetoxRows:
     ppo_minibatches: int = 2
     ppo_kl_coef: float = 0.2
     reward_score: str = "probability"  # PPO/GRPO reward: the non_toxic probability (bounded; see rl_configs)
-    dpo_steps: int = 100
+    dpo_steps: int = 60
     dpo_batch_size: int = 16
     dpo_learning_rate: float = 1e-5
     dpo_beta: float = 0.1
@@ -82,7 +82,7 @@ class DetoxRows:
     grpo_group_size: int = 4
     grpo_learning_rate: float = 2e-5
     rlaif: bool = True
-    rlaif_prompts: int = 480      # rude training dialogues sampled twice and labelled by the reward model
+    rlaif_prompts: int = 240      # rude training dialogues sampled twice and labelled by the reward model
     toxicity_limit: int | None = None  # rude test dialogues judged (None: all)
     toxicity_samples: int = 4     # summaries sampled per rude test dialogue (more samples, a steadier mean)
 

@@ -262,3 +262,21 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         "## Curves", "", *[f"![{p.stem}]({p.name})" for p in pngs], "",
     ]
     (out / "report.md").write_text("\n".join(text), encoding="utf-8")
+
+
+def write_detox_outputs(out: Path, outputs: dict, results: dict, facts: dict) -> None:
+    """What ``llmjax lab summarize --detox-only`` writes: the rows' predictions, ``results.json``, ``detox.png`` and
+    a ``report.md`` with the detox section."""
+    from llmjax.lab.detox_report import detox_section, plot_detox
+
+    predictions = out / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    for row, result in outputs.items():
+        write_predictions(predictions / f"{row}.jsonl", result)
+    (out / "results.json").write_text(json.dumps({**results, "_lab": facts}, indent=2) + "\n", encoding="utf-8")
+    png = plot_detox(out, results)
+    text = ["# Lab: detoxification of a small T5 summarizer", "",
+            f"Command: `llmjax lab summarize --out {out} --detox-only` (after `llmjax lab summarize --out {out}`); "
+            f"machine: {platform.machine()} {platform.system()}, Python {sys.version.split()[0]}; "
+            f"{facts['lab_seconds']:.0f} s.", "", *detox_section(results, facts, png)]
+    (out / "report.md").write_text("\n".join(text), encoding="utf-8")

@@ -34,6 +34,7 @@ from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.objectives import document_span_corruption_fn
 from llmjax.data.sources import DataIterator
 from llmjax.data.tokenizer import Tokenizer, train_tokenizer
+from llmjax.errors import UserError
 from llmjax.evaluate import evaluate_dataset, load_model_for_inference
 from llmjax.generate import GenerationConfig
 from llmjax.lab import report
@@ -232,6 +233,39 @@ def step_costs(run_dir: Path) -> dict:
 
 
 # -- the lab ---------------------------------------------------------------------
+
+def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
+                  detox_rows: DetoxRows = DetoxRows()) -> dict:
+    """Only the detox rows, from the finished ``full_ft`` run (and pre-training) a whole lab left in ``out``:
+    ``full_ft`` rescored on the test split, then the reward model, PPO, DPO, GRPO and RLAIF rows. Writes
+    ``results.json``, ``predictions/``, ``report.md`` (the detox section) and ``detox.png``."""
+    out = Path(out)
+    if finished_steps(out / BASE_ROW) < settings.sft_steps or finished_steps(out / "pretrain") < settings.pretrain_steps:
+        raise UserError(f"{out} holds no finished lab (pretrain and {BASE_ROW} runs); run `llmjax lab summarize "
+                        f"--out {out}` first")
+    started = time.perf_counter()
+    model, params, tokenizer = load_model_for_inference(out / BASE_ROW)
+    test = bundled_dialogsum("test")[: settings.test_limit]
+    say(f"{BASE_ROW}: generating {len(test)} test summaries")
+    outputs = {BASE_ROW: evaluate_row(model, params, tokenizer, test, settings)}
+    total = count_params(params)
+    results = {BASE_ROW: row_entry(outputs[BASE_ROW], total, total, 0.0)}
+    detox_results, detox_outputs, facts_detox = run_detox_rows(
+        out, settings, detox_rows, out / "tokenizer", lambda m, p: evaluate_row(m, p, tokenizer, test, settings),
+        outputs[BASE_ROW], say, progress)
+    results[BASE_ROW].update(detox_results.pop(BASE_ROW))
+    for row, entry in detox_results.items():
+        if row in detox_outputs:
+            outputs[row] = detox_outputs[row]
+            entry = row_entry(outputs[row], entry["trainable_params"], total, entry["train_seconds"],
+                              **{k: v for k, v in entry.items() if k not in ("trainable_params", "train_seconds")})
+        results[row] = entry
+    facts = {"settings": dataclasses.asdict(settings), "total_params": total, "detox": facts_detox,
+             "detox_rows": dataclasses.asdict(detox_rows), "lab_seconds": round(time.perf_counter() - started, 1)}
+    report.write_detox_outputs(out, outputs, results, facts)
+    say(f"done in {facts['lab_seconds']:.0f} s: {out / 'report.md'}")
+    return results
+
 
 def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
             adapter_rows: AdapterRows = AdapterRows(), detox_rows: DetoxRows = DetoxRows()) -> dict:
