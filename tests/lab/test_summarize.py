@@ -161,3 +161,37 @@ def test_saved_lab_run_lora_with_few_parameters_nears_full_fine_tuning():
     assert small, "no LoRA row trains <= 2% of the parameters"
     best = max(results[row]["rougeL"] for row in small)
     assert best >= PEFT_QUALITY * results["full_ft"]["rougeL"]
+
+
+SAVED_DETOX = SAVED.parent / "detox"
+needs_saved_detox = pytest.mark.skipif(not (SAVED_DETOX / "results.json").is_file(), reason="no saved detox run")
+
+
+@needs_saved_detox
+def test_saved_detox_run_rescores_from_its_saved_summaries():
+    results = json.loads((SAVED_DETOX / "results.json").read_text())
+    _check_detox(SAVED_DETOX, results, examples=400)
+    assert all(row in results for row in DETOX_ROWS)
+    assert (SAVED_DETOX / "detox.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_saved_detox
+def test_saved_detox_run_reward_model_is_accurate_on_held_out_labels():
+    assert json.loads((SAVED_DETOX / "results.json").read_text())["reward_model"]["accuracy"] >= 0.95
+
+
+def _ppo_meets_the_detox_target(results: dict) -> bool:
+    from llmjax.lab.detox_report import ROUGE_DROP, TOXICITY_CUT
+
+    base, ppo = results["full_ft"], results["ppo"]
+    return (ppo["toxicity"] <= (1 - TOXICITY_CUT) * base["toxicity"]
+            and base["rougeL"] - ppo["rougeL"] <= ROUGE_DROP)
+
+
+@needs_saved_detox
+@pytest.mark.xfail(strict=True, reason="in the saved run full_ft's greedy summaries of the rude test dialogues are "
+                                       "nearly clean already (judge 0.025) and PPO's are not cleaner (0.035); on "
+                                       "sampled summaries PPO cuts 0.202 to 0.153 (-24%) (README: Lab); remove this "
+                                       "mark with a run that passes")
+def test_saved_detox_run_ppo_cuts_toxicity_by_30_percent_within_2_rouge_points():
+    assert _ppo_meets_the_detox_target(json.loads((SAVED_DETOX / "results.json").read_text()))
