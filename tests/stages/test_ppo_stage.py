@@ -55,7 +55,8 @@ def _ppo(init_from, reward, out, *overrides, stage="ppo"):
               "grpo.prompt_length=1024", "train.batch_size=8", "checkpoint.async_save=false", "train.export_hf=null",
               "optim.learning_rate=1e-3"])
     quick = PPO_QUICK if stage == "ppo" else []
-    return load_config(PPO_CONFIG, [f"init_from={init_from}", f"train.output_dir={out}", *quick, *extra, *overrides])
+    return load_config(PPO_CONFIG, ["model={}", f"init_from={init_from}", f"train.output_dir={out}", *quick, *extra,
+                                    *overrides])
 
 
 def _metrics(out):
@@ -158,7 +159,7 @@ def test_ppo_config_errors(pretrained, reward_model, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_during_ppo_then_resume_gives_bitwise_equal_params(pretrained, reward_model, tmp_path):
-    overrides = [f"init_from={pretrained}", f"ppo.reward_model={reward_model}", *PPO_QUICK,
+    overrides = ["model={}", f"init_from={pretrained}", f"ppo.reward_model={reward_model}", *PPO_QUICK,
                  "optim.learning_rate=1e-3"]
     kill_after = kill_and_resume(tmp_path, overrides, steps=8, every=2, config=PPO_CONFIG)
     (_, a, _), (_, b, _) = (read_checkpoint_params(tmp_path / run / "checkpoints") for run in ("whole", "killed"))
