@@ -234,6 +234,23 @@ def step_costs(run_dir: Path) -> dict:
 
 # -- the lab ---------------------------------------------------------------------
 
+def add_detox_rows(out: Path, settings: LabSettings, detox_rows: DetoxRows, tokenizer, test, results: dict,
+                   outputs: dict, total: int, progress: bool) -> dict:
+    """Run the detox rows from ``out/full_ft`` and add them to ``results`` / ``outputs`` (``full_ft``'s entry gains
+    its toxicity fields, each policy row the lab's score fields); returns the detox facts."""
+    detox_results, detox_outputs, facts = run_detox_rows(
+        out, settings, detox_rows, out / "tokenizer", lambda m, p: evaluate_row(m, p, tokenizer, test, settings),
+        outputs[BASE_ROW], say, progress)
+    results[BASE_ROW].update(detox_results.pop(BASE_ROW))
+    for row, entry in detox_results.items():
+        if row in detox_outputs:
+            outputs[row] = detox_outputs[row]
+            entry = row_entry(outputs[row], entry["trainable_params"], total, entry["train_seconds"],
+                              **{k: v for k, v in entry.items() if k not in ("trainable_params", "train_seconds")})
+        results[row] = entry
+    return facts
+
+
 def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
                   detox_rows: DetoxRows = DetoxRows()) -> dict:
     """Only the detox rows, from the finished ``full_ft`` run (and pre-training) a whole lab left in ``out``:
@@ -250,16 +267,7 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
     outputs = {BASE_ROW: evaluate_row(model, params, tokenizer, test, settings)}
     total = count_params(params)
     results = {BASE_ROW: row_entry(outputs[BASE_ROW], total, total, 0.0)}
-    detox_results, detox_outputs, facts_detox = run_detox_rows(
-        out, settings, detox_rows, out / "tokenizer", lambda m, p: evaluate_row(m, p, tokenizer, test, settings),
-        outputs[BASE_ROW], say, progress)
-    results[BASE_ROW].update(detox_results.pop(BASE_ROW))
-    for row, entry in detox_results.items():
-        if row in detox_outputs:
-            outputs[row] = detox_outputs[row]
-            entry = row_entry(outputs[row], entry["trainable_params"], total, entry["train_seconds"],
-                              **{k: v for k, v in entry.items() if k not in ("trainable_params", "train_seconds")})
-        results[row] = entry
+    facts_detox = add_detox_rows(out, settings, detox_rows, tokenizer, test, results, outputs, total, progress)
     facts = {"settings": dataclasses.asdict(settings), "total_params": total, "detox": facts_detox,
              "detox_rows": dataclasses.asdict(detox_rows), "lab_seconds": round(time.perf_counter() - started, 1)}
     report.write_detox_outputs(out, outputs, results, facts)
@@ -324,16 +332,7 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
 
     if detox_rows.enabled:
         say("detox rows: reward model, then PPO, DPO, GRPO and RLAIF from full_ft")
-        detox_results, detox_outputs, facts_detox = run_detox_rows(
-            out, settings, detox_rows, tokenizer_dir, lambda m, p: evaluate_row(m, p, tokenizer, test, settings),
-            outputs[BASE_ROW], say, progress)
-        results[BASE_ROW].update(detox_results.pop(BASE_ROW))
-        for row, entry in detox_results.items():
-            if row in detox_outputs:
-                outputs[row] = detox_outputs[row]
-                entry = row_entry(outputs[row], entry["trainable_params"], total, entry["train_seconds"],
-                                  **{k: v for k, v in entry.items() if k not in ("trainable_params", "train_seconds")})
-            results[row] = entry
+        facts_detox = add_detox_rows(out, settings, detox_rows, tokenizer, test, results, outputs, total, progress)
 
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
                   "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"], "mixture_share": settings.mixture_share}
