@@ -191,6 +191,112 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calc_memory(args) -> int:
+    from llmjax.planning import plan_memory
+
+    model, run = _calc_source(args.model)
+    seq2seq = _is_seq2seq(model)
+    length, input_length = _calc_lengths(args, model, run)
+    plan = plan_memory(
+        model, batch=args.batch or (run.train.batch_size if run else _default("train", "batch_size")),
+        length=length, encoder_length=input_length if seq2seq else None, mesh=_calc_mesh(args.mesh, run),
+        precision=args.precision or ("bf16" if model.dtype == "bfloat16" else "fp32"),
+        optimizer=args.optimizer or (run.optim.name if run else _default("optim", "name")),
+        remat=args.remat, momentum=args.momentum or bool(run and run.optim.name == "adafactor" and run.optim.b1),
+    )
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    return 0
+
+
+def cmd_calc_compute(args) -> int:
+    from llmjax.planning import plan_compute
+
+    if args.model is None and args.params is None:
+        raise UserError("calc compute needs --model CONFIG_OR_DIR or --params N")
+    model, run = _calc_source(args.model) if args.model is not None else (None, None)
+    length, input_length = _calc_lengths(args, model, run) if model is not None else (None, None)
+    plan = plan_compute(
+        model, params=args.params, tokens=args.tokens, budget_pf_days=args.budget_pf_days, length=length,
+        encoder_length=input_length if model is not None and _is_seq2seq(model) else None, chips=args.chips,
+        chip=args.chip, peak_flops=args.peak_tflops * 1e12 if args.peak_tflops is not None else None, mfu=args.mfu,
+    )
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    return 0
+
+
+def _calc_source(path: Path):
+    """``--model``: a model config YAML, a run config YAML, a Hugging Face or checkpoint directory ->
+    ``(model config, run config or None)``."""
+    import dataclasses
+
+    import yaml
+
+    from llmjax.config import load_config, load_section
+    from llmjax.loading import read_model_config
+
+    if path.is_dir():
+        return read_model_config(path), None
+    if not path.is_file():
+        raise UserError(f"--model {path}: no such file or directory; pass a model or run config YAML "
+                        "(configs/model/*.yaml, configs/*.yaml) or a Hugging Face or checkpoint directory")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"--model {path}: not a YAML file ({str(e).splitlines()[0]})") from None
+    if isinstance(raw, dict) and "family" in raw:
+        return load_section(path, "model"), None
+    run = load_config(path)
+    if run.model_resolved:
+        return run.model, run
+    base = read_model_config(run.init_from)
+    return dataclasses.replace(base, **run.model), run
+
+
+def _is_seq2seq(model) -> bool:
+    from llmjax.models import model_family
+
+    return model_family(model).seq2seq
+
+
+def _default(section: str, field: str):
+    """A run-config default (``llmjax.config``'s dataclasses hold them, in one place)."""
+    from llmjax import config
+
+    return getattr(config.SECTIONS[section](), field)
+
+
+def _calc_lengths(args, model, run) -> tuple[int, int]:
+    """``(target or sequence length, input length)``: the options, else the run config's data lengths, else the
+    defaults (decoder-only: the model's context; T5: the data defaults)."""
+    data = run.data if run else None
+    if _is_seq2seq(model):
+        return (args.length or (data.decoder_length if data else _default("data", "decoder_length")),
+                args.input_length or (data.encoder_length if data else _default("data", "encoder_length")))
+    if args.input_length is not None:
+        raise UserError("--input-length is for encoder-decoder (T5) models; a decoder-only model reads --length")
+    return args.length or (data.decoder_length if data else model.max_position_embeddings), 0
+
+
+def _calc_mesh(text: str | None, run) -> dict[str, int]:
+    """``data=2,fsdp=4,tensor=1`` -> sizes; none given: the run config's mesh, else one device."""
+    if text is None:
+        if run is None:
+            return {}
+        mesh = {"data": run.mesh.data, "fsdp": run.mesh.fsdp, "tensor": run.mesh.tensor}
+        if -1 in mesh.values():
+            raise UserError(f"the run config's mesh {mesh} has a -1 axis (all devices); give concrete sizes with "
+                            "--mesh data=..,fsdp=..,tensor=..")
+        return mesh
+    mesh = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not value.strip().isdigit():
+            raise UserError(f"--mesh {text!r}: expected AXIS=SIZE pairs like data=2,fsdp=4,tensor=1")
+        mesh[name.strip()] = int(value)
+    return mesh
+
+
+DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS = 64
 _DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                      "num_beams", "length_penalty", "early_stopping")
@@ -365,6 +471,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_option(p, "several: one report each in OUT/NAME")
     _add_decoding_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    calc = sub.add_parser("calc", help="plan a run: memory per device, compute budget").add_subparsers(
+        dest="calc_command", metavar="WHAT")
+    model_help = ("model config YAML (configs/model/*.yaml), run config YAML (its batch, lengths, mesh and "
+                  "optimizer are the defaults), or a Hugging Face / checkpoint directory")
+    p = calc.add_parser("memory", help="bytes per device of weights, gradients, optimizer state and activations")
+    p.add_argument("--model", required=True, type=Path, help=model_help)
+    p.add_argument("--batch", type=int, help="global batch in sequences (default: the run's, else 32)")
+    p.add_argument("--length", type=int, help="sequence length; T5: target length (default: the run's data lengths; "
+                                              "decoder: its context; T5: 114)")
+    p.add_argument("--input-length", type=int, help="T5 input (encoder) length (default: the run's, else 512)")
+    p.add_argument("--mesh", metavar="data=D,fsdp=F,tensor=T", help="device mesh (default: the run's, else 1 device)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                   help="fp32; bf16 mixed precision (fp32 master weights); int8 frozen weight-only base "
+                        "(default: the model's dtype)")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor"), help="default: the run's, else adamw")
+    p.add_argument("--momentum", action="store_true", help="Adafactor with a first moment (optim.b1)")
+    p.add_argument("--remat", nargs="?", const="full", choices=("none", "full", "save_dots", "save_dots_no_batch"),
+                   help="remat policy (bare --remat: full; default: the model config's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_calc_memory)
+
+    p = calc.add_parser("compute", help="training FLOPs, petaFLOP/s-days, wall time, Chinchilla-optimal sizes")
+    p.add_argument("--model", type=Path, help=model_help)
+    p.add_argument("--params", type=float, help="a parameter count instead of --model (6*N*D only)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=float, help="training tokens (default: Chinchilla's 20 per parameter)")
+    budget.add_argument("--budget-pf-days", type=float, help="compute budget in petaFLOP/s-days (by 6*N*D)")
+    p.add_argument("--length", type=int, help="sequence length for the attention term (T5: target length)")
+    p.add_argument("--input-length", type=int, help="T5 input length")
+    p.add_argument("--chips", type=int, default=1, help="accelerators (default 1)")
+    p.add_argument("--chip", default="h100", help="accelerator in the table (v100, a100, h100, h200, tpu-v4, "
+                                                  "tpu-v5e, tpu-v5p; default h100)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per chip instead of --chip")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilization (default 0.4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_calc_compute)
 
     return parser
 

@@ -100,10 +100,8 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     """Read the model at ``path`` (see the module docstring); ``step`` picks a checkpoint step (default:
     the newest complete one) and must be None for a Hugging Face directory."""
     path = Path(path)
-    if not path.is_dir():
-        raise ModelPathError(f"model directory {path} does not exist; pass a Hugging Face directory "
-                             "(config.json + model.safetensors) or an llmjax checkpoint or run directory")
-    if is_hf_dir(path):
+    checkpoint_dir = _checkpoint_dir_of(path)
+    if checkpoint_dir is None:
         if step is not None:
             raise ModelPathError(f"{path} is a Hugging Face directory, which has no steps; drop the step ({step})")
         from llmjax import hf
@@ -111,12 +109,6 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
         model, params = hf.from_pretrained(path)
         params = jax.tree_util.tree_map(np.asarray, params)
         return LoadedModel(model, params, "hf", path, tokenizer_dir=path if has_tokenizer(path) else None)
-    checkpoint_dir = find_checkpoint_dir(path)
-    if checkpoint_dir is None:
-        raise ModelPathError(
-            f"{path} is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint directory "
-            "(no numbered step directories, no checkpoints/); pass one of those"
-        )
     step, params, meta = read_checkpoint_params(checkpoint_dir, step)
     model = model_from_meta(meta)
     if meta.get("base"):
@@ -135,6 +127,44 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     tokenizer_dir = meta.get("tokenizer_dir")
     return LoadedModel(model, model_params(params), "checkpoint", checkpoint_dir, step,
                        Path(tokenizer_dir) if tokenizer_dir else None, meta, soft_prompt, heads)
+
+
+def _checkpoint_dir_of(path: Path) -> Path | None:
+    """None for a Hugging Face directory, the checkpoint directory for an llmjax checkpoint or run directory;
+    anything else is a :class:`ModelPathError`."""
+    if not path.is_dir():
+        raise ModelPathError(f"model directory {path} does not exist; pass a Hugging Face directory "
+                             "(config.json + model.safetensors) or an llmjax checkpoint or run directory")
+    if is_hf_dir(path):
+        return None
+    checkpoint_dir = find_checkpoint_dir(path)
+    if checkpoint_dir is None:
+        raise ModelPathError(
+            f"{path} is neither a Hugging Face directory (no config.json) nor an llmjax checkpoint directory "
+            "(no numbered step directories, no checkpoints/); pass one of those"
+        )
+    return checkpoint_dir
+
+
+def read_model_config(path: str | Path):
+    """The model config of the model at ``path`` (what :func:`load_model` would build) without reading a weight:
+    a Hugging Face directory's ``config.json``, or the newest complete checkpoint step's metadata."""
+    path = Path(path)
+    checkpoint_dir = _checkpoint_dir_of(path)
+    if checkpoint_dir is None:
+        from llmjax import hf
+
+        hf_config = hf.read_config(path)
+        return hf.family_for_model_type(hf_config.get("model_type")).config_from_hf(hf_config)
+    manager = open_manager(checkpoint_dir, read_only=True)
+    try:
+        complete = complete_steps(checkpoint_dir, manager.all_steps())
+        if not complete:
+            raise CheckpointCorruptError(f"no complete checkpoint in {checkpoint_dir} (no step has a {MANIFEST})")
+        meta = manager.restore(complete[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        manager.close()
+    return model_from_meta(meta).config
 
 
 HF_MODEL_FILE_SUFFIXES = (".safetensors", ".safetensors.index.json")

@@ -16,7 +16,7 @@ from tests.hf.helpers import save_torch_model
 
 COMMANDS = [
     ["train"], ["export"], ["import"], ["tokenizer", "train"], ["data", "dialogsum"], ["data", "detox"], ["data", "corpus"],
-    ["generate"], ["evaluate"], ["lora", "merge"],
+    ["generate"], ["evaluate"], ["lora", "merge"], ["calc", "memory"], ["calc", "compute"],
 ]
 
 
