@@ -227,8 +227,6 @@ def cmd_calc_compute(args) -> int:
 def _calc_source(path: Path):
     """``--model``: a model config YAML, a run config YAML, a Hugging Face or checkpoint directory ->
     ``(model config, run config or None)``."""
-    import dataclasses
-
     import yaml
 
     from llmjax.config import load_config, load_section
@@ -246,10 +244,11 @@ def _calc_source(path: Path):
     if isinstance(raw, dict) and "family" in raw:
         return load_section(path, "model"), None
     run = load_config(path)
-    if run.model_resolved:
+    if run.model_resolved:  # a whole model section (a stage checks it against init_from when it runs)
         return run.model, run
-    base = read_model_config(run.init_from)
-    return dataclasses.replace(base, **run.model), run
+    from llmjax.stages.init_source import model_against_source
+
+    return model_against_source(run, read_model_config(run.init_from)), run
 
 
 def _is_seq2seq(model) -> bool:

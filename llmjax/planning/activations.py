@@ -28,8 +28,11 @@ T5's decoder layers add cross-attention (queries over decoder tokens, keys/value
 tokens). Outside the layers: the embedding output and final norm, the fp32 logits and the softmax the
 loss gradient needs (``8 V`` per target token), the fp32 attention bias every layer reads (decoder:
 the ``[b, 1, t, t]`` mask; T5: the ``[b, heads, t, k]`` relative-position bias plus mask, and its
-gradient). During the backward pass one layer's recomputed intermediates (its "working set") are live
-on top of what was kept.
+gradient). During the backward pass one layer's "working set" is live on top of what was kept: the
+larger of what remat recomputes for it (every intermediate less what the policy kept) and the
+gradients of its largest intermediates, ``2 * 4 a k`` per attention (softmax output and input, fp32)
+plus ``2 c F`` (MLP pre-activations). Without remat only the gradients count; with remat the
+recomputed values are freed as the backward pass consumes them, which leaves room for the gradients.
 
 What this leaves out (so XLA's temporary bytes differ; README "Planning a run"): copies of weights in
 the compute dtype and fsdp's gathered weights (counted separately, one layer), collectives' buffers,
@@ -63,7 +66,7 @@ class ActivationBytes:
 
     kept:     saved for the backward pass by every layer under the remat policy, plus the model's
               embedding, head and shared attention bias
-    working:  one layer's intermediates recomputed in the backward pass (0 without remat)
+    working:  one layer's backward working set: recomputed intermediates or gradients, the larger
     """
 
     kept: int
@@ -100,8 +103,14 @@ def _mlp_dots(c, width, hidden, gated):
     return (2 if gated else 1) * c * hidden + c * width
 
 
-def _dropout(rate, width, hidden, heads, keys, attentions, sublayers):
+def _dropout(rate, *, width=0, hidden=0, heads=0, keys=0, attentions=0, sublayers=0):
+    """Per token: 1-byte keep masks of the dropouts on sublayer outputs, the MLP hidden and attention weights."""
     return (sublayers * width + hidden + attentions * heads * keys) if rate > 0 else 0
+
+
+def _gradients(c, heads, keys, hidden):
+    """Per token: gradients of one attention's softmax (output and input, fp32) and of the MLP pre-activations."""
+    return 2 * FP32 * heads * keys + 2 * c * hidden
 
 
 def _layer(policy, c, width, none, dots, dots_no_batch):
@@ -115,14 +124,15 @@ def _decoder(cfg: DecoderConfig, s: Shapes, policy: str) -> ActivationBytes:
     kv, heads = _split(cfg.kv_heads * cfg.dim_per_head, tp), _split(cfg.num_attention_heads, tp)
     f, vocab = _split(cfg.intermediate_size, tp), _split(cfg.vocab_size, tp)
     none = (2 * _norm(h, c) + _attention_none(c, q, kv, heads, t) + 16 * cfg.dim_per_head
-            + _mlp_none(c, f, gated=True) + _dropout(cfg.attention_dropout, 0, 0, heads, t, 1, 0))
+            + _mlp_none(c, f, gated=True) + _dropout(cfg.attention_dropout, heads=heads, keys=t, attentions=1))
     dots = _attention_dots(c, h, q, kv, heads, t, True) + _mlp_dots(c, h, f, True)
     no_batch = _attention_dots(c, h, q, kv, heads, t, False) + _mlp_dots(c, h, f, True)
     per_layer = _layer(policy, c, h, none, dots, no_batch)
     tokens = s.rows * t
     outside = c * h + _norm(h, c) + 2 * FP32 * vocab + FP32 * t  # embedding, final norm, logits, mask bias
     kept = tokens * (cfg.num_hidden_layers * per_layer + outside)
-    return ActivationBytes(int(kept), int(tokens * (none - per_layer)))
+    working = tokens * max(none - per_layer, _gradients(c, heads, t, f))
+    return ActivationBytes(int(kept), int(working))
 
 
 def _t5(cfg: T5Config, s: Shapes, policy: str) -> ActivationBytes:
@@ -133,12 +143,13 @@ def _t5(cfg: T5Config, s: Shapes, policy: str) -> ActivationBytes:
     ratio = src / t  # encoder tokens per decoder token (cross-attention keys and values)
     mlp_none, mlp_dots = _mlp_none(c, f, gated), _mlp_dots(c, d, f, gated)
     enc_none = (2 * _norm(d, c) + _attention_none(c, inner, inner, heads, src) + mlp_none
-                + _dropout(rate, d, f, heads, src, 1, 2))
+                + _dropout(rate, width=d, hidden=f, heads=heads, keys=src, attentions=1, sublayers=2))
     enc_dots = _attention_dots(c, d, inner, inner, heads, src, True) + mlp_dots
     enc_no_batch = _attention_dots(c, d, inner, inner, heads, src, False) + mlp_dots
     dec_none = (3 * _norm(d, c) + _attention_none(c, inner, inner, heads, t)
                 + _attention_none(c, inner, inner, heads, src, ratio) + mlp_none
-                + _dropout(rate, d, f, heads, t, 1, 3) + (heads * src if rate > 0 else 0))
+                + _dropout(rate, width=d, hidden=f, heads=heads, keys=t, attentions=1, sublayers=3)
+                + _dropout(rate, heads=heads, keys=src, attentions=1))
     dec_dots = (_attention_dots(c, d, inner, inner, heads, t, True)
                 + _attention_dots(c, d, inner, inner, heads, src, True, ratio) + mlp_dots)
     dec_no_batch = (_attention_dots(c, d, inner, inner, heads, t, False)
@@ -152,7 +163,8 @@ def _t5(cfg: T5Config, s: Shapes, policy: str) -> ActivationBytes:
     dec_outside = c * d + _norm(d, c) + 2 * FP32 * heads * t + FP32 * src + 2 * FP32 * vocab
     kept = (enc_tokens * (cfg.num_layers * enc_layer + enc_outside)
             + dec_tokens * (cfg.decoder_layers * dec_layer + dec_outside))
-    working = max(enc_tokens * (enc_none - enc_layer), dec_tokens * (dec_none - dec_layer))
+    working = max(enc_tokens * max(enc_none - enc_layer, _gradients(c, heads, src, f)),
+                  dec_tokens * max(dec_none - dec_layer, _gradients(c, heads, t, f) + 2 * FP32 * heads * src))
     return ActivationBytes(int(kept), int(working))
 
 

@@ -41,6 +41,15 @@ def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
         return config, None
     loaded = load_model(config.init_from)
     source = loaded.config
+    model = model_against_source(config, source)
+    if model.scan_layers != source.scan_layers:  # the same weights in the run's layer layout
+        loaded = dataclasses.replace(loaded, model=build_model(model), params=to_layout(loaded.params, source, model))
+    return dataclasses.replace(config, model=model), loaded
+
+
+def model_against_source(config: RunConfig, source):
+    """The run's model config resolved against ``source``, its init source's model config (module docstring);
+    needs no weights, so a planner can call it on ``llmjax.loading.read_model_config(config.init_from)``."""
     if config.model_resolved:
         if family_of(config.model) != family_of(source):
             raise ConfigError(f"model.family={family_of(config.model)!r} but init_from={config.init_from} holds a "
@@ -63,10 +72,7 @@ def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
             f"({len(different)} field(s) differ: {[d[0] for d in different]}); only {sorted(RUNTIME_FIELDS)} may "
             "differ from the init source: drop the model section (or those keys) to take its config")
     runtime = {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}
-    model = dataclasses.replace(source, **runtime)
-    if model.scan_layers != source.scan_layers:  # the same weights in the run's layer layout
-        loaded = dataclasses.replace(loaded, model=build_model(model), params=to_layout(loaded.params, source, model))
-    return dataclasses.replace(config, model=model), loaded
+    return dataclasses.replace(source, **runtime)
 
 
 def base_of(loaded: LoadedModel | None) -> Base | None:
