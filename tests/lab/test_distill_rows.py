@@ -30,6 +30,7 @@ def test_student_model_halves_the_width_and_keeps_the_vocabulary():
         {k: v for k, v in lab.items() if k not in ("d_model", "d_kv", "d_ff")}
 
 
+@pytest.mark.slow  # two short trainings and their test generations: ~70 s on the shared 2-core CPU
 def test_both_rows_train_the_same_student_on_the_same_batches_and_are_scored(tmp_path):
     settings = LabSettings.tiny()
     rows = DistillRows.tiny()
