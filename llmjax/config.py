@@ -262,6 +262,7 @@ class RunConfig:
     ppo: Any = None     # PPOConfig (stage: ppo; required, it names the reward model)
     dpo: Any = None     # DPOConfig (stage: dpo; default settings when left out)
     grpo: Any = None    # GRPOConfig (stage: grpo; required, it names the reward model)
+    distill: Any = None  # DistillConfig (stage: distill; required, it names the teacher)
 
     def __post_init__(self):
         _check_stage_sections(self)
@@ -279,7 +280,7 @@ class RunConfig:
         family_of(self.model)  # raises on a non-model config
         if self.lora is not None:
             _check_lora(self.lora, self.model)
-        if self.data.tokenizer is None and self.init_from is None:
+        if self.data.tokenizer is None and self.init_from is None and self.distill is None:  # (distill: the teacher's)
             _require(self.data.tokenizer_vocab_size <= self.model.vocab_size,
                      f"data.tokenizer_vocab_size={self.data.tokenizer_vocab_size} exceeds model.vocab_size="
                      f"{self.model.vocab_size}: token ids would index past the embedding; lower one or raise the other")
@@ -318,7 +319,7 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
 # Sections a run may leave out (None): they turn a stage into something else (lora: adapters only).
 # prompt_tuning: a soft prompt only.
-# reward/ppo/dpo/grpo: the settings of the stage of that name.
+# reward/ppo/dpo/grpo/distill: the settings of the stage of that name.
 OPTIONAL_SECTIONS = ("lora", "prompt_tuning", *rl_configs.SECTIONS)
 
 
@@ -329,15 +330,16 @@ def _optional_section_class(name: str):
 
 def _check_stage_sections(config: RunConfig) -> None:
     """A stage's own section belongs to that stage: ``ppo:`` under ``stage: sft`` is a mistake, not ignored;
-    ``reward``/``dpo`` without their section take its defaults; ``ppo``/``grpo`` need theirs (the reward model)."""
+    ``reward``/``dpo`` without their section take its defaults; ``ppo``/``grpo``/``distill`` need theirs (the reward
+    model, the teacher)."""
     for name in rl_configs.SECTIONS:
         if getattr(config, name) is not None and config.stage != name:
             raise ConfigError(f"the {name}: section configures stage: {name}, but stage is {config.stage!r}; "
                               f"remove the section or set stage: {name}")
     if config.stage in rl_configs.SECTIONS and getattr(config, config.stage) is None:
-        if config.stage in ("ppo", "grpo"):
+        if config.stage in rl_configs.REQUIRED:
             raise ConfigError(f"stage: {config.stage} needs a {config.stage}: section naming at least "
-                              f"{config.stage}.reward_model (a stage: reward run or its export)")
+                              f"{rl_configs.REQUIRED[config.stage]}")
         object.__setattr__(config, config.stage, rl_configs.SECTIONS[config.stage]())
 
 

@@ -47,7 +47,9 @@ ADAPTERS_KEY = "lora"  # a LoRA run's tree: the model's params plus this top-lev
 SOFT_PROMPT_KEY = "soft_prompt"  # a prompt-tuning run's tree: the model's params plus its soft prompt [n, d]
 HEADS_KEY = "heads"  # a reward or PPO run's tree: {"score": ...} / {"value": ...} heads (llmjax.models.heads)
 REFERENCE_KEY = "reference"  # a full-fine-tuning PPO/DPO/GRPO run's frozen copy of the initial model params
-EXTRA_KEYS = (ADAPTERS_KEY, SOFT_PROMPT_KEY, HEADS_KEY, REFERENCE_KEY)  # tree parts that are not model params
+TEACHER_KEY = "teacher"  # a distillation run's frozen teacher params (llmjax.stages.distill; never checkpointed)
+# tree parts that are not model params
+EXTRA_KEYS = (ADAPTERS_KEY, SOFT_PROMPT_KEY, HEADS_KEY, REFERENCE_KEY, TEACHER_KEY)
 ITEMS = ("state", "data", "meta")  # the orbax items of one step
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")

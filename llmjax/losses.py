@@ -44,3 +44,46 @@ def cross_entropy_with_z_loss(
     sum_z_loss = jnp.sum(token_z_loss * weights)
     sum_loss = jnp.sum(token_loss * weights) + sum_z_loss
     return sum_loss, sum_z_loss, jnp.sum(weights)
+
+
+def distillation_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    temperature: float,
+    alpha: float,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict]:
+    """Knowledge distillation (Hinton et al. 2015) per target token, weighted and summed, in fp32:
+
+    ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, targets)``
+
+    plus the student's z-loss (``z_loss * log(Z)^2`` at T = 1, unscaled by ``alpha``: it keeps the logits from
+    drifting whatever the mix). ``T^2`` keeps the soft targets' gradients on the scale of the hard ones as T
+    grows. The teacher's logits are constants (``stop_gradient``): no gradient reaches the teacher.
+
+    Args:
+      student_logits, teacher_logits: ``[batch, length, vocab]`` (any float dtype; upcast to fp32), same shape.
+      targets: ``[batch, length]`` int label ids; weights: ``[batch, length]`` loss weights (0 masks padding).
+      temperature: T > 0; alpha: the soft targets' share in [0, 1] (0: plain cross-entropy).
+      z_loss, label_smoothing: as :func:`cross_entropy_with_z_loss` (the hard-label part).
+
+    Returns:
+      ``(objective_sum, sums)``: the weighted sum of the whole per-token objective, and fp32 sums ``loss``
+      (the objective less the z-loss), ``kl`` (KL at temperature T, unscaled), ``ce`` (cross-entropy with
+      the labels), ``z_loss`` and ``weights`` (normalize every sum by it).
+    """
+    weights = weights.astype(jnp.float32)
+    student = student_logits.astype(jnp.float32) / temperature
+    teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+    teacher_logp = jax.nn.log_softmax(teacher, axis=-1)
+    token_kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - jax.nn.log_softmax(student, axis=-1)), axis=-1)
+    sum_kl = jnp.sum(token_kl * weights)
+    ce_and_z, sum_z, sum_weights = cross_entropy_with_z_loss(student_logits, targets, weights, z_loss,
+                                                             label_smoothing)
+    sum_ce = ce_and_z - sum_z
+    sum_loss = alpha * temperature ** 2 * sum_kl + (1.0 - alpha) * sum_ce
+    return sum_loss + sum_z, {"loss": sum_loss, "kl": sum_kl, "ce": sum_ce, "z_loss": sum_z, "weights": sum_weights}

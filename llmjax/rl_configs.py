@@ -1,5 +1,6 @@
-"""Configs of the preference and RL stages (``reward:``, ``ppo:``, ``dpo:``, ``grpo:`` sections of a run config),
-kept in the core layer so ``llmjax.config`` builds and checks them; ``llmjax.rl`` and the stages read them.
+"""Configs of the preference, RL and distillation stages (``reward:``, ``ppo:``, ``dpo:``, ``grpo:``, ``distill:``
+sections of a run config), kept in the core layer so ``llmjax.config`` builds and checks them; ``llmjax.rl`` and
+the stages read them.
 
 Every field has the default a user would reach for first; ``__post_init__`` refuses values that cannot work,
 naming the field and the fix.
@@ -16,7 +17,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 class RLConfigError(InputError):
-    """A ``reward``/``ppo``/``dpo``/``grpo`` setting that cannot be used."""
+    """A ``reward``/``ppo``/``dpo``/``grpo``/``distill`` setting that cannot be used."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -168,4 +169,30 @@ class DPOConfig:
                  "dpo.prompt_length and dpo.response_length must be positive")
 
 
-SECTIONS = {"reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """``stage: distill`` (Hinton et al. 2015, the course's formulation): the run's model (the student) learns
+    ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)`` per target token.
+
+    teacher:     a Hugging Face directory or an llmjax checkpoint/run directory (``llmjax.loading``) of the same
+                 family and vocabulary as the student; frozen, never checkpointed (its path and sha256 are)
+    temperature: T > 0 softening both distributions (the course: above 1 spreads the teacher's mass)
+    alpha:       the soft targets' share in [0, 1]; 0 trains on the labels alone
+    """
+
+    teacher: str = ""
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        _require(bool(self.teacher), "distill.teacher is required: a Hugging Face directory or an llmjax "
+                                     "checkpoint/run directory of the model to distill from")
+        _require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        _require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
+
+
+SECTIONS = {"reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "distill": DistillConfig}
+# Sections their stage cannot do without (the rest take their defaults when left out): what they must name.
+REQUIRED = {"ppo": "ppo.reward_model (a stage: reward run or its export)",
+            "grpo": "grpo.reward_model (a stage: reward run or its export)",
+            "distill": "distill.teacher (a Hugging Face directory or llmjax checkpoint/run directory)"}

@@ -5,7 +5,7 @@ import optax
 import pytest
 import torch
 
-from llmjax.losses import cross_entropy_with_z_loss
+from llmjax.losses import cross_entropy_with_z_loss, distillation_loss
 
 
 def test_hand_computed_tiny_vocab():
@@ -78,3 +78,77 @@ def test_gradient_of_z_loss_pulls_log_partition_to_zero():
     grad = jax.grad(lambda x: cross_entropy_with_z_loss(x, jnp.array([[0]]), jnp.ones((1, 1)), z_loss=1.0)[1])(logits)
     # d/dx z*(logZ)^2 = 2 z logZ softmax(x) = 2 * (2 + log 4) * 0.25 per logit
     np.testing.assert_allclose(np.asarray(grad)[0, 0], np.full(4, 2 * (2 + np.log(4)) * 0.25), rtol=1e-6)
+
+
+# -- distillation ------------------------------------------------------------------------------------------
+
+def _distill_case(seed=0):
+    rng = np.random.default_rng(seed)
+    student = rng.normal(size=(2, 3, 5)).astype(np.float32) * 2
+    teacher = rng.normal(size=(2, 3, 5)).astype(np.float32) * 2
+    targets = rng.integers(0, 5, size=(2, 3))
+    weights = np.array([[1.0, 1.0, 0.0], [0.5, 1.0, 1.0]], np.float32)  # a padded token and a half-weight one
+    return student, teacher, targets, weights
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_distillation_loss_equals_the_hand_formula(alpha):
+    student, teacher, targets, weights = _distill_case()
+    temperature = 2.0
+    p_log, q_log = _log_softmax(teacher / temperature), _log_softmax(student / temperature)
+    kl = (np.exp(p_log) * (p_log - q_log)).sum(-1)                          # KL(teacher_T || student_T) per token
+    ce = -np.take_along_axis(_log_softmax(student), targets[..., None], -1)[..., 0]  # at T = 1
+    expected = (weights * (alpha * temperature ** 2 * kl + (1 - alpha) * ce)).sum()
+    objective, sums = distillation_loss(student, teacher, targets, weights, temperature=temperature, alpha=alpha)
+    np.testing.assert_allclose(float(objective), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(sums["loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(sums["kl"]), (weights * kl).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["ce"]), (weights * ce).sum(), rtol=1e-5)
+    assert float(sums["weights"]) == 4.5 and float(sums["z_loss"]) == 0.0
+    assert (weights * kl).sum() > 0.1  # the two distributions differ: the KL term is really tested
+
+
+def test_distillation_at_alpha_0_is_the_label_loss_with_its_z_loss_and_smoothing():
+    student, teacher, targets, weights = _distill_case(1)
+    objective, sums = distillation_loss(student, teacher, targets, weights, temperature=3.0, alpha=0.0, z_loss=1e-2,
+                                        label_smoothing=0.1)
+    ce_and_z, z, _ = cross_entropy_with_z_loss(student, targets, weights, z_loss=1e-2, label_smoothing=0.1)
+    np.testing.assert_allclose(float(objective), float(ce_and_z), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["z_loss"]), float(z), rtol=1e-6)
+    np.testing.assert_allclose(float(sums["loss"]), float(ce_and_z - z), rtol=1e-6)
+
+
+def test_t_squared_keeps_the_soft_gradient_scale_as_t_grows():
+    # d(T^2 KL)/d student = T (q_T - p_T), which tends to (s - t) / V for zero-mean logits as T grows (Hinton
+    # et al. 2015): the T^2 factor keeps the soft targets' gradient the same size whatever T. Without it the
+    # gradient would shrink as 1 / T^2.
+    student, teacher, targets, weights = _distill_case(2)
+    student -= student.mean(-1, keepdims=True)
+    teacher -= teacher.mean(-1, keepdims=True)
+
+    def grad(temperature):
+        loss = lambda s: distillation_loss(s, teacher, targets, weights, temperature=temperature, alpha=1.0)[0]  # noqa: E731
+        return np.asarray(jax.grad(loss)(jnp.asarray(student)))
+
+    limit = weights[..., None] * (student - teacher) / student.shape[-1]
+    # The gap to the limit is O(1 / T) (0.024 at T = 50 here): it shrinks tenfold from T = 500 to T = 5000.
+    np.testing.assert_allclose(grad(500.0), limit, atol=5e-3)
+    np.testing.assert_allclose(grad(5000.0), limit, atol=5e-4)
+    assert np.abs(limit).max() > 0.1
+
+
+def test_no_gradient_reaches_the_teacher_logits():
+    student, teacher, targets, weights = _distill_case(3)
+
+    def loss(s, t):
+        return distillation_loss(s, t, targets, weights, temperature=2.0, alpha=0.7)[0]
+
+    g_student, g_teacher = jax.grad(loss, argnums=(0, 1))(jnp.asarray(student), jnp.asarray(teacher))
+    assert np.abs(np.asarray(g_student)).max() > 1e-3
+    assert not np.asarray(g_teacher).any()

@@ -31,8 +31,10 @@ import numpy as np
 
 from llmjax.config import RunConfig, config_from_dict, config_to_dict
 from llmjax.errors import UserError
+from llmjax.evaluate import load_model_for_inference
 from llmjax.lab import report
 from llmjax.loading import complete_steps, load_model, open_manager
+from llmjax.stages import run_stage
 from llmjax.stages.sft import build_stage as build_sft_stage
 from llmjax.train.loop import train
 
@@ -125,6 +127,18 @@ def run_measures(run_dir: Path) -> dict:
              if r["split"] == "train" and "step_time_ms" in r]
     return {"trainable_params": trainable, "optimizer_state_bytes": opt_bytes,
             "step_seconds": round(statistics.median(times) / 1000, 4) if times else None}
+
+
+def train_and_score(config: RunConfig, evaluate_row, progress: bool):
+    """Run ``config``'s stage into a fresh ``train.output_dir`` (a row always reruns) and score what it trained
+    with ``evaluate_row(model, params) -> EvalResult``: ``(model, params, result, train seconds)``."""
+    run_dir = Path(config.train.output_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    start = time.perf_counter()
+    run_stage(config, progress=progress)
+    seconds = time.perf_counter() - start
+    model, params, _ = load_model_for_inference(run_dir)
+    return model, params, evaluate_row(model, params), seconds
 
 
 def run_adapter_row(out: Path, row: str, rows: AdapterRows, full_ft_config: RunConfig, measure, say,

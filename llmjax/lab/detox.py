@@ -44,7 +44,7 @@ from llmjax.data.tokenizer import Tokenizer
 from llmjax.data.bundled.detox import rude_prompts, toxicity_labels
 from llmjax.data.bundled.detox import preference_pairs
 from llmjax.evaluate import build_prompts, load_model_for_inference, prompt_ids
-from llmjax.lab.adapter_rows import run_measures
+from llmjax.lab.adapter_rows import run_measures, train_and_score
 from llmjax.lab.toxicity import judge_toxicity
 from llmjax.rl import losses
 from llmjax.rl.reward import RewardModel, pair_prompt
@@ -329,11 +329,7 @@ def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, ev
         shutil.rmtree(out / row, ignore_errors=True)
         config = configs[row]()
         say(f"{row}: training from {BASE_ROW} for {config.train.steps} steps")
-        start = time.perf_counter()
-        run_stage(config, progress=progress)
-        seconds = time.perf_counter() - start
-        model, params, _ = load_model_for_inference(out / row)
-        outputs[row] = evaluate_row(model, params)
+        model, params, outputs[row], seconds = train_and_score(config, evaluate_row, progress)
         results[row] = {"base": BASE_ROW, "train_seconds": round(seconds, 1), **judge(row, model, params, outputs[row]),
                         **{k: v for k, v in run_measures(out / row).items()}}
         say(f"{row}: toxicity {results[row]['toxicity']:.4f} (full_ft {results[BASE_ROW]['toxicity']:.4f}), "

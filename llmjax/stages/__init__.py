@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from llmjax.config import ConfigError, RunConfig
 
-# stage name -> module under llmjax.stages (distill joins when it is built)
-STAGES = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
+# stage name -> module under llmjax.stages
+STAGES = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo",
+          "distill": "distill"}
 
 
 def stage_module(name: str):

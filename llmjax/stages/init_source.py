@@ -103,13 +103,15 @@ def run_trainable_filter(config: RunConfig) -> TrainableFilter:
     return trainable_filter(config.train.trainable, config.train.frozen)
 
 
-def lm_stage(config: RunConfig, loaded: LoadedModel | None, **fields) -> Stage:
-    """The Stage of a run that trains the model's token cross-entropy (pretrain, SFT): the family's loss with
-    the run's z-loss and label smoothing, the run's trainable filter, ``loaded`` as the base, and the run's
-    ``lora:`` / ``prompt_tuning:`` section applied (``llmjax.stages.adapters``). ``fields``: the rest of the
-    Stage (``name``, ``model``, data, hooks, tokenizer, meta)."""
+def lm_stage(config: RunConfig, loaded: LoadedModel | None, loss_for=None, **fields) -> Stage:
+    """The Stage of a run that trains a language model's loss on its data (pretrain, SFT, distill): the family's
+    token cross-entropy with the run's z-loss and label smoothing (or ``loss_for(model) -> LossFn``), the run's
+    trainable filter, ``loaded`` as the base, and the run's ``lora:`` / ``prompt_tuning:`` section applied
+    (``llmjax.stages.adapters``). ``fields``: the rest of the Stage (``name``, ``model``, data, hooks,
+    tokenizer, meta)."""
     from llmjax.stages.adapters import with_run_adapters
 
-    loss_for = partial(lm_loss_fn, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing)
+    if loss_for is None:
+        loss_for = partial(lm_loss_fn, z_loss=config.optim.z_loss, label_smoothing=config.optim.label_smoothing)
     return with_run_adapters(config, Stage(loss_fn=loss_for(fields["model"]), loss_for=loss_for,
                                            is_trainable=run_trainable_filter(config), base=base_of(loaded), **fields))

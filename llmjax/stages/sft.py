@@ -28,7 +28,7 @@ import numpy as np
 from llmjax import text_metrics
 from llmjax.config import ConfigError, RunConfig, dump_config
 from llmjax.data.instruction_pipeline import build_tasks, instruction_batches, mixed_source
-from llmjax.loading import LoadedModel
+from llmjax.loading import LoadedModel, model_params
 from llmjax.models import build_model, model_family
 from llmjax.stages.init_source import init_tokenizer, lm_stage, resolve_init
 from llmjax.stages.pretrain import check_vocab
@@ -44,10 +44,19 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
     (``config`` then resolved too); None: read it here."""
     if loaded is None:
         config, loaded = resolve_init(config)
+    return instruction_stage(config, loaded, name="sft")
+
+
+def instruction_stage(config: RunConfig, loaded: LoadedModel | None, *, name: str, loss_for=None,
+                      frozen_models: tuple = (), meta: dict | None = None) -> Stage:
+    """The Stage of a run on instruction data (module docstring): SFT's, or another stage's that trains on the
+    same data with its own loss (``loss_for(model) -> LossFn``; None: the token cross-entropy), frozen models
+    the loss reads (``llmjax.train.loop.FrozenModel``) and ``meta`` for its checkpoints. ``config``: resolved
+    against ``loaded`` (``resolve_init``)."""
     dc, tc = config.data, config.train
     if dc.objective != "instruction":
-        raise ConfigError(f"stage: sft trains on instruction data; set data.objective=instruction (got {dc.objective!r}) "
-                          "and data.tasks (e.g. [dialogsum])")
+        raise ConfigError(f"stage: {name} trains on instruction data; set data.objective=instruction (got "
+                          f"{dc.objective!r}) and data.tasks (e.g. [dialogsum])")
     family = model_family(config.model)
     tokenizer, tokenizer_dir = init_tokenizer(config, loaded)
     check_vocab(tokenizer, config.model)
@@ -78,7 +87,8 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
         dump_config(config, output_dir / "config.yaml")
     return lm_stage(
         config, loaded,
-        name="sft",
+        loss_for=loss_for,
+        name=name,
         model=model,
         train_data=train_data,
         eval_data=eval_data,
@@ -86,7 +96,8 @@ def build_stage(config: RunConfig, loaded: LoadedModel | None = None) -> Stage:
         eval_hook_every_steps=tc.rouge_every_steps,
         eval_hook_split="generate",
         tokenizer=tokenizer,
-        meta={"tokenizer_dir": str(tokenizer_dir)},
+        frozen_models=frozen_models,
+        meta={"tokenizer_dir": str(tokenizer_dir), **(meta or {})},
     )
 
 
@@ -142,8 +153,9 @@ def rouge_hook(model, tokenizer, prompts: list[str], references: list[str], *, m
 
     def hook(params, step: int, soft_prompt=None) -> dict[str, float]:
         del step
-        # Host copies: generation compiles its own programs and must not inherit the training shardings.
-        host, soft_prompt = jax.device_get((params, soft_prompt))
+        # Host copies of the model's own params (not a stage's frozen teacher): generation compiles its own
+        # programs and must not inherit the training shardings.
+        host, soft_prompt = jax.device_get((model_params(params), soft_prompt))
         predictions = generate_texts(model, host, tokenizer, prompts, generation_config=generation,
                                      batch_size=min(GENERATION_BATCH, len(prompts)), soft_prompt=soft_prompt)
         return text_metrics.rouge(predictions, references)

@@ -31,7 +31,8 @@ from llmjax.train.checkpoint import Checkpointer, model_meta
 from llmjax.train.metrics import MetricsWriter, Throughput, measure_matmul_peak_flops
 from llmjax.train.optim import make_optimizer
 from llmjax.train.state import (
-    InitTree, TrainableFilter, abstract_train_state, frozen_params_from_base, init_train_state, train_everything,
+    InitTree, TrainableFilter, abstract_train_state, frozen_params_from_base, init_train_state, place_model_params,
+    train_everything,
 )
 from llmjax.train.step import LossFn, compile_step, finish_eval, make_eval_step, make_train_step
 
@@ -57,6 +58,23 @@ class Base:
     step: int | None = None  # the checkpoint step read; None for a Hugging Face directory
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+    """A second model a stage's loss reads and never trains (a distillation teacher).
+
+    Its params (``model``'s full tree, host arrays) ride in the state's frozen half under the top-level
+    ``key``, each sharded by its own logical axes, so the jitted step reads them like any frozen leaf. They
+    are never in the optimizer state nor in a checkpoint: the checkpoint's metadata records ``path`` and
+    ``sha256`` (``meta["frozen_models"][key]``), and a resume checks the hash and places them again.
+    """
+
+    key: str
+    model: nn.Module
+    params: dict
+    path: str
+    sha256: str
+
+
 @dataclasses.dataclass
 class Stage:
     """What a stage hands the loop.
@@ -79,6 +97,8 @@ class Stage:
                   written as split ``eval_hook_split`` (SFT: ROUGE of generations); None: none.
     tokenizer:    object with ``save_pretrained(dir)`` exported beside the model, or None.
     meta:         extra JSON saved in every checkpoint (e.g. ``tokenizer_dir``).
+    frozen_models: other models the loss reads under their ``key`` of the tree (:class:`FrozenModel`); the
+                  rest of the stage (``eval_hook``, ``rollout``, ``export``) sees them in the full params too.
     rollout:      ``(full params, host batch, step) -> (host batch, {name: float})``, or None. When set, each
                   batch of ``train_data`` (e.g. prompts) goes through it before the step: an RL stage samples
                   from the current policy and returns the experience the step trains on, plus statistics
@@ -104,6 +124,7 @@ class Stage:
     tokenizer: Any = None
     meta: dict = dataclasses.field(default_factory=dict)
     rollout: Callable[[dict, dict, int], tuple[dict, dict]] | None = None
+    frozen_models: tuple[FrozenModel, ...] = ()
     epochs: int = 1
     minibatches: int = 1
 
@@ -133,6 +154,8 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
     if stage.base is not None:
         meta["base"] = {"path": stage.base.path, "step": stage.base.step, "sha256": stage.base.sha256}
+    if stage.frozen_models:
+        meta["frozen_models"] = {m.key: {"path": m.path, "sha256": m.sha256} for m in stage.frozen_models}
     output_dir = Path(tc.output_dir)
     writer = MetricsWriter(output_dir)
     summary: dict[str, Any] = {"interrupted": None, "eval_loss": None, "export": None, "loss": None}
@@ -241,6 +264,7 @@ def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Chec
         restored = checkpointer.restore_latest(_saved_part(abstract, stage), fallback=True)
         notes.extend(f"skipped unusable checkpoint: {reason}" for reason in restored.skipped)
         _check_base(stage, restored, checkpointer)
+        _check_frozen_models(stage, restored, checkpointer)
         state = restored.state
         if base is not None:  # the frozen part was left out of the checkpoint: rebuild it from the base
             state = state.replace(frozen_params=frozen_params_from_base(
@@ -249,17 +273,34 @@ def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Chec
             stage.train_data.restore(restored.data_state)
         shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
         notes.append(f"resumed from step {restored.step} ({checkpointer.step_dir(restored.step)})")
-        return state, shardings, notes
+        return (*_with_frozen_models(stage, state, shardings, mesh), notes)
     state, shardings = init_train_state(
         stage.model, tx, stage.is_trainable, config.train.seed, mesh, params=base, init_tree=stage.init_tree
     )
-    return state, shardings, notes
+    return (*_with_frozen_models(stage, state, shardings, mesh), notes)
+
+
+def _with_frozen_models(stage: Stage, state, shardings, mesh):
+    """``(state, shardings)`` with the stage's frozen models placed in the frozen half under their keys."""
+    if not stage.frozen_models:
+        return state, shardings
+    frozen, frozen_shardings = dict(state.frozen_params), dict(shardings.frozen_params)
+    for part in stage.frozen_models:
+        if part.key in frozen:
+            raise ValueError(f"frozen model key {part.key!r} is already a part of the stage's tree")
+        frozen[part.key], frozen_shardings[part.key] = place_model_params(part.model, part.params, mesh)
+    return state.replace(frozen_params=frozen), shardings.replace(frozen_params=frozen_shardings)
 
 
 def _saved_part(state, stage: Stage):
     """What a checkpoint holds: the whole state, or, for a run with a base, all but the frozen params
-    (they are the base's, rebuilt from it on resume)."""
-    return state if stage.base is None else state.replace(frozen_params={})
+    (they are the base's, rebuilt from it on resume); never a frozen model (placed again on resume)."""
+    if stage.base is not None:
+        return state.replace(frozen_params={})
+    if stage.frozen_models:
+        keys = {part.key for part in stage.frozen_models}
+        return state.replace(frozen_params={k: v for k, v in state.frozen_params.items() if k not in keys})
+    return state
 
 
 def _check_base(stage: Stage, restored, checkpointer: Checkpointer) -> None:
@@ -279,6 +320,22 @@ def _check_base(stage: Stage, restored, checkpointer: Checkpointer) -> None:
             f"base model changed: {where} was trained from {saved['path']} (sha256 {saved['sha256'][:16]}...), "
             f"but init_from={stage.base.path} now has sha256 {stage.base.sha256[:16]}...; restore that base "
             "or start a new run (another checkpoint.dir)")
+
+
+def _check_frozen_models(stage: Stage, restored, checkpointer: Checkpointer) -> None:
+    """Refuse to resume a checkpoint whose frozen models (a teacher) differ from this run's."""
+    saved = restored.meta.get("frozen_models") or {}
+    where = f"checkpoint step {restored.step} in {checkpointer.directory}"
+    ours = {part.key: part for part in stage.frozen_models}
+    if set(saved) != set(ours):
+        raise BaseChangedError(f"{where} was trained with frozen models {sorted(saved)}, but this run has "
+                               f"{sorted(ours)}; point checkpoint.dir elsewhere to start a new run")
+    for key, part in ours.items():
+        if saved[key]["sha256"] != part.sha256:
+            raise BaseChangedError(
+                f"the {key} model changed: {where} was trained with {saved[key]['path']} (sha256 "
+                f"{saved[key]['sha256'][:16]}...), but this run's {key} {part.path} has sha256 {part.sha256[:16]}...; "
+                "restore that model or start a new run (another checkpoint.dir)")
 
 
 def _check_finite(step: int, metrics: dict, policy: str, progress: bool) -> None:

@@ -231,6 +231,15 @@ def frozen_params_from_base(model, is_trainable: TrainableFilter, seed: int, mes
     return frozen
 
 
+def place_model_params(model, params: Params, mesh) -> tuple[Params, Params]:
+    """``model``'s params (host arrays, its full tree) on ``mesh``, each sharded by its logical axes, shard by
+    shard; ``(arrays, shardings)``. For a second model a stage's loss reads (a distillation teacher)."""
+    from llmjax import sharding
+
+    boxes = _base_boxes(model)
+    return _place_base(params, boxes, mesh), sharding.logical_to_sharding(nn.get_partition_spec(boxes), mesh)
+
+
 def _place_base(params: Params | None, boxes, mesh):
     if params is None:
         return None
