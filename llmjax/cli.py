@@ -113,13 +113,19 @@ def cmd_lab_summarize(args) -> int:
     detox = DetoxRows.tiny() if args.tiny else DetoxRows()
     if args.no_detox:
         detox = dataclasses.replace(detox, enabled=False)
+    from llmjax.lab.distill_rows import DistillRows
+
+    distill = DistillRows.tiny() if args.tiny else DistillRows()
+    if args.no_distill:
+        distill = dataclasses.replace(distill, enabled=False)
     settings = LabSettings.tiny() if args.tiny else LabSettings()
     if args.detox_only:
         from llmjax.lab.summarize import run_detox_lab
 
         run_detox_lab(args.out, settings, progress=not args.no_progress, detox_rows=detox)
         return 0
-    run_lab(args.out, settings, progress=not args.no_progress, adapter_rows=rows, detox_rows=detox)
+    run_lab(args.out, settings, progress=not args.no_progress, adapter_rows=rows, detox_rows=detox,
+            distill_rows=distill)
     return 0
 
 
@@ -434,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-ranks", metavar="R,R,...", help="ranks of the lora_r<r> rows (default 1,4,8,16,32; "
                                                          "--tiny: 1); 'none' for no LoRA rows")
     p.add_argument("--no-prompt-tuning", action="store_true", help="skip the prompt_tuning row")
+    p.add_argument("--no-distill", action="store_true", help="skip the distillation rows (distill, distill_labels)")
     p.add_argument("--detox-only", action="store_true", help="only the detox rows, from the finished pre-training and "
                                                              "full_ft runs an earlier lab left in --out")
     p.add_argument("--no-detox", action="store_true", help="skip the detox rows (reward model, ppo, dpo, grpo, rlaif; "

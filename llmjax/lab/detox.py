@@ -81,6 +81,7 @@ class DetoxRows:
     grpo_batch_size: int = 4      # prompts per GRPO step, each sampled grpo_group_size times
     grpo_group_size: int = 4
     grpo_learning_rate: float = 2e-5
+    policy_rows: tuple[str, ...] = ("ppo", "dpo", "grpo")  # which RL rows train from full_ft (RLAIF: ``rlaif``)
     rlaif: bool = True
     rlaif_prompts: int = 240      # rude training dialogues sampled twice and labelled by the reward model
     toxicity_limit: int | None = None  # rude test dialogues judged (None: all)
@@ -94,7 +95,12 @@ class DetoxRows:
     def row_names(self) -> list[str]:
         if not self.enabled:
             return []
-        return [REWARD_ROW, "ppo", "dpo", "grpo"] + (["rlaif"] if self.rlaif else [])
+        return [REWARD_ROW, *self.policy_rows] + (["rlaif"] if self.rlaif else [])
+
+    def __post_init__(self):
+        unknown = sorted(set(self.policy_rows) - set(POLICY_ROWS[:-1]))
+        if unknown:
+            raise ValueError(f"unknown detox policy rows {unknown}; choose from {list(POLICY_ROWS[:-1])}")
 
 
 # -- configs -------------------------------------------------------------------------------------------------
@@ -325,7 +331,7 @@ def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, ev
             return dpo_config(out, "rlaif", settings, rows, tokenizer_dir, {"kind": "jsonl", "source": str(path)},
                               pairs)
         configs["rlaif"] = rlaif
-    for row in [r for r in POLICY_ROWS if r in configs]:
+    for row in [r for r in POLICY_ROWS if r in configs and (r in rows.policy_rows or r == "rlaif")]:
         shutil.rmtree(out / row, ignore_errors=True)
         config = configs[row]()
         say(f"{row}: training from {BASE_ROW} for {config.train.steps} steps")

@@ -208,6 +208,26 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def distill_section(results: dict, facts: dict) -> list[str]:
+    """``report.md``'s distillation section: the student distilled from the teacher against the same student on the
+    labels alone (same random init, batches and steps)."""
+    lines = ["## Distillation", "",
+             f"A d_model={facts['student_d_model']} student (the teacher `{facts['teacher']}` has d_model="
+             f"{facts['teacher_d_model']}) trained from random weights for {facts['steps']} steps, twice: with "
+             "`stage: distill` (loss = alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE) and on the labels alone.",
+             "", "| row | student params | alpha | T | ROUGE-L | held-out label CE |", "|---|---:|---:|---:|---:|---:|"]
+    for row in ("distill", "distill_labels"):
+        if row in results:
+            r = results[row]
+            lines.append(f"| {row} | {r['student_params']:,} | {r['alpha']:g} | {r['temperature'] or '-'} | "
+                         f"{r['rougeL']:.4f} | {r['heldout_ce']:.4f} |")
+    if "rougeL_gain" in facts:
+        verdict = "beats" if facts["rougeL_gain"] > 0 else "does not beat"
+        lines += ["", f"The distilled student {verdict} the label-only one: ROUGE-L {facts['rougeL_gain']:+.4f}, "
+                      f"held-out label cross-entropy {-facts['heldout_ce_gain']:+.4f}."]
+    return lines + [""]
+
+
 def _cell(text: str) -> str:
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or " "
 
@@ -257,6 +277,7 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         f"{forgetting['after_mixed_sft']:.4f} |", "",
         *adapter_section(results, facts, sweep),
         *(detox_section(results, facts, detox_png) if "detox" in facts else []),
+        *(distill_section(results, facts["distill"]) if "distill" in facts else []),
         f"## Examples (first {min(EXAMPLES_SHOWN, len(examples))} test dialogues)", "",
         examples_table(examples, outputs), "",
         "## Curves", "", *[f"![{p.stem}]({p.name})" for p in pngs], "",

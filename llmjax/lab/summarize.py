@@ -15,6 +15,8 @@
    section, one row ``lora_r<r>`` per rank of a sweep, and with a ``prompt_tuning:`` section (``prompt_tuning``).
 6. **Detoxification rows** (Lab 3, ``llmjax.lab.detox``): a reward model on the bundled toxicity labels, then
    ``ppo``, ``dpo``, ``grpo`` and ``rlaif`` from ``full_ft``, judged by an independent toxicity classifier.
+7. **Distillation rows** (``llmjax.lab.distill_rows``): a half-width student distilled from ``full_ft`` and the
+   same student trained on the labels alone.
 
 Outputs (``llmjax.lab.report``): ``results.json``, ``predictions/<row>.jsonl``, ``report.md``, PNG curves.
 """
@@ -40,6 +42,7 @@ from llmjax.generate import GenerationConfig
 from llmjax.lab import report
 from llmjax.lab.adapter_rows import AdapterRows, run_adapter_row, run_measures
 from llmjax.lab.detox import BASE_ROW, DetoxRows, run_detox_rows
+from llmjax.lab.distill_rows import DistillRows, run_distill_rows, student_model
 from llmjax.loading import newest_complete_step
 from llmjax.stages import run_stage
 from llmjax.stages.sft import build_stage as build_sft_stage
@@ -276,9 +279,11 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
 
 
 def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
-            adapter_rows: AdapterRows = AdapterRows(), detox_rows: DetoxRows = DetoxRows()) -> dict:
+            adapter_rows: AdapterRows = AdapterRows(), detox_rows: DetoxRows = DetoxRows(),
+            distill_rows: DistillRows = DistillRows()) -> dict:
     """Run the whole lab into ``out`` (``adapter_rows``: which parameter-efficient rows; ``detox_rows``: the
-    reward model and the RL rows); returns the ``results.json`` mapping."""
+    reward model and the RL rows; ``distill_rows``: a smaller student distilled from ``full_ft`` and the same
+    student on the labels alone); returns the ``results.json`` mapping."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -330,8 +335,17 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
         say(f"[{i}/{len(adapter_names)}] {row}: ROUGE-L {results[row]['rougeL']:.4f} "
             f"({results[row]['trainable_fraction']:.2%} of the parameters trained)")
 
+    facts_distill = None
+    if distill_rows.enabled:
+        student = student_model(settings.model(), distill_rows.student_width)
+        distill_results, distill_outputs, facts_distill = run_distill_rows(
+            out, settings, distill_rows, out / "full_ft", student, tokenizer_dir,
+            lambda m, p: evaluate_row(m, p, tokenizer, test, settings), row_entry, say, progress)
+        results.update(distill_results)
+        outputs.update(distill_outputs)
+
     if detox_rows.enabled:
-        say("detox rows: reward model, then PPO, DPO, GRPO and RLAIF from full_ft")
+        say(f"detox rows: reward model, then {', '.join(detox_rows.row_names()[1:])} from full_ft")
         facts_detox = add_detox_rows(out, settings, detox_rows, tokenizer, test, results, outputs, total, progress)
 
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
@@ -339,6 +353,8 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
     facts = {"settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
              "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
              "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}
+    if facts_distill is not None:
+        facts["distill"] = facts_distill
     if detox_rows.enabled:
         facts.update(detox=facts_detox, detox_rows=dataclasses.asdict(detox_rows))
     report.write_outputs(out, test, outputs, results, facts)

@@ -113,11 +113,15 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     assert first["prompt_tuning"]["trainable_params"] == 4 * 32
     assert all(first[row]["trainable_fraction"] < 0.02 for row in TINY_ADAPTER_ROWS)
     assert all(row in first for row in DETOX_ROWS)
+    assert first["distill"]["teacher"] == "full_ft" and first["distill"]["student_params"] < first["full_ft"]["trainable_params"]
+    assert first["_lab"]["distill"]["rougeL_gain"] == pytest.approx(first["distill"]["rougeL"] - first["distill_labels"]["rougeL"])
+    assert "## Distillation" in (out / "report.md").read_text()
     assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--lora-ranks", "none",
-                 "--no-prompt-tuning", "--no-detox"]) == 0
+                 "--no-prompt-tuning", "--no-detox", "--no-distill"]) == 0
     second = _check_outputs(out, examples=8)
     assert second["_lab"]["pretrain_seconds"] == 0 and "reusing the pre-trained model" in capsys.readouterr().out
     assert adapter_row_names(second) == []  # the flags chose no adapter rows
+    assert "distill" not in second and "distill" not in second["_lab"]
     # The same pre-trained model and greedy decoding: the in-context rows repeat exactly.
     assert all(second[row]["rougeL"] == first[row]["rougeL"] for row in ("zero_shot", "one_shot", "few_shot"))
 
