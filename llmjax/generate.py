@@ -24,7 +24,7 @@ import numpy as np
 
 from llmjax.generation.beam import BeamSettings, beam_results, beam_search_open, beam_step, init_beam_state
 from llmjax.generation.config import GenerationConfig
-from llmjax.generation.families import family_for, take_cache_rows
+from llmjax.generation.families import family_for, take_cache_rows, unrolled_layers
 from llmjax.generation.processors import greedy_tokens, process_scores
 from llmjax.models import model_family
 from llmjax.models.soft_prompt import check_soft_prompt
@@ -238,6 +238,7 @@ class _BeamSearch:
 def _decode_loop_impl(params, input_ids, attention_mask, rng, soft_prompt, *, model, config, max_new_tokens):
     """-> (new tokens ``[N, max_new_tokens]`` int32, number of leading columns that are output)."""
     family = family_for(model)
+    model, params = unrolled_layers(model, params)
     beam = config.num_beams > 1
     search = (_BeamSearch if beam else _TokenSearch)(config, max_new_tokens)
     copies = config.num_beams if beam else config.num_return_sequences
