@@ -78,6 +78,9 @@ def generate(
       model: a ``T5`` or ``Decoder`` built by ``llmjax.models.build_model``.
       params: its parameters (plain nested dict; may be sharded over a mesh). Put host
         (numpy) params on the device once, ``jax.device_put(params)``, before many calls.
+        The loop runs the layers unrolled: with ``scan_layers`` each call first copies the stacked
+        layer weights apart (held while decoding); a model built with ``scan_layers=False`` (e.g.
+        ``llmjax.hf.from_pretrained(path, scan_layers=False)``) skips that copy.
       input_ids: ``[batch, length]`` int. Decoder prompts must be left-padded.
       attention_mask: ``[batch, length]`` 1 = token, 0 = pad. Default as in Hugging Face:
         ``input_ids != pad_token_id`` when the pad token occurs and is not an eos, else ones.
