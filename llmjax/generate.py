@@ -24,7 +24,7 @@ import numpy as np
 
 from llmjax.generation.beam import BeamSettings, beam_results, beam_search_open, beam_step, init_beam_state
 from llmjax.generation.config import GenerationConfig
-from llmjax.generation.families import family_for, take_cache_rows
+from llmjax.generation.families import family_for, take_cache_rows, unrolled_layers
 from llmjax.generation.processors import greedy_tokens, process_scores
 from llmjax.models import model_family
 from llmjax.models.soft_prompt import check_soft_prompt
@@ -78,6 +78,9 @@ def generate(
       model: a ``T5`` or ``Decoder`` built by ``llmjax.models.build_model``.
       params: its parameters (plain nested dict; may be sharded over a mesh). Put host
         (numpy) params on the device once, ``jax.device_put(params)``, before many calls.
+        The loop runs the layers unrolled: with ``scan_layers`` each call first copies the stacked
+        layer weights apart (held while decoding); a model built with ``scan_layers=False`` (e.g.
+        ``llmjax.hf.from_pretrained(path, scan_layers=False)``) skips that copy.
       input_ids: ``[batch, length]`` int. Decoder prompts must be left-padded.
       attention_mask: ``[batch, length]`` 1 = token, 0 = pad. Default as in Hugging Face:
         ``input_ids != pad_token_id`` when the pad token occurs and is not an eos, else ones.
@@ -238,6 +241,7 @@ class _BeamSearch:
 def _decode_loop_impl(params, input_ids, attention_mask, rng, soft_prompt, *, model, config, max_new_tokens):
     """-> (new tokens ``[N, max_new_tokens]`` int32, number of leading columns that are output)."""
     family = family_for(model)
+    model, params = unrolled_layers(model, params)
     beam = config.num_beams > 1
     search = (_BeamSearch if beam else _TokenSearch)(config, max_new_tokens)
     copies = config.num_beams if beam else config.num_return_sequences

@@ -16,8 +16,9 @@ key mask like ``Decoder``. An adapter offers three pure functions, all traced in
 * ``prefix(input_ids, decoder_start_token_id)`` -> the tokens the output starts with
   (T5: the start token; decoder: the prompt), as Hugging Face returns them.
 
-The cache's batch axis is 0, or 1 when the model scans its layers (leaves ``[layers, batch, ...]``);
-:func:`take_cache_rows` reorders it either way.
+The loop runs every model with its layers unrolled (:func:`unrolled_layers`), so its cache has one
+entry per layer with the batch on axis 0; :func:`take_cache_rows` also handles a stacked cache
+(leaves ``[layers, batch, ...]``, batch on axis 1).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llmjax.models import cache_batch_axis, model_family
+from llmjax.models import cache_batch_axis, model_family, replace_config, unstack_layers
 from llmjax.models.decoder import default_positions
 from llmjax.models.soft_prompt import extend_mask, prompt_length
 
@@ -34,6 +35,20 @@ def _repeat_rows(tree, copies: int, axis: int = 0):
     if copies == 1:
         return tree
     return jax.tree_util.tree_map(lambda x: jnp.repeat(x, copies, axis=axis), tree)
+
+
+def unrolled_layers(model, params):
+    """``(model, params)`` with the layers unrolled (``scan_layers=False``): the layout decoding runs in.
+
+    A scanned stack reads each layer's weights and KV cache as a dynamic slice of the stacked
+    ``[layers, ...]`` arrays, and XLA:CPU copies every such slice on every decoding step (and the
+    whole stacked cache once more per step); in the decoder benchmark at batch 8 those copies took
+    about as long as all the layers' matmuls. Unstacking here, inside the jitted loop, copies the
+    layer weights once per call instead; the copy is held while decoding. Unchanged when unscanned.
+    """
+    if not model.config.scan_layers:
+        return model, params
+    return replace_config(model, scan_layers=False), unstack_layers(params, model.config)
 
 
 def take_cache_rows(model, cache, rows: jax.Array):
@@ -109,7 +124,7 @@ class DecoderOnlyFamily:
             positions, extra = positions[:, virtual:], {"soft_prompt": soft_prompt}
         logits, variables = model.apply(
             {"params": params, "cache": cache}, input_ids, key_mask,
-            positions=positions, decode=True, cache_index=0, mutable=["cache"], **extra,
+            positions=positions, decode=True, cache_index=0, mutable=["cache"], logits_to_keep=1, **extra,
         )
         next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
         logits, key_mask, next_position = _repeat_rows((logits[:, -1], key_mask, next_position), copies)

@@ -145,6 +145,7 @@ class Decoder(nn.Module):
         deterministic: bool = True,
         return_hidden: bool = False,
         soft_prompt: jax.Array | None = None,
+        logits_to_keep: int = 0,
     ):
         """Logits for every position.
 
@@ -167,13 +168,18 @@ class Decoder(nn.Module):
             are the tokens' own (already shifted) positions, the virtual tokens get ``0 .. n-1``. When
             decoding, the chunk fills slots ``cache_index .. cache_index + n + t - 1`` and
             ``attention_mask`` covers the cache slots, the virtual ones included. Not with packing.
+          logits_to_keep: as in Hugging Face: 0 = logits (and hidden states) for every token; ``n > 0`` =
+            for the last ``n`` only (prefill before decoding needs the last one: the LM head, a
+            ``[hidden, vocab]`` product per token, is then run once per row instead of ``t`` times).
 
         Returns:
-          logits ``[b, t, vocab]`` fp32 (the real tokens only), or ``(logits, hidden [b, t, hidden]
-          compute dtype)``.
+          logits ``[b, t, vocab]`` fp32 (the real tokens only; ``[b, n, vocab]`` with ``logits_to_keep=n``),
+          or ``(logits, hidden [b, t | n, hidden] compute dtype)``.
         """
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         virtual = prompts.prompt_length(soft_prompt)
         if soft_prompt is not None:
             if segment_ids is not None:
@@ -228,6 +234,8 @@ class Decoder(nn.Module):
         hidden = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="final_norm")(x)
         if virtual:  # the virtual tokens predict nothing: no LM head for them
             hidden = hidden[:, virtual:]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         hidden = nn.with_logical_constraint(hidden, _HIDDEN_AXES)
 
         if cfg.tie_word_embeddings:

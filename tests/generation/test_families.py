@@ -1,16 +1,19 @@
 """The cached decoding path of each family: KV-cache decoding equals recomputing everything each step,
-and the same loop runs on a model sharded over 8 fake devices; both with the layers scanned (the
-default: the cache is stacked, batch on axis 1) and unrolled.
+and the same loop runs on a model sharded over 8 fake devices; both for models with the layers scanned
+(the default; the loop unstacks them) and unrolled.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import numpy as np
 import pytest
 import torch
 
-from llmjax.generate import generate
+from llmjax.generate import _decode_loop, generate, resolve_config
+from llmjax.generation.families import unrolled_layers
 from llmjax.models import logical_axes
 from llmjax.sharding import activate, logical_to_sharding, make_mesh, shard_batch
 from tests.generation.models import prompts, small_model
@@ -49,6 +52,27 @@ def test_kv_cache_decoding_equals_recomputing_the_sequence(name, scan_layers, tm
     eos = torch_model.config.eos_token_id
     cached = generate(model, params, ids, mask, max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=eos)
     np.testing.assert_array_equal(np.asarray(cached), recompute_greedy(family, model, params, ids, mask, NEW, eos))
+
+
+@pytest.mark.parametrize("name", ["t5_v1_1", "llama_gqa"])
+def test_scanned_model_decodes_with_its_layers_unrolled(name, tmp_path):
+    """The loop runs a scanned model unstacked: the same weights per layer, and no dynamic slice (a copy on
+    CPU) of a stacked weight or cache is left in the compiled greedy loop."""
+    family, torch_model, model, params = small_model(name, 0, tmp_path)
+    assert model.config.scan_layers
+    unrolled, unrolled_params = unrolled_layers(model, params)
+    assert not unrolled.config.scan_layers and type(unrolled) is type(model)
+    stack = params["layers"] if family == "decoder" else params["decoder"]["layers"]
+    last = unrolled_params["layers_1"] if family == "decoder" else unrolled_params["decoder"]["layers_1"]
+    for stacked, layer in zip(jax.tree_util.tree_leaves(stack), jax.tree_util.tree_leaves(last)):
+        np.testing.assert_array_equal(layer, stacked[1])
+    assert unrolled_layers(unrolled, unrolled_params)[1] is unrolled_params
+
+    ids, mask = prompts(family, 2, [9, 5, 7], torch_model.config.vocab_size)
+    config = resolve_config(model, max_new_tokens=4)
+    compiled = _decode_loop.lower(params, ids, mask, jax.random.key(0), None, model=model, config=config,
+                                  max_new_tokens=4).compile().as_text()
+    assert not re.findall(r"= \S+ dynamic-slice\(", compiled)
 
 
 @pytest.mark.parametrize("name, settings, scan_layers", [

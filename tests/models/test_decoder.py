@@ -199,6 +199,20 @@ def test_attention_dropout_needs_rng_and_changes_output():
         model.apply({"params": params}, ids, deterministic=False)
 
 
+def test_logits_to_keep_gives_the_last_positions(model_and_params):
+    """``logits_to_keep=n`` (Hugging Face's argument): the last ``n`` positions of the full forward, hidden too."""
+    model, params = model_and_params
+    ids = _ids((2, 6))
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    full, hidden = model.apply({"params": params}, ids, mask, return_hidden=True)
+    kept, kept_hidden = model.apply({"params": params}, ids, mask, return_hidden=True, logits_to_keep=2)
+    assert kept.shape == (2, 2, TINY.vocab_size) and kept_hidden.shape == (2, 2, TINY.hidden_size)
+    np.testing.assert_allclose(kept, full[:, -2:], atol=1e-6)
+    np.testing.assert_allclose(kept_hidden, hidden[:, -2:], atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        model.apply({"params": params}, ids, logits_to_keep=-1)
+
+
 def test_segment_ids_refused_in_decode_mode():
     model = Decoder(TINY)
     with pytest.raises(ValueError, match="segment_ids .* decode=True"):
