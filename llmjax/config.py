@@ -145,6 +145,8 @@ class OptimConfig:
     schedule: Literal["constant", "cosine", "linear", "rsqrt"] = "cosine"
     warmup_steps: int = 0
     final_lr_fraction: float = 0.0   # cosine/linear end at learning_rate * this
+    schedule_steps: int | None = None  # horizon of the decay (default train.steps): a run trained in segments
+                                       # sets the whole run's length, so each segment follows the same schedule
     weight_decay: float = 0.0        # decoupled, multiplied by the learning rate
     decay_norms_and_biases: bool = False
     decay_embeddings: bool = False
@@ -160,6 +162,8 @@ class OptimConfig:
         _check_choices(self, "optim")
         _require(self.learning_rate > 0, f"optim.learning_rate must be positive, got {self.learning_rate}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.schedule_steps is None or self.schedule_steps > 0,
+                 f"optim.schedule_steps must be positive or null, got {self.schedule_steps}")
         _require(0.0 <= self.final_lr_fraction <= 1.0,
                  f"optim.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")

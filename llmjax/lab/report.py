@@ -273,8 +273,8 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         "| model | held-out pre-training loss |", "|---|---:|",
         f"| pre-trained, before SFT | {forgetting['before_sft']:.4f} |",
         f"| after SFT on DialogSum only (`full_ft`) | {forgetting['after_sft']:.4f} |",
-        f"| after SFT with {share:.0%} span corruption in the mixture (`full_ft_mixed`) | "
-        f"{forgetting['after_mixed_sft']:.4f} |", "",
+        *([f"| after SFT with {share:.0%} span corruption in the mixture (`full_ft_mixed`) | "
+           f"{forgetting['after_mixed_sft']:.4f} |"] if forgetting["after_mixed_sft"] is not None else []), "",
         *adapter_section(results, facts, sweep),
         *(detox_section(results, facts, detox_png) if "detox" in facts else []),
         *(distill_section(results, facts["distill"]) if "distill" in facts else []),

@@ -73,7 +73,7 @@ class LabSettings:
     sft_encoder_length: int = 256      # packed rows: a prompt + dialogue is ~130-200 tokens
     sft_decoder_length: int = 64
     curve_points: int = 3              # SFT segments, each followed by validation ROUGE + held-out loss
-    mixture_share: float = 0.25        # span-corruption share of the mixed SFT's examples
+    mixture_share: float = 0.25        # span-corruption share of the mixed SFT's examples (0: no full_ft_mixed row)
     test_limit: int | None = None      # None: the whole test split (400)
     validation_limit: int = 48         # validation examples scored at each curve point
     heldout_batches: int = 8           # span-corruption batches of corpus_heldout per held-out loss
@@ -304,6 +304,8 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
     before = heldout_loss(model, params, held_out)
     runs = {"full_ft": (("dialogsum",), ()),
             "full_ft_mixed": (("dialogsum", "span_corruption"), (1 - settings.mixture_share, settings.mixture_share))}
+    if settings.mixture_share == 0:  # no mixed row: the forgetting section reports before/after SFT only
+        del runs["full_ft_mixed"]
     curves = {}
     for row, (tasks, rates) in runs.items():
         tuned = fine_tune(out, row, (model, params, tokenizer), tokenizer_dir, tasks, rates, settings, held_out,
@@ -349,7 +351,8 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
         facts_detox = add_detox_rows(out, settings, detox_rows, tokenizer, test, results, outputs, total, progress)
 
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
-                  "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"], "mixture_share": settings.mixture_share}
+                  "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"] if "full_ft_mixed" in results else None,
+                  "mixture_share": settings.mixture_share}
     facts = {"settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
              "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
              "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}

@@ -149,7 +149,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
         config = dataclasses.replace(config, mesh=MeshConfig(**dict(mesh.shape)))
     tc = config.train
     # The schedule runs over optimizer updates, which a stage with several per batch (PPO) multiplies.
-    tx, schedule = make_optimizer(config.optim, tc.steps * stage.updates_per_step)
+    tx, schedule = make_optimizer(config.optim, (config.optim.schedule_steps or tc.steps) * stage.updates_per_step)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
     if stage.base is not None:

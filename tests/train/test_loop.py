@@ -265,3 +265,27 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tok
     a = Checkpointer(tmp_path / "whole" / "checkpoints").restore_params(steps)
     b = Checkpointer(tmp_path / "killed" / "checkpoints").restore_params(steps)
     assert _bitwise_equal(a.state, b.state), f"killed after checkpoint {kill_after}: {resumed_from[0]}"
+
+
+def test_schedule_steps_lets_a_run_train_in_segments_that_follow_the_whole_runs_schedule(tmp_path):
+    """optim.schedule_steps: a cosine schedule over 6 steps, trained to 3 then resumed to 6, logs the
+    learning rates of one 6-step run (without it the first segment would decay to 0 by step 3)."""
+    import dataclasses
+
+    from llmjax.train.optim import make_schedule
+
+    def segment(steps):
+        config = _config(tmp_path, steps=steps)
+        config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, schedule_steps=6))
+        train(_stage(), config, progress=False, peak_flops_per_sec=1e9)
+        return config
+
+    config = segment(3)
+    segment(6)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    schedule = make_schedule(config.optim, 6)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    # metrics log the rate the step's update used (the schedule at step - 1)
+    np.testing.assert_allclose([line["learning_rate"] for line in lines], [schedule(s - 1) for s in range(1, 7)],
+                               rtol=1e-6)
+    assert lines[2]["learning_rate"] > 0.1 * config.optim.learning_rate
