@@ -98,6 +98,44 @@ def timed(fn, repeats: int):
     return float(np.median(times)), out
 
 
+def prompts(family: str, batch: int, prompt_len: int, vocab: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random prompts ``[batch, prompt_len]`` int32 and their mask, rows of different lengths: right padding
+    for T5's encoder, left padding for the decoder (row 0 is full length)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(batch, prompt_len)).astype(np.int32)
+    lengths = rng.integers(prompt_len // 2, prompt_len + 1, size=batch)
+    lengths[0] = prompt_len
+    positions = np.arange(prompt_len)[None, :]
+    if family == "t5":
+        mask = (positions < lengths[:, None]).astype(np.int32)
+    else:
+        mask = (positions >= prompt_len - lengths[:, None]).astype(np.int32)
+    return ids * mask, mask
+
+
+def time_hf(torch_model, ids: np.ndarray, mask: np.ndarray, settings: dict, repeats: int) -> dict:
+    """``transformers`` greedy ``generate`` at its best: probe torch's default thread count and 1 thread on a
+    short run, time the faster (OpenMP spin-waits make the default far slower when other processes share the
+    cores). -> ``{"seconds", "tokens", "threads", "probe"}`` (median seconds, output ids)."""
+    ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+
+    def run_hf(**overrides):
+        with torch.inference_mode():
+            return torch_model.generate(input_ids=ids_t, attention_mask=mask_t, **{**settings, **overrides}).numpy()
+
+    probe = dict(settings, max_new_tokens=4, min_new_tokens=4)
+    probe_s = {}
+    for threads in sorted({1, DEFAULT_TORCH_THREADS}):
+        torch.set_num_threads(threads)
+        probe_s[threads] = timed(lambda: run_hf(**probe), repeats=1)[0]
+    hf_threads = min(probe_s, key=probe_s.get)
+    torch.set_num_threads(hf_threads)
+    seconds, out = timed(run_hf, repeats)
+    torch.set_num_threads(DEFAULT_TORCH_THREADS)
+    return dict(seconds=seconds, tokens=out, threads=hf_threads,
+                probe=", ".join(f"{t} thr {1e3 * s / 4:.0f} ms/step" for t, s in sorted(probe_s.items())))
+
+
 def bench(family: str, batch: int, args, bandwidth: float, workdir: Path) -> dict:
     if family == "t5":
         torch_model = torch_t5(args.seed, **T5_SMALL)
@@ -106,50 +144,21 @@ def bench(family: str, batch: int, args, bandwidth: float, workdir: Path) -> dic
     model, params = to_llmjax(torch_model, workdir / family)
     params = jax.device_put(params)
 
-    rng = np.random.default_rng(args.seed)
-    vocab = torch_model.config.vocab_size
-    ids = rng.integers(3, vocab, size=(batch, args.prompt_len)).astype(np.int32)
-    # Prompts of different lengths: right padding for T5's encoder, left padding for the decoder.
-    lengths = rng.integers(args.prompt_len // 2, args.prompt_len + 1, size=batch)
-    lengths[0] = args.prompt_len
-    positions = np.arange(args.prompt_len)[None, :]
-    if family == "t5":
-        mask = (positions < lengths[:, None]).astype(np.int32)
-    else:
-        mask = (positions >= args.prompt_len - lengths[:, None]).astype(np.int32)
-    ids = ids * mask
+    ids, mask = prompts(family, batch, args.prompt_len, torch_model.config.vocab_size, args.seed)
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, num_beams=1)
-
-    ids_t, mask_t = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
-
-    def run_hf(**overrides):
-        with torch.inference_mode():
-            return torch_model.generate(input_ids=ids_t, attention_mask=mask_t, **{**settings, **overrides}).numpy()
 
     def run_llmjax():
         return np.asarray(jax.block_until_ready(generate(model, params, ids, mask, **settings)))
 
-    # HF at its best: probe torch's default thread count and 1 thread on a short run, time the
-    # faster (OpenMP spin-waits make the default far slower when other processes share the cores).
-    probe = dict(settings, max_new_tokens=4, min_new_tokens=4)
-    probe_s = {}
-    for threads in sorted({1, DEFAULT_TORCH_THREADS}):
-        torch.set_num_threads(threads)
-        probe_s[threads] = timed(lambda: run_hf(**probe), repeats=1)[0]
-    hf_threads = min(probe_s, key=probe_s.get)
-    torch.set_num_threads(hf_threads)
-    hf_s, hf_out = timed(run_hf, args.repeats)
-    torch.set_num_threads(DEFAULT_TORCH_THREADS)
+    hf = time_hf(torch_model, ids, mask, settings, args.repeats)
     jx_s, jx_out = timed(run_llmjax, args.repeats)
-    assert hf_out.shape == jx_out.shape and (hf_out == jx_out).all(), (
+    assert hf["tokens"].shape == jx_out.shape and (hf["tokens"] == jx_out).all(), (
         f"{family} batch {batch}: llmjax tokens differ from transformers")
     new = batch * args.new_tokens
     step_bytes = weight_bytes_per_step(torch_model, family)
     ceiling = batch * bandwidth * 1e9 / step_bytes
-    return dict(family=family, batch=batch, hf=new / hf_s, llmjax=new / jx_s, ratio=hf_s / jx_s,
-                step_mb=step_bytes / 2**20, ceiling=ceiling,
-                hf_threads=hf_threads,
-                probe=", ".join(f"{t} thr {1e3 * s / 4:.0f} ms/step" for t, s in sorted(probe_s.items())))
+    return dict(family=family, batch=batch, hf=new / hf["seconds"], llmjax=new / jx_s, ratio=hf["seconds"] / jx_s,
+                step_mb=step_bytes / 2**20, ceiling=ceiling, hf_threads=hf["threads"], probe=hf["probe"])
 
 
 def main(argv=None):

@@ -62,6 +62,26 @@ def cmd_lora_merge(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from llmjax import quantize
+    from llmjax.loading import TOKENIZER_FILES, load_model
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise UserError(f"--out {args.out} exists and is not an empty directory; choose a new directory")
+    loaded = load_model(args.model)
+    if loaded.kind == "quantized":
+        raise quantize.QuantizeError(f"{args.model} is already quantized ({loaded.config.quantization}); "
+                                     "quantize the float model it came from")
+    qmodel, qparams = quantize.quantize(loaded.model, loaded.params, args.quantization)
+    tokenizer = loaded.tokenizer_dir
+    files = [] if tokenizer is None else [tokenizer / n for n in TOKENIZER_FILES if (tokenizer / n).is_file()]
+    quantize.save(qmodel, qparams, args.out, tokenizer_files=files)
+    before, after = quantize.param_bytes(loaded.params), quantize.param_bytes(qparams)
+    print(f"wrote {args.quantization} model to {args.out}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB in "
+          f"memory ({before / after:.2f}x smaller), {quantize.directory_bytes(args.out) / 2**20:.1f} MiB on disk")
+    return 0
+
+
 def cmd_tokenizer_train(args) -> int:
     from llmjax.data.sources import file_source
     from llmjax.data.tokenizer import train_tokenizer
@@ -402,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="new Hugging Face directory for the merged model "
                                                             "(tokenizer files copied from --base)")
     p.set_defaults(func=cmd_lora_merge)
+
+    p = sub.add_parser("quantize", help="int8 post-training quantization (per-output-channel weights) of a model")
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face directory, llmjax checkpoint or run "
+                                                             "directory")
+    p.add_argument("--out", required=True, type=Path, help="new directory for the quantized model (generate, "
+                                                           "evaluate and --model options read it)")
+    p.add_argument("--quantization", choices=["int8_dynamic", "int8"], default="int8_dynamic",
+                   help="int8_dynamic (default, faster on CPU): activations quantized per token too, int8 dots; "
+                        "int8: weight-only, activations stay in the compute dtype (bf16/fp32)")
+    p.set_defaults(func=cmd_quantize)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", metavar="ACTION")
     p = tok.add_parser("train", help="train a SentencePiece tokenizer with T5 conventions")

@@ -5,7 +5,9 @@ the model config, where the tokenizer is, which step was read). ``path`` may be
 
 * a Hugging Face directory: ``config.json`` + ``model.safetensors`` (``llmjax.hf.from_pretrained``);
 * an llmjax checkpoint directory (a run's ``checkpoint.dir``, holding numbered step directories);
-* a run directory (``train.output_dir``, holding ``checkpoints/``).
+* a run directory (``train.output_dir``, holding ``checkpoints/``);
+* a quantized model directory (``llmjax quantize``: int8 weights, ``llmjax.quantize``), read as the
+  quantized model (``LoadedModel.model.config.quantization`` set) with its int8 params.
 
 Inference (``evaluate``, ``generate``), export and every stage's init source read models through
 this module, so none of them needs the training code. It also owns what a reader must know of
@@ -21,6 +23,10 @@ targeted kernels' paths), and its metadata the LoRA config (``meta["lora"]``); r
 gives the model's params with the adapters merged in. A prompt-tuning run's params hold ``soft_prompt``
 (:data:`SOFT_PROMPT_KEY`, ``[n, d_model]``), which no weight can absorb: it is read into
 ``LoadedModel.soft_prompt`` for the model call's ``soft_prompt=``.
+
+A QLoRA run (``quantize:`` beside ``lora:``) trained its adapters on the int8 base; its metadata records
+``meta["quantize"]``, and its adapters are merged into that base dequantized (the weights they were trained
+against), not into the float original.
 
 A step is complete when its manifest exists; its files are checked against the manifest before
 they are read.
@@ -70,8 +76,8 @@ class LoadedModel:
     model:          flax module built from the stored config (``llmjax.models.build_model``)
     params:         nested dict of host numpy arrays (``param_dtype``, fp32 by default); trainable and
                     frozen parameters of a checkpoint merged
-    kind:           ``"hf"`` or ``"checkpoint"``
-    path:           the directory read: the HF directory, or the checkpoint directory (for a run
+    kind:           ``"hf"``, ``"checkpoint"`` or ``"quantized"``
+    path:           the directory read: the HF or quantized directory, or the checkpoint directory (for a run
                     directory, its ``checkpoints/``)
     step:           the checkpoint step read; None for a HF directory
     tokenizer_dir:  the directory holding the tokenizer (the HF directory itself when it has one; the
@@ -102,6 +108,14 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     """Read the model at ``path`` (see the module docstring); ``step`` picks a checkpoint step (default:
     the newest complete one) and must be None for a Hugging Face directory."""
     path = Path(path)
+    from llmjax import quantize
+
+    if path.is_dir() and quantize.is_quantized_dir(path):
+        if step is not None:
+            raise ModelPathError(f"{path} is a quantized model directory, which has no steps; drop the step ({step})")
+        model, params = quantize.load(path)
+        return LoadedModel(model, params, "quantized", path.absolute(),
+                           tokenizer_dir=path if has_tokenizer(path) else None)
     checkpoint_dir = _checkpoint_dir_of(path)
     if checkpoint_dir is None:
         if step is not None:
@@ -119,7 +133,10 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
         from llmjax.models import to_layout
 
         base = load_model(meta["base"]["path"], meta["base"].get("step"))
-        params = overlay_params(to_layout(base.params, base.config, model.config), params)
+        base_params = to_layout(base.params, base.config, model.config)
+        if meta.get("quantize"):  # QLoRA: the adapters were trained on the int8 base
+            base_params = quantize.round_trip(model, base_params)
+        params = overlay_params(base_params, params)
     heads = jax.tree_util.tree_map(np.asarray, params[HEADS_KEY]) if HEADS_KEY in params else None
     if meta.get("lora"):
         params = merge_adapters(params, meta["lora"])
@@ -152,6 +169,10 @@ def read_model_config(path: str | Path):
     """The model config of the model at ``path`` (what :func:`load_model` would build) without reading a weight:
     a Hugging Face directory's ``config.json``, or the newest complete checkpoint step's metadata."""
     path = Path(path)
+    from llmjax import quantize
+
+    if path.is_dir() and quantize.is_quantized_dir(path):
+        return quantize.read_config(path)
     checkpoint_dir = _checkpoint_dir_of(path)
     if checkpoint_dir is None:
         from llmjax import hf
@@ -176,6 +197,10 @@ def model_files(loaded: LoadedModel) -> list[Path]:
     """The files that make up the weights and config of a loaded model, in a fixed order: a Hugging Face
     directory's ``config.json`` and safetensors (index included); a checkpoint step's manifest, which holds
     the size and sha256 of every file of the step (so it stands for them, and is cheap to hash)."""
+    if loaded.kind == "quantized":
+        from llmjax import quantize
+
+        return [loaded.path / quantize.CONFIG_NAME, loaded.path / quantize.WEIGHTS_NAME]
     if loaded.kind == "hf":
         return [loaded.path / "config.json"] + sorted(
             p for p in loaded.path.iterdir() if p.is_file() and p.name.endswith(HF_MODEL_FILE_SUFFIXES))

@@ -26,6 +26,13 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 #                       projection and feed-forward matmul outputs are kept
 REMAT_POLICY_NAMES = ("none", "full", "save_dots", "save_dots_no_batch")
 
+# How a model stores and multiplies its weights (``llmjax.models.int8``; ``llmjax.quantize`` makes such params):
+#   None          float weights in param_dtype
+#   int8          int8 dense kernels and embeddings with fp32 per-output-channel scales; activations in the
+#                 compute dtype (weight-only; the form QLoRA trains through)
+#   int8_dynamic  the same weights, activations quantized per token on the fly (int8 x int8 -> int32 dots)
+QUANTIZATIONS = ("int8", "int8_dynamic")
+
 
 def check_dtype(name: str, value: str) -> None:
     if value not in DTYPE_NAMES:
@@ -35,6 +42,11 @@ def check_dtype(name: str, value: str) -> None:
 def check_remat_policy(name: str, value: str) -> None:
     if value not in REMAT_POLICY_NAMES:
         raise ValueError(f"{name}={value!r} is not a remat policy; use one of {list(REMAT_POLICY_NAMES)}")
+
+
+def check_quantization(name: str, value: str | None) -> None:
+    if value is not None and value not in QUANTIZATIONS:
+        raise ValueError(f"{name}={value!r} is not a quantization; use null or one of {list(QUANTIZATIONS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,7 @@ class T5Config:
     param_dtype: str = "float32"  # storage dtype of the master weights
     scan_layers: bool = True      # each stack's layers as one nn.scan (params ``layers`` [num_layers, ...])
     remat_policy: str = "none"    # what the backward pass recomputes (REMAT_POLICY_NAMES)
+    quantization: str | None = None  # None: float weights; QUANTIZATIONS: int8 weights (llmjax.quantize)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
@@ -78,6 +91,7 @@ class T5Config:
         for name in ("dtype", "param_dtype"):
             check_dtype(f"T5Config.{name}", getattr(self, name))
         check_remat_policy("T5Config.remat_policy", self.remat_policy)
+        check_quantization("T5Config.quantization", self.quantization)
 
     @property
     def gated(self) -> bool:
@@ -118,6 +132,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True      # the layers as one nn.scan (params ``layers`` [num_hidden_layers, ...])
     remat_policy: str = "none"    # what the backward pass recomputes (REMAT_POLICY_NAMES)
+    quantization: str | None = None  # None: float weights; QUANTIZATIONS: int8 weights (llmjax.quantize)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -141,6 +156,7 @@ class DecoderConfig:
         for name in ("dtype", "param_dtype"):
             check_dtype(f"DecoderConfig.{name}", getattr(self, name))
         check_remat_policy("DecoderConfig.remat_policy", self.remat_policy)
+        check_quantization("DecoderConfig.quantization", self.quantization)
 
     @property
     def kv_heads(self) -> int:

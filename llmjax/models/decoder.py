@@ -95,7 +95,7 @@ class DecoderLayer(nn.Module):
             rope_theta=cfg.rope_theta,
             dropout_rate=cfg.attention_dropout,
             q_init=init, kv_init=init, o_init=init,
-            dtype=dtype, param_dtype=param_dtype,
+            dtype=dtype, param_dtype=param_dtype, quantization=cfg.quantization,
             name="self_attention",
         )(
             normed, normed, bias=bias, q_positions=positions, kv_positions=positions,
@@ -106,7 +106,8 @@ class DecoderLayer(nn.Module):
         normed = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="pre_mlp_norm")(x)
         mlp_out = FeedForward(
             hidden=cfg.intermediate_size, activation=cfg.hidden_act, gated=True,
-            wi_init=init, wo_init=init, dtype=dtype, param_dtype=param_dtype, name="mlp",
+            wi_init=init, wo_init=init, dtype=dtype, param_dtype=param_dtype, quantization=cfg.quantization,
+            name="mlp",
         )(normed, deterministic=deterministic)
         return nn.with_logical_constraint(x + mlp_out, _HIDDEN_AXES)
 
@@ -222,7 +223,7 @@ class Decoder(nn.Module):
 
         embed = Embed(
             cfg.vocab_size, cfg.hidden_size, normal_init(cfg.initializer_range), dtype, param_dtype,
-            name="embed",
+            quantization=cfg.quantization, name="embed",
         )
         x = embed(input_ids)
         if soft_prompt is not None:
@@ -243,7 +244,7 @@ class Decoder(nn.Module):
         else:
             logits = Dense(
                 cfg.vocab_size, (axes.EMBED, axes.VOCAB), normal_init(cfg.initializer_range),
-                dtype, param_dtype, output_dtype=jnp.float32, name="lm_head",
+                dtype, param_dtype, output_dtype=jnp.float32, quantization=cfg.quantization, name="lm_head",
             )(hidden)
         logits = nn.with_logical_constraint(
             logits.astype(jnp.float32), (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax import axes
+from llmjax.models import int8
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -29,7 +30,11 @@ def normal_init(std: float) -> Initializer:
 
 
 class Dense(nn.Module):
-    """``x @ kernel`` with a 2-D kernel ``[in, out]`` created with logical axes."""
+    """``x @ kernel`` with a 2-D kernel ``[in, out]`` created with logical axes.
+
+    With ``quantization`` set (``llmjax.models.int8``) the kernel is int8 ``[in, out]`` beside an fp32
+    ``kernel_scale [out]`` (logical axis: the kernel's output axis), applied after the matmul.
+    """
 
     features: int
     kernel_axes: tuple[str | None, str | None]
@@ -38,9 +43,12 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     # Accumulate and return in this dtype (fp32 for LM heads, so bf16 logits are never rounded).
     output_dtype: Dtype | None = None
+    quantization: str | None = None  # None or a name in llmjax.model_config.QUANTIZATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.quantization is not None:
+            return self._quantized(x)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
@@ -58,29 +66,60 @@ class Dense(nn.Module):
         )
         return y.reshape(*leading, self.features)
 
+    def _quantized(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes),
+                            shape, jnp.int8)
+        scale = self.param("kernel_scale", nn.with_logical_partitioning(nn.initializers.ones, self.kernel_axes[1:]),
+                           shape[1:], jnp.float32)
+        y = int8.matmul(x.reshape(-1, shape[0]), kernel, scale, contract=0,
+                        dynamic=self.quantization == "int8_dynamic", dtype=self.dtype, out_dtype=self.output_dtype)
+        return y.reshape(*x.shape[:-1], self.features)
+
 
 class Embed(nn.Module):
-    """Token embedding ``[vocab, embed]``; ``attend`` gives logits against it."""
+    """Token embedding ``[vocab, embed]``; ``attend`` gives logits against it.
+
+    With ``quantization`` set the embedding is int8 beside an fp32 ``embedding_scale [vocab]``, one per
+    row: a looked-up row is rescaled, and ``attend`` rescales each logit (per output channel of the head).
+    """
 
     num_embeddings: int
     features: int
     embedding_init: Initializer = normal_init(1.0)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantization: str | None = None
 
     def setup(self):
+        shape = (self.num_embeddings, self.features)
+        if self.quantization is None:
+            self.embedding = self.param(
+                "embedding", nn.with_logical_partitioning(self.embedding_init, (axes.VOCAB, axes.EMBED)),
+                shape, self.param_dtype,
+            )
+            return
         self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(self.embedding_init, (axes.VOCAB, axes.EMBED)),
-            (self.num_embeddings, self.features),
-            self.param_dtype,
+            "embedding", nn.with_logical_partitioning(nn.initializers.zeros, (axes.VOCAB, axes.EMBED)), shape, jnp.int8
+        )
+        self.embedding_scale = self.param(
+            "embedding_scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.VOCAB,)), shape[:1],
+            jnp.float32,
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        rows = jnp.take(self.embedding, ids, axis=0)
+        if self.quantization is not None:
+            rows = rows.astype(jnp.float32) * jnp.take(self.embedding_scale, ids, axis=0)[..., None]
+        return rows.astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """``[..., embed] -> [..., vocab]`` logits in fp32."""
+        if self.quantization is not None:
+            logits = int8.matmul(x.reshape(-1, self.features), self.embedding, self.embedding_scale, contract=1,
+                                 dynamic=self.quantization == "int8_dynamic", dtype=self.dtype,
+                                 out_dtype=jnp.float32)
+            return logits.reshape(*x.shape[:-1], self.num_embeddings)
         return jnp.einsum(
             "...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
             preferred_element_type=jnp.float32,
@@ -261,9 +300,11 @@ class Attention(nn.Module):
     o_init: Initializer = nn.initializers.lecun_normal()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantization: str | None = None  # of every projection (Dense.quantization)
 
     def _dense(self, features, kernel_axes, init, name):
-        return Dense(features, kernel_axes, init, self.dtype, self.param_dtype, name=name)
+        return Dense(features, kernel_axes, init, self.dtype, self.param_dtype, quantization=self.quantization,
+                     name=name)
 
     def _project_kv(self, inputs_kv, kv_positions):
         kv_width = self.num_kv_heads * self.head_dim
@@ -399,12 +440,13 @@ class FeedForward(nn.Module):
     wo_init: Initializer = nn.initializers.lecun_normal()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantization: str | None = None  # of every projection (Dense.quantization)
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         dense = lambda features, ax, init, name: Dense(  # noqa: E731
-            features, ax, init, self.dtype, self.param_dtype, name=name
+            features, ax, init, self.dtype, self.param_dtype, quantization=self.quantization, name=name
         )
         if self.gated:
             h = act(dense(self.hidden, (axes.EMBED, axes.MLP), self.wi_init, "wi_0")(x))

@@ -93,7 +93,7 @@ class T5Layer(nn.Module):
                 q_init=normal_init(factor * (cfg.d_model * cfg.d_kv) ** -0.5),
                 kv_init=normal_init(factor * cfg.d_model**-0.5),
                 o_init=normal_init(factor * (cfg.num_heads * cfg.d_kv) ** -0.5),
-                dtype=dtype, param_dtype=param_dtype, name=name,
+                dtype=dtype, param_dtype=param_dtype, quantization=cfg.quantization, name=name,
             )
 
         h = norm("self_attention_norm")(x)
@@ -113,7 +113,7 @@ class T5Layer(nn.Module):
         h = FeedForward(
             hidden=cfg.d_ff, activation=cfg.activation, gated=cfg.gated, dropout_rate=cfg.dropout_rate,
             wi_init=normal_init(factor * cfg.d_model**-0.5), wo_init=normal_init(factor * cfg.d_ff**-0.5),
-            dtype=dtype, param_dtype=param_dtype, name="mlp",
+            dtype=dtype, param_dtype=param_dtype, quantization=cfg.quantization, name="mlp",
         )(h, deterministic)
         x = x + dropout(h, deterministic=deterministic)
         return nn.with_logical_constraint(x, _ACT)
@@ -176,7 +176,8 @@ class T5(nn.Module):
         cfg = self.config
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         self.shared = Embed(
-            cfg.vocab_size, cfg.d_model, normal_init(cfg.initializer_factor * 1.0), dtype, param_dtype
+            cfg.vocab_size, cfg.d_model, normal_init(cfg.initializer_factor * 1.0), dtype, param_dtype,
+            quantization=cfg.quantization,
         )
         self.encoder = T5Stack(cfg, is_decoder=False)
         self.decoder = T5Stack(cfg, is_decoder=True)
@@ -185,7 +186,7 @@ class T5(nn.Module):
             self.lm_head = Dense(
                 cfg.vocab_size, (axes.EMBED, axes.VOCAB),
                 normal_init(cfg.initializer_factor * cfg.d_model**-0.5), dtype, param_dtype,
-                output_dtype=jnp.float32,
+                output_dtype=jnp.float32, quantization=cfg.quantization,
             )
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, *,

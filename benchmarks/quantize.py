@@ -1,0 +1,157 @@
+"""int8 post-training quantization: bytes and greedy decoding speed, int8 llmjax vs fp32 llmjax vs transformers fp32.
+
+Run from the repository root (about 5-10 minutes on a 2-core CPU)::
+
+    .venv/bin/python benchmarks/quantize.py                       # T5-small shape and the ~60M decoder, batch 1 and 8
+    .venv/bin/python benchmarks/quantize.py --family t5 --batch 1 --new-tokens 32
+
+The models, prompts and settings are ``benchmarks/decode.py``'s (its helpers are reused): random
+weights written by transformers and read through ``llmjax.hf``, greedy decoding of exactly
+``--new-tokens`` tokens after a warm-up. One run times, on the same weights: transformers fp32,
+llmjax fp32, llmjax int8 with int8 activations (``int8_dynamic``, W8A8, the default of ``llmjax
+quantize``) and llmjax int8 weight-only (``int8``, activations fp32); the llmjax variants are timed
+in turn within each of ``--repeats`` rounds, so a burst of load from other jobs on the shared machine
+hits all of them; the median and the best round are reported. The fp32 llmjax tokens are asserted
+identical to transformers'. Agreement of the int8 models with fp32: "next token", the share of new
+positions where the int8 model's argmax equals fp32's when both read fp32's greedy sequence (teacher
+forced: one flip does not decide the rest); "free", the share of the int8 model's own greedy tokens
+equal to fp32's position by position (after a first flip the rows differ; random models with 32k
+vocabularies have top-1/top-2 logit gaps of a few tenths, so flips come early). Bytes: parameters in
+memory (``llmjax.quantize.param_bytes``) and weight files on disk (the fp32 Hugging Face safetensors
+vs the quantized directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llmjax, benchmarks
+
+from benchmarks.decode import DECODER_SMALL, T5_SMALL, machine, prompts, time_hf  # noqa: E402
+from llmjax import quantize  # noqa: E402
+from llmjax.generate import generate  # noqa: E402
+from llmjax.testing import to_llmjax, torch_llama, torch_t5  # noqa: E402
+
+VARIANTS = ("int8_dynamic", "int8")
+
+
+def next_token_predictions(model, params, ids, mask, sequences: np.ndarray, new: int) -> np.ndarray:
+    """Argmax ``[batch, new]`` of the model reading ``sequences`` (greedy output: T5 start token + new tokens,
+    decoder prompt + new tokens) teacher-forced: the prediction of each new token from its true prefix."""
+    if model.config.__class__.__name__ == "T5Config":
+        logits = jax.jit(lambda p: model.apply({"params": p}, ids, sequences[:, :-1], attention_mask=mask))(params)
+    else:
+        full_mask = np.concatenate([mask, np.ones((mask.shape[0], new), mask.dtype)], axis=1)
+        logits = jax.jit(lambda p: model.apply({"params": p}, sequences[:, :-1], full_mask[:, :-1]))(params)
+    return np.asarray(jnp.argmax(logits[:, -new:], axis=-1))
+
+
+def bench_family(family: str, args, workdir: Path) -> list[dict]:
+    torch_model = torch_t5(args.seed, **T5_SMALL) if family == "t5" else torch_llama(args.seed, **DECODER_SMALL)
+    model, params = to_llmjax(torch_model, workdir / family)
+    params = jax.device_put(params)
+    models = {"fp32": (model, params)}
+    disk = {"fp32": quantize.directory_bytes(workdir / family)}
+    for variant in VARIANTS:
+        qmodel, qparams = quantize.quantize(model, params, variant)
+        out = quantize.save(qmodel, qparams, workdir / f"{family}_{variant}")
+        qmodel, qparams = quantize.load(out)  # decode from what was written
+        models[variant] = (qmodel, jax.device_put(qparams))
+        disk[variant] = quantize.directory_bytes(out)
+    memory = {name: quantize.param_bytes(p) for name, (_, p) in models.items()}
+
+    rows = []
+    for batch in args.batch:
+        ids, mask = prompts(family, batch, args.prompt_len, torch_model.config.vocab_size, args.seed)
+        settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                        num_beams=1)
+        hf = time_hf(torch_model, ids, mask, settings, args.repeats)
+        new = batch * args.new_tokens
+        row = dict(family=family, batch=batch, hf=new / hf["seconds"], hf_threads=hf["threads"])
+        start = 1 if family == "t5" else args.prompt_len
+
+        def run(name):
+            m, p = models[name]
+            begin = time.perf_counter()
+            out = np.asarray(jax.block_until_ready(generate(m, p, ids, mask, **settings)))
+            return time.perf_counter() - begin, out
+
+        outputs = {name: run(name)[1] for name in models}  # warm-up: compiles each variant's loop
+        seconds = {name: [] for name in models}
+        for _ in range(args.repeats):
+            for name in models:
+                seconds[name].append(run(name)[0])
+        reference = outputs["fp32"]
+        assert (reference == hf["tokens"]).all(), f"{family} batch {batch}: llmjax fp32 tokens differ from HF"
+        forced = {name: next_token_predictions(m, p, ids, mask, reference, args.new_tokens)
+                  for name, (m, p) in models.items()}
+        for name in models:
+            row[name] = new / float(np.median(seconds[name]))
+            row[f"{name}_best"] = new / min(seconds[name])
+            if name != "fp32":
+                row[f"{name}_agree"] = (float((forced[name] == forced["fp32"]).mean()),
+                                        float((outputs[name][:, start:] == reference[:, start:]).mean()))
+        rows.append(row)
+        print(f"  {family:8s} batch {batch}: done", flush=True)
+    return [dict(r, memory=memory, disk=disk) for r in rows]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=["t5", "decoder", "both"], default="both")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("machine:", machine(), "(shared with other jobs)")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none: XLA CPU defaults)'}; "
+          f"load average (1, 5, 15 min) at the start: {os.getloadavg()}")
+    print(f"greedy, prompt {args.prompt_len} tokens (batch rows padded to different lengths), {args.new_tokens} new "
+          f"tokens; llmjax: {args.repeats} interleaved rounds after warm-up, median (best) tokens/s")
+    families = ["t5", "decoder"] if args.family == "both" else [args.family]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in families:
+            rows += bench_family(family, args, Path(tmp))
+    print()
+    print("Bytes (parameters in memory; weight files on disk):")
+    print("| model | fp32 memory | int8 memory | fp32 / int8 | fp32 disk (HF safetensors) | int8 disk | fp32 / int8 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in {r["family"]: r for r in rows}.values():
+        m, d = r["memory"], r["disk"]
+        print(f"| {r['family']} | {m['fp32'] / 2**20:.1f} MiB | {m['int8_dynamic'] / 2**20:.1f} MiB | "
+              f"{m['fp32'] / m['int8_dynamic']:.2f}x | {d['fp32'] / 2**20:.1f} MiB | {d['int8_dynamic'] / 2**20:.1f} MiB | "
+              f"{d['fp32'] / d['int8_dynamic']:.2f}x |")
+    print()
+    print("Greedy decode tokens/s, median (best round), same run, same weights:")
+    print("| model | batch | HF fp32 | llmjax fp32 | llmjax int8_dynamic (W8A8) | W8A8 / fp32 llmjax | W8A8 / HF | "
+          "llmjax int8 weight-only | weight-only / fp32 llmjax | agreement W8A8: next token, free | "
+          "agreement weight-only: next token, free | torch threads |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        a8, a16 = r["int8_dynamic_agree"], r["int8_agree"]
+        print(f"| {r['family']} | {r['batch']} | {r['hf']:.1f} | {r['fp32']:.1f} ({r['fp32_best']:.1f}) | "
+              f"{r['int8_dynamic']:.1f} ({r['int8_dynamic_best']:.1f}) | {r['int8_dynamic'] / r['fp32']:.2f}x "
+              f"({r['int8_dynamic_best'] / r['fp32_best']:.2f}x) | {r['int8_dynamic'] / r['hf']:.2f}x | "
+              f"{r['int8']:.1f} ({r['int8_best']:.1f}) | {r['int8'] / r['fp32']:.2f}x ({r['int8_best'] / r['fp32_best']:.2f}x) | "
+              f"{100 * a8[0]:.0f}%, {100 * a8[1]:.0f}% | {100 * a16[0]:.0f}%, {100 * a16[1]:.0f}% | {r['hf_threads']} |")
+    print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
+    print("fp32 llmjax tokens identical to transformers in every row (asserted)")
+
+
+if __name__ == "__main__":
+    main()
