@@ -49,6 +49,24 @@ class PromptTuningConfig:
                                     f"(got {self.prompt_tuning_init}); set the init to TEXT or drop the text")
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """The run config's ``quantize:`` section: a LoRA run keeps its frozen base quantized (QLoRA-style).
+
+    weights: the base's storage, ``int8`` (``llmjax.quantize``: symmetric per-output-channel int8 kernels and
+      embeddings with fp32 scales). The adapters train in fp32 through the base dequantized on the fly
+      (``x @ int8_kernel.astype(compute dtype) * scale``, activations in the compute dtype: weight-only, since
+      per-token activation rounding has no gradient), so the frozen base takes about a quarter of its fp32
+      memory. Needs a ``lora:`` section.
+    """
+
+    weights: Literal["int8"] = "int8"
+
+    def __post_init__(self):
+        if self.weights != "int8":
+            raise UserError(f"quantize.weights={self.weights!r} is not supported; the one form is int8")
+
+
 # The module names each family can adapt: every projection kernel inside a layer.
 FAMILY_TARGETS = {
     "T5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from llmjax import rl_configs
-from llmjax.adapter_configs import LoraConfig, PromptTuningConfig, check_lora_targets
+from llmjax.adapter_configs import LoraConfig, PromptTuningConfig, QuantizeConfig, check_lora_targets
 from llmjax.errors import UserError
 from llmjax.model_config import MODEL_CONFIGS, family_of
 
@@ -261,6 +261,7 @@ class RunConfig:
     init_from: str | None = None
     lora: Any = None  # llmjax.lora.LoraConfig: the stage trains LoRA adapters only; None: no LoRA
     prompt_tuning: Any = None  # llmjax.prompt_tuning.PromptTuningConfig: the stage trains a soft prompt only
+    quantize: Any = None  # llmjax.adapter_configs.QuantizeConfig: with lora:, the frozen base is kept int8 (QLoRA)
     # The preference/RL stages' own settings (llmjax.rl_configs): each belongs to the stage of its name.
     reward: Any = None  # RewardConfig (stage: reward; default settings when left out)
     ppo: Any = None     # PPOConfig (stage: ppo; required, it names the reward model)
@@ -276,6 +277,9 @@ class RunConfig:
                      "(or drop the lora section to choose what trains)")
         if self.prompt_tuning is not None:
             _check_prompt_tuning(self)
+        _require(self.quantize is None or self.lora is not None,
+                 "quantize: keeps the frozen base of a LoRA run in int8 (QLoRA); add a lora: section, or drop "
+                 "quantize: (to quantize a model for inference, run `llmjax quantize`)")
         if isinstance(self.model, dict):
             _require(self.init_from is not None, "the model section needs model.family (or set init_from to take "
                                                  "the model from a Hugging Face dir or checkpoint)")
@@ -322,14 +326,15 @@ TOP_LEVEL_KEYS = {"stage": str, "init_from": str | None}  # scalars beside the s
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
 # Sections a run may leave out (None): they turn a stage into something else (lora: adapters only).
-# prompt_tuning: a soft prompt only.
+# prompt_tuning: a soft prompt only. quantize: (with lora) an int8 frozen base.
 # reward/ppo/dpo/grpo/distill: the settings of the stage of that name.
-OPTIONAL_SECTIONS = ("lora", "prompt_tuning", *rl_configs.SECTIONS)
+OPTIONAL_SECTIONS = ("lora", "prompt_tuning", "quantize", *rl_configs.SECTIONS)
 
 
 def _optional_section_class(name: str):
     """The dataclass of an optional section (``llmjax.adapter_configs`` and ``llmjax.rl_configs``)."""
-    return {"lora": LoraConfig, "prompt_tuning": PromptTuningConfig, **rl_configs.SECTIONS}[name]
+    return {"lora": LoraConfig, "prompt_tuning": PromptTuningConfig, "quantize": QuantizeConfig,
+            **rl_configs.SECTIONS}[name]
 
 
 def _check_stage_sections(config: RunConfig) -> None:

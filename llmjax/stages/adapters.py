@@ -26,6 +26,15 @@ and returns the Stage the loop runs instead:
 
 The model's own code never sees the adapters; reward and PPO stages reuse this as SFT does.
 
+With a ``quantize:`` section beside ``lora:`` (QLoRA-style, ``llmjax.adapter_configs.QuantizeConfig``) the tree
+holds the base quantized (``llmjax.quantize``: int8 kernels and embeddings, fp32 per-channel scales), so the
+frozen base sits in memory at about a quarter of its fp32 bytes; the adapters are drawn exactly as without it.
+The loss runs the int8 model (weight-only: each kernel dequantized on the fly inside its matmul) with each
+adapted ``Dense`` computed factored (``llmjax.lora.apply_factored``: a merge cannot add a float update to int8
+weights), so the stage must give ``loss_for``. The eval hook and the export see the base dequantized with the
+adapters merged, ``meta["quantize"]`` records the section, and ``llmjax.loading`` merges a QLoRA checkpoint's
+adapters into the same dequantized base. :func:`tree_bytes` measures what the tree holds.
+
 ``with_prompt_tuning(stage, cfg)`` does the same for a ``prompt_tuning:`` section: the tree gains
 ``soft_prompt`` (``SOFT_PROMPT_KEY``, fp32 ``[n, d_model]`` from ``llmjax.prompt_tuning.init`` on the base,
 replicated), which alone trains; the loss and the eval hook pass it to the model call as ``soft_prompt=``
@@ -41,11 +50,12 @@ from pathlib import Path
 
 import jax
 
-from llmjax import lora, prompt_tuning
+from llmjax import lora, prompt_tuning, quantize
+from llmjax.adapter_configs import QuantizeConfig
 from llmjax.config import ConfigError, RunConfig
 from llmjax.loading import ADAPTERS_KEY, HEADS_KEY, REFERENCE_KEY, SOFT_PROMPT_KEY, model_params
 from llmjax.train.loop import Stage
-from llmjax.train.state import model_init_tree
+from llmjax.train.state import model_init_tree, split_params
 
 ADAPTER_SUBDIR = "adapter"  # the PEFT adapter directory inside the export directory
 
@@ -55,30 +65,48 @@ def with_run_adapters(config: RunConfig, stage: Stage) -> Stage:
     applied."""
     if config.prompt_tuning is not None:
         return with_prompt_tuning(stage, config.prompt_tuning)
-    return stage if config.lora is None else with_lora(stage, config.lora)
+    return stage if config.lora is None else with_lora(stage, config.lora, config.quantize)
 
 
-def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
-    """``stage`` training the LoRA adapters of ``cfg`` on its frozen model (see the module docstring).
-    ``cfg``'s targets were checked against the model with the run config."""
+def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig | None = None) -> Stage:
+    """``stage`` training the LoRA adapters of ``cfg`` on its frozen model (see the module docstring), kept int8
+    when ``quantize_cfg`` is given. ``cfg``'s targets were checked against the model with the run config."""
     model = stage.model
+    if model.config.quantization is not None:
+        raise ConfigError(f"the init model is quantized ({model.config.quantization}); LoRA trains on a float base: "
+                          "set init_from to the float model it came from, and add a quantize: section to keep the "
+                          "base int8 while training (QLoRA)")
     base_tree = stage.init_tree or model_init_tree(model)
+    int8_model = None if quantize_cfg is None else quantize.quantized_model(model, "int8")
 
     def init_tree(key, base):
         base_key, adapter_key = jax.random.split(key)
         params = base_tree(base_key, base)
-        return {**params, ADAPTERS_KEY: lora.init(model, params, cfg, adapter_key)}
+        adapters = lora.init(model, params, cfg, adapter_key)
+        if int8_model is not None:
+            params = quantize.quantize(model, params, "int8")[1]
+        return {**params, ADAPTERS_KEY: adapters}
+
+    def float_base(tree):
+        """The model's params without the adapters, dequantized when the tree holds them int8."""
+        params = model_params(tree)
+        return params if int8_model is None else quantize.dequantize(int8_model, params)[1]
 
     def merged(tree):
         """The model's params with the adapters merged in: what the model computes with."""
-        return lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg)
+        return lora.merge(float_base(tree), tree[ADAPTERS_KEY], cfg)
 
     def stage_view(tree):
         """What the stage's own functions read: the merged model, the stage's heads, and as its frozen
         reference the model with adapters off (the base's arrays themselves, never a copy)."""
         return {**merged(tree), **_stage_parts(tree), REFERENCE_KEY: model_params(tree)}
 
-    if cfg.lora_dropout == 0:
+    if int8_model is not None:
+        if stage.loss_for is None:
+            raise ConfigError(f"quantize: is not supported by stage {stage.name!r}: it gives no loss_for, so its "
+                              "loss cannot run the int8 base with factored adapters; drop the quantize section")
+        loss_fn = stage.loss_for(_FactoredModel(int8_model, cfg))
+    elif cfg.lora_dropout == 0:
         def loss_fn(tree, batch, rng):
             return stage.loss_fn(stage_view(tree), batch, rng)
     elif stage.loss_for is not None:
@@ -101,7 +129,9 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig) -> Stage:
         rollout = lambda tree, batch, step: stage.rollout(stage_view(tree), batch, step)  # noqa: E731
     return dataclasses.replace(
         stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_adapter, init_tree=init_tree, eval_hook=eval_hook,
-        export=_exporter(stage, merged, save_adapter), meta={**stage.meta, "lora": lora_meta(cfg)}, rollout=rollout,
+        export=_exporter(stage, merged, save_adapter), rollout=rollout,
+        meta={**stage.meta, "lora": lora_meta(cfg),
+              **({} if quantize_cfg is None else {"quantize": dataclasses.asdict(quantize_cfg)})},
     )
 
 
@@ -201,3 +231,15 @@ def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> S
 def is_soft_prompt(path: tuple[str, ...]) -> bool:
     """The trainable filter of a prompt-tuning run: the soft prompt, and the heads a stage adds."""
     return path[0] in (SOFT_PROMPT_KEY, HEADS_KEY)
+
+
+def tree_bytes(stage: Stage) -> dict:
+    """Bytes of the tree the loop builds for ``stage`` from its base, split as the loop splits it:
+    ``{"frozen_bytes", "trainable_bytes"}`` (the frozen base, int8 under ``quantize:``; the adapters, heads,
+    soft prompt). Shapes only (``jax.eval_shape``): nothing is computed or allocated."""
+    init_tree = stage.init_tree or model_init_tree(stage.model)
+    base = None if stage.base is None else jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stage.base.params)
+    tree = jax.eval_shape(init_tree, jax.random.key(0), base)
+    trainable, frozen = split_params(tree, stage.is_trainable)
+    return {"frozen_bytes": quantize.param_bytes(frozen), "trainable_bytes": quantize.param_bytes(trainable)}
