@@ -91,3 +91,23 @@ def test_config_errors(base_dir, tmp_path):  # noqa: F811
                   tokenizer_files=[base_dir / "spiece.model"])
     with pytest.raises(ConfigError, match="LoRA trains on a float base"):
         stage_module("sft").build_stage(_sft(qdir, tmp_path / "y", *LORA))
+
+
+@pytest.mark.slow  # two SFT runs (~70 s on the shared 2-core CPU under load)
+def test_lab_compare_qlora_measures_both_rows(base_dir, tmp_path):  # noqa: F811
+    from llmjax.lab.adapter_rows import AdapterRows
+    from llmjax.lab.qlora import compare_qlora
+
+    full_ft = _sft(base_dir, tmp_path / "full_ft", "train.steps=2")
+    seen = []
+
+    def measure(model, params, soft_prompt):  # the lab's measure scores ROUGE; here: which model it got
+        seen.append(model.config.quantization)
+        return "result", 1.0
+
+    entries = compare_qlora(tmp_path, 4, AdapterRows(lora_target_modules=("q", "v")), full_ft, measure,
+                            say=lambda message: None)
+    assert set(entries) == {"lora_r4", "qlora_r4"} and seen == [None, None]  # both merged into a float model
+    lora_entry, qlora_entry = entries["lora_r4"], entries["qlora_r4"]
+    assert lora_entry["trainable_params"] == qlora_entry["trainable_params"] > 0
+    assert 3.0 < lora_entry["frozen_base_bytes"] / qlora_entry["frozen_base_bytes"] < 4.0
