@@ -161,20 +161,29 @@ def bench(family: str, batch: int, args, bandwidth: float, workdir: Path) -> dic
                 step_mb=step_bytes / 2**20, ceiling=ceiling, hf_threads=hf["threads"], probe=hf["probe"])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def argument_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the decoding benchmarks (this one and ``benchmarks/quantize.py``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--family", choices=["t5", "decoder", "both"], default="both")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def print_run_header() -> None:
+    """The command, the machine, XLA's flags and the load average: what a reader needs to weigh the timings."""
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("machine:", machine())
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none: XLA CPU defaults)'}; "
           f"load average (1, 5, 15 min) at the start: {os.getloadavg()}")
+
+
+def main(argv=None):
+    args = argument_parser(__doc__.split("\n")[0], repeats=3).parse_args(argv)
+    print_run_header()
     bandwidth = memory_bandwidth_gb_s()
     print(f"memory bandwidth (numpy copy, read+write): {bandwidth:.1f} GB/s")
     print(f"greedy, fp32, prompt {args.prompt_len} tokens (batch rows padded to different lengths), "

@@ -23,9 +23,8 @@ vs the quantized directory).
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
+import re
 import sys
 import tempfile
 import time
@@ -37,9 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llmjax, benchmarks
 
-from benchmarks.decode import DECODER_SMALL, T5_SMALL, machine, prompts, time_hf  # noqa: E402
+from benchmarks.decode import (  # noqa: E402
+    DECODER_SMALL, T5_SMALL, argument_parser, print_run_header, prompts, time_hf,
+)
 from llmjax import quantize  # noqa: E402
 from llmjax.generate import generate  # noqa: E402
+from llmjax.models.int8 import matmul as int8_matmul, quantize_channels  # noqa: E402
 from llmjax.testing import to_llmjax, torch_llama, torch_t5  # noqa: E402
 
 VARIANTS = ("int8_dynamic", "int8")
@@ -106,22 +108,67 @@ def bench_family(family: str, args, workdir: Path) -> list[dict]:
     return [dict(r, memory=memory, disk=disk) for r in rows]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=["t5", "decoder", "both"], default="both")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def matmul_forms(rows: int, k: int, n: int, repeats: int = 30) -> list[tuple[str, float, str]]:
+    """One ``[rows, k] @ [k, n]`` (an LM head) in each form tried: ``(form, median ms, what XLA compiled)``.
 
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("machine:", machine(), "(shared with other jobs)")
-    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none: XLA CPU defaults)'}; "
-          f"load average (1, 5, 15 min) at the start: {os.getloadavg()}")
+    What XLA compiled (read off ``compiled.as_text()``): whether the program first writes a kernel-sized wider
+    array (the int8 kernel converted, or scaled, to f32/bf16/s32 in memory), and whether the dot went to a YNNPACK
+    fusion or XLA's own dot.
+    """
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q, scale = quantize_channels(w, -2)
+    x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
+    w = jnp.asarray(w)
+
+    def without_row_padding(x, q, scale):  # int8.matmul's W8A8 minus its one-row duplication
+        x_scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
+        xq = jnp.round(x / x_scale).astype(jnp.int8)
+        return jax.lax.dot_general(xq, q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32) * x_scale * scale
+
+    forms = {
+        "fp32 x @ w": (lambda x, w, s: x @ w, w),
+        "weight-only fp32: (x @ q.astype(f32)) * scale": (
+            lambda x, q, s: int8_matmul(x, q, s, contract=0, dynamic=False, dtype=jnp.float32), q),
+        "weight-only bf16: (x.bf16 @ q.astype(bf16)) * scale": (
+            lambda x, q, s: int8_matmul(x, q, s, contract=0, dynamic=False, dtype=jnp.bfloat16), q),
+        "weight-only, scale on the kernel: x @ (q * scale)": (lambda x, q, s: x @ (q.astype(jnp.float32) * s), q),
+        "W8A8 int8 x int8 -> int32 (llmjax int8_dynamic)": (
+            lambda x, q, s: int8_matmul(x, q, s, contract=0, dynamic=True, dtype=jnp.float32), q),
+        "W8A8 without the one-row duplication": (without_row_padding, q),
+    }
+    out = []
+    for name, (fn, weights) in forms.items():
+        compiled = jax.jit(fn).lower(x, weights, scale).compile()
+        text = compiled.as_text()
+        entry = text[text.index("\nENTRY"):].splitlines()
+        widened = any(re.search(rf"= (f32|bf16|s32)\[{k},{n}\]", line) and "parameter(" not in line for line in entry)
+        how = ("kernel widened in memory, then " if widened else "") + (
+            "YNNPACK dot" if "kind=kCustom" in text else "XLA dot")
+        jax.block_until_ready(compiled(x, weights, scale))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(x, weights, scale))
+            times.append(time.perf_counter() - start)
+        out.append((name, 1e3 * float(np.median(times)), how))
+    return out
+
+
+def main(argv=None):
+    args = argument_parser(__doc__.split("\n")[0], repeats=5).parse_args(argv)
+    print_run_header()
+    print("the machine is shared with other jobs: compare rows of one run, and mind the load average")
     print(f"greedy, prompt {args.prompt_len} tokens (batch rows padded to different lengths), {args.new_tokens} new "
           f"tokens; llmjax: {args.repeats} interleaved rounds after warm-up, median (best) tokens/s")
+    print()
+    print("One LM-head matmul [rows, 512] @ [512, 32128] in each form tried (median of 30 calls):")
+    print("| rows | form | ms | what XLA compiled |")
+    print("|---|---|---|---|")
+    for rows in args.batch:
+        for name, ms, how in matmul_forms(rows, 512, 32128):
+            print(f"| {rows} | {name} | {ms:.2f} | {how} |", flush=True)
+    print()
     families = ["t5", "decoder"] if args.family == "both" else [args.family]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -72,6 +72,10 @@ def cmd_quantize(args) -> int:
     if loaded.kind == "quantized":
         raise quantize.QuantizeError(f"{args.model} is already quantized ({loaded.config.quantization}); "
                                      "quantize the float model it came from")
+    if loaded.soft_prompt is not None:
+        raise quantize.QuantizeError(f"{args.model} is a prompt-tuning run, whose soft prompt a quantized directory "
+                                     "does not hold; quantize its base (init_from) and pass the exported prompt "
+                                     "with --adapter")
     qmodel, qparams = quantize.quantize(loaded.model, loaded.params, args.quantization)
     tokenizer = loaded.tokenizer_dir
     files = [] if tokenizer is None else [tokenizer / n for n in TOKENIZER_FILES if (tokenizer / n).is_file()]
