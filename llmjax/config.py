@@ -286,6 +286,10 @@ class RunConfig:
             _check_batch_fits_mesh(self.train, self.mesh.data_parallel_size)
             return
         family_of(self.model)  # raises on a non-model config
+        _require(self.model.quantization is None,
+                 f"model.quantization={self.model.quantization!r}: training needs float weights; drop it (quantize "
+                 "a trained model with `llmjax quantize`, or keep a LoRA run's frozen base int8 with a quantize: "
+                 "section)")
         if self.lora is not None:
             _check_lora(self.lora, self.model)
         if self.data.tokenizer is None and self.init_from is None and self.distill is None:  # (distill: the teacher's)

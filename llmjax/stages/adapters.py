@@ -72,10 +72,6 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     """``stage`` training the LoRA adapters of ``cfg`` on its frozen model (see the module docstring), kept int8
     when ``quantize_cfg`` is given. ``cfg``'s targets were checked against the model with the run config."""
     model = stage.model
-    if model.config.quantization is not None:
-        raise ConfigError(f"the init model is quantized ({model.config.quantization}); LoRA trains on a float base: "
-                          "set init_from to the float model it came from, and add a quantize: section to keep the "
-                          "base int8 while training (QLoRA)")
     base_tree = stage.init_tree or model_init_tree(model)
     int8_model = None if quantize_cfg is None else quantize.quantized_model(model, "int8")
 

@@ -50,6 +50,10 @@ def resolve_init(config: RunConfig) -> tuple[RunConfig, LoadedModel | None]:
 def model_against_source(config: RunConfig, source):
     """The run's model config resolved against ``source``, its init source's model config (module docstring);
     needs no weights, so a planner can call it on ``llmjax.loading.read_model_config(config.init_from)``."""
+    if source.quantization is not None:
+        raise ConfigError(f"init_from={config.init_from} is a quantized model ({source.quantization}); training starts "
+                          "from float weights: set init_from to the float model it came from (with lora:, add a "
+                          "quantize: section to keep the frozen base int8 while training)")
     if config.model_resolved:
         if family_of(config.model) != family_of(source):
             raise ConfigError(f"model.family={family_of(config.model)!r} but init_from={config.init_from} holds a "

@@ -89,8 +89,10 @@ def test_config_errors(base_dir, tmp_path):  # noqa: F811
     loaded = load_model(base_dir)
     quantize.save(*quantize.quantize(loaded.model, loaded.params), qdir,
                   tokenizer_files=[base_dir / "spiece.model"])
-    with pytest.raises(ConfigError, match="LoRA trains on a float base"):
+    with pytest.raises(ConfigError, match="is a quantized model .* training starts from float weights"):
         stage_module("sft").build_stage(_sft(qdir, tmp_path / "y", *LORA))
+    with pytest.raises(ConfigError, match="training needs float weights"):
+        _sft(base_dir, tmp_path / "z", "model.family=t5", "model.quantization=int8")
 
 
 @pytest.mark.slow  # two SFT runs (~70 s on the shared 2-core CPU under load)
