@@ -16,7 +16,7 @@ from tests.hf.helpers import save_torch_model
 
 COMMANDS = [
     ["train"], ["export"], ["import"], ["tokenizer", "train"], ["data", "dialogsum"], ["data", "detox"], ["data", "corpus"],
-    ["generate"], ["evaluate"], ["lora", "merge"], ["calc", "memory"], ["calc", "compute"],
+    ["generate"], ["evaluate"], ["lora", "merge"], ["calc", "memory"], ["calc", "compute"], ["quantize"],
 ]
 
 
@@ -141,6 +141,7 @@ def test_every_config_problem_is_reported_in_one_pass(tmp_path, monkeypatch, cap
     ["generate", "--model", "missing", "--prompt", "hello"],
     ["evaluate", "--model", "missing", "--out", "report"],
     ["import", "missing", "--out", "ckpt"],
+    ["quantize", "--model", "missing", "--out", "int8"],
 ], ids=lambda argv: argv[0])
 def test_read_only_inputs_that_do_not_exist_create_nothing(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
