@@ -58,8 +58,8 @@ def is_quantized(model) -> bool:
 
 def _abstract_params(model) -> dict:
     shapes = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.key(0))["params"]
-    return jax.tree_util.tree_map(lambda box: box.value if hasattr(box, "value") else box, shapes,
-                                  is_leaf=lambda x: hasattr(x, "names"))
+    return jax.tree_util.tree_map(lambda box: box.value if isinstance(box, nn.Partitioned) else box, shapes,
+                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _int8_sites(qmodel, prefix=(), tree=None) -> list[tuple[tuple[str, ...], str]]:

@@ -71,13 +71,12 @@ def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, contract: int, dynam
     if not dynamic:
         y = lax.dot_general(x.astype(dtype), q.astype(dtype), dims, preferred_element_type=jnp.float32)
         return (y * scale).astype(out_dtype)
-    rows = x.shape[0]
-    if rows == 1:
-        # XLA:CPU rewrites a one-row dot as multiply + reduce, which YNNPACK does not take: the int8
-        # kernel is then widened to int32 in memory first (LM head 512x32128: 48 ms, vs 1.5 ms for two
-        # rows through YNNPACK; fp32 2.5 ms). A duplicated row keeps batch-1 decoding on the fast path.
-        x = jnp.concatenate([x, x], axis=0)
     xq, x_scale = _quantize_rows(x)
-    acc = lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32)
-    y = acc.astype(jnp.float32) * x_scale * scale
-    return y[:rows].astype(out_dtype)
+    if x.shape[0] == 1:
+        # XLA:CPU rewrites a one-row dot as multiply + reduce, which YNNPACK does not take: the int8 kernel
+        # is then widened to int32 in memory first (an LM head 512x32128 became 12-20x slower than fp32,
+        # benchmarks/results/quantize_cpu.txt). The row sent twice keeps batch-1 decoding on YNNPACK.
+        acc = lax.dot_general(jnp.concatenate([xq, xq]), q, dims, preferred_element_type=jnp.int32)[:1]
+    else:
+        acc = lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale * scale).astype(out_dtype)
