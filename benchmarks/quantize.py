@@ -41,6 +41,7 @@ from benchmarks.decode import (  # noqa: E402
 )
 from llmjax import quantize  # noqa: E402
 from llmjax.generate import generate  # noqa: E402
+from llmjax.generation.config import GenerationConfig  # noqa: E402
 from llmjax.models.int8 import matmul as int8_matmul, quantize_channels  # noqa: E402
 from llmjax.testing import to_llmjax, torch_llama, torch_t5  # noqa: E402
 
@@ -58,6 +59,18 @@ def next_token_predictions(model, params, ids, mask, sequences: np.ndarray, new:
     return np.asarray(jnp.argmax(logits[:, -new:], axis=-1))
 
 
+def decode_temp_bytes(model, params, ids, mask, new_tokens: int) -> int:
+    """Bytes of XLA's temporary buffers in the compiled greedy decoding loop (beyond the params, inputs and
+    outputs): where a dequantized copy of a weight would live if XLA made one."""
+    from llmjax.generate import _decode_loop, resolve_config  # the loop generate runs, compiled alone here
+
+    config = resolve_config(model, GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                    do_sample=False))
+    lowered = _decode_loop.lower(params, ids, mask, jax.random.key(0), None, model=model, config=config,
+                                 max_new_tokens=new_tokens)
+    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+
+
 def bench_family(family: str, args, workdir: Path) -> list[dict]:
     torch_model = torch_t5(args.seed, **T5_SMALL) if family == "t5" else torch_llama(args.seed, **DECODER_SMALL)
     model, params = to_llmjax(torch_model, workdir / family)
@@ -71,6 +84,8 @@ def bench_family(family: str, args, workdir: Path) -> list[dict]:
         models[variant] = (qmodel, jax.device_put(qparams))
         disk[variant] = quantize.directory_bytes(out)
     memory = {name: quantize.param_bytes(p) for name, (_, p) in models.items()}
+    ids, mask = prompts(family, 1, args.prompt_len, torch_model.config.vocab_size, args.seed)
+    temp = {name: decode_temp_bytes(m, p, ids, mask, args.new_tokens) for name, (m, p) in models.items()}
 
     rows = []
     for batch in args.batch:
@@ -105,7 +120,7 @@ def bench_family(family: str, args, workdir: Path) -> list[dict]:
                                         float((outputs[name][:, start:] == reference[:, start:]).mean()))
         rows.append(row)
         print(f"  {family:8s} batch {batch}: done", flush=True)
-    return [dict(r, memory=memory, disk=disk) for r in rows]
+    return [dict(r, memory=memory, disk=disk, temp=temp) for r in rows]
 
 
 def matmul_forms(rows: int, k: int, n: int, repeats: int = 30) -> list[tuple[str, float, str]]:
@@ -175,14 +190,17 @@ def main(argv=None):
         for family in families:
             rows += bench_family(family, args, Path(tmp))
     print()
-    print("Bytes (parameters in memory; weight files on disk):")
-    print("| model | fp32 memory | int8 memory | fp32 / int8 | fp32 disk (HF safetensors) | int8 disk | fp32 / int8 |")
-    print("|---|---|---|---|---|---|---|")
+    print("Bytes (parameters in memory; weight files on disk; XLA temporaries of the compiled batch-1 decoding loop,"
+          " decode_temp_bytes):")
+    print("| model | fp32 memory | int8 memory | fp32 / int8 | fp32 disk (HF safetensors) | int8 disk | fp32 / int8 | "
+          "loop temporaries fp32 / W8A8 / weight-only |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in {r["family"]: r for r in rows}.values():
-        m, d = r["memory"], r["disk"]
+        m, d, t = r["memory"], r["disk"], r["temp"]
         print(f"| {r['family']} | {m['fp32'] / 2**20:.1f} MiB | {m['int8_dynamic'] / 2**20:.1f} MiB | "
               f"{m['fp32'] / m['int8_dynamic']:.2f}x | {d['fp32'] / 2**20:.1f} MiB | {d['int8_dynamic'] / 2**20:.1f} MiB | "
-              f"{d['fp32'] / d['int8_dynamic']:.2f}x |")
+              f"{d['fp32'] / d['int8_dynamic']:.2f}x | {t['fp32'] / 2**20:.1f} / {t['int8_dynamic'] / 2**20:.1f} / "
+              f"{t['int8'] / 2**20:.1f} MiB |")
     print()
     print("Greedy decode tokens/s, median (best round), same run, same weights:")
     print("| model | batch | HF fp32 | llmjax fp32 | llmjax int8_dynamic (W8A8) | W8A8 / fp32 llmjax | W8A8 / HF | "
