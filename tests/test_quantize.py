@@ -107,6 +107,26 @@ def test_dynamic_matmul_rows_independent_and_close(rows):
     np.testing.assert_allclose(weight_only, x @ (np.asarray(q, np.float32) * np.asarray(scale)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("contract", [0, 1])
+def test_weight_only_gradient_equals_autodiff_of_the_formula(contract):
+    """The weight-only matmul's own backward pass (it re-widens the kernel) gives autodiff's gradients."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 24) if contract == 0 else (24, 16)).astype(np.float32)
+    q, scale = int8.quantize_channels(w, -2 if contract == 0 else -1)
+    x = jnp.asarray(rng.standard_normal((3, 16)).astype(np.float32))
+    probe = jnp.asarray(rng.standard_normal((3, 24)).astype(np.float32))
+
+    def ours(x, scale):
+        return jnp.sum(probe * int8.matmul(x, q, scale, contract=contract, dynamic=False, dtype=jnp.float32))
+
+    def formula(x, scale):
+        widened = q.astype(jnp.float32) if contract == 0 else q.astype(jnp.float32).T
+        return jnp.sum(probe * ((x @ widened) * scale))
+
+    for got, want in zip(jax.grad(ours, argnums=(0, 1))(x, scale), jax.grad(formula, argnums=(0, 1))(x, scale)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_save_load_bitwise_and_bytes(tiny, tmp_path):
     _, _, model, params = tiny
     qmodel, qparams = quantize.quantize(model, params)

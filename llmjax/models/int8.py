@@ -9,8 +9,10 @@ Two ways to multiply (the model config's ``quantization``):
 
 * ``"int8"`` (weight-only): ``(x @ q.astype(dtype)) * scale``, activations in the compute dtype
   (bf16/fp32). Exact up to the weight rounding. XLA:CPU does not fuse the int8->float convert into
-  its dot: it writes the dequantized kernel to memory first, so on CPU this is slower than fp32
-  (``benchmarks/quantize.py``); it is the form training (QLoRA) differentiates through.
+  its dot: it writes the dequantized kernel to memory first (a lone LM-head matmul 13x slower than
+  fp32), and in the decoding loop it hoists the LM head's copy out of the token loop, which then holds
+  an fp32 head for the whole ``generate`` call (``benchmarks/quantize.py``). It is the form training
+  (QLoRA) differentiates through.
 * ``"int8_dynamic"`` (W8A8, "dynamic quantization"): each row of ``x`` is quantized on the fly
   (symmetric, per token), then an int8 x int8 -> int32 ``dot_general``, rescaled by both scales after
   the matmul. XLA:CPU hands such dots to YNNPACK, which reads the int8 kernel as is: the fast form for
@@ -21,8 +23,11 @@ The scale is applied after the matmul (it is per output column), never to the ke
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from llmjax.model_config import QUANTIZATIONS  # noqa: F401 (re-exported: the names the model config takes)
@@ -69,8 +74,7 @@ def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, contract: int, dynam
     out_dtype = out_dtype or dtype
     dims = (((1,), (contract,)), ((), ()))
     if not dynamic:
-        y = lax.dot_general(x.astype(dtype), q.astype(dtype), dims, preferred_element_type=jnp.float32)
-        return (y * scale).astype(out_dtype)
+        return _weight_only(x, q, scale, contract, jnp.dtype(dtype)).astype(out_dtype)
     xq, x_scale = _quantize_rows(x)
     if x.shape[0] == 1:
         # XLA:CPU rewrites a one-row dot as multiply + reduce, which YNNPACK does not take: the int8 kernel
@@ -80,3 +84,30 @@ def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, contract: int, dynam
     else:
         acc = lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * scale).astype(out_dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _weight_only(x, q, scale, contract: int, dtype):
+    """``(x @ q.astype(dtype)) * scale`` fp32. Its gradient re-widens ``q`` in the backward pass instead of
+    keeping the widened kernel from the forward pass (what autodiff would save), so training through an int8
+    base (QLoRA) holds no float copy of the frozen weights between the two passes."""
+    dims = (((1,), (contract,)), ((), ()))
+    return lax.dot_general(x.astype(dtype), q.astype(dtype), dims, preferred_element_type=jnp.float32) * scale
+
+
+def _weight_only_fwd(x, q, scale, contract, dtype):
+    return _weight_only(x, q, scale, contract, dtype), (x, q, scale)
+
+
+def _weight_only_bwd(contract, dtype, residuals, g):
+    x, q, scale = residuals
+    w = q.astype(dtype)
+    # dx = (g * scale) @ w^T: contract g's output axis with w's output axis (the one x does not contract)
+    dx = lax.dot_general((g * scale).astype(dtype), w, (((1,), (1 - contract,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
+    # d scale: unused for a frozen base, and then removed by XLA with x's residual
+    unscaled = lax.dot_general(x.astype(dtype), w, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx, np.zeros(q.shape, jax.dtypes.float0), jnp.sum(g * unscaled, axis=0).astype(scale.dtype)
+
+
+_weight_only.defvjp(_weight_only_fwd, _weight_only_bwd)
