@@ -121,6 +121,14 @@ def cmd_data_corpus(args) -> int:
     return 0
 
 
+def cmd_lifecycle(args) -> int:
+    from llmjax.lab.lifecycle import LifecycleSettings, run_lifecycle
+
+    run_lifecycle(args.out, LifecycleSettings.tiny() if args.tiny else LifecycleSettings(),
+                  progress=not args.no_progress)
+    return 0
+
+
 def cmd_lab_summarize(args) -> int:
     import dataclasses
 
@@ -464,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-documents", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_corpus)
+
+    p = sub.add_parser("lifecycle", help="the whole lifecycle on the bundled data: pretrain, SFT, LoRA, reward model, "
+                       "PPO, int8, Hugging Face export, one report.md (minutes on a laptop CPU)")
+    p.add_argument("--out", type=Path, default=Path("runs/lifecycle"), help="output directory (default runs/lifecycle; "
+                   "a finished pre-training there is reused)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps (a smoke test, seconds)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the phase lines stay)")
+    p.set_defaults(func=cmd_lifecycle)
 
     lab = sub.add_parser("lab", help="the course's labs in miniature").add_subparsers(dest="lab_command", metavar="LAB")
     p = lab.add_parser("summarize", help="pre-train a small T5, then zero/one/few-shot and fine-tuned dialogue "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up and run the bundled default job: pre-train a tiny T5 with span corruption on the
-# bundled corpus (CPU, a few minutes), then export it to a Hugging Face directory.
+# Set up and run the whole lifecycle on the bundled data (CPU, minutes): pre-train a small T5, SFT, LoRA,
+# reward model, PPO, int8 quantization and Hugging Face export, with one report in runs/lifecycle/report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec .venv/bin/llmjax train "$@"
+EXTRAS=${EXTRAS:-judge} bash scripts/setup.sh  # judge: the toxicity judge of the PPO row (scikit-learn)
+exec .venv/bin/llmjax lifecycle "$@"

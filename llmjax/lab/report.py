@@ -256,8 +256,8 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
     forgetting, settings = facts["forgetting"], facts["settings"]
     share = forgetting["mixture_share"]
     text = [
-        "# Lab: dialogue summarization with a small T5", "",
-        f"Command: `llmjax lab summarize --out {out}`; machine: {platform.machine()} {platform.system()}, "
+        f"# {facts.get('title', 'Lab: dialogue summarization with a small T5')}", "",
+        f"Command: `{facts.get('command', f'llmjax lab summarize --out {out}')}`; machine: {platform.machine()} {platform.system()}, "
         f"Python {sys.version.split()[0]}; the whole lab took {facts['lab_seconds']:.0f} s "
         f"(pre-training {facts['pretrain_seconds']:.0f} s, 0 when reused).", "",
         f"Model: T5 v1.1-style, d_model={settings['d_model']}, {settings['num_layers']}+{settings['num_layers']} "

@@ -7,7 +7,7 @@
    bundled DialogSum-shaped test split (``llmjax.evaluate``), shots from the train split.
 3. **Full fine-tuning** (Lab 2): every weight trains on the ``dialogsum`` instruction task
    (``stage: sft``, ``init_from`` the pre-trained run: ``llmjax.stages.sft``); the run is cut into ``curve_points``
-   segments (constant learning rate after warmup, so the cut changes nothing) and after each the
+   segments (each follows the whole run's schedule: ``optim.schedule_steps``, so the cut changes nothing) and after each the
    validation ROUGE and the pre-training held-out loss are measured: the curves of the report.
 4. **Forgetting**: the same SFT with a share of span-corruption examples in the mixture (row
    ``full_ft_mixed``); the held-out span-corruption loss before SFT, after SFT and after mixed SFT.
@@ -70,6 +70,7 @@ class LabSettings:
     sft_steps: int = 300
     sft_batch_size: int = 16
     sft_learning_rate: float = 1e-3
+    sft_schedule: str = "constant"     # after warmup; a decaying one spans sft_steps (optim.schedule_steps)
     sft_encoder_length: int = 256      # packed rows: a prompt + dialogue is ~130-200 tokens
     sft_decoder_length: int = 64
     curve_points: int = 3              # SFT segments, each followed by validation ROUGE + held-out loss
@@ -193,8 +194,9 @@ def sft_config(run_dir: Path, settings: LabSettings, tasks: tuple[str, ...], rat
         "train": {"steps": steps, "batch_size": settings.sft_batch_size, "seed": settings.seed,
                   "eval_every_steps": steps, "eval_steps": 4, "log_every_steps": max(1, settings.sft_steps // 50),
                   "output_dir": str(run_dir)},
-        # Constant after warmup: the segments of the curve then train exactly as one run would.
-        "optim": {"learning_rate": settings.sft_learning_rate, "schedule": "constant",
+        # schedule_steps: every segment of the curve follows the whole run's schedule, as one run would.
+        "optim": {"learning_rate": settings.sft_learning_rate, "schedule": settings.sft_schedule,
+                  "schedule_steps": settings.sft_steps,
                   "warmup_steps": max(1, settings.sft_steps // 20), "weight_decay": 0.0},
         "checkpoint": {"every_steps": steps, "keep": 1, "async_save": False},
     })
@@ -280,10 +282,11 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
 
 def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
             adapter_rows: AdapterRows = AdapterRows(), detox_rows: DetoxRows = DetoxRows(),
-            distill_rows: DistillRows = DistillRows()) -> dict:
+            distill_rows: DistillRows = DistillRows(), report_header: dict | None = None) -> dict:
     """Run the whole lab into ``out`` (``adapter_rows``: which parameter-efficient rows; ``detox_rows``: the
     reward model and the RL rows; ``distill_rows``: a smaller student distilled from ``full_ft`` and the same
-    student on the labels alone); returns the ``results.json`` mapping."""
+    student on the labels alone; ``report_header``: ``title``/``command`` of ``report.md`` when another command runs
+    the lab); returns the ``results.json`` mapping."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -353,7 +356,7 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
                   "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"] if "full_ft_mixed" in results else None,
                   "mixture_share": settings.mixture_share}
-    facts = {"settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
+    facts = {**(report_header or {}), "settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
              "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
              "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}
     if facts_distill is not None:
