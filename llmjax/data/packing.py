@@ -51,9 +51,15 @@ class RowPacker:
         self.truncate = truncate
         self._rows: list[list[dict[str, np.ndarray]]] = []
         self._used: list[dict[str, int]] = []  # tokens used per side, per row
+        self.truncated = {side: 0 for side in self.row_lengths}  # examples placed after cutting that side
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    @property
+    def num_examples(self) -> int:
+        """Examples placed so far (several per row when packing)."""
+        return sum(len(row) for row in self._rows)
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -64,18 +70,21 @@ class RowPacker:
 
         ``index`` names the example in error messages (its position in the source).
         """
-        example = self._checked(example, index)
+        example, cut = self._checked(example, index)
         sizes = {side: len(example[_SIDE_FEATURES[side][0]]) for side in self.row_lengths}
         for row, used in zip(self._rows, self._used):
             if self._fits(row, used, sizes):
                 row.append(example)
                 for side, size in sizes.items():
                     used[side] += size
-                return True
-        if self.max_rows is not None and len(self._rows) >= self.max_rows:
-            return False
-        self._rows.append([example])
-        self._used.append(dict(sizes))
+                break
+        else:
+            if self.max_rows is not None and len(self._rows) >= self.max_rows:
+                return False
+            self._rows.append([example])
+            self._used.append(dict(sizes))
+        for side in cut:
+            self.truncated[side] += 1
         return True
 
     def to_batch(self, num_rows: int | None = None, include_segments: bool = True) -> dict[str, np.ndarray]:
@@ -109,8 +118,9 @@ class RowPacker:
             return False
         return all(used[side] + sizes[side] <= self.row_lengths[side] for side in sizes)
 
-    def _checked(self, example: Mapping[str, np.ndarray], index: int | None) -> dict[str, np.ndarray]:
-        """The example's features as int32 arrays, truncated if allowed; errors name the example."""
+    def _checked(self, example: Mapping[str, np.ndarray], index: int | None) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The example's features as int32 arrays, truncated if allowed, and the sides that were cut; errors name
+        the example."""
         name = "example" if index is None else f"example {index}"
         expected = set(self.features)
         if set(example) != expected:
@@ -119,7 +129,7 @@ class RowPacker:
                 f"{name} has features {sorted(example)}, but {kind} packing expects {sorted(expected)}"
                 + (" (pass encoder_length for seq2seq examples)" if "encoder_input_tokens" in example else "")
             )
-        checked = {}
+        checked, cut = {}, []
         for side, row_length in self.row_lengths.items():
             arrays = [np.asarray(example[feature]) for feature in _SIDE_FEATURES[side]]
             sizes = {array.shape for array in arrays}
@@ -135,9 +145,10 @@ class RowPacker:
                         "raise the length, drop the example, or pass truncate=True"
                     )
                 arrays = [array[:row_length] for array in arrays]
+                cut.append(side)
             for feature, array in zip(_SIDE_FEATURES[side], arrays):
                 checked[feature] = array.astype(np.int32)
-        return checked
+        return checked, cut
 
 
 def pack_examples(

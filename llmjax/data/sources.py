@@ -388,6 +388,7 @@ class DataIterator:
         self._epoch, self._position, self._offset = 0, 0, 0
         self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
         self._pending: list[dict[str, np.ndarray]] | None = None  # example_fn output of the current row
+        self._examples, self._truncated = 0, {}  # this process's counts since construction (diagnostics only)
         rows_per_process = batch_size // process_count
         self._rows = slice(process_index * rows_per_process, (process_index + 1) * rows_per_process)
 
@@ -403,6 +404,12 @@ class DataIterator:
             "seed": self.seed,
             "num_examples": len(self.source),
         }
+
+    def stats(self) -> dict[str, float]:
+        """What the loop logs beside each step: the examples batched so far by this iterator and, with
+        ``truncate``, how many of them were cut to the row length per side (``truncated_<side>_examples``)."""
+        return {"examples": float(self._examples),
+                **{f"truncated_{side}_examples": float(count) for side, count in self._truncated.items()}}
 
     def restore(self, state: Mapping[str, int]) -> None:
         """Continue exactly where the iterator that produced ``state`` stopped (on any process layout)."""
@@ -437,6 +444,9 @@ class DataIterator:
             self._offset += 1
         if len(packer) == 0:
             raise StopIteration
+        self._examples += packer.num_examples
+        for side, count in packer.truncated.items():
+            self._truncated[side] = self._truncated.get(side, 0) + count
         global_batch = packer.to_batch(num_rows=self.batch_size, include_segments=self.pack)
         return {name: value[self._rows] for name, value in global_batch.items()}
 

@@ -178,6 +178,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
         pending = None  # (step, metrics) of the previous step, read after the next one is dispatched
         step = start_step
         saved_step = start_step if checkpointer.has_step(start_step) else None
+        noted: set[str] = set()  # data notes said once per run
         try:
             while step < tc.steps and not stop.signal_name:
                 try:
@@ -202,6 +203,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
                     pending = None
                     logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     logged.update(rollout_stats)
+                    logged.update(_data_stats(stage.train_data, tc, progress, noted))
                     logged.update(throughput.report())
                     writer.write(step, logged, "train")
                     summary.update(loss=logged["loss"], tokens_per_sec=logged.get("tokens_per_sec"),
@@ -377,6 +379,19 @@ def _throughput(stage: Stage, config: RunConfig, peak_flops_per_sec: float | Non
         devices = 1 if jax.default_backend() == "cpu" else jax.device_count()
         peak_flops_per_sec = measure_matmul_peak_flops(dtype=jax.numpy.dtype(stage.model.config.dtype)) * devices
     return Throughput(flops.tokens, flops.total, peak_flops_per_sec)
+
+
+def _data_stats(data, tc, progress: bool, noted: set) -> dict[str, float]:
+    """The training data's own counters (``DataIterator.stats``: examples, examples cut to the row length),
+    prefixed ``data_``; the first cut is also said once, with the fix, so truncation is never silent."""
+    stats = data.stats() if callable(getattr(data, "stats", None)) else {}
+    for key, count in stats.items():
+        if key.startswith("truncated_") and count > 0 and key not in noted:
+            noted.add(key)
+            side = key.removeprefix("truncated_").removesuffix("_examples")
+            _print(f"note: {count:.0f} of the first {stats['examples']:.0f} training examples were cut to "
+                   f"data.{side}_length; raise it to keep them whole (metrics: data_{key})", progress)
+    return {f"data_{key}": value for key, value in stats.items()}
 
 
 def _export(stage: Stage, state, out: Path) -> str:

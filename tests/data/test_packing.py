@@ -81,3 +81,10 @@ def test_wrong_features_and_empty_sides():
     empty = {name: np.zeros(0, np.int32) for name in causal_lm_example([1, 2])}
     with pytest.raises(ValueError, match="example 0 has no decoder tokens"):
         pack_examples([empty], decoder_length=4)
+
+
+def test_truncation_is_counted_per_side_for_placed_examples_only():
+    packer = RowPacker(decoder_length=4, encoder_length=3, max_rows=1, max_segments_per_row=1, truncate=True)
+    assert packer.add(seq2seq_instruction_example([5, 6, 7, 8, 9], [2], eos_id=1))  # encoder cut to 3
+    assert not packer.add(seq2seq_instruction_example([5], [2, 3, 4, 5, 6], eos_id=1))  # decoder cut, but no row: refused
+    assert packer.truncated == {"decoder": 0, "encoder": 1} and packer.num_examples == 1

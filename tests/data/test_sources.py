@@ -288,3 +288,10 @@ def test_mixture_feeds_the_iterator(tmp_path):
     batch = next(DataIterator(mixture, instruction, batch_size=2, decoder_length=6, encoder_length=9))
     validate_batch(batch, "seq2seq", batch_size=2, lengths={"encoder": 9, "decoder": 6})
     assert (batch["decoder_segment_ids"] == [[1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3]]).all()
+
+
+def test_iterator_stats_count_batched_and_truncated_examples():
+    long = [{"text": " ".join(["w"] * 20)}] * 3  # 21 tokens with eos: longer than a row of 8
+    iterator = _iterator(long, batch_size=2, decoder_length=8, truncate=True, pack=False, shuffle=False)
+    next(iterator)
+    assert iterator.stats() == {"examples": 2.0, "truncated_decoder_examples": 2.0}

@@ -62,6 +62,9 @@ class _Recording:
     def restore(self, state):
         self.iterator.restore(state)
 
+    def stats(self):
+        return self.iterator.stats()
+
 
 def _stage(hooks=None):
     model = build_model(TINY["decoder"])
@@ -112,6 +115,8 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path):
     for key in ("loss", "z_loss", "learning_rate", "grad_norm", "tokens"):
         assert all(np.isfinite(line[key]) for line in lines), key
     assert "tokens_per_sec" in lines[-1] and 0 < lines[-1]["mfu"]
+    # the data's own counters ride along: examples batched by this (resumed) iterator, none cut to the row
+    assert lines[-1]["data_examples"] > 0 and lines[-1]["data_truncated_decoder_examples"] == 0
     assert any((tmp_path / "parts" / "out" / "tensorboard").iterdir())
 
 
@@ -289,3 +294,15 @@ def test_schedule_steps_lets_a_run_train_in_segments_that_follow_the_whole_runs_
     np.testing.assert_allclose([line["learning_rate"] for line in lines], [schedule(s - 1) for s in range(1, 7)],
                                rtol=1e-6)
     assert lines[2]["learning_rate"] > 0.1 * config.optim.learning_rate
+
+
+def test_examples_cut_to_the_row_length_are_counted_and_said_once(tmp_path, capsys):
+    model = build_model(TINY["decoder"])
+    example_fn = lambda raw, rng: causal_lm_example(np.asarray(raw["ids"], np.int32))  # noqa: E731
+    documents = [{"ids": list(range(3, 33))}] * 40  # 29 input tokens each, rows of 16
+    data = DataIterator(documents, example_fn, batch_size=8, decoder_length=16, seed=0, truncate=True, pack=False)
+    stage = Stage(name="test", model=model, loss_fn=lm_loss_fn(model), train_data=data)
+    train(stage, _config(tmp_path, steps=3), progress=False, peak_flops_per_sec=1e9)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["data_truncated_decoder_examples"] for line in lines] == [8.0, 16.0, 24.0]  # every one is cut
+    assert capsys.readouterr().out.count("training examples were cut to data.decoder_length") == 1
