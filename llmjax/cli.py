@@ -140,6 +140,8 @@ def cmd_lab_summarize(args) -> int:
         rows = dataclasses.replace(rows, lora_ranks=parse_ranks(args.lora_ranks))
     if args.no_prompt_tuning:
         rows = dataclasses.replace(rows, prompt_tuning=False)
+    if args.qlora_ranks is not None:
+        rows = dataclasses.replace(rows, qlora_ranks=parse_ranks(args.qlora_ranks))
     from llmjax.lab.detox import DetoxRows
 
     detox = DetoxRows.tiny() if args.tiny else DetoxRows()
@@ -157,7 +159,7 @@ def cmd_lab_summarize(args) -> int:
         run_detox_lab(args.out, settings, progress=not args.no_progress, detox_rows=detox)
         return 0
     run_lab(args.out, settings, progress=not args.no_progress, adapter_rows=rows, detox_rows=detox,
-            distill_rows=distill)
+            distill_rows=distill, int8_from=None if args.no_int8 else "full_ft")
     return 0
 
 
@@ -490,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-ranks", metavar="R,R,...", help="ranks of the lora_r<r> rows (default 1,4,8,16,32; "
                                                          "--tiny: 1); 'none' for no LoRA rows")
     p.add_argument("--no-prompt-tuning", action="store_true", help="skip the prompt_tuning row")
+    p.add_argument("--qlora-ranks", metavar="R,R,...", help="ranks of the qlora_r<r> rows: LoRA over the int8 base "
+                   "(default 8; 'none' for no QLoRA row)")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 row (full_ft quantized: ROUGE, bytes, decode "
+                   "speed)")
     p.add_argument("--no-distill", action="store_true", help="skip the distillation rows (distill, distill_labels)")
     p.add_argument("--detox-only", action="store_true", help="only the detox rows, from the finished pre-training and "
                                                              "full_ft runs an earlier lab left in --out")

@@ -8,6 +8,8 @@ what the section adds (``llmjax.stages.adapters``):
   ``lora_alpha / r`` at 2 for every rank, so the sweep varies the rank alone (PEFT's course lab used r=32,
   alpha=32, i.e. scale 1, at one rank only). Learning rate 3e-3: the adapters start at B = 0 and need a
   larger step than full fine-tuning (the course: 1e-3 for LoRA against 1e-5 for full fine-tuning).
+* ``qlora_r<r>``: the ``lora_r<r>`` row with ``quantize: {weights: int8}``: the frozen base is kept int8 and
+  dequantized on the fly (QLoRA-style); its entry adds ``frozen_base_bytes`` like every adapter row.
 * ``prompt_tuning``: 20 virtual tokens initialised from the embeddings of the course's instruction
   ("Summarize the following conversation.", the prompt the test split is generated with), learning rate
   3e-2 as PEFT's prompt-tuning examples use; unpacked rows (the soft prompt goes before each row's one example).
@@ -35,10 +37,12 @@ from llmjax.evaluate import load_model_for_inference
 from llmjax.lab import report
 from llmjax.loading import complete_steps, load_model, open_manager
 from llmjax.stages import run_stage
+from llmjax.stages.adapters import tree_bytes
 from llmjax.stages.sft import build_stage as build_sft_stage
 from llmjax.train.loop import train
 
 PROMPT_TUNING_ROW = "prompt_tuning"
+QUANTIZE_SECTION = {"quantize": {"weights": "int8"}}  # a qlora_r<r> row: the frozen base stays int8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,7 @@ class AdapterRows:
     """Which parameter-efficient rows the lab runs, and their settings (see the module docstring)."""
 
     lora_ranks: tuple[int, ...] = (1, 4, 8, 16, 32)
+    qlora_ranks: tuple[int, ...] = (8,)  # qlora_r<r>: the same LoRA row over the int8 base (issue 13's QLoRA row)
     lora_alpha_per_rank: float = 2.0   # lora_alpha = 2 r: the scale lora_alpha / r is 2 at every rank
     lora_target_modules: tuple[str, ...] = ("q", "v")
     lora_learning_rate: float = 3e-3
@@ -57,10 +62,11 @@ class AdapterRows:
     @classmethod
     def tiny(cls) -> "AdapterRows":
         """The test's rows: one rank, a short soft prompt."""
-        return cls(lora_ranks=(1,), num_virtual_tokens=4)
+        return cls(lora_ranks=(1,), qlora_ranks=(1,), num_virtual_tokens=4)
 
     def row_names(self) -> list[str]:
-        return [lora_row(r) for r in self.lora_ranks] + ([PROMPT_TUNING_ROW] if self.prompt_tuning else [])
+        return ([lora_row(r) for r in self.lora_ranks] + [qlora_row(r) for r in self.qlora_ranks]
+                + ([PROMPT_TUNING_ROW] if self.prompt_tuning else []))
 
     def sections(self, row: str) -> dict:
         """The run-config sections row ``row`` adds to (or changes in) the full fine-tuning config."""
@@ -71,7 +77,8 @@ class AdapterRows:
         r = lora_rank(row)
         return {"lora": {"r": r, "lora_alpha": self.lora_alpha_per_rank * r,
                          "target_modules": list(self.lora_target_modules)},
-                "optim": {"learning_rate": self.lora_learning_rate}}
+                "optim": {"learning_rate": self.lora_learning_rate},
+                **(QUANTIZE_SECTION if row.startswith("q") else {})}
 
     def row_settings(self, row: str) -> dict:
         """The settings row ``row``'s results entry records: its section's keys and its learning rate."""
@@ -83,8 +90,13 @@ def lora_row(r: int) -> str:
     return f"lora_r{r}"
 
 
+def qlora_row(r: int) -> str:
+    """The LoRA row of rank ``r`` trained on the int8 base (QLoRA-style: ``quantize: {weights: int8}``)."""
+    return f"q{lora_row(r)}"
+
+
 def lora_rank(row: str) -> int:
-    return int(row.removeprefix("lora_r"))
+    return int(row.removeprefix("q").removeprefix("lora_r"))
 
 
 def parse_ranks(text: str) -> tuple[int, ...]:
@@ -149,13 +161,16 @@ def run_adapter_row(out: Path, row: str, rows: AdapterRows, full_ft_config: RunC
     shutil.rmtree(run_dir, ignore_errors=True)  # a row always reruns; only the pre-training is reused
     config = row_config(full_ft_config, rows.sections(row), run_dir)
     what = (f"LoRA r={config.lora.r}, lora_alpha={config.lora.lora_alpha:g} on {', '.join(config.lora.target_modules)}"
+            + (" over the int8 base" if config.quantize else "")
             if config.lora else f"{config.prompt_tuning.num_virtual_tokens} virtual tokens")
     say(f"{row}: training {what} for {config.train.steps} steps at learning rate {config.optim.learning_rate:g}")
     stage = build_sft_stage(config)
+    memory = tree_bytes(stage)  # from shapes: the frozen base (int8 for qlora rows) and what trains
     start = time.perf_counter()
     train(stage, config, progress=progress)
     seconds = time.perf_counter() - start
     say(f"{row}: generating the test summaries")
     loaded = load_model(run_dir)  # a LoRA run's adapters merged in; a prompt-tuning run's soft prompt beside
     result, held_out = measure(loaded.model, loaded.params, loaded.soft_prompt)
-    return {"result": result, "seconds": seconds, "heldout_loss": held_out, **run_measures(run_dir)}
+    return {"result": result, "seconds": seconds, "heldout_loss": held_out, "frozen_base_bytes": memory["frozen_bytes"],
+            "trainable_bytes": memory["trainable_bytes"], **run_measures(run_dir)}

@@ -10,21 +10,10 @@ the lab's run measures (trainable params, optimizer state bytes, step time).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from llmjax.config import RunConfig
-from llmjax.lab.adapter_rows import AdapterRows, lora_row, row_config, run_measures
-from llmjax.loading import load_model
-from llmjax.stages.adapters import tree_bytes
-from llmjax.stages.sft import build_stage as build_sft_stage
-from llmjax.train.loop import train
-
-QUANTIZE_SECTION = {"quantize": {"weights": "int8"}}
-
-
-def qlora_row(r: int) -> str:
-    return f"q{lora_row(r)}"
+from llmjax.lab.adapter_rows import AdapterRows, lora_row, qlora_row, run_adapter_row
 
 
 def compare_qlora(out: Path, r: int, rows: AdapterRows, full_ft_config: RunConfig, measure, say=print,
@@ -32,20 +21,5 @@ def compare_qlora(out: Path, r: int, rows: AdapterRows, full_ft_config: RunConfi
     """Train ``lora_r<r>`` and ``qlora_r<r>`` into ``out/<row>``; ``measure(model, params, soft_prompt)`` ->
     ``(result, held-out loss)`` as the lab's. Returns row -> ``{"result", "heldout_loss", "seconds",
     "frozen_base_bytes", "trainable_bytes", "trainable_params", "optimizer_state_bytes", "step_seconds"}``."""
-    entries = {}
-    for row, extra in ((lora_row(r), {}), (qlora_row(r), QUANTIZE_SECTION)):
-        run_dir = Path(out) / row
-        config = row_config(full_ft_config, {**rows.sections(lora_row(r)), **extra}, run_dir)
-        stage = build_sft_stage(config)
-        memory = tree_bytes(stage)
-        say(f"{row}: training LoRA r={r} on the {'int8' if extra else 'fp32'} base for {config.train.steps} steps "
-            f"(frozen base {memory['frozen_bytes'] / 2**20:.1f} MiB)")
-        start = time.perf_counter()
-        train(stage, config, progress=progress)
-        seconds = time.perf_counter() - start
-        loaded = load_model(run_dir)
-        result, held_out = measure(loaded.model, loaded.params, loaded.soft_prompt)
-        entries[row] = {"result": result, "heldout_loss": held_out, "seconds": seconds,
-                        "frozen_base_bytes": memory["frozen_bytes"], "trainable_bytes": memory["trainable_bytes"],
-                        **run_measures(run_dir)}
-    return entries
+    return {row: run_adapter_row(Path(out), row, rows, full_ft_config, measure, say, progress)
+            for row in (lora_row(r), qlora_row(r))}

@@ -14,6 +14,8 @@ import platform
 import sys
 from pathlib import Path
 
+from llmjax.lab.int8_row import int8_section
+
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
 RANDOM_SAME_TOPIC = {"first": 0.507, "all": 0.669}  # README: ROUGE-L of a random same-topic training summary
 EXAMPLES_SHOWN = 4
@@ -89,9 +91,11 @@ def plot_curves(out: Path, results: dict, facts: dict) -> list[Path]:
 
 
 def adapter_row_names(results: dict) -> list[str]:
-    """The parameter-efficient rows present: ``lora_r<r>`` by rank, then ``prompt_tuning``."""
-    lora = sorted((row for row in results if row.startswith("lora_r")), key=lambda row: int(row.removeprefix("lora_r")))
-    return lora + [row for row in ("prompt_tuning",) if row in results]
+    """The parameter-efficient rows present: ``lora_r<r>`` by rank, ``qlora_r<r>`` by rank, then ``prompt_tuning``."""
+    def by_rank(prefix):
+        return sorted((row for row in results if row.startswith(prefix)), key=lambda row: int(row.removeprefix(prefix)))
+
+    return by_rank("lora_r") + by_rank("qlora_r") + [row for row in ("prompt_tuning",) if row in results]
 
 
 def plot_lora_sweep(out: Path, results: dict) -> Path | None:
@@ -153,13 +157,14 @@ def adapter_section(results: dict, facts: dict, png: Path | None) -> list[str]:
         "trainable / (base + trainable). Optimizer state: what the run's checkpoint holds; step time: the median "
         "of the loop's logged step times; held-out loss: the pre-training objective's, as under Forgetting.", "",
         "| row | trainable params | trainable fraction | ROUGE-L | of full_ft's | optimizer state (MiB) | of full_ft's "
-        "| step seconds | of full_ft's | held-out pre-training loss |", "|---|" + "---:|" * 9,
+        "| frozen base (MiB) | step seconds | of full_ft's | held-out pre-training loss |", "|---|" + "---:|" * 10,
     ]
     for row in ["full_ft", *rows]:
         r = results[row]
         text.append(f"| {row} | {r['trainable_params']:,} | {r['trainable_fraction']:.2%} | {r['rougeL']:.4f} | "
                     f"{_share(r, full, 'rougeL')} | {_megabytes(r)} | {_share(r, full, 'optimizer_state_bytes')} | "
-                    f"{_step_seconds(r)} | {_share(r, full, 'step_seconds')} | {r['heldout_loss']:.4f} |")
+                    f"{_megabytes(r, 'frozen_base_bytes')} | {_step_seconds(r)} | {_share(r, full, 'step_seconds')} | "
+                    f"{r['heldout_loss']:.4f} |")
     small = [row for row in rows if row.startswith("lora_r") and results[row]["trainable_fraction"] <= PEFT_FRACTION]
     text.append("")
     if small:
@@ -172,6 +177,12 @@ def adapter_section(results: dict, facts: dict, png: Path | None) -> list[str]:
                     f"{PEFT_QUALITY:.0%}, is {'met' if ratio >= PEFT_QUALITY else 'not met'}.")
     else:
         text.append(f"No LoRA row trains at most {PEFT_FRACTION:.0%} of the parameters of this model.")
+    for row in (row for row in rows if row.startswith("qlora_r") and row[1:] in results):
+        q, f = results[row], results[row[1:]]
+        text += ["", f"`{row}` trains `{row[1:]}`'s adapters over the int8 base (QLoRA-style): frozen base "
+                     f"{_megabytes(q, 'frozen_base_bytes')} MiB against {_megabytes(f, 'frozen_base_bytes')} MiB "
+                     f"({f['frozen_base_bytes'] / q['frozen_base_bytes']:.1f}x smaller), ROUGE-L {q['rougeL']:.4f} "
+                     f"against {f['rougeL']:.4f}."]
     if png is not None:
         text += ["", f"![{png.stem}]({png.name})"]
     return text + [""]
@@ -186,8 +197,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _megabytes(r: dict) -> str:
-    return f"{r['optimizer_state_bytes'] / 2**20:.3f}" if r.get("optimizer_state_bytes") is not None else "-"
+def _megabytes(r: dict, key: str = "optimizer_state_bytes") -> str:
+    return f"{r[key] / 2**20:.3f}" if r.get(key) is not None else "-"
 
 
 def _step_seconds(r: dict) -> str:
@@ -278,6 +289,7 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         *adapter_section(results, facts, sweep),
         *(detox_section(results, facts, detox_png) if "detox" in facts else []),
         *(distill_section(results, facts["distill"]) if "distill" in facts else []),
+        *int8_section(results),
         f"## Examples (first {min(EXAMPLES_SHOWN, len(examples))} test dialogues)", "",
         examples_table(examples, outputs), "",
         "## Curves", "", *[f"![{p.stem}]({p.name})" for p in pngs], "",

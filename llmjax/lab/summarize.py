@@ -43,6 +43,7 @@ from llmjax.lab import report
 from llmjax.lab.adapter_rows import AdapterRows, run_adapter_row, run_measures
 from llmjax.lab.detox import BASE_ROW, DetoxRows, run_detox_rows
 from llmjax.lab.distill_rows import DistillRows, run_distill_rows, student_model
+from llmjax.lab.int8_row import INT8_ROW, int8_row
 from llmjax.loading import newest_complete_step
 from llmjax.stages import run_stage
 from llmjax.stages.sft import build_stage as build_sft_stage
@@ -256,6 +257,23 @@ def add_detox_rows(out: Path, settings: LabSettings, detox_rows: DetoxRows, toke
     return facts
 
 
+def add_int8_row(out: Path, source_row: str, tokenizer, test, settings: LabSettings, results: dict, outputs: dict,
+                 total: int) -> None:
+    """The ``int8`` row (``llmjax.lab.int8_row``) of ``source_row``'s model (its run in ``out/source_row``), added
+    to ``results`` / ``outputs``."""
+    model, params, _ = load_model_for_inference(out / source_row)
+    say(f"{INT8_ROW}: quantizing {source_row} to int8, then its test summaries and decode speed against float32")
+    extra, outputs[INT8_ROW] = int8_row(out, source_row, model, params, tokenizer, test, TEMPLATE,
+                                        lambda m, p: evaluate_row(m, p, tokenizer, test, settings),
+                                        outputs[source_row].predictions)
+    results[INT8_ROW] = row_entry(outputs[INT8_ROW], 0, total, 0.0, **extra)
+    speed = extra["decode_tokens_per_sec"]["1"]
+    say(f"{INT8_ROW}: ROUGE-L {results[INT8_ROW]['rougeL']:.4f} ({source_row} {results[source_row]['rougeL']:.4f}), "
+        f"{extra['float_memory_bytes'] / extra['memory_bytes']:.1f}x fewer weight bytes, "
+        f"{extra['summaries_identical_to_base']:.0%} of summaries identical, batch-1 decode "
+        f"{speed['int8'] / speed['float']:.2f}x float32")
+
+
 def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
                   detox_rows: DetoxRows = DetoxRows()) -> dict:
     """Only the detox rows, from the finished ``full_ft`` run (and pre-training) a whole lab left in ``out``:
@@ -282,10 +300,12 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
 
 def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
             adapter_rows: AdapterRows = AdapterRows(), detox_rows: DetoxRows = DetoxRows(),
-            distill_rows: DistillRows = DistillRows(), report_header: dict | None = None) -> dict:
+            distill_rows: DistillRows = DistillRows(), report_header: dict | None = None,
+            int8_from: str | None = "full_ft") -> dict:
     """Run the whole lab into ``out`` (``adapter_rows``: which parameter-efficient rows; ``detox_rows``: the
     reward model and the RL rows; ``distill_rows``: a smaller student distilled from ``full_ft`` and the same
-    student on the labels alone; ``report_header``: ``title``/``command`` of ``report.md`` when another command runs
+    student on the labels alone; ``int8_from``: the row whose model the ``int8`` row quantizes, None for no int8
+    row; ``report_header``: ``title``/``command`` of ``report.md`` when another command runs
     the lab); returns the ``results.json`` mapping."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +356,8 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
         trainable = tuned["trainable_params"]
         results[row] = row_entry(outputs[row], trainable, total + trainable, tuned["seconds"],
                                  heldout_loss=tuned["heldout_loss"], optimizer_state_bytes=tuned["optimizer_state_bytes"],
-                                 step_seconds=tuned["step_seconds"], **adapter_rows.row_settings(row))
+                                 step_seconds=tuned["step_seconds"], frozen_base_bytes=tuned["frozen_base_bytes"],
+                                 **adapter_rows.row_settings(row))
         say(f"[{i}/{len(adapter_names)}] {row}: ROUGE-L {results[row]['rougeL']:.4f} "
             f"({results[row]['trainable_fraction']:.2%} of the parameters trained)")
 
@@ -352,6 +373,9 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
     if detox_rows.enabled:
         say(f"detox rows: reward model, then {', '.join(detox_rows.row_names()[1:])} from full_ft")
         facts_detox = add_detox_rows(out, settings, detox_rows, tokenizer, test, results, outputs, total, progress)
+
+    if int8_from is not None and int8_from in outputs:  # full_ft by default; the lifecycle's PPO policy
+        add_int8_row(out, int8_from, tokenizer, test, settings, results, outputs, total)
 
     forgetting = {"before_sft": before, "after_sft": results["full_ft"]["heldout_loss"],
                   "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"] if "full_ft_mixed" in results else None,

@@ -38,5 +38,5 @@ def test_tiny_lifecycle_runs_every_stage_and_reports_where_each_artifact_is(tmp_
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
     text = (out / "report.md").read_text()
-    assert "## Lifecycle: int8 and export" in text and "## Where everything is" in text and "`hf/`" in text
+    assert "## int8 post-training quantization" in text and "## Where everything is" in text and "`hf/`" in text
     assert "lifecycle done in" in capsys.readouterr().out

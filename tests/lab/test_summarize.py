@@ -14,7 +14,7 @@ from llmjax.lab.report import PEFT_FRACTION, PEFT_QUALITY, RANDOM_SAME_TOPIC, SC
 ROWS = ("zero_shot", "one_shot", "few_shot", "full_ft", "full_ft_mixed")
 METRIC_KEYS = set(SCORE_KEYS) | {"trainable_params", "trainable_fraction", "train_seconds"}
 COST_KEYS = {"optimizer_state_bytes", "step_seconds"}  # trained rows also measure what a step costs
-TINY_ADAPTER_ROWS = ("lora_r1", "prompt_tuning")
+TINY_ADAPTER_ROWS = ("lora_r1", "qlora_r1", "prompt_tuning")
 DETOX_ROWS = ("reward_model", "ppo", "dpo", "grpo", "rlaif")
 SAVED = Path(__file__).resolve().parents[2] / "labs" / "summarize"
 
@@ -104,7 +104,7 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     first = _check_outputs(out, examples=8)
     assert first["_lab"]["pretrain_seconds"] > 0
     printed = capsys.readouterr().out
-    assert "pre-training a T5" in printed and "[2/2] prompt_tuning: ROUGE-L" in printed
+    assert "pre-training a T5" in printed and "[3/3] prompt_tuning: ROUGE-L" in printed
     # Only the adapters train, by hand count: r=1 on q and v (32x32) of the 1+1-layer T5's encoder
     # self-attention and decoder self- and cross-attention; 4 soft-prompt rows of width 32.
     assert adapter_row_names(first) == list(TINY_ADAPTER_ROWS)
@@ -116,12 +116,18 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     assert first["distill"]["teacher"] == "full_ft" and first["distill"]["student_params"] < first["full_ft"]["trainable_params"]
     assert first["_lab"]["distill"]["rougeL_gain"] == pytest.approx(first["distill"]["rougeL"] - first["distill_labels"]["rougeL"])
     assert "## Distillation" in (out / "report.md").read_text()
+    q = first["int8"]  # full_ft quantized: a quarter of the bytes or so, decoded at both batch sizes
+    assert q["base"] == "full_ft" and q["memory_bytes"] < 0.4 * q["float_memory_bytes"]
+    assert set(q["decode_tokens_per_sec"]) == {"1", "8"} and all(v["int8"] > 0 for v in q["decode_tokens_per_sec"].values())
+    assert first["qlora_r1"]["trainable_params"] == first["lora_r1"]["trainable_params"]
+    assert 3.0 < first["lora_r1"]["frozen_base_bytes"] / first["qlora_r1"]["frozen_base_bytes"] < 4.0
+    assert "## int8 post-training quantization" in (out / "report.md").read_text()
     assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--lora-ranks", "none",
-                 "--no-prompt-tuning", "--no-detox", "--no-distill"]) == 0
+                 "--no-prompt-tuning", "--no-detox", "--no-distill", "--qlora-ranks", "none", "--no-int8"]) == 0
     second = _check_outputs(out, examples=8)
     assert second["_lab"]["pretrain_seconds"] == 0 and "reusing the pre-trained model" in capsys.readouterr().out
     assert adapter_row_names(second) == []  # the flags chose no adapter rows
-    assert "distill" not in second and "distill" not in second["_lab"]
+    assert "distill" not in second and "distill" not in second["_lab"] and "int8" not in second
     # The same pre-trained model and greedy decoding: the in-context rows repeat exactly.
     assert all(second[row]["rougeL"] == first[row]["rougeL"] for row in ("zero_shot", "one_shot", "few_shot"))
 
