@@ -22,6 +22,7 @@ import jax
 from llmjax import quantize as int8
 from llmjax.evaluate import build_prompts, default_max_input_tokens, encode_prompts
 from llmjax.generate import GenerationConfig, generate
+from llmjax.loading import TOKENIZER_FILES
 
 INT8_ROW = "int8"
 SPEED_BATCHES = (1, 8)
@@ -49,8 +50,8 @@ def int8_row(out: Path, source_row: str, model, params, tokenizer, test: list[di
     ``evaluate_row(model, params) -> EvalResult`` scores the test split; ``base_predictions``: the source row's
     test summaries. Returns ``(extra entry fields, EvalResult)``."""
     qmodel, qparams = int8.quantize(model, params)
-    tokenizer_dir = out / "tokenizer"
-    int8.save(qmodel, qparams, out / INT8_ROW, sorted(p for p in tokenizer_dir.iterdir() if p.is_file()))
+    tokenizer_files = [out / "tokenizer" / name for name in TOKENIZER_FILES if (out / "tokenizer" / name).is_file()]
+    int8.save(qmodel, qparams, out / INT8_ROW, tokenizer_files)
     result = evaluate_row(qmodel, qparams)
     identical = sum(a == b for a, b in zip(result.predictions, base_predictions)) / len(base_predictions)
     speed = {}

@@ -16,13 +16,12 @@ import json
 import time
 from pathlib import Path
 
-from llmjax import hf
-from llmjax.evaluate import load_model_for_inference
 from llmjax.lab.adapter_rows import AdapterRows
 from llmjax.lab.detox import DetoxRows
 from llmjax.lab.distill_rows import DistillRows
 from llmjax.lab.int8_row import INT8_ROW
 from llmjax.lab.summarize import LabSettings, run_lab, say
+from llmjax.train.checkpoint import export_checkpoint_to_hf
 
 POLICY_ROW = "ppo"
 
@@ -56,10 +55,8 @@ def run_lifecycle(out: str | Path, settings: LifecycleSettings = LifecycleSettin
                                      "command": f"llmjax lifecycle --out {out}"}, int8_from=POLICY_ROW)
     facts = json.loads((out / "results.json").read_text())["_lab"]
 
-    model, params, tokenizer = load_model_for_inference(out / POLICY_ROW)
     say(f"exporting the {POLICY_ROW} policy as a Hugging Face directory")
-    hf.save_pretrained(model, params, out / "hf")
-    tokenizer.save_pretrained(out / "hf")
+    export_checkpoint_to_hf(out / POLICY_ROW, out / "hf")  # what `llmjax export` does: model and tokenizer
 
     facts["lifecycle_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps({**results, "_lab": facts}, indent=2) + "\n", encoding="utf-8")
