@@ -338,7 +338,7 @@ def _calc_mesh(text: str | None, run) -> dict[str, int]:
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_NEW_TOKENS = 64
 _DECODING_OPTIONS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                     "num_beams", "length_penalty", "early_stopping")
+                     "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping")
 
 
 def _add_decoding_options(p: argparse.ArgumentParser) -> None:
@@ -350,6 +350,9 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens when sampling (0: off)")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--repetition-penalty", type=float,
+                   help="divide the scores of tokens already in the sequence by this (> 1: fewer repeats; 1: off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, help="no n-gram of this size occurs twice (0: off)")
     g.add_argument("--num-beams", type=int, help="beam search with this many beams (1: off)")
     g.add_argument("--length-penalty", type=float, help="beam score = log-prob / length**length_penalty")
     g.add_argument("--early-stopping", choices=("true", "false", "never"), help="beam search stopping rule")

@@ -25,7 +25,7 @@ import numpy as np
 from llmjax.generation.beam import BeamSettings, beam_results, beam_search_open, beam_step, init_beam_state
 from llmjax.generation.config import GenerationConfig
 from llmjax.generation.families import family_for, take_cache_rows, unrolled_layers
-from llmjax.generation.processors import greedy_tokens, process_scores
+from llmjax.generation.processors import TokenHistory, greedy_tokens, process_scores
 from llmjax.models import model_family
 from llmjax.models.soft_prompt import check_soft_prompt
 
@@ -90,7 +90,10 @@ def generate(
         prompt (T5: the encoder input), as ``peft``'s prompt-tuning models generate; None: none.
       generation_config: a :class:`GenerationConfig`; ``kwargs`` (Hugging Face names:
         ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-        ``num_beams``, ``length_penalty``, ``early_stopping``, ``eos_token_id``, ...) override it.
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``num_beams``, ``length_penalty``,
+        ``early_stopping``, ``eos_token_id``, ...) override it. The two repetition settings read the
+        sequence as Hugging Face does: T5's decoder tokens from the start token on; a decoder's prompt
+        too (``no_repeat_ngram_size`` counts its left padding, ``repetition_penalty`` skips it).
 
     Returns:
       int32 ``[batch * num_return_sequences, prefix + new_tokens]``, the same array
@@ -168,11 +171,24 @@ class _SampleState(NamedTuple):
     finished: jax.Array  # [N] bool
 
 
+class _Prefix(NamedTuple):
+    """What every output row starts with, one row per decoded row: ``tokens [N, L]`` int32 (decoder: the
+    prompt; T5: the decoder start token) and ``first [N]`` int32, its first real (not padding) column."""
+
+    tokens: jax.Array
+    first: jax.Array
+
+    def history(self, new_tokens: jax.Array, step) -> TokenHistory:
+        """The sequence so far once ``step`` of ``new_tokens [N, T]`` are in (see ``TokenHistory``)."""
+        tokens = jnp.concatenate([self.tokens, new_tokens], axis=1)
+        return TokenHistory(tokens, self.tokens.shape[1] + step, self.first)
+
+
 class _TokenSearch:
     """Greedy or sampling: one token per row per step; finished rows emit pad."""
 
-    def __init__(self, config: GenerationConfig, max_new_tokens: int):
-        self.config, self.max_new_tokens = config, max_new_tokens
+    def __init__(self, config: GenerationConfig, max_new_tokens: int, prefix: _Prefix):
+        self.config, self.max_new_tokens, self.prefix = config, max_new_tokens, prefix
 
     def init(self, rows: int) -> _SampleState:
         fill = self.config.pad_token_id if self.config.pad_token_id is not None else 0
@@ -181,7 +197,7 @@ class _TokenSearch:
     def step(self, state, logits, step, key):
         """-> (state, tokens to feed [N], cache row order [N] or None)."""
         cfg = self.config
-        scores = process_scores(logits, step, cfg)
+        scores = process_scores(logits, step, cfg, history=self.prefix.history(state.tokens, step))
         if cfg.do_sample:
             token = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
         else:
@@ -203,8 +219,8 @@ class _TokenSearch:
 class _BeamSearch:
     """Beam search (and beam sampling when ``do_sample``), see :mod:`llmjax.generation.beam`."""
 
-    def __init__(self, config: GenerationConfig, max_new_tokens: int):
-        self.config = config
+    def __init__(self, config: GenerationConfig, max_new_tokens: int, prefix: _Prefix):
+        self.config, self.prefix = config, prefix
         eos = config.eos_token_id
         # Hugging Face fills unused positions with `pad or eos[0]` (so pad id 0 falls through to eos).
         fill = (config.pad_token_id or eos[0]) if eos is not None else -1
@@ -221,7 +237,9 @@ class _BeamSearch:
     def step(self, state, logits, step, key):
         k = self.config.num_beams
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        log_probs = process_scores(log_probs, step, self.config, min_tokens_to_keep=self.min_tokens_to_keep)
+        running = state.running_tokens.reshape(-1, state.running_tokens.shape[-1])  # row b * K + beam
+        log_probs = process_scores(log_probs, step, self.config, min_tokens_to_keep=self.min_tokens_to_keep,
+                                   history=self.prefix.history(running, step))
         log_probs = log_probs.reshape(-1, k, log_probs.shape[-1])
         state, source_beam = beam_step(
             state, log_probs, step, self.settings, key if self.config.do_sample else None
@@ -243,8 +261,10 @@ def _decode_loop_impl(params, input_ids, attention_mask, rng, soft_prompt, *, mo
     family = family_for(model)
     model, params = unrolled_layers(model, params)
     beam = config.num_beams > 1
-    search = (_BeamSearch if beam else _TokenSearch)(config, max_new_tokens)
     copies = config.num_beams if beam else config.num_return_sequences
+    prefix = _Prefix(family.prefix(input_ids, config.decoder_start_token_id), family.prefix_first(attention_mask))
+    prefix = _Prefix(*(jnp.repeat(x, copies, axis=0) for x in prefix)) if copies > 1 else prefix
+    search = (_BeamSearch if beam else _TokenSearch)(config, max_new_tokens, prefix)
     logits, cache, context = family.prefill(
         model, params, input_ids, attention_mask, copies, max_new_tokens, config.decoder_start_token_id, soft_prompt
     )

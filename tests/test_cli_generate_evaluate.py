@@ -60,6 +60,16 @@ def test_generate_prompts(family, t5_dir, decoder_dir, capsys):
     assert capsys.readouterr().out == blocks(expected_texts(model_dir, prompts, max_new_tokens=5), [1, 2])
 
 
+def test_generate_with_repetition_settings(decoder_dir, capsys):
+    prompts = ["#Person1#: Where is the bank?", "Hello there"]
+    args = ["generate", "--model", str(decoder_dir), "--prompt", *prompts, "--max-new-tokens", "12",
+            "--no-repeat-ngram-size", "2", "--repetition-penalty", "1.3"]
+    assert main(args) == 0
+    expected = expected_texts(decoder_dir, prompts, max_new_tokens=12, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    assert capsys.readouterr().out == blocks(expected, [1, 2])
+    assert expected != expected_texts(decoder_dir, prompts, max_new_tokens=12)  # the flags change the output
+
+
 def test_generate_input_file_with_template_and_sampling(t5_dir, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("#Person1#: Hi.\n#Person2#: Hello.\n\n\n#Person1#: Bye.\n")
     args = ["generate", "--model", str(t5_dir), "--input-file", str(tmp_path / "prompts.txt"), "--template", "tldr",
@@ -134,6 +144,10 @@ def test_evaluate_in_a_subprocess(decoder_dir, tmp_path):
     (["--template", "nope", "--limit", "1"],
      "llmjax evaluate: error: unknown prompt template 'nope'; choose one of summarize,"),
     (["--top-p", "1.5"], "llmjax evaluate: error: GenerationConfig: top_p=1.5 must be in (0, 1]"),
+    (["--no-repeat-ngram-size", "-1"],
+     "llmjax evaluate: error: GenerationConfig: no_repeat_ngram_size=-1 must be an integer >= 0"),
+    (["--repetition-penalty", "0"],
+     "llmjax evaluate: error: GenerationConfig: repetition_penalty=0.0 must be a finite number > 0"),
     (["--min-new-tokens", "9", "--max-new-tokens", "3"],
      "llmjax evaluate: error: GenerationConfig: min_new_tokens=9 exceeds"),
     (["--data", "/no/such/data"], "llmjax evaluate: error: DialogSum path /no/such/data does not exist"),

@@ -34,8 +34,8 @@ HF_METADATA_KEYS = frozenset({
 # Hugging Face decoding features llmjax does not implement, with the value that makes each
 # inert. Read from a file, they are ignored; set to anything else, ignored with a warning.
 HF_UNSUPPORTED_KEYS: dict[str, Any] = {
-    "min_length": 0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "min_length": 0, "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
     "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
     "exponential_decay_length_penalty": None, "suppress_tokens": None,
     "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": None,
@@ -64,6 +64,8 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 50           # applied only when do_sample; 0 disables (HF's default is 50)
     top_p: float = 1.0        # applied only when do_sample; 1.0 disables
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence; 1.0 disables
+    no_repeat_ngram_size: int = 0    # no n-gram of this size occurs twice in the sequence; 0 disables
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -101,6 +103,13 @@ class GenerationConfig:
             fail(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables top-k filtering)")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             fail(f"top_p={self.top_p!r} must be in (0, 1] (1.0 disables nucleus filtering)")
+        if (not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0
+                or math.isinf(self.repetition_penalty)):
+            fail(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0 "
+                 "(1.0 disables it; above 1 discourages repeats, below 1 favours them)")
+        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            fail(f"no_repeat_ngram_size={self.no_repeat_ngram_size!r} must be an integer >= 0 "
+                 "(0 disables it; n > 0 forbids any n-gram to occur twice)")
         if not _is_int(self.num_beams) or self.num_beams < 1:
             fail(f"num_beams={self.num_beams!r} must be a positive integer (1 = no beam search)")
         if not _is_number(self.length_penalty) or math.isnan(self.length_penalty):

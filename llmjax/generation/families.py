@@ -15,6 +15,8 @@ key mask like ``Decoder``. An adapter offers three pure functions, all traced in
   feeds new token number ``step`` (0-based) into its cache slot.
 * ``prefix(input_ids, decoder_start_token_id)`` -> the tokens the output starts with
   (T5: the start token; decoder: the prompt), as Hugging Face returns them.
+* ``prefix_first(attention_mask)`` -> ``[B]`` int32, the first column of the prefix that is not
+  padding (decoder: left padding skipped; T5: 0), where ``repetition_penalty`` starts counting.
 
 The loop runs every model with its layers unrolled (:func:`unrolled_layers`), so its cache has one
 entry per layer with the batch on axis 0; :func:`take_cache_rows` also handles a stacked cache
@@ -65,6 +67,10 @@ class EncoderDecoderFamily:
         return jnp.full((input_ids.shape[0], 1), decoder_start_token_id, jnp.int32)
 
     @staticmethod
+    def prefix_first(attention_mask: jax.Array) -> jax.Array:
+        return jnp.zeros((attention_mask.shape[0],), jnp.int32)
+
+    @staticmethod
     def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id,
                 soft_prompt=None):
         if soft_prompt is None:
@@ -105,6 +111,10 @@ class DecoderOnlyFamily:
     @staticmethod
     def prefix(input_ids: jax.Array, decoder_start_token_id: int) -> jax.Array:
         return input_ids
+
+    @staticmethod
+    def prefix_first(attention_mask: jax.Array) -> jax.Array:
+        return jnp.argmax(attention_mask != 0, axis=1).astype(jnp.int32)
 
     @staticmethod
     def prefill(model, params, input_ids, attention_mask, copies, max_new_tokens, decoder_start_token_id,

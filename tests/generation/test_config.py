@@ -49,6 +49,13 @@ def test_eos_is_normalized_to_a_tuple():
     (dict(top_p=0.0), "top_p=0.0 must be in (0, 1]"),
     (dict(top_p=1.5), "top_p=1.5 must be in (0, 1]"),
     (dict(num_beams=0), "num_beams=0 must be a positive integer"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0 must be a finite number > 0 (1.0 disables it"),
+    (dict(repetition_penalty=-1.2), "repetition_penalty=-1.2 must be a finite number > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty=inf must be a finite number > 0"),
+    (dict(repetition_penalty="1.2"), "repetition_penalty='1.2' must be a finite number > 0"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size=-1 must be an integer >= 0 (0 disables it"),
+    (dict(no_repeat_ngram_size=2.0), "no_repeat_ngram_size=2.0 must be an integer >= 0"),
+    (dict(no_repeat_ngram_size=True), "no_repeat_ngram_size=True must be an integer >= 0"),
     (dict(early_stopping="sometimes"), "early_stopping='sometimes' must be True, False or 'never'"),
     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 cannot exceed num_beams=2"),
     (dict(num_return_sequences=2), "greedy decoding returns one sequence per prompt"),
@@ -94,10 +101,23 @@ def test_to_hf_round_trips_through_transformers(tmp_path):
     assert GenerationConfig.from_hf(tmp_path) == ours
 
 
+def test_repetition_settings_round_trip_through_transformers_files(tmp_path):
+    hf = transformers.GenerationConfig(max_new_tokens=6, num_beams=2, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    hf.save_pretrained(tmp_path)
+    ours = GenerationConfig.from_hf(tmp_path)
+    assert (ours.repetition_penalty, ours.no_repeat_ngram_size, ours.num_beams) == (1.3, 3, 2)
+    (tmp_path / "generation_config.json").write_text(json.dumps(ours.to_hf()))
+    back = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (back.repetition_penalty, back.no_repeat_ngram_size) == (1.3, 3)
+    assert GenerationConfig.from_hf(tmp_path) == ours
+    with pytest.raises(InputError, match="no_repeat_ngram_size=-2 must be an integer >= 0"):
+        GenerationConfig.from_hf({"no_repeat_ngram_size": -2})
+
+
 def test_from_hf_warns_on_unsupported_settings_and_rejects_unknown_keys():
-    with pytest.warns(UserWarning, match=r"does not implement repetition_penalty=1.2, no_repeat_ngram_size=3"):
+    with pytest.warns(UserWarning, match=r"does not implement encoder_repetition_penalty=1.2, typical_p=0.9"):
         config = GenerationConfig.from_hf(
-            {"max_new_tokens": 5, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3, "bos_token_id": 1})
+            {"max_new_tokens": 5, "encoder_repetition_penalty": 1.2, "typical_p": 0.9, "bos_token_id": 1})
     assert config.max_new_tokens == 5
     with pytest.raises(InputError, match="unknown key 'max_new_token'; did you mean 'max_new_tokens'"):
         GenerationConfig.from_hf({"max_new_token": 5})
