@@ -15,6 +15,7 @@ import torch
 from transformers.generation import logits_process as hf
 
 from llmjax.generate import generate
+from llmjax.generation.families import DecoderOnlyFamily, EncoderDecoderFamily
 from llmjax.generation.processors import TokenHistory, ban_repeated_ngrams, penalize_repetitions
 from tests.generation.models import prompts, small_model
 from tests.test_generate import hf_generate
@@ -103,6 +104,13 @@ def test_repetition_penalty_equals_transformers_processor(penalty):
         # XLA on CPU divides by multiplying with the reciprocal: within 1 ulp of torch's division.
         np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=0)
         assert (ours != scores).any()
+
+
+def test_penalty_counts_from_the_first_real_prompt_token():
+    """As Hugging Face: a decoder's left padding is not penalized; T5's history (its start token) all is."""
+    mask = jnp.asarray([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert DecoderOnlyFamily.prefix_first(mask).tolist() == [2, 0, 3]
+    assert EncoderDecoderFamily.prefix_first(mask).tolist() == [0, 0, 0]
 
 
 # ----------------------------------------------------------------------------
