@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "--tiny: 1); 'none' for no LoRA rows")
     p.add_argument("--no-prompt-tuning", action="store_true", help="skip the prompt_tuning row")
     p.add_argument("--qlora-ranks", metavar="R,R,...", help="ranks of the qlora_r<r> rows: LoRA over the int8 base "
-                   "(default 8; 'none' for no QLoRA row)")
+                   "(default 4; 'none' for no QLoRA row)")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 row (full_ft quantized: ROUGE, bytes, decode "
                    "speed)")
     p.add_argument("--no-distill", action="store_true", help="skip the distillation rows (distill, distill_labels)")

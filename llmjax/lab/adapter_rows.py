@@ -1,7 +1,7 @@
 """The lab's parameter-efficient rows: ``lora_r<r>`` for each rank of a sweep, and ``prompt_tuning``.
 
 Each row is the lab's full fine-tuning run (``summarize.sft_config``: same task, steps, batch, warmup and
-constant schedule, from the same pre-trained model) with one section added, so the SFT stage trains only
+schedule, from the same pre-trained model) with one section added, so the SFT stage trains only
 what the section adds (``llmjax.stages.adapters``):
 
 * ``lora_r<r>``: ``lora: {r, lora_alpha: 2r, target_modules: [q, v]}``. ``lora_alpha = 2r`` keeps the scale
@@ -50,7 +50,7 @@ class AdapterRows:
     """Which parameter-efficient rows the lab runs, and their settings (see the module docstring)."""
 
     lora_ranks: tuple[int, ...] = (1, 4, 8, 16, 32)
-    qlora_ranks: tuple[int, ...] = (8,)  # qlora_r<r>: the same LoRA row over the int8 base (issue 13's QLoRA row)
+    qlora_ranks: tuple[int, ...] = (4,)  # qlora_r<r>: the same LoRA row over the int8 base (issue 13's QLoRA row)
     lora_alpha_per_rank: float = 2.0   # lora_alpha = 2 r: the scale lora_alpha / r is 2 at every rank
     lora_target_modules: tuple[str, ...] = ("q", "v")
     lora_learning_rate: float = 3e-3

@@ -36,7 +36,7 @@ class DistillRows:
 
     enabled: bool = True
     student_width: float = 0.5     # the student's d_model, d_kv and d_ff as a share of the lab model's
-    steps: int = 300
+    steps: int = 1000              # as full_ft: the lab's sft_steps
     batch_size: int = 16
     learning_rate: float = 3e-3    # from random weights: the lab's pre-training rate
     temperature: float = 2.0
