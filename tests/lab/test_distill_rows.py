@@ -23,9 +23,10 @@ def _train_rows(run_dir: Path) -> list[dict]:
 
 
 def test_student_model_halves_the_width_and_keeps_the_vocabulary():
-    lab = LabSettings().model()
+    lab = LabSettings().model()  # d_model 128, d_kv 32, d_ff 256
     student = student_model(lab, 0.5)
-    assert (student["d_model"], student["d_kv"], student["d_ff"]) == (128, 32, 256)
+    assert (student["d_model"], student["d_kv"], student["d_ff"]) == (64, 16, 128)
+    assert student_model({**lab, "d_model": 3, "d_kv": 1, "d_ff": 5}, 0.5)["d_kv"] == 1  # never below 1
     assert {k: v for k, v in student.items() if k not in ("d_model", "d_kv", "d_ff")} == \
         {k: v for k, v in lab.items() if k not in ("d_model", "d_kv", "d_ff")}
 

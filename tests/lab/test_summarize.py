@@ -205,3 +205,20 @@ def _ppo_meets_the_detox_target(results: dict) -> bool:
                                        "mark with a run that passes")
 def test_saved_detox_run_ppo_cuts_toxicity_by_30_percent_within_2_rouge_points():
     assert _ppo_meets_the_detox_target(json.loads((SAVED_DETOX / "results.json").read_text()))
+
+
+def test_pretraining_is_reused_only_when_its_saved_config_trains_the_same_run(tmp_path):
+    import dataclasses
+
+    from llmjax.config import dump_config
+    from llmjax.lab.summarize import LabSettings, pretrain_config, same_run
+
+    settings = LabSettings.tiny()
+    config = pretrain_config(tmp_path, settings, tmp_path / "tokenizer")
+    saved = tmp_path / "pretrain"
+    assert not same_run(saved, config)  # nothing saved yet
+    dump_config(config, saved / "config.yaml")
+    assert same_run(saved, config)
+    for changed in ({"d_model": 48}, {"pretrain_steps": 5}, {"pretrain_learning_rate": 1e-3}, {"seed": 1}):
+        other = pretrain_config(tmp_path, dataclasses.replace(settings, **changed), tmp_path / "tokenizer")
+        assert not same_run(saved, other), changed
