@@ -173,21 +173,23 @@ def test_saved_lab_run_lora_with_few_parameters_nears_full_fine_tuning():
     assert best >= PEFT_QUALITY * results["full_ft"]["rougeL"]
 
 
-SAVED_DETOX = SAVED.parent / "detox"
-needs_saved_detox = pytest.mark.skipif(not (SAVED_DETOX / "results.json").is_file(), reason="no saved detox run")
+def _saved_detox_rows() -> bool:
+    return (SAVED / "results.json").is_file() and DETOX_ROWS[0] in json.loads((SAVED / "results.json").read_text())
+
+
+needs_saved_detox = pytest.mark.skipif(not _saved_detox_rows(), reason="the saved lab run has no detox rows")
 
 
 @needs_saved_detox
-def test_saved_detox_run_rescores_from_its_saved_summaries():
-    results = json.loads((SAVED_DETOX / "results.json").read_text())
-    _check_detox(SAVED_DETOX, results, examples=400)
+def test_saved_detox_rows_are_all_there_with_their_plot():
+    results = json.loads((SAVED / "results.json").read_text())  # rescored by the saved-run test (_check_outputs)
     assert all(row in results for row in DETOX_ROWS)
-    assert (SAVED_DETOX / "detox.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (SAVED / "detox.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @needs_saved_detox
 def test_saved_detox_run_reward_model_is_accurate_on_held_out_labels():
-    assert json.loads((SAVED_DETOX / "results.json").read_text())["reward_model"]["accuracy"] >= 0.95
+    assert json.loads((SAVED / "results.json").read_text())["reward_model"]["accuracy"] >= 0.95
 
 
 def _ppo_meets_the_detox_target(results: dict) -> bool:
@@ -204,7 +206,7 @@ def _ppo_meets_the_detox_target(results: dict) -> bool:
                                        "sampled summaries PPO cuts 0.202 to 0.153 (-24%) (README: Lab); remove this "
                                        "mark with a run that passes")
 def test_saved_detox_run_ppo_cuts_toxicity_by_30_percent_within_2_rouge_points():
-    assert _ppo_meets_the_detox_target(json.loads((SAVED_DETOX / "results.json").read_text()))
+    assert _ppo_meets_the_detox_target(json.loads((SAVED / "results.json").read_text()))
 
 
 def test_pretraining_is_reused_only_when_its_saved_config_trains_the_same_run(tmp_path):
