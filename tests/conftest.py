@@ -58,3 +58,19 @@ def _no_test_writes_into_the_repository():
         return
     written = sorted(name for name, mtime in after.items() if before.get(name) != mtime)
     assert not written, f"tests wrote into the repository (use tmp_path): {written[:10]}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every compiled program keeps its machine code mapped until JAX's caches drop it: ~200 memory maps per test
+# here, and Linux's default limit of 65,530 maps per process made XLA's CPU compiler segfault about 790 tests
+# into the session (tests/test_generate.py). Dropping the caches after each test module keeps the count at one
+# module's worth; the on-disk compilation cache above still saves the recompiles.
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs_after_each_module():
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
