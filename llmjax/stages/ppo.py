@@ -7,7 +7,8 @@ runs before each step (``Stage.rollout``) and the several updates per step (``St
 * data:      the prompts of ``data.tasks``' train split (the text before each response, as SFT's ROUGE
              sample phrases them), ``train.batch_size`` per rollout, encoded to ``ppo.prompt_length`` tokens
 * rollout:   sample a response per prompt from the current policy (``ppo.max_new_tokens``, temperature,
-             top-k/p; the key depends on the seed and the step only), score it with ``ppo.reward_model``,
+             top-k/p; the key depends on the seed and the step only) on the training mesh, the prompts' rows
+             over its data axes and the policy as the step left it, score it with ``ppo.reward_model``,
              then ``llmjax.rl.ppo.experience`` (KL-penalised rewards, GAE, whitening); the adaptive KL
              coefficient rides in the data state, so a resume continues it exactly
 * loss:      ``llmjax.rl.ppo.ppo_loss_fn``; ``ppo.epochs`` x ``ppo.minibatches`` updates per rollout
@@ -29,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from llmjax import sharding
 from llmjax.config import ConfigError, RunConfig, dump_config
 from llmjax.data.rows import RowBatches
 from llmjax.loading import HEADS_KEY, LoadedModel, REFERENCE_KEY
@@ -97,15 +99,17 @@ def rollout_stage(config: RunConfig, loaded: LoadedModel | None, *, loss_fn, mak
                              probability=cfg.reward_score == "probability")
 
     def rollout(tree, prompts: dict, step: int):
-        # Host copies: sampling compiles its own programs and must not inherit the training shardings (as
-        # SFT's ROUGE hook); the experience then reads the same host tree.
-        tree = jax.device_get(tree)
+        # Sharded like training: the policy is sampled where its parameters live (the training mesh, as the
+        # step left them: no host copy), with the prompts' rows split over the mesh's data axes as a training
+        # batch is; the experience then reads the same sharded tree.
+        mesh = tree_mesh(tree)
         policy = {k: v for k, v in tree.items() if k not in (HEADS_KEY, REFERENCE_KEY)}
-        response_ids, response_mask = sample_responses(model, policy, prompts["prompt_ids"], prompts["prompt_mask"],
+        placed = sharding.shard_batch(prompts, mesh) if mesh is not None else prompts
+        response_ids, response_mask = sample_responses(model, policy, placed["prompt_ids"], placed["prompt_mask"],
                                                        rollout_key(tc.seed, step), generation)
         repeated = {name: np.repeat(value, copies, axis=0) for name, value in prompts.items()}
         batch = {**repeated, "response_ids": response_ids, "response_mask": response_mask}
-        scores = score(reward_inputs.batch(batch))
+        scores = np.asarray(jax.device_get(score(reward_inputs.batch(batch))))
         return make_experience(model, tree, batch, scores, data)
 
     base_tree = model_init_tree(model)
@@ -132,6 +136,15 @@ def rollout_stage(config: RunConfig, loaded: LoadedModel | None, *, loss_fn, mak
         meta={"tokenizer_dir": str(tokenizer_dir), "reward_model": str(Path(cfg.reward_model).absolute())},
     )
     return with_run_adapters(config, stage)
+
+
+def tree_mesh(tree):
+    """The mesh ``tree``'s arrays are sharded over (the training mesh), or None for host or single-device arrays."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, jax.sharding.Mesh):
+            return mesh
+    return None
 
 
 def check_rl_run(config: RunConfig, loaded: LoadedModel | None) -> None:

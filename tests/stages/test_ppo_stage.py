@@ -1,6 +1,7 @@
 """The PPO and GRPO stages: a run for T5 (full fine-tuning) and for a decoder (LoRA, reference = adapters off),
 KL 0 at the first step and a reference left bitwise unchanged, the same update on 8 devices as on one for a
-fixed rollout, exact resume after SIGKILL (rollout randomness and the adaptive KL coefficient included)."""
+fixed rollout, rollouts sampled on the training mesh as on one device, exact resume after SIGKILL (rollout
+randomness and the adaptive KL coefficient included)."""
 
 import json
 from pathlib import Path
@@ -132,6 +133,42 @@ def test_a_fixed_rollout_trains_the_same_on_8_devices_as_on_one(family, pretrain
     sharded, _, _ = _steps(stage, config, eight, 2, batches=batches)
     for a, b in zip(jax.tree_util.tree_leaves(single.params), jax.tree_util.tree_leaves(sharded.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder"])
+def test_rollouts_sample_on_the_training_mesh_and_match_one_device(family, pretrained, decoder_base, reward_model,
+                                                                    tmp_path, monkeypatch):
+    import llmjax.stages.ppo as ppo_stage
+
+    init_from, extra = (pretrained, []) if family == "t5" else (decoder_base, ["model={}"])
+    config = _ppo(init_from, reward_model, tmp_path / "out", "train.steps=1", *extra)
+    stage = stage_module("ppo").build_stage(config)
+    prompts = next(stage.train_data)
+    kl_coef = dict(stage.train_data.extra)
+    sampled_on = []
+
+    def recording(model, params, prompt_ids, prompt_mask, key, generation):
+        leaf = jax.tree_util.tree_leaves(params)[0]
+        sampled_on.append((len(prompt_ids.sharding.device_set), len(leaf.sharding.device_set)))
+        return real(model, params, prompt_ids, prompt_mask, key, generation)
+
+    real = ppo_stage.sample_responses
+    monkeypatch.setattr(ppo_stage, "sample_responses", recording)
+    tx, _ = make_optimizer(config.optim, 1)
+    rollouts = []
+    for mesh in (sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), sharding.make_mesh(2, 2, 2)):
+        stage.train_data.extra.update(kl_coef)  # each rollout starts from the same controller state
+        with sharding.activate(mesh):
+            state, _ = init_train_state(stage.model, tx, stage.is_trainable, config.train.seed, mesh,
+                                        params=stage.base.params, init_tree=stage.init_tree)
+            rollouts.append(stage.rollout(state.full_params(), prompts, 0))
+    assert sampled_on == [(1, 1), (8, 8)]  # prompts and policy on the mesh's 8 devices, no host copy
+    (one, one_stats), (eight, eight_stats) = rollouts
+    np.testing.assert_array_equal(one["response_ids"], eight["response_ids"])
+    for name in one:
+        np.testing.assert_allclose(one[name], eight[name], atol=1e-5, err_msg=name)
+    for name in one_stats:
+        np.testing.assert_allclose(one_stats[name], eight_stats[name], atol=1e-5, err_msg=name)
 
 
 def test_grpo_runs_groups_without_a_value_head(pretrained, reward_model, tmp_path):
