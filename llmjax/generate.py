@@ -178,8 +178,11 @@ class _Prefix(NamedTuple):
     tokens: jax.Array
     first: jax.Array
 
-    def history(self, new_tokens: jax.Array, step) -> TokenHistory:
-        """The sequence so far once ``step`` of ``new_tokens [N, T]`` are in (see ``TokenHistory``)."""
+    def history(self, new_tokens: jax.Array, step, config: GenerationConfig) -> TokenHistory | None:
+        """The sequence so far once ``step`` of ``new_tokens [N, T]`` are in (see ``TokenHistory``); None
+        when no processor of ``config`` reads it."""
+        if not config.reads_history:
+            return None
         tokens = jnp.concatenate([self.tokens, new_tokens], axis=1)
         return TokenHistory(tokens, self.tokens.shape[1] + step, self.first)
 
@@ -197,7 +200,7 @@ class _TokenSearch:
     def step(self, state, logits, step, key):
         """-> (state, tokens to feed [N], cache row order [N] or None)."""
         cfg = self.config
-        scores = process_scores(logits, step, cfg, history=self.prefix.history(state.tokens, step))
+        scores = process_scores(logits, step, cfg, history=self.prefix.history(state.tokens, step, cfg))
         if cfg.do_sample:
             token = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
         else:
@@ -239,7 +242,7 @@ class _BeamSearch:
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         running = state.running_tokens.reshape(-1, state.running_tokens.shape[-1])  # row b * K + beam
         log_probs = process_scores(log_probs, step, self.config, min_tokens_to_keep=self.min_tokens_to_keep,
-                                   history=self.prefix.history(running, step))
+                                   history=self.prefix.history(running, step, self.config))
         log_probs = log_probs.reshape(-1, k, log_probs.shape[-1])
         state, source_beam = beam_step(
             state, log_probs, step, self.settings, key if self.config.do_sample else None

@@ -130,6 +130,11 @@ class GenerationConfig:
         if self.eos_token_id is not None and any(i < 0 for i in self.eos_token_id):
             fail(f"eos_token_id={self.eos_token_id!r} must hold token ids >= 0")
 
+    @property
+    def reads_history(self) -> bool:
+        """Whether a processor reads the tokens so far (``repetition_penalty``, ``no_repeat_ngram_size``)."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
     def new_tokens(self, prompt_length: int) -> int:
         """The number of new tokens to decode after a (decoder) prompt of ``prompt_length`` tokens."""
         if self.max_new_tokens is not None:

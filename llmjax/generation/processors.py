@@ -123,7 +123,7 @@ def process_scores(
     beam sampling. ``history``: the rows' tokens so far (``scores`` then ``[N, vocab]``),
     needed only by ``repetition_penalty`` and ``no_repeat_ngram_size``.
     """
-    if config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0:
+    if config.reads_history:
         if history is None:
             raise ValueError("process_scores: repetition_penalty and no_repeat_ngram_size need the token history")
         if config.repetition_penalty != 1.0:
