@@ -99,17 +99,17 @@ def rollout_stage(config: RunConfig, loaded: LoadedModel | None, *, loss_fn, mak
                              probability=cfg.reward_score == "probability")
 
     def rollout(tree, prompts: dict, step: int):
-        # Sharded like training: the policy is sampled where its parameters live (the training mesh, as the
-        # step left them: no host copy), with the prompts' rows split over the mesh's data axes as a training
-        # batch is; the experience then reads the same sharded tree.
-        mesh = tree_mesh(tree)
+        # Sharded like training: the policy is sampled where its parameters live (the training mesh the loop
+        # makes current, as the step left them: no host copy), with the prompts' rows split over the mesh's
+        # data axes as a training batch is; the experience then reads the same sharded tree.
+        mesh = jax.sharding.get_mesh()
         policy = {k: v for k, v in tree.items() if k not in (HEADS_KEY, REFERENCE_KEY)}
-        placed = sharding.shard_batch(prompts, mesh) if mesh is not None else prompts
+        placed = prompts if mesh.empty else sharding.shard_batch(prompts, mesh)
         response_ids, response_mask = sample_responses(model, policy, placed["prompt_ids"], placed["prompt_mask"],
                                                        rollout_key(tc.seed, step), generation)
         repeated = {name: np.repeat(value, copies, axis=0) for name, value in prompts.items()}
         batch = {**repeated, "response_ids": response_ids, "response_mask": response_mask}
-        scores = np.asarray(jax.device_get(score(reward_inputs.batch(batch))))
+        scores = jax.device_get(score(reward_inputs.batch(batch)))  # host, as the rest of the batch
         return make_experience(model, tree, batch, scores, data)
 
     base_tree = model_init_tree(model)
@@ -136,15 +136,6 @@ def rollout_stage(config: RunConfig, loaded: LoadedModel | None, *, loss_fn, mak
         meta={"tokenizer_dir": str(tokenizer_dir), "reward_model": str(Path(cfg.reward_model).absolute())},
     )
     return with_run_adapters(config, stage)
-
-
-def tree_mesh(tree):
-    """The mesh ``tree``'s arrays are sharded over (the training mesh), or None for host or single-device arrays."""
-    for leaf in jax.tree_util.tree_leaves(tree):
-        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-        if isinstance(mesh, jax.sharding.Mesh):
-            return mesh
-    return None
 
 
 def check_rl_run(config: RunConfig, loaded: LoadedModel | None) -> None:
