@@ -141,13 +141,28 @@ def run_measures(run_dir: Path) -> dict:
             "step_seconds": round(statistics.median(times) / 1000, 4) if times else None}
 
 
+class LabInterrupted(UserError):
+    """A signal (SIGTERM, Ctrl-C) stopped one of the lab's training runs: the lab stops with it."""
+
+
+def trained_to_end(summary: dict, config: RunConfig) -> dict:
+    """``summary`` (``llmjax.train.loop.train``'s) of a run that reached ``train.steps``. The loop answers SIGTERM or
+    Ctrl-C by saving a checkpoint and returning early; the lab must then stop, not score a half-trained row."""
+    if summary.get("interrupted"):
+        raise LabInterrupted(
+            f"{summary['interrupted']} stopped the run in {config.train.output_dir} at step {summary['step']} of "
+            f"{config.train.steps}; the lab stops here. Run the same command again: a finished pre-training is "
+            "reused (an unfinished one resumes) and every other row trains again")
+    return summary
+
+
 def train_and_score(config: RunConfig, evaluate_row, progress: bool):
     """Run ``config``'s stage into a fresh ``train.output_dir`` (a row always reruns) and score what it trained
     with ``evaluate_row(model, params) -> EvalResult``: ``(model, params, result, train seconds)``."""
     run_dir = Path(config.train.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
-    run_stage(config, progress=progress)
+    trained_to_end(run_stage(config, progress=progress), config)
     seconds = time.perf_counter() - start
     model, params, _ = load_model_for_inference(run_dir)
     return model, params, evaluate_row(model, params), seconds
@@ -167,7 +182,7 @@ def run_adapter_row(out: Path, row: str, rows: AdapterRows, full_ft_config: RunC
     stage = build_sft_stage(config)
     memory = tree_bytes(stage)  # from shapes: the frozen base (int8 for qlora rows) and what trains
     start = time.perf_counter()
-    train(stage, config, progress=progress)
+    trained_to_end(train(stage, config, progress=progress), config)
     seconds = time.perf_counter() - start
     say(f"{row}: generating the test summaries")
     loaded = load_model(run_dir)  # a LoRA run's adapters merged in; a prompt-tuning run's soft prompt beside

@@ -44,7 +44,7 @@ from llmjax.data.tokenizer import Tokenizer
 from llmjax.data.bundled.detox import rude_prompts, toxicity_labels
 from llmjax.data.bundled.detox import preference_pairs
 from llmjax.evaluate import build_prompts, load_model_for_inference, prompt_ids
-from llmjax.lab.adapter_rows import run_measures, train_and_score
+from llmjax.lab.adapter_rows import run_measures, train_and_score, trained_to_end
 from llmjax.lab.toxicity import judge_toxicity
 from llmjax.rl import losses
 from llmjax.rl.reward import RewardModel, pair_prompt
@@ -311,7 +311,8 @@ def run_detox_rows(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path, ev
     say(f"{REWARD_ROW}: training a toxicity classifier for {rows.reward_steps} steps")
     shutil.rmtree(out / REWARD_ROW, ignore_errors=True)
     start = time.perf_counter()
-    run_stage(reward_config(out, settings, rows, tokenizer_dir), progress=progress)
+    config = reward_config(out, settings, rows, tokenizer_dir)
+    trained_to_end(run_stage(config, progress=progress), config)
     measured = run_measures(out / REWARD_ROW)
     results[REWARD_ROW] = {**reward_accuracy(out / REWARD_ROW), "train_seconds": round(time.perf_counter() - start, 1),
                            "trainable_params": measured["trainable_params"], "step_seconds": measured["step_seconds"]}

@@ -40,7 +40,7 @@ from llmjax.errors import UserError
 from llmjax.evaluate import evaluate_dataset, load_model_for_inference
 from llmjax.generate import GenerationConfig
 from llmjax.lab import report
-from llmjax.lab.adapter_rows import AdapterRows, run_adapter_row, run_measures
+from llmjax.lab.adapter_rows import AdapterRows, run_adapter_row, run_measures, trained_to_end
 from llmjax.lab.detox import BASE_ROW, DetoxRows, run_detox_rows
 from llmjax.lab.distill_rows import DistillRows, run_distill_rows, student_model
 from llmjax.lab.int8_row import INT8_ROW, int8_row
@@ -166,7 +166,7 @@ def pretrain(out: Path, settings: LabSettings, progress: bool) -> float:
         shutil.rmtree(out / "pretrain")
     say(f"pre-training a T5 (d_model={settings.d_model}) for {settings.pretrain_steps} steps on the bundled corpus")
     start = time.perf_counter()
-    run_stage(config, progress=progress)
+    trained_to_end(run_stage(config, progress=progress), config)
     return time.perf_counter() - start
 
 
@@ -243,7 +243,7 @@ def fine_tune(out: Path, name: str, base, tokenizer_dir: Path, tasks, rates, set
             stage = build_sft_stage(config)
         say(f"{name}: fine-tuning to step {end} of {settings.sft_steps} ({', '.join(tasks)})")
         start = time.perf_counter()
-        train(stage, config, progress=progress)
+        trained_to_end(train(stage, config, progress=progress), config)
         seconds += time.perf_counter() - start
         # The run's own model: its layer layout may differ from the pre-training's (scan_layers is a runtime field).
         tuned_model, tuned, _ = load_model_for_inference(run_dir)

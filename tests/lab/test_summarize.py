@@ -217,3 +217,23 @@ def test_pretraining_is_reused_only_when_its_saved_config_trains_the_same_run(tm
     for changed in ({"d_model": 48}, {"pretrain_steps": 5}, {"pretrain_learning_rate": 1e-3}, {"seed": 1}):
         other = pretrain_config(tmp_path, dataclasses.replace(settings, **changed), tmp_path / "tokenizer")
         assert not same_run(saved, other), changed
+
+
+def test_a_signal_that_stops_a_training_run_stops_the_lab(tmp_path, monkeypatch):
+    """The loop answers SIGTERM/Ctrl-C by saving and returning early; the lab must stop there, not go on to score
+    (and save) rows from a half-trained model."""
+    from llmjax.lab import summarize
+    from llmjax.lab.adapter_rows import LabInterrupted
+
+    calls = []
+
+    def stopped_run(config, progress=True):  # what the loop returns when SIGTERM arrives after step 2
+        calls.append(config.train.output_dir)
+        return {"interrupted": "SIGTERM", "step": 2}
+
+    monkeypatch.setattr(summarize, "run_stage", stopped_run)
+    with pytest.raises(LabInterrupted, match=r"SIGTERM stopped the run in .*pretrain at step 2 of 4; the lab stops"):
+        summarize.run_lab(tmp_path / "lab", summarize.LabSettings.tiny(), progress=False)
+    assert len(calls) == 1  # nothing ran after the interrupted pre-training
+    assert not (tmp_path / "lab" / "results.json").exists()
+    assert main(["lab", "summarize", "--out", str(tmp_path / "lab2"), "--tiny", "--no-progress"]) == 2
