@@ -158,8 +158,11 @@ def cmd_lab_summarize(args) -> int:
 
         run_detox_lab(args.out, settings, progress=not args.no_progress, detox_rows=detox)
         return 0
+    import shlex
+
     run_lab(args.out, settings, progress=not args.no_progress, adapter_rows=rows, detox_rows=detox,
-            distill_rows=distill, int8_from=None if args.no_int8 else "full_ft")
+            distill_rows=distill, int8_from=None if args.no_int8 else "full_ft",
+            report_header={"command": f"llmjax {shlex.join(args.argv)}"})
     return 0
 
 
@@ -591,6 +594,7 @@ def _quiet_library_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line as given (reports repeat it)
     func: Callable | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -127,6 +127,9 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     second = _check_outputs(out, examples=8)
     assert second["_lab"]["pretrain_seconds"] == 0 and "reusing the pre-trained model" in capsys.readouterr().out
     assert adapter_row_names(second) == []  # the flags chose no adapter rows
+    # The report repeats the command line that made the run, flags included, so the run can be repeated.
+    assert f"Command: `llmjax lab summarize --out {out} --tiny --no-progress --lora-ranks none --no-prompt-tuning" \
+        in (out / "report.md").read_text()
     assert "distill" not in second and "distill" not in second["_lab"] and "int8" not in second
     # The same pre-trained model and greedy decoding: the in-context rows repeat exactly.
     assert all(second[row]["rougeL"] == first[row]["rougeL"] for row in ("zero_shot", "one_shot", "few_shot"))
