@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -153,16 +154,15 @@ def cmd_lab_summarize(args) -> int:
     if args.no_distill:
         distill = dataclasses.replace(distill, enabled=False)
     settings = LabSettings.tiny() if args.tiny else LabSettings()
+    command = {"command": f"llmjax {shlex.join(args.argv)}"}  # report.md repeats the command line as given
     if args.detox_only:
         from llmjax.lab.summarize import run_detox_lab
 
-        run_detox_lab(args.out, settings, progress=not args.no_progress, detox_rows=detox)
+        run_detox_lab(args.out, settings, progress=not args.no_progress, detox_rows=detox, report_header=command)
         return 0
-    import shlex
-
     run_lab(args.out, settings, progress=not args.no_progress, adapter_rows=rows, detox_rows=detox,
             distill_rows=distill, int8_from=None if args.no_int8 else "full_ft",
-            report_header={"command": f"llmjax {shlex.join(args.argv)}"})
+            report_header=command)
     return 0
 
 

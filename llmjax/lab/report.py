@@ -309,7 +309,8 @@ def write_detox_outputs(out: Path, outputs: dict, results: dict, facts: dict) ->
     (out / "results.json").write_text(json.dumps({**results, "_lab": facts}, indent=2) + "\n", encoding="utf-8")
     png = plot_detox(out, results)
     text = ["# Lab: detoxification of a small T5 summarizer", "",
-            f"Command: `llmjax lab summarize --out {out} --detox-only` (after `llmjax lab summarize --out {out}`); "
+            f"Command: `{facts.get('command', f'llmjax lab summarize --out {out} --detox-only')}` "
+            f"(after `llmjax lab summarize --out {out}`); "
             f"machine: {platform.machine()} {platform.system()}, Python {sys.version.split()[0]}; "
             f"{facts['lab_seconds']:.0f} s.", "", *detox_section(results, facts, png)]
     (out / "report.md").write_text("\n".join(text), encoding="utf-8")

@@ -298,7 +298,7 @@ def add_int8_row(out: Path, source_row: str, tokenizer, test, settings: LabSetti
 
 
 def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
-                  detox_rows: DetoxRows = DetoxRows()) -> dict:
+                  detox_rows: DetoxRows = DetoxRows(), report_header: dict | None = None) -> dict:
     """Only the detox rows, from the finished ``full_ft`` run (and pre-training) a whole lab left in ``out``:
     ``full_ft`` rescored on the test split, then the reward model, PPO, DPO, GRPO and RLAIF rows. Writes
     ``results.json``, ``predictions/``, ``report.md`` (the detox section) and ``detox.png``."""
@@ -314,7 +314,7 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
     total = count_params(params)
     results = {BASE_ROW: row_entry(outputs[BASE_ROW], total, total, 0.0)}
     facts_detox = add_detox_rows(out, settings, detox_rows, tokenizer, test, results, outputs, total, progress)
-    facts = {"settings": dataclasses.asdict(settings), "total_params": total, "detox": facts_detox,
+    facts = {**(report_header or {}), "settings": dataclasses.asdict(settings), "total_params": total, "detox": facts_detox,
              "detox_rows": dataclasses.asdict(detox_rows), "lab_seconds": round(time.perf_counter() - started, 1)}
     report.write_detox_outputs(out, outputs, results, facts)
     say(f"done in {facts['lab_seconds']:.0f} s: {out / 'report.md'}")

@@ -133,6 +133,11 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     assert "distill" not in second and "distill" not in second["_lab"] and "int8" not in second
     # The same pre-trained model and greedy decoding: the in-context rows repeat exactly.
     assert all(second[row]["rougeL"] == first[row]["rougeL"] for row in ("zero_shot", "one_shot", "few_shot"))
+    # --detox-only reruns the detox rows from that lab's full_ft; its report repeats its own command line too.
+    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--detox-only"]) == 0
+    detox = json.loads((out / "results.json").read_text())
+    assert all(row in detox for row in DETOX_ROWS)
+    assert f"Command: `llmjax lab summarize --out {out} --tiny --no-progress --detox-only`" in (out / "report.md").read_text()
 
 
 needs_saved_run = pytest.mark.skipif(not (SAVED / "results.json").is_file(), reason="no saved lab run")
