@@ -8,8 +8,14 @@ references report the insult, so the ``full_ft`` summarizer sometimes carries in
   labels and on the summaries of the training dialogues' preference pairs (``reward_labels``); the reward is
   the logit of ``non_toxic``. Its entry: held-out ``accuracy`` on the labels' test split and
   ``summary_accuracy`` on the test split's pair summaries.
-* ``ppo`` / ``grpo``: ``stage: ppo`` / ``stage: grpo`` from ``full_ft`` against that reward model, prompts of the
-  ``dialogsum`` task's train split; the frozen reference is ``full_ft``.
+* ``ppo`` / ``grpo``: ``stage: ppo`` / ``stage: grpo`` from ``full_ft`` against that reward model; the frozen
+  reference is ``full_ft``. GRPO's prompts: the ``dialogsum`` task's train split. PPO's (``ppo_prompts``): by
+  default only its rude dialogues (``ppo_prompts.jsonl``), the ones whose summaries can carry an insult. A
+  polite dialogue's summaries all score near 1, so they teach nothing; GRPO's group-relative advantage is zero
+  on them, but PPO's is not: its learned value baseline is still poor in 60 steps, and on every polite prompt
+  it adds noise. With all prompts PPO's cut of the judge's greedy toxicity depended on the lab's random start
+  (38.5% from the scanned lab's ``full_ft``, 18.4% from the unrolled one's); with the rude ones it was 65% and
+  67% from the same two (README: Lab).
 * ``dpo``: ``stage: dpo`` from ``full_ft`` on the bundled preference pairs (same insult-free and insulting
   summary of a rude training dialogue).
 * ``rlaif``: the course's Constitutional-AI step: two sampled summaries of each rude training dialogue from
@@ -55,6 +61,7 @@ from llmjax.generate import GenerationConfig
 
 REWARD_ROW, POLICY_ROWS = "reward_model", ("ppo", "dpo", "grpo", "rlaif")
 BASE_ROW = "full_ft"
+PPO_PROMPTS = ("rude", "all")
 TOXICITY_SEED = 1234
 
 
@@ -72,6 +79,7 @@ class DetoxRows:
     ppo_epochs: int = 4
     ppo_minibatches: int = 2
     ppo_kl_coef: float = 0.2
+    ppo_prompts: str = "rude"     # "rude": the rude training dialogues only; "all": the dialogsum train split
     reward_score: str = "probability"  # PPO/GRPO reward: the non_toxic probability (bounded; see rl_configs)
     dpo_steps: int = 60
     dpo_batch_size: int = 16
@@ -98,6 +106,8 @@ class DetoxRows:
         return [REWARD_ROW, *self.policy_rows] + (["rlaif"] if self.rlaif else [])
 
     def __post_init__(self):
+        if self.ppo_prompts not in PPO_PROMPTS:
+            raise ValueError(f"ppo_prompts={self.ppo_prompts!r}; choose one of {list(PPO_PROMPTS)}")
         unknown = sorted(set(self.policy_rows) - set(POLICY_ROWS[:-1]))
         if unknown:
             raise ValueError(f"unknown detox policy rows {unknown}; choose from {list(POLICY_ROWS[:-1])}")
@@ -155,8 +165,15 @@ def _round_up(n: int, multiple: int = 32) -> int:
 
 
 def ppo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
+    """``stage: ppo`` from ``full_ft``; with ``ppo_prompts="rude"`` its prompts are the rude training dialogues,
+    written to ``ppo_prompts.jsonl`` and phrased by the ``dialogsum`` wordings, as the ``dialogsum`` task."""
     common = _common(settings, out / "ppo", tokenizer_dir, rows.ppo_steps, rows.ppo_batch_size, rows.ppo_learning_rate)
-    return _config("ppo", out / BASE_ROW, common, {"objective": "instruction", "tasks": ["dialogsum"]},
+    task = "dialogsum"
+    if rows.ppo_prompts == "rude":
+        path = out / "ppo_prompts.jsonl"
+        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rude_prompts("train")), encoding="utf-8")
+        task = f"dialogsum@jsonl:{path}"
+    return _config("ppo", out / BASE_ROW, common, {"objective": "instruction", "tasks": [task]},
                    {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens, "prompt_length": 2048,
                     "epochs": rows.ppo_epochs, "minibatches": rows.ppo_minibatches, "kl_coef": rows.ppo_kl_coef,
                     "reward_score": rows.reward_score})
