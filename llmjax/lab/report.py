@@ -270,7 +270,8 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         f"# {facts.get('title', 'Lab: dialogue summarization with a small T5')}", "",
         f"Command: `{facts.get('command', f'llmjax lab summarize --out {out}')}`; machine: {platform.machine()} {platform.system()}, "
         f"Python {sys.version.split()[0]}; the whole lab took {facts['lab_seconds']:.0f} s "
-        f"(pre-training {facts['pretrain_seconds']:.0f} s, 0 when reused).", "",
+        f"(pre-training {facts['pretrain_seconds']:.0f} s, 0 when reused; pre-training, the prompted rows and "
+        f"full fine-tuning {facts['first_rows_seconds']:.0f} s).", "",
         f"Model: T5 v1.1-style, d_model={settings['d_model']}, {settings['num_layers']}+{settings['num_layers']} "
         f"layers, {facts['total_params']:,} parameters, pre-trained {settings['pretrain_steps']} steps of span "
         f"corruption on the bundled corpus; fine-tuned {settings['sft_steps']} steps of "

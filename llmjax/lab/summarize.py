@@ -363,6 +363,7 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
                                  heldout_loss=tuned["curve"][-1]["heldout_loss"], tasks=list(tasks),
                                  task_rates=list(rates), **step_costs(out / row))
         say(f"{row}: ROUGE-L {results[row]['rougeL']:.4f}")
+    first_rows_seconds = time.perf_counter() - started  # the instruction-tuning issue's rows, its 15-minute budget
 
     adapter_names = adapter_rows.row_names()
     full_ft_config = sft_config(out / "full_ft", settings, runs["full_ft"][0], runs["full_ft"][1], settings.sft_steps,
@@ -404,7 +405,8 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
                   "after_mixed_sft": results["full_ft_mixed"]["heldout_loss"] if "full_ft_mixed" in results else None,
                   "mixture_share": settings.mixture_share}
     facts = {**(report_header or {}), "settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
-             "lab_seconds": round(time.perf_counter() - started, 1), "forgetting": forgetting,
+             "lab_seconds": round(time.perf_counter() - started, 1),
+             "first_rows_seconds": round(first_rows_seconds, 1), "forgetting": forgetting,
              "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}
     if facts_distill is not None:
         facts["distill"] = facts_distill

@@ -113,6 +113,14 @@ def test_tiny_lab_writes_consistent_outputs_and_reuses_its_pretraining(tmp_path,
     assert first["prompt_tuning"]["trainable_params"] == 4 * 32
     assert all(first[row]["trainable_fraction"] < 0.02 for row in TINY_ADAPTER_ROWS)
     assert all(row in first for row in DETOX_ROWS)
+    # PPO's prompts: exactly the rude training dialogues, phrased by the dialogsum task's wordings.
+    from llmjax.config import load_config
+    from llmjax.data.bundled.detox import rude_prompts
+
+    ppo_prompts = [json.loads(line) for line in (out / "ppo_prompts.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in ppo_prompts] == [e["id"] for e in rude_prompts("train")] and len(ppo_prompts) > 0
+    assert load_config(out / "ppo" / "config.yaml").data.tasks == (f"dialogsum@jsonl:{out / 'ppo_prompts.jsonl'}",)
+    assert 0 < first["_lab"]["first_rows_seconds"] <= first["_lab"]["lab_seconds"]
     assert first["distill"]["teacher"] == "full_ft" and first["distill"]["student_params"] < first["full_ft"]["trainable_params"]
     assert first["_lab"]["distill"]["rougeL_gain"] == pytest.approx(first["distill"]["rougeL"] - first["distill_labels"]["rougeL"])
     assert "## Distillation" in (out / "report.md").read_text()
@@ -150,6 +158,14 @@ def test_saved_lab_run_rescores_and_shows_forgetting():
     forgetting = results["_lab"]["forgetting"]
     assert forgetting["after_sft"] > forgetting["before_sft"]  # SFT forgets the pre-training objective
     assert forgetting["after_mixed_sft"] < forgetting["after_sft"]  # the mixture forgets less
+
+
+@needs_saved_run
+def test_saved_lab_run_trained_its_first_rows_within_15_minutes():
+    """The instruction-tuning issue's budget: pre-training (from scratch in the saved run), the prompted rows and
+    the two full fine-tuning rows, as the run measured them."""
+    lab = json.loads((SAVED / "results.json").read_text())["_lab"]
+    assert lab["pretrain_seconds"] > 0 and lab["first_rows_seconds"] <= 15 * 60
 
 
 @needs_saved_run
