@@ -153,11 +153,16 @@ def reward_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
     for split in ("train", "validation"):
         labelled = reward_labels(split)
         files[split] = out / f"reward_labels_{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labelled), encoding="utf-8")
+        _write_jsonl(files[split], labelled)
     longest = max(len(tokenizer.encode(r["text"])) for split in files for r in reward_labels(split))
     return _config("reward", out / "pretrain", common,
                    {"kind": "jsonl", "source": str(files["train"]), "eval_source": str(files["validation"])},
                    {"kind": "classifier", "num_labels": 2, "wanted_label": 0, "response_length": _round_up(longest)})
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """``rows`` as JSON lines: the data files the lab's stages read (``kind: jsonl`` or a ``@jsonl:`` task)."""
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def _round_up(n: int, multiple: int = 32) -> int:
@@ -171,7 +176,7 @@ def ppo_config(out: Path, settings, rows: DetoxRows, tokenizer_dir: Path):
     task = "dialogsum"
     if rows.ppo_prompts == "rude":
         path = out / "ppo_prompts.jsonl"
-        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in rude_prompts("train")), encoding="utf-8")
+        _write_jsonl(path, rude_prompts("train"))
         task = f"dialogsum@jsonl:{path}"
     return _config("ppo", out / BASE_ROW, common, {"objective": "instruction", "tasks": [task]},
                    {"reward_model": str(out / REWARD_ROW), "max_new_tokens": settings.max_new_tokens, "prompt_length": 2048,
