@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/lora_train.py              # both models (~10 min on 2 shared cores)
     .venv/bin/python benchmarks/lora_train.py --only t5 --steps 2
+    .venv/bin/python benchmarks/lora_train.py --targets all  # LoRA on every dense projection
 
 For T5 v1.1 small and the LLaMA-style decoder of T5-small size (the models and batches of
-``train_throughput.py``), four sides run the same train step (forward, backward, clip 1.0, AdamW, fp32,
+``train_throughput.py``), five sides run the same train step (forward, backward, clip 1.0, AdamW, fp32,
 dropout off) from the same weights on the same batch:
 
 * ``llmjax full``: every parameter trains (``train_everything``);
-* ``llmjax lora``: the SFT/PPO path of a run with a ``lora:`` section. The stage is wrapped by
-  ``llmjax.stages.adapters.with_lora``: the adapters join the tree, only they train, the loss runs on the
-  merged kernels ``W + scale * A @ B``;
+* ``llmjax factored`` and ``llmjax merged``: the path of a run with a ``lora:`` section. The stage is wrapped by
+  ``llmjax.stages.adapters.with_lora``: the adapters join the tree and only they train. ``factored``
+  (``form="factored"``, what ``lora_dropout`` and ``quantize:`` run): each adapted layer computes
+  ``x @ W + scale * (x @ A) @ B``, so the backward pass forms no full-size kernel gradient; ``merged`` (the
+  default): the loss runs on the merged kernels ``W + scale * A @ B``;
 * ``pytorch full`` and ``peft lora``: Hugging Face ``transformers`` with ``torch.optim.AdamW`` and
   ``peft.get_peft_model`` with the same LoRA config, the reference.
 
@@ -46,21 +49,23 @@ from llmjax.train.optim import make_optimizer  # noqa: E402
 from llmjax.train.state import count_params, init_train_state  # noqa: E402
 from llmjax.train.step import compile_step, make_train_step  # noqa: E402
 
-# The course's targets: q and v; rank 8 and 32 with alpha = 2r would change only the scale.
-TARGETS = {"t5": ("q", "v"), "decoder": ("q_proj", "v_proj")}
+# The course's targets are q and v (--targets qv); rank 8 and 32 with alpha = 2r would change only the scale.
+TARGETS = {"qv": {"t5": ("q", "v"), "decoder": ("q_proj", "v_proj")},
+           "all": {"t5": ("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
+                   "decoder": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}}
 
 
-def llmjax_side(work: Workload, lora_cfg: lora.LoraConfig | None, params=None):
+def llmjax_side(work: Workload, lora_cfg: lora.LoraConfig | None, params=None, form: str = "auto"):
     """``(step_fn, model, host params, info)`` for full training (``lora_cfg`` None) or LoRA on the same
     weights. ``info``: trainable parameter count and optimizer bytes per device."""
     model = build_model(dataclasses.replace(work.config, remat_policy="none"))
     tx, _ = make_optimizer(OPTIM, total_steps=1000)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
-    stage = Stage(name="benchmark", model=model, loss_fn=lm_loss_fn(model), train_data=None)
+    stage = Stage(name="benchmark", model=model, loss_fn=lm_loss_fn(model), loss_for=lm_loss_fn, train_data=None)
     if lora_cfg is not None:
         from llmjax.stages.adapters import with_lora
 
-        stage = with_lora(stage, lora_cfg)
+        stage = with_lora(stage, lora_cfg, form=form)
     state, shardings = init_train_state(model, tx, stage.is_trainable, seed=0, mesh=mesh, params=params,
                                         init_tree=stage.init_tree)
     info = {"trainable": count_params(state.params),
@@ -94,18 +99,21 @@ def torch_side(work: Workload, model, params, lora_cfg: lora.LoraConfig | None):
     return run, {"trainable": trainable, "optimizer_bytes": optimizer_bytes}
 
 
-def compare(work: Workload, rank: int, warmup: int, steps: int) -> list[str]:
-    cfg = lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[work.family])
+def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int) -> list[str]:
+    cfg = lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets][work.family])
     full_run, model, params, full_info = llmjax_side(work, None)
-    lora_run, _, _, lora_info = llmjax_side(work, cfg, params=params)
+    factored_run, _, _, factored_info = llmjax_side(work, cfg, params=params, form="factored")
+    merged_run, _, _, merged_info = llmjax_side(work, cfg, params=params, form="merged")
     torch_full, torch_full_info = torch_side(work, model, params, None)
     torch_lora, torch_lora_info = torch_side(work, model, params, cfg)
-    sides = {"llmjax full": full_run, "llmjax lora": lora_run, "pytorch full": torch_full, "peft lora": torch_lora}
+    sides = {"llmjax full": full_run, "llmjax factored": factored_run, "llmjax merged": merged_run,
+             "pytorch full": torch_full, "peft lora": torch_lora}
     first = {}
     for name, run in sides.items():  # first call: compile (llmjax) + a step; losses before any update agree
         start = time.perf_counter()
         first[name] = (run(), time.perf_counter() - start)
-    infos = {"llmjax full": full_info, "llmjax lora": lora_info, "pytorch full": torch_full_info,
+    infos = {"llmjax full": full_info, "llmjax factored": factored_info, "llmjax merged": merged_info,
+             "pytorch full": torch_full_info,
              "peft lora": torch_lora_info}
     for info in infos.values():  # PyTorch allocates its AdamW moments at the first step
         if callable(info["optimizer_bytes"]):
@@ -124,17 +132,19 @@ def compare(work: Workload, rank: int, warmup: int, steps: int) -> list[str]:
     for name, timing in timings.items():
         medians[name] = (statistics.median(timing.wall), statistics.median(timing.cpu))
         info = infos[name]
-        lines.append(f"  {name:13s} step median wall {medians[name][0]:7.3f} s (min {min(timing.wall):.3f}) "
+        lines.append(f"  {name:15s} step median wall {medians[name][0]:7.3f} s (min {min(timing.wall):.3f}) "
                      f"cpu {medians[name][1]:7.3f} CPU-s; trainable {info['trainable']:>11,d} "
                      f"({100 * info['trainable'] / total:6.3f}%); optimizer state "
                      f"{info['optimizer_bytes'] / 2**20:9.3f} MiB per device")
-    for full, adapted in (("llmjax full", "llmjax lora"), ("pytorch full", "peft lora")):
+    for full, adapted in (("llmjax full", "llmjax factored"), ("llmjax full", "llmjax merged"),
+                          ("pytorch full", "peft lora")):
         lines.append(
             f"  {adapted} / {full}: step time wall {medians[adapted][0] / medians[full][0]:.2f}x, "
             f"CPU {medians[adapted][1] / medians[full][1]:.2f}x; optimizer bytes "
             f"{100 * infos[adapted]['optimizer_bytes'] / infos[full]['optimizer_bytes']:.2f}%")
-    lines.append(f"  llmjax lora / peft lora step time: wall {medians['llmjax lora'][0] / medians['peft lora'][0]:.2f}x, "
-                 f"CPU {medians['llmjax lora'][1] / medians['peft lora'][1]:.2f}x")
+    for first, second in (("llmjax factored", "llmjax merged"), ("llmjax factored", "peft lora")):
+        lines.append(f"  {first} / {second} step time: wall {medians[first][0] / medians[second][0]:.2f}x, "
+                     f"CPU {medians[first][1] / medians[second][1]:.2f}x")
     return lines
 
 
@@ -142,11 +152,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(parser)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", choices=sorted(TARGETS), default="qv",
+                        help="adapt the attention's q and v (the course's choice) or every dense projection")
     args = parser.parse_args()
     for line in machine_lines():
         print(line, flush=True)
     for work in workloads_of(args):
-        for line in compare(work, args.rank, args.warmup, args.steps):
+        for line in compare(work, args.rank, args.targets, args.warmup, args.steps):
             print(line, flush=True)
     print("(wall: seconds of wall-clock time per step; cpu: CPU-seconds of this process per step, which other "
           "processes sharing the cores do not inflate)")

@@ -7,8 +7,9 @@ Run from the repository root (compiles only; about a minute on a 2-core CPU)::
 
 For the T5-small shape (or the ~60M decoder of ``benchmarks/decode.py``), random weights, LoRA r=8 on q and
 v: the gradient of the token cross-entropy with respect to the adapters, computed as the stages compute it
-(LoRA: the adapters merged into the fp32 kernels, ``llmjax.lora.merge``; QLoRA: the int8 model with the
-adapters factored, ``llmjax.lora.apply_factored``, as ``llmjax.stages.adapters`` does under ``quantize:``),
+as ``llmjax.stages.adapters`` does (LoRA: the adapters merged into the fp32 kernels, ``llmjax.lora.merge``, the
+default, and the fp32 model with the adapters factored, ``llmjax.lora.apply_factored``, ``form="factored"``;
+QLoRA: the int8 model with the adapters factored, as under ``quantize:``),
 is compiled and XLA's ``memory_analysis()`` printed: argument bytes (the frozen base and the adapters) and
 temporary bytes (activations kept for the backward pass, and any dequantized weight copy XLA makes).
 """
@@ -56,11 +57,15 @@ def analyse(family: str, batch: int, length: int) -> dict:
         merged = lora.merge(base, adapters, cfg)
         return loss_of(lambda *a: model.apply({"params": merged}, *a), family, ids)
 
+    def factored_loss(adapters, base, ids):
+        return loss_of(lambda *a: lora.apply_factored(model, base, adapters, cfg, *a), family, ids)
+
     def qlora_loss(adapters, base, ids):
         return loss_of(lambda *a: lora.apply_factored(qmodel, base, adapters, cfg, *a), family, ids)
 
     rows = {}
-    for name, fn, base in (("LoRA, fp32 base", lora_loss, params), ("QLoRA, int8 base", qlora_loss, qparams)):
+    for name, fn, base in (("LoRA factored, fp32 base", factored_loss, params),
+                           ("LoRA merged, fp32 base", lora_loss, params), ("QLoRA, int8 base", qlora_loss, qparams)):
         stats = jax.jit(jax.grad(fn)).lower(adapters, base, ids).compile().memory_analysis()
         rows[name] = (quantize.param_bytes(base), stats.argument_size_in_bytes, stats.temp_size_in_bytes)
     return rows

@@ -10,10 +10,14 @@ and returns the Stage the loop runs instead:
 * trainable: the adapter leaves only: the optimizer state and the checkpoints hold adapters alone
              (with a base, the checkpoint also records its path and sha256 and a resume checks them)
 * loss:      the stage's loss on the merged params ``W + scale * A @ B`` (plus the stage's heads, and under
-             ``reference`` the model with adapters off: RL stages compare against it without a second copy) (``llmjax.lora.merge`` inside the
-             jitted step; gradients reach A and B through it): as fast as or faster than computing the adapters
-             factored on whole models here (merged/factored CPU time 0.83-1.01x,
-             ``benchmarks/results/lora_forward_cpu.txt``). With ``lora_dropout`` > 0, which a merge cannot
+             ``reference`` the model with adapters off: RL stages compare against it without a second copy)
+             (``llmjax.lora.merge`` inside the jitted step; gradients reach A and B through it). Train steps
+             interleaving it with the factored form ``x @ W + scale * (x @ A) @ B`` (``with_lora(...,
+             form="factored")``; ``benchmarks/results/lora_train_cpu.txt``): the same time within noise with
+             r=8 on q and v (factored/merged CPU time 0.97-1.02x on T5 v1.1 small and the 60M decoder), 1.10x
+             slower factored with r=8 on all seven projections; the factored step needs less memory (XLA's
+             temporaries 347 vs 430 MiB on T5 small, q and v, batch 4 x 128;
+             ``benchmarks/results/qlora_memory_cpu.txt``). With ``lora_dropout`` > 0, which a merge cannot
              express, the stage's loss rebuilt (``Stage.loss_for``) on the model computing each adapted
              ``Dense`` factored, ``x @ W + scale * (dropout(x) @ A) @ B`` (``llmjax.lora.apply_factored``,
              PEFT's dropout); a stage without ``loss_for`` refuses ``lora_dropout``.
@@ -68,9 +72,22 @@ def with_run_adapters(config: RunConfig, stage: Stage) -> Stage:
     return stage if config.lora is None else with_lora(stage, config.lora, config.quantize)
 
 
-def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig | None = None) -> Stage:
+LORA_FORMS = ("auto", "merged", "factored")
+
+
+def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig | None = None, *,
+              form: str = "auto") -> Stage:
     """``stage`` training the LoRA adapters of ``cfg`` on its frozen model (see the module docstring), kept int8
-    when ``quantize_cfg`` is given. ``cfg``'s targets were checked against the model with the run config."""
+    when ``quantize_cfg`` is given. ``cfg``'s targets were checked against the model with the run config.
+
+    ``form`` (one of ``LORA_FORMS``) picks how the loss computes the adapted layers: ``"auto"``, the module
+    docstring's rule (merged, unless an int8 base or ``lora_dropout`` needs the factored form); ``"merged"``
+    (``W + scale * A @ B`` inside the loss; refused where the factored form is needed); or ``"factored"``
+    (the stage's ``loss_for`` on the model computing each adapted ``Dense`` as ``x @ W + scale * (x @ A) @ B``,
+    less memory: no merged kernel copy, no full-size kernel gradient). ``benchmarks/lora_train.py`` times the
+    two explicit forms in the same run."""
+    if form not in LORA_FORMS:
+        raise ValueError(f"with_lora form must be one of {LORA_FORMS}, got {form!r}")
     model = stage.model
     base_tree = stage.init_tree or model_init_tree(model)
     int8_model = None if quantize_cfg is None else quantize.quantized_model(model, "int8")
@@ -97,20 +114,26 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
         reference the model with adapters off (the base's arrays themselves, never a copy)."""
         return {**merged(tree), **_stage_parts(tree), REFERENCE_KEY: model_params(tree)}
 
-    if int8_model is not None:
+    needs_factored = int8_model is not None or cfg.lora_dropout > 0
+    if form == "merged" and needs_factored:
+        raise ValueError("with_lora form='merged' cannot run an int8 base or lora_dropout > 0: both need the "
+                         "factored form")
+    if needs_factored or form == "factored":
         if stage.loss_for is None:
-            raise ConfigError(f"quantize: is not supported by stage {stage.name!r}: it gives no loss_for, so its "
-                              "loss cannot run the int8 base with factored adapters; drop the quantize section")
-        loss_fn = stage.loss_for(_FactoredModel(int8_model, cfg))
-    elif cfg.lora_dropout == 0:
+            if int8_model is not None:
+                raise ConfigError(f"quantize: is not supported by stage {stage.name!r}: it gives no loss_for, so "
+                                  "its loss cannot run the int8 base with factored adapters; drop the quantize "
+                                  "section")
+            if cfg.lora_dropout > 0:
+                raise ConfigError(f"lora.lora_dropout={cfg.lora_dropout} is not supported by stage "
+                                  f"{stage.name!r}: it gives no loss_for, so its adapters can only be merged into "
+                                  "the weights inside the loss, which cannot drop the adapter's input alone; set "
+                                  "lora.lora_dropout=0")
+            raise ValueError(f"with_lora form='factored' needs a stage with loss_for; {stage.name!r} gives none")
+        loss_fn = stage.loss_for(_FactoredModel(model if int8_model is None else int8_model, cfg))
+    else:
         def loss_fn(tree, batch, rng):
             return stage.loss_fn(stage_view(tree), batch, rng)
-    elif stage.loss_for is not None:
-        loss_fn = stage.loss_for(_FactoredModel(model, cfg))
-    else:
-        raise ConfigError(f"lora.lora_dropout={cfg.lora_dropout} is not supported by stage {stage.name!r}: it gives "
-                          "no loss_for, so its adapters can only be merged into the weights inside the loss, which "
-                          "cannot drop the adapter's input alone; set lora.lora_dropout=0")
 
     eval_hook = None
     if stage.eval_hook is not None:

@@ -207,3 +207,35 @@ def test_a_lora_run_in_the_other_layer_layout_than_its_base_loads_merged(base_di
     for got, want in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert jax.tree_util.tree_structure(loaded.params) == jax.tree_util.tree_structure(expected)
+
+
+def test_merged_and_factored_forms_give_the_same_loss_and_adapter_gradients(base_dir, tmp_path):
+    """``with_lora``'s two forms of the loss (merged kernels, the default; adapters computed factored) agree in
+    loss and adapter gradients; a form that cannot run is refused by name."""
+    from llmjax.stages.adapters import with_lora
+
+    plain = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "plain", "model.dropout_rate=0.0"))
+    cfg = lora.LoraConfig(4, 8, 0.0, ("q", "v", "wo"))
+    stages = {form: with_lora(plain, cfg, form=form) for form in ("auto", "merged", "factored")}
+    tree = stages["auto"].init_tree(jax.random.key(0), plain.base.params)
+    tree["lora"] = jax.tree_util.tree_map(lambda x: x + 0.05, tree["lora"])  # B away from zero
+    batch = next(plain.train_data)
+    results = {}
+    for form, stage in stages.items():
+        grad_fn = jax.jit(jax.grad(lambda adapters, s=stage: s.loss_fn({**tree, "lora": adapters}, batch, None)[0],
+                                   has_aux=False))
+        results[form] = (float(stage.loss_fn(tree, batch, None)[0]), grad_fn(tree["lora"]))
+    assert results["auto"][0] == results["merged"][0]  # the default is the merged form
+    assert results["factored"][0] == pytest.approx(results["merged"][0], rel=1e-5)
+    gradients = [jax.tree_util.tree_leaves(results[form][1]) for form in ("merged", "factored")]
+    largest = max(float(np.abs(g).max()) for g in gradients[0])  # the loss is a sum over tokens
+    assert largest > 1e-3
+    for merged, factored in zip(*gradients):
+        np.testing.assert_allclose(factored, merged, rtol=1e-4, atol=1e-6 * largest)
+
+    with pytest.raises(ValueError, match="form must be one of"):
+        with_lora(plain, cfg, form="fused")
+    with pytest.raises(ValueError, match="form='merged' cannot run an int8 base or lora_dropout"):
+        with_lora(plain, dataclasses.replace(cfg, lora_dropout=0.1), form="merged")
+    with pytest.raises(ValueError, match="form='factored' needs a stage with loss_for; 'sft' gives none"):
+        with_lora(dataclasses.replace(plain, loss_for=None), cfg, form="factored")
