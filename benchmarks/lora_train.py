@@ -113,8 +113,7 @@ def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int) ->
         start = time.perf_counter()
         first[name] = (run(), time.perf_counter() - start)
     infos = {"llmjax full": full_info, "llmjax factored": factored_info, "llmjax merged": merged_info,
-             "pytorch full": torch_full_info,
-             "peft lora": torch_lora_info}
+             "pytorch full": torch_full_info, "peft lora": torch_lora_info}
     for info in infos.values():  # PyTorch allocates its AdamW moments at the first step
         if callable(info["optimizer_bytes"]):
             info["optimizer_bytes"] = info["optimizer_bytes"]()

@@ -118,18 +118,16 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     if form == "merged" and needs_factored:
         raise ValueError("with_lora form='merged' cannot run an int8 base or lora_dropout > 0: both need the "
                          "factored form")
+    if stage.loss_for is None and int8_model is not None:
+        raise ConfigError(f"quantize: is not supported by stage {stage.name!r}: it gives no loss_for, so its loss "
+                          "cannot run the int8 base with factored adapters; drop the quantize section")
+    if stage.loss_for is None and cfg.lora_dropout > 0:
+        raise ConfigError(f"lora.lora_dropout={cfg.lora_dropout} is not supported by stage {stage.name!r}: it gives "
+                          "no loss_for, so its adapters can only be merged into the weights inside the loss, which "
+                          "cannot drop the adapter's input alone; set lora.lora_dropout=0")
+    if stage.loss_for is None and form == "factored":
+        raise ValueError(f"with_lora form='factored' needs a stage with loss_for; {stage.name!r} gives none")
     if needs_factored or form == "factored":
-        if stage.loss_for is None:
-            if int8_model is not None:
-                raise ConfigError(f"quantize: is not supported by stage {stage.name!r}: it gives no loss_for, so "
-                                  "its loss cannot run the int8 base with factored adapters; drop the quantize "
-                                  "section")
-            if cfg.lora_dropout > 0:
-                raise ConfigError(f"lora.lora_dropout={cfg.lora_dropout} is not supported by stage "
-                                  f"{stage.name!r}: it gives no loss_for, so its adapters can only be merged into "
-                                  "the weights inside the loss, which cannot drop the adapter's input alone; set "
-                                  "lora.lora_dropout=0")
-            raise ValueError(f"with_lora form='factored' needs a stage with loss_for; {stage.name!r} gives none")
         loss_fn = stage.loss_for(_FactoredModel(model if int8_model is None else int8_model, cfg))
     else:
         def loss_fn(tree, batch, rng):
