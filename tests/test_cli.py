@@ -205,6 +205,7 @@ def small_tokenizer(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(small_tokenizer, tmp_path,
                                                                                monkeypatch, capsys):
     from llmjax.train import checkpoint

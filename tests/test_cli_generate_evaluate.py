@@ -119,6 +119,7 @@ def test_evaluate_writes_report_equal_to_library_run(t5_dir, tmp_path, capsys):
     assert scores_table(results) in (out_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_evaluate_in_a_subprocess(decoder_dir, tmp_path):
     script = REPO / ".venv" / "bin" / "llmjax"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "llmjax.cli"]

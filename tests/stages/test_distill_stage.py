@@ -96,6 +96,7 @@ def t5_run(pretrained, tmp_path_factory):
     return (out, *_run(pretrained, out, "train.steps=4", "train.eval_every_steps=4", "train.eval_steps=1")[:3])
 
 
+@pytest.mark.slow
 def test_t5_student_learns_from_a_frozen_checkpoint_teacher_and_exports_alone(pretrained, t5_run):
     out, summary, rows, tree = t5_run
     teacher = load_model(pretrained)
@@ -124,6 +125,7 @@ def test_t5_student_learns_from_a_frozen_checkpoint_teacher_and_exports_alone(pr
     assert meta["frozen_models"][TEACHER_KEY]["sha256"] == model_sha256(teacher)
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run_and_a_changed_teacher_is_refused(pretrained, t5_run, tmp_path):
     whole = t5_run[3]
     _run(pretrained, tmp_path / "cut", "train.steps=2")

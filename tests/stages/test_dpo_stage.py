@@ -137,6 +137,7 @@ def _starts_at_log2(rows):
     assert 0.0 <= first["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_full_dpo_starts_at_log2_keeps_its_reference_and_exports_the_policy_alone(bases, full_run):
     out, summary, rows, tree = full_run
     _starts_at_log2(rows)
@@ -211,6 +212,7 @@ def test_lora_dpo_of_the_decoder_trains_adapters_against_the_base_itself(bases, 
     assert not _leaves_equal(load_model(export).params, base)  # the merged policy
 
 
+@pytest.mark.slow
 def test_resume_continues_bitwise_and_rebuilds_the_reference_from_the_base(bases, data, full_run, tmp_path):
     whole = full_run[3]  # on the 8 fake devices, as these runs
     run_stage(_config(bases["t5"], data, tmp_path / "split", "train.steps=2"), progress=False)

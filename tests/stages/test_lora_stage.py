@@ -152,6 +152,7 @@ def test_lora_config_errors(base_dir, tmp_path):
     assert shipped.lora == lora.LoraConfig(r=8, lora_alpha=32, target_modules=("q", "v")) and shipped.stage == "sft"
 
 
+@pytest.mark.slow
 def test_lora_pretraining_of_a_sharded_decoder_from_random_weights(pretrained, tmp_path):
     """The same transformation on another stage and family: LLaMA targets, a data/fsdp/tensor mesh, no base
     (the frozen random weights are then checkpointed whole, there being nothing to rebuild them from)."""

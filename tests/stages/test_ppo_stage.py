@@ -87,6 +87,7 @@ def _steps(stage, config, mesh, count, batches=None):
         return jax.device_get(state), used, stats
 
 
+@pytest.mark.slow
 def test_ppo_t5_starts_at_kl_0_keeps_its_reference_and_logs_every_metric(pretrained, reward_model, tmp_path):
     config = _ppo(pretrained, reward_model, tmp_path / "out", "train.steps=2")
     stage = stage_module("ppo").build_stage(config)
@@ -108,6 +109,7 @@ def test_ppo_t5_starts_at_kl_0_keeps_its_reference_and_logs_every_metric(pretrai
     assert REFERENCE_KEY not in saved and HEADS_KEY in saved and meta["stage"] == "ppo"
 
 
+@pytest.mark.slow
 def test_lora_ppo_of_a_decoder_uses_the_base_as_reference_and_trains_adapters_and_value_head(
         decoder_base, reward_model, tmp_path):
     config = _ppo(decoder_base, reward_model, tmp_path / "out", "train.steps=2", "model={}",
@@ -171,6 +173,7 @@ def test_rollouts_sample_on_the_training_mesh_and_match_one_device(family, pretr
         np.testing.assert_allclose(one_stats[name], eight_stats[name], atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_grpo_runs_groups_without_a_value_head(pretrained, reward_model, tmp_path):
     out = tmp_path / "grpo"
     summary = run_stage(_ppo(pretrained, reward_model, out, "train.steps=2", stage="grpo"), progress=False)

@@ -83,6 +83,7 @@ def test_llmjax_train_with_no_arguments_uses_every_device_pretrains_and_exports(
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_decoder_pretrains_with_causal_lm(tmp_path):
     out = tmp_path / "run"
     config = load_config(DEFAULT_CONFIG_PATH, [

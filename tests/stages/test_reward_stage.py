@@ -47,6 +47,7 @@ def t5_run(pretrained, tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_t5_classifier_run_logs_held_out_accuracy_and_exports_what_reward_model_load_reads(t5_run):
     out, summary = t5_run
     rows = _metrics(out)
@@ -72,6 +73,7 @@ def test_t5_classifier_run_logs_held_out_accuracy_and_exports_what_reward_model_
     assert from_run.accuracy(detox.toxicity_labels("validation")[:16], batch_size=8) == evals[-1]["accuracy"]
 
 
+@pytest.mark.slow
 def test_reward_run_resumes_exactly(pretrained, t5_run, tmp_path):
     out, _ = t5_run
     run_stage(_reward(tmp_path / "split", "train.steps=2", init_from=pretrained), progress=False)
@@ -81,6 +83,7 @@ def test_reward_run_resumes_exactly(pretrained, t5_run, tmp_path):
     assert _bitwise_equal(whole.params, split.params) and _bitwise_equal(whole.heads, split.heads)
 
 
+@pytest.mark.slow
 def test_decoder_pairwise_run_from_random_init(pretrained, tmp_path):
     out = tmp_path / "decoder"
     config = _reward(out, *PAIRWISE, "model.include=model/decoder_tiny.yaml", "model.hidden_size=32",
@@ -96,6 +99,7 @@ def test_decoder_pairwise_run_from_random_init(pretrained, tmp_path):
     assert model.accuracy(detox.preference_pairs("validation")[:8]) == evals[0]["accuracy"]  # the eval's 8 pairs
 
 
+@pytest.mark.slow
 def test_lora_reward_run_trains_adapters_and_head_only(pretrained, tmp_path):
     loaded = load_model(pretrained)
     base_dir = tmp_path / "base"

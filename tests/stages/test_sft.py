@@ -43,6 +43,7 @@ def _sft(init_from, out, *overrides):
                                     *overrides])
 
 
+@pytest.mark.slow
 def test_sft_from_a_pretrain_checkpoint_logs_eval_loss_and_rouge_and_exports(pretrained, tmp_path):
     out = tmp_path / "sft"
     summary = run_stage(_sft(pretrained, out, "train.steps=4", "train.eval_every_steps=2", "train.eval_steps=1",
@@ -83,6 +84,7 @@ def test_unknown_stage_and_wrong_objective_are_config_errors(pretrained, tmp_pat
         stage_module("pretrain").build_stage(_sft(pretrained, tmp_path, "stage=pretrain"))
 
 
+@pytest.mark.slow
 def test_frozen_base_checkpoints_only_what_trains_resumes_exactly_and_refuses_a_changed_base(pretrained, tmp_path):
     from llmjax import hf
 
@@ -208,6 +210,7 @@ def test_sigkill_during_sft_then_resume_equals_uninterrupted(pretrained, tmp_pat
     assert _bitwise_equal(a, b), f"killed after checkpoint {kill_after}"
 
 
+@pytest.mark.slow
 def test_continued_pretraining_from_a_run_dir_keeps_its_tokenizer_and_records_its_base(pretrained, tmp_path):
     out = tmp_path / "more"
     summary = run_stage(load_config(DEFAULT_CONFIG_PATH, [
