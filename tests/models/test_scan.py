@@ -141,7 +141,8 @@ def train(family: str, config, optimizer: str, steps: int = 5):
     return losses, unstack_layers(final, config) if config.scan_layers else final
 
 
-@pytest.mark.parametrize("family, optimizer", [("t5", "adamw"), ("decoder", "adamw"), ("t5", "adafactor")])
+@pytest.mark.parametrize("family, optimizer", [("t5", "adamw"), ("decoder", "adamw"),
+                                               pytest.param("t5", "adafactor", marks=pytest.mark.slow)])
 def test_scan_on_and_off_train_the_same(family, optimizer):
     losses_off, params_off = train(family, unrolled(CONFIGS[family]), optimizer)
     losses_on, params_on = train(family, CONFIGS[family], optimizer)
@@ -170,7 +171,7 @@ def assert_same_gradients(config, params, policies):
         assert max_abs_diff(grads_p, grads) <= 1e-6, policy
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "t5" else f for f in sorted(CONFIGS)])
 def test_every_remat_policy_gives_the_gradients_of_none(family):
     # The decoder with attention dropout; T5 without (its dropout makes each compile ~5x slower; the
     # next test covers it), which leaves the policies' saving and recomputing to compare.
@@ -181,6 +182,7 @@ def test_every_remat_policy_gives_the_gradients_of_none(family):
     assert_same_gradients(unrolled(config), weights(family), ["save_dots_no_batch"])
 
 
+@pytest.mark.slow  # T5 with dropout compiles ~5x slower (~20 s)
 def test_full_remat_replays_t5_dropout():
     config = dataclasses.replace(CONFIGS["t5"], dropout_rate=0.2)
     params = stack_layers(weights("t5"), config)

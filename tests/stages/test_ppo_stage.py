@@ -123,7 +123,7 @@ def test_lora_ppo_of_a_decoder_uses_the_base_as_reference_and_trains_adapters_an
     assert _bitwise_equal(state.frozen_params, stage.base.params)
 
 
-@pytest.mark.parametrize("family", ["t5", "decoder"])
+@pytest.mark.parametrize("family", ["t5", pytest.param("decoder", marks=pytest.mark.slow)])
 def test_a_fixed_rollout_trains_the_same_on_8_devices_as_on_one(family, pretrained, decoder_base, reward_model,
                                                                 tmp_path):
     init_from, extra = (pretrained, []) if family == "t5" else (decoder_base, ["model={}"])

@@ -65,7 +65,7 @@ def test_split_microbatches_is_strided():
     np.testing.assert_array_equal(micro[1], [[2, 3], [8, 9]])  # rows 1 and 4
 
 
-@pytest.mark.parametrize("family", ["t5", "decoder"])
+@pytest.mark.parametrize("family", [pytest.param("t5", marks=pytest.mark.slow), "decoder"])
 def test_accumulated_microbatches_equal_one_big_batch(family):
     # Uneven padding per row: a per-microbatch mean would differ from the token-weighted mean.
     batches = [random_batch(family, 8, seed=s) for s in range(2)]
@@ -110,7 +110,7 @@ def test_accumulated_step_equals_a_hand_written_token_mean_loss():
     assert _max_abs_diff(expected, params) > 1e-2  # the step moved the params far beyond the tolerance
 
 
-@pytest.mark.parametrize("family", ["t5", "decoder"])
+@pytest.mark.parametrize("family", [pytest.param("t5", marks=pytest.mark.slow), "decoder"])  # T5: ~30 s
 def test_every_mesh_gives_the_same_training_run(family):
     first, second = random_batch(family, 8, seed=0), random_batch(family, 8, seed=1)
     batches = [first, second, first, second, first]
