@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/lora_train.py              # both models (~10 min on 2 shared cores)
     .venv/bin/python benchmarks/lora_train.py --only t5 --steps 2
     .venv/bin/python benchmarks/lora_train.py --targets all  # LoRA on every dense projection
+    .venv/bin/python benchmarks/lora_train.py --layers unrolled  # llmjax's layers unrolled (default: scanned)
 
 For T5 v1.1 small and the LLaMA-style decoder of T5-small size (the models and batches of
 ``train_throughput.py``), five sides run the same train step (forward, backward, clip 1.0, AdamW, fp32,
@@ -55,10 +56,12 @@ TARGETS = {"qv": {"t5": ("q", "v"), "decoder": ("q_proj", "v_proj")},
                    "decoder": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}}
 
 
-def llmjax_side(work: Workload, lora_cfg: lora.LoraConfig | None, params=None, form: str = "auto"):
+def llmjax_side(work: Workload, lora_cfg: lora.LoraConfig | None, params=None, form: str = "auto",
+                scan_layers: bool = True):
     """``(step_fn, model, host params, info)`` for full training (``lora_cfg`` None) or LoRA on the same
-    weights. ``info``: trainable parameter count and optimizer bytes per device."""
-    model = build_model(dataclasses.replace(work.config, remat_policy="none"))
+    weights, the layers in one ``nn.scan`` or unrolled. ``info``: trainable parameter count and optimizer bytes
+    per device."""
+    model = build_model(dataclasses.replace(work.config, remat_policy="none", scan_layers=scan_layers))
     tx, _ = make_optimizer(OPTIM, total_steps=1000)
     mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
     stage = Stage(name="benchmark", model=model, loss_fn=lm_loss_fn(model), loss_for=lm_loss_fn, train_data=None)
@@ -99,11 +102,11 @@ def torch_side(work: Workload, model, params, lora_cfg: lora.LoraConfig | None):
     return run, {"trainable": trainable, "optimizer_bytes": optimizer_bytes}
 
 
-def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int) -> list[str]:
+def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, scan_layers: bool = True) -> list[str]:
     cfg = lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets][work.family])
-    full_run, model, params, full_info = llmjax_side(work, None)
-    factored_run, _, _, factored_info = llmjax_side(work, cfg, params=params, form="factored")
-    merged_run, _, _, merged_info = llmjax_side(work, cfg, params=params, form="merged")
+    full_run, model, params, full_info = llmjax_side(work, None, scan_layers=scan_layers)
+    factored_run, _, _, factored_info = llmjax_side(work, cfg, params=params, form="factored", scan_layers=scan_layers)
+    merged_run, _, _, merged_info = llmjax_side(work, cfg, params=params, form="merged", scan_layers=scan_layers)
     torch_full, torch_full_info = torch_side(work, model, params, None)
     torch_lora, torch_lora_info = torch_side(work, model, params, cfg)
     sides = {"llmjax full": full_run, "llmjax factored": factored_run, "llmjax merged": merged_run,
@@ -124,7 +127,8 @@ def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int) ->
 
     total = count_params(params)
     lines = [f"== {work.name}: {total / 1e6:.1f}M params, batch {work.batch_size}, fp32, AdamW + clip 1.0; "
-             f"LoRA r={rank}, alpha={2 * rank}, targets {list(cfg.target_modules)} ==",
+             f"LoRA r={rank}, alpha={2 * rank}, targets {list(cfg.target_modules)}; llmjax layers "
+             f"{'scanned' if scan_layers else 'unrolled'} ==",
              "first call (compile + step) and its loss: " + ", ".join(
                  f"{name} {seconds:.1f} s loss {loss:.6f}" for name, (loss, seconds) in first.items())]
     medians = {}
@@ -153,11 +157,13 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", choices=sorted(TARGETS), default="qv",
                         help="adapt the attention's q and v (the course's choice) or every dense projection")
+    parser.add_argument("--layers", choices=("scanned", "unrolled"), default="scanned",
+                        help="llmjax's layers in one nn.scan (the models' default) or unrolled (scan_layers: False)")
     args = parser.parse_args()
     for line in machine_lines():
         print(line, flush=True)
     for work in workloads_of(args):
-        for line in compare(work, args.rank, args.targets, args.warmup, args.steps):
+        for line in compare(work, args.rank, args.targets, args.warmup, args.steps, args.layers == "scanned"):
             print(line, flush=True)
     print("(wall: seconds of wall-clock time per step; cpu: CPU-seconds of this process per step, which other "
           "processes sharing the cores do not inflate)")
