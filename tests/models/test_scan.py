@@ -171,7 +171,8 @@ def assert_same_gradients(config, params, policies):
         assert max_abs_diff(grads_p, grads) <= 1e-6, policy
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "t5" else f for f in sorted(CONFIGS)])
+@pytest.mark.parametrize("family", [f if f != "t5" else pytest.param(f, marks=pytest.mark.slow)  # T5: ~20 s
+                                    for f in sorted(CONFIGS)])
 def test_every_remat_policy_gives_the_gradients_of_none(family):
     # The decoder with attention dropout; T5 without (its dropout makes each compile ~5x slower; the
     # next test covers it), which leaves the policies' saving and recomputing to compare.
