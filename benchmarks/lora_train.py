@@ -105,18 +105,18 @@ def torch_side(work: Workload, model, params, lora_cfg: lora.LoraConfig | None):
 def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, scan_layers: bool = True) -> list[str]:
     cfg = lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets][work.family])
     full_run, model, params, full_info = llmjax_side(work, None, scan_layers=scan_layers)
-    factored_run, _, _, factored_info = llmjax_side(work, cfg, params=params, form="factored", scan_layers=scan_layers)
-    merged_run, _, _, merged_info = llmjax_side(work, cfg, params=params, form="merged", scan_layers=scan_layers)
-    torch_full, torch_full_info = torch_side(work, model, params, None)
-    torch_lora, torch_lora_info = torch_side(work, model, params, cfg)
-    sides = {"llmjax full": full_run, "llmjax factored": factored_run, "llmjax merged": merged_run,
-             "pytorch full": torch_full, "peft lora": torch_lora}
+    built = {"llmjax full": (full_run, full_info)}  # side -> (one step, info), all from the same weights
+    for form in ("factored", "merged"):
+        run, _, _, info = llmjax_side(work, cfg, params=params, form=form, scan_layers=scan_layers)
+        built[f"llmjax {form}"] = (run, info)
+    built["pytorch full"] = torch_side(work, model, params, None)
+    built["peft lora"] = torch_side(work, model, params, cfg)
+    sides = {name: run for name, (run, _) in built.items()}
+    infos = {name: info for name, (_, info) in built.items()}
     first = {}
     for name, run in sides.items():  # first call: compile (llmjax) + a step; losses before any update agree
         start = time.perf_counter()
         first[name] = (run(), time.perf_counter() - start)
-    infos = {"llmjax full": full_info, "llmjax factored": factored_info, "llmjax merged": merged_info,
-             "pytorch full": torch_full_info, "peft lora": torch_lora_info}
     for info in infos.values():  # PyTorch allocates its AdamW moments at the first step
         if callable(info["optimizer_bytes"]):
             info["optimizer_bytes"] = info["optimizer_bytes"]()
