@@ -1,0 +1,151 @@
+"""Does LoRA near full fine-tuning when its base already knows a sibling task? (The lab's PEFT question, README: Lab.)
+
+The course's LoRA adapts FLAN-T5, a model instruction-tuned on many tasks, chat summaries among them, before it
+ever sees DialogSum. The lab's base has only seen span corruption. This experiment gives the lab's model a small
+stand-in for that instruction tuning and measures full fine-tuning and LoRA from it, as the course does:
+
+1. the lab's pre-training (``llmjax.lab.summarize.pretrain``: same model, tokenizer, corpus and schedule);
+2. an **instruction-tuned base**: SFT from it on a SAMSum-shaped sibling set (the bundled generator with another
+   seed, speakers named with first names instead of ``#PersonN#`` tags, only every other scenario topic, no
+   dialogue that the lab's splits hold), 75% of the examples, plus 25% span corruption, ``--base-steps`` steps of
+   the lab's SFT schedule;
+3. from that base, each ``--rows`` entry: the lab's SFT on ``dialogsum`` (1000 steps, 16 rows, cosine): ``full@LR``
+   trains everything, ``r<R>@LR`` LoRA rank R on q and v (``lora_alpha`` = 2R, as the lab's rows),
+   ``r<R>all@LR`` LoRA on every dense kernel.
+
+Each model (the base zero-shot included) summarizes the first ``--test-limit`` test dialogues, greedy. ROUGE-L is
+reported on all of them and apart on the topics the base saw and those it did not. Writes ``OUT/results.json``
+and ``OUT/predictions/<row>.jsonl`` (rescorable); the trained runs stay in ``OUT/<row>/``. The saved run's
+``results.json``, predictions and phase lines are in ``labs/experiments/lora_from_instruction_base/``
+(``tests/lab/test_experiments.py`` rescores them).
+
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_instruction_base
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+from llmjax.config import config_from_dict, config_to_dict
+from llmjax.data.bundled.dialogsum import bundled_dialogsum, generate_dialogsum
+from llmjax.data.bundled.dialogsum_words import NAMES
+from llmjax.evaluate import score_predictions
+from llmjax.lab import report
+from llmjax.lab import summarize as lab
+from llmjax.lab.adapter_rows import run_measures, trained_to_end
+from llmjax.loading import load_model
+from llmjax.stages import run_stage
+from llmjax.train.state import count_params
+
+EVERY_DENSE = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
+
+
+def sibling_set(out: Path, seed: int, topic_share: str) -> tuple[str, set[str]]:
+    """Write the sibling set's train/validation JSONL under ``out/sibling``; its task spec and its topics."""
+    lab_dialogues = {e["dialogue"] for split in ("train", "validation", "test") for e in bundled_dialogsum(split)}
+    splits = generate_dialogsum(seed=seed)
+    topics = sorted({e["topic"] for e in splits["train"]})
+    kept = set(topics[::2]) if topic_share == "half" else set(topics)
+    rng = random.Random(seed)
+    (out / "sibling").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        with open(out / "sibling" / f"{split}.jsonl", "w") as f:
+            for e in splits[split]:
+                if e["topic"] not in kept or e["dialogue"] in lab_dialogues:
+                    continue
+                first, second = rng.sample([n for n in NAMES if n not in e["dialogue"] + e["summary"]], 2)
+                named = {key: e[key].replace("#Person1#", first).replace("#Person2#", second)
+                         for key in ("dialogue", "summary")}
+                f.write(json.dumps({**named, "topic": e["topic"]}) + "\n")
+    return f"dialogsum@jsonl:{out / 'sibling'}/{{split}}.jsonl", kept
+
+
+def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: float, settings, tokenizer_dir,
+        lora: dict | None = None):
+    """The lab's SFT config (``summarize.sft_config``) from ``init``, at ``learning_rate``, ``steps`` long."""
+    settings = dataclasses.replace(settings, sft_steps=steps, sft_learning_rate=learning_rate)
+    raw = config_to_dict(lab.sft_config(run_dir, settings, tuple(tasks), tuple(rates), steps, tokenizer_dir))
+    raw["init_from"] = str(init)
+    if lora:
+        raw["lora"] = lora
+    config = config_from_dict(raw)
+    start = time.perf_counter()
+    trained_to_end(run_stage(config, progress=False), config)
+    return time.perf_counter() - start
+
+
+def row_lora(kind: str) -> dict | None:
+    """``full`` -> None; ``r4`` -> LoRA r=4 on q, v; ``r1all`` -> r=1 on every dense kernel."""
+    if kind == "full":
+        return None
+    rank = int(kind[1:].removesuffix("all"))
+    return {"r": rank, "lora_alpha": 2 * rank,
+            "target_modules": EVERY_DENSE if kind.endswith("all") else ["q", "v"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/lora_instruction_base")
+    parser.add_argument("--base-steps", type=int, default=600)
+    parser.add_argument("--topics", choices=("half", "all"), default="half")
+    parser.add_argument("--rows", default="full@3e-3,r4@3e-3,r1all@3e-3")
+    parser.add_argument("--test-limit", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1, help="the sibling set's generator seed (the lab's is 0)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: score the runs already in --out again (train_seconds kept from there)")
+    args = parser.parse_args()
+    out, settings = Path(args.out), lab.LabSettings()
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.rescore:
+        lab.pretrain(out, settings, progress=False)
+    tokenizer_dir = out / "tokenizer"
+    tokenizer = lab.Tokenizer.load(tokenizer_dir)
+    task, seen_topics = sibling_set(out, args.seed, args.topics)
+    test = bundled_dialogsum("test")[: args.test_limit]
+    seen = [i for i, e in enumerate(test) if e["topic"] in seen_topics]
+    before = json.loads((out / "results.json").read_text()) if args.rescore else {}
+    results = {"_settings": {**vars(args), "seen_topics": sorted(seen_topics), "test_seen": len(seen)}}
+
+    def train_or_reuse(name: str, *sft_args, **sft_kwargs):
+        """Train (the seconds it took), or with --rescore the seconds the earlier run recorded."""
+        return before[name]["train_seconds"] if args.rescore else round(sft(*sft_args, **sft_kwargs))
+
+    def score(name: str, run_dir: Path, **extra) -> None:
+        loaded = load_model(run_dir)  # LoRA adapters merged in
+        total = count_params(loaded.params)
+        trainable = run_measures(run_dir)["trainable_params"]  # what the run's checkpoint trained
+        fraction = 1.0 if trainable == total else trainable / (total + trainable)  # PEFT's trainable%, as the lab's
+        extra = {"trainable_params": trainable, "trainable_fraction": fraction, **extra}
+        result = lab.evaluate_row(loaded.model, loaded.params, tokenizer, test, settings)
+        report.write_predictions(out / "predictions" / f"{name}.jsonl", result)
+        part = {}
+        for part_name, keep in (("seen", set(seen)), ("unseen", set(range(len(test))) - set(seen))):
+            if keep:
+                part[f"rougeL_{part_name}_topics"] = score_predictions(
+                    [p for i, p in enumerate(result.predictions) if i in keep],
+                    [r for i, r in enumerate(result.references) if i in keep])["rougeL"]
+        results[name] = {"rougeL": result.scores["rougeL"], **part, **extra}
+        lab.say(f"{name}: {json.dumps(results[name])}")
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    (out / "predictions").mkdir(exist_ok=True)
+    base = out / "instruction_base"
+    seconds = train_or_reuse("base_zero_shot", base, out / "pretrain", (task, "span_corruption"), (0.75, 0.25),
+                             args.base_steps, 3e-3, settings, tokenizer_dir)
+    score("base_zero_shot", base, train_seconds=seconds)
+    for row in args.rows.split(","):
+        kind, _, rate = row.partition("@")
+        lora = row_lora(kind)
+        name = ("lora_" + kind if lora else "full_ft") + ("" if float(rate) == 3e-3 else f"_lr{rate}")
+        seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), settings.sft_steps, float(rate),
+                                 settings, tokenizer_dir, lora)
+        score(name, out / name, learning_rate=float(rate), lora=lora, train_seconds=seconds)
+
+
+if __name__ == "__main__":
+    main()
