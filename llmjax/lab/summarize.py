@@ -147,6 +147,8 @@ def same_run(saved: Path, config: RunConfig) -> bool:
         return False
     keys = ("stage", "init_from", "model", "data", "optim")
     old, new = config_to_dict(load_config(saved / "config.yaml")), config_to_dict(config)
+    for raw in (old, new):  # the lab's tokenizer is always DIR/tokenizer: how DIR was spelled (relative to another
+        raw["data"].pop("tokenizer", None)  # working directory, absolute) is not a setting of the run
     train_keys = ("steps", "batch_size", "seed")
     return (all(old.get(k) == new.get(k) for k in keys)
             and all(old["train"].get(k) == new["train"].get(k) for k in train_keys))

@@ -239,6 +239,9 @@ def test_pretraining_is_reused_only_when_its_saved_config_trains_the_same_run(tm
     assert not same_run(saved, config)  # nothing saved yet
     dump_config(config, saved / "config.yaml")
     assert same_run(saved, config)
+    # The same directory named another way (here relative to another working directory) is the same run.
+    relative = pretrain_config(tmp_path, settings, Path(tmp_path.name) / "tokenizer")
+    assert relative.data.tokenizer != config.data.tokenizer and same_run(saved, relative)
     for changed in ({"d_model": 48}, {"pretrain_steps": 5}, {"pretrain_learning_rate": 1e-3}, {"seed": 1}):
         other = pretrain_config(tmp_path, dataclasses.replace(settings, **changed), tmp_path / "tokenizer")
         assert not same_run(saved, other), changed
