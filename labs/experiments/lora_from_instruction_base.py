@@ -31,10 +31,11 @@ import random
 import time
 from pathlib import Path
 
+from llmjax import text_metrics
 from llmjax.config import config_from_dict, config_to_dict
 from llmjax.data.bundled.dialogsum import bundled_dialogsum, generate_dialogsum
 from llmjax.data.bundled.dialogsum_words import NAMES
-from llmjax.evaluate import score_predictions
+from llmjax.data.tokenizer import Tokenizer
 from llmjax.lab import report
 from llmjax.lab import summarize as lab
 from llmjax.lab.adapter_rows import run_measures, trained_to_end
@@ -104,7 +105,7 @@ def main() -> None:
     if not args.rescore:
         lab.pretrain(out, settings, progress=False)
     tokenizer_dir = out / "tokenizer"
-    tokenizer = lab.Tokenizer.load(tokenizer_dir)
+    tokenizer = Tokenizer.load(tokenizer_dir)
     task, seen_topics = sibling_set(out, args.seed, args.topics)
     test = bundled_dialogsum("test")[: args.test_limit]
     seen = [i for i, e in enumerate(test) if e["topic"] in seen_topics]
@@ -126,7 +127,7 @@ def main() -> None:
         part = {}
         for part_name, keep in (("seen", set(seen)), ("unseen", set(range(len(test))) - set(seen))):
             if keep:
-                part[f"rougeL_{part_name}_topics"] = score_predictions(
+                part[f"rougeL_{part_name}_topics"] = text_metrics.rouge(
                     [p for i, p in enumerate(result.predictions) if i in keep],
                     [r for i, r in enumerate(result.references) if i in keep])["rougeL"]
         results[name] = {"rougeL": result.scores["rougeL"], **part, **extra}
