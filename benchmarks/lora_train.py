@@ -43,7 +43,7 @@ from train_throughput import (  # noqa: E402
 )
 
 from llmjax import lora, sharding  # noqa: E402
-from llmjax.models import build_model  # noqa: E402
+from llmjax.models import build_model, step_flops  # noqa: E402
 from llmjax.train.lm_loss import lm_loss_fn  # noqa: E402
 from llmjax.train.loop import Stage  # noqa: E402
 from llmjax.train.optim import make_optimizer  # noqa: E402
@@ -102,6 +102,18 @@ def torch_side(work: Workload, model, params, lora_cfg: lora.LoraConfig | None):
     return run, {"trainable": trainable, "optimizer_bytes": optimizer_bytes}
 
 
+def matmul_flops_ratio(work: Workload, adapter_params: int) -> float:
+    """LoRA / full matmul FLOPs of one step (``llmjax.models.step_flops``'s count): a floor for the step-time
+    ratio where matmuls dominate. A frozen kernel keeps its forward (2 FLOPs per parameter and token) and its
+    input gradient (2) but loses its weight gradient (2 of the 6); attention's score and mix matmuls stay whole;
+    the adapters add 6 FLOPs per parameter and token, counted at the longer sequence (an upper bound for T5,
+    whose decoder's adapters see fewer tokens). The optimizer update and the softmax are not matmuls and are not
+    counted: the first is what LoRA saves beyond this floor, the second costs both sides the same."""
+    flops = step_flops(work.config, work.batch_size, work.decoder_length, work.encoder_length)
+    longest = work.batch_size * max(work.decoder_length, work.encoder_length or 0)
+    return (flops.dense * 2 / 3 + flops.attention + 6 * adapter_params * longest) / flops.total
+
+
 def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, scan_layers: bool = True) -> list[str]:
     cfg = lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets][work.family])
     full_run, model, params, full_info = llmjax_side(work, None, scan_layers=scan_layers)
@@ -145,6 +157,9 @@ def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, sc
             f"  {adapted} / {full}: step time wall {medians[adapted][0] / medians[full][0]:.2f}x, "
             f"CPU {medians[adapted][1] / medians[full][1]:.2f}x; optimizer bytes "
             f"{100 * infos[adapted]['optimizer_bytes'] / infos[full]['optimizer_bytes']:.2f}%")
+    lines.append(f"  matmul FLOPs LoRA / full: {matmul_flops_ratio(work, infos['llmjax factored']['trainable']):.3f}x "
+                 "(frozen kernels lose only their weight gradients: the floor of the step-time ratio but for the "
+                 "optimizer update LoRA also drops)")
     for first, second in (("llmjax factored", "llmjax merged"), ("llmjax factored", "peft lora")):
         lines.append(f"  {first} / {second} step time: wall {medians[first][0] / medians[second][0]:.2f}x, "
                      f"CPU {medians[first][1] / medians[second][1]:.2f}x")
