@@ -12,9 +12,10 @@ dropout off) from the same weights on the same batch:
 * ``llmjax full``: every parameter trains (``train_everything``);
 * ``llmjax factored`` and ``llmjax merged``: the path of a run with a ``lora:`` section. The stage is wrapped by
   ``llmjax.stages.adapters.with_lora``: the adapters join the tree and only they train. ``factored``
-  (``form="factored"``, what ``lora_dropout`` and ``quantize:`` run): each adapted layer computes
-  ``x @ W + scale * (x @ A) @ B``, so the backward pass forms no full-size kernel gradient; ``merged`` (the
-  default): the loss runs on the merged kernels ``W + scale * A @ B``;
+  (``form="factored"``, the default of every stage that can rebuild its loss): each adapted layer computes
+  ``x @ W + scale * (x @ A) @ B`` (``llmjax.lora.adapter_branch``), so the backward pass forms no full-size
+  kernel gradient; ``merged`` (``form="merged"``, the RL stages' form): the loss runs on the merged kernels
+  ``W + scale * A @ B``;
 * ``pytorch full`` and ``peft lora``: Hugging Face ``transformers`` with ``torch.optim.AdamW`` and
   ``peft.get_peft_model`` with the same LoRA config, the reference.
 

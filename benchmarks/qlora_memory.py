@@ -7,8 +7,8 @@ Run from the repository root (compiles only; about a minute on a 2-core CPU)::
 
 For the T5-small shape (or the ~60M decoder of ``benchmarks/decode.py``), random weights, LoRA r=8 on q and
 v: the gradient of the token cross-entropy with respect to the adapters, computed as
-``llmjax.stages.adapters`` does (LoRA: the adapters merged into the fp32 kernels, ``llmjax.lora.merge``, the
-default, and the fp32 model with the adapters factored, ``llmjax.lora.apply_factored``, ``form="factored"``;
+``llmjax.stages.adapters`` does (LoRA: the adapters merged into the fp32 kernels, ``llmjax.lora.merge``,
+``form="merged"``, and the fp32 model with the adapters factored, ``llmjax.lora.apply_factored``, the default;
 QLoRA: the int8 model with the adapters factored, as under ``quantize:``),
 is compiled and XLA's ``memory_analysis()`` printed: argument bytes (the frozen base and the adapters) and
 temporary bytes (activations kept for the backward pass, and any dequantized weight copy XLA makes).

@@ -9,18 +9,19 @@ and returns the Stage the loop runs instead:
              abstract target like any other leaf
 * trainable: the adapter leaves only: the optimizer state and the checkpoints hold adapters alone
              (with a base, the checkpoint also records its path and sha256 and a resume checks them)
-* loss:      the stage's loss on the merged params ``W + scale * A @ B`` (plus the stage's heads, and under
-             ``reference`` the model with adapters off: RL stages compare against it without a second copy)
-             (``llmjax.lora.merge`` inside the jitted step; gradients reach A and B through it). Train steps
-             interleaving it with the factored form ``x @ W + scale * (x @ A) @ B`` (``with_lora(...,
-             form="factored")``; ``benchmarks/results/lora_train_cpu.txt``): the same time within noise with
-             r=8 on q and v (factored/merged CPU time 0.97-1.02x on T5 v1.1 small and the 60M decoder), 1.10x
-             slower factored with r=8 on all seven projections; the factored step needs less memory (XLA's
-             temporaries 347 vs 430 MiB on T5 small, q and v, batch 4 x 128;
-             ``benchmarks/results/qlora_memory_cpu.txt``). With ``lora_dropout`` > 0, which a merge cannot
-             express, the stage's loss rebuilt (``Stage.loss_for``) on the model computing each adapted
-             ``Dense`` factored, ``x @ W + scale * (dropout(x) @ A) @ B`` (``llmjax.lora.apply_factored``,
-             PEFT's dropout); a stage without ``loss_for`` refuses ``lora_dropout``.
+* loss:      the stage's loss rebuilt (``Stage.loss_for``) on the model computing each adapted ``Dense``
+             factored, ``x @ W + scale * (dropout(x) @ A) @ B`` (``llmjax.lora.apply_factored``, PEFT's
+             dropout), plus the stage's heads. A stage without ``loss_for`` (the RL stages) gets its own loss on
+             the merged params ``W + scale * A @ B`` (``llmjax.lora.merge`` inside the jitted step; gradients
+             reach A and B through it), with the model with adapters off as its ``reference`` (the base's
+             arrays, never a second copy); it cannot take ``lora_dropout``, which a merge cannot express.
+             Factored is the default because it is never slower and needs less memory: train steps of the two
+             forms interleaved in the same runs (``benchmarks/lora_train.py``, ``form="merged"`` /
+             ``"factored"``; ``benchmarks/results/lora_train_cpu.txt``) take the same time with r=8 on q and v
+             (factored/merged CPU time 0.97-1.04x on T5 v1.1 small and the 60M decoder) and less with r=8 on
+             all seven projections (0.92x on T5 small, 0.89x on the decoder; 1.10x the other way before
+             ``lora.adapter_branch``'s hand-written backward); XLA's temporaries are 347 vs 430 MiB on T5
+             small, q and v, batch 4 x 128 (``benchmarks/results/qlora_memory_cpu.txt``).
 * eval hook: the stage's hook on the merged params
 * export:    the merged model as a Hugging Face directory at ``export_dir`` (tokenizer beside it), and
              the adapters alone in PEFT's format in ``<export_dir>/adapter`` (``ADAPTER_SUBDIR``), which
@@ -81,11 +82,11 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     when ``quantize_cfg`` is given. ``cfg``'s targets were checked against the model with the run config.
 
     ``form`` (one of ``LORA_FORMS``) picks how the loss computes the adapted layers: ``"auto"``, the module
-    docstring's rule (merged, unless an int8 base or ``lora_dropout`` needs the factored form); ``"merged"``
-    (``W + scale * A @ B`` inside the loss; refused where the factored form is needed); or ``"factored"``
-    (the stage's ``loss_for`` on the model computing each adapted ``Dense`` as ``x @ W + scale * (x @ A) @ B``,
-    less memory: no merged kernel copy, no full-size kernel gradient). ``benchmarks/lora_train.py`` times the
-    two explicit forms in the same run."""
+    docstring's rule (factored where the stage gives ``loss_for``, else merged); ``"merged"``
+    (``W + scale * A @ B`` inside the loss; refused where the factored form is needed: an int8 base or
+    ``lora_dropout``); or ``"factored"`` (the stage's ``loss_for`` on the model computing each adapted ``Dense``
+    as ``x @ W + scale * (x @ A) @ B``: no merged kernel copy, no full-size kernel gradient).
+    ``benchmarks/lora_train.py`` times the two explicit forms in the same run."""
     if form not in LORA_FORMS:
         raise ValueError(f"with_lora form must be one of {LORA_FORMS}, got {form!r}")
     model = stage.model
@@ -127,7 +128,7 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
                           "cannot drop the adapter's input alone; set lora.lora_dropout=0")
     if stage.loss_for is None and form == "factored":
         raise ValueError(f"with_lora form='factored' needs a stage with loss_for; {stage.name!r} gives none")
-    if needs_factored or form == "factored":
+    if needs_factored or form == "factored" or (form == "auto" and stage.loss_for is not None):
         loss_fn = stage.loss_for(_FactoredModel(model if int8_model is None else int8_model, cfg))
     else:
         def loss_fn(tree, batch, rng):

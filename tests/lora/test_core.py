@@ -210,6 +210,24 @@ def test_trainable_count_flan_t5_base_r32_qv():
     assert count_params(nn.meta.unbox(adapters)) == 72 * (768 + 768) * 32 == 3_538_944
 
 
+def test_adapter_branch_backward_is_autodiffs():
+    """The factored branch's hand-written backward gives autodiff's gradients of ``scale * (x @ A) @ B`` for
+    every argument, on an input with batch and length axes."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x, a = jax.random.normal(keys[0], (2, 5, 6)), jax.random.normal(keys[1], (6, 3))
+    b, weights = jax.random.normal(keys[2], (3, 7)), jax.random.normal(keys[3], (2, 5, 7))
+
+    def objective(branch):
+        return lambda x, a, b: jnp.sum(jnp.tanh(branch(x, a, b)) * weights)
+
+    ours = jax.grad(objective(lambda x, a, b: lora.adapter_branch(x, a, b, 2.5)), argnums=(0, 1, 2))(x, a, b)
+    plain = jax.grad(objective(lambda x, a, b: 2.5 * ((x @ a) @ b)), argnums=(0, 1, 2))(x, a, b)
+    for got, want in zip(ours, plain):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(lora.adapter_branch(x, a, b, 2.5), 2.5 * ((x @ a) @ b))
+
+
 def test_factored_equals_merged_on_scanned_stack_values_and_grads():
     """apply_factored slices the stacked adapters per layer (the "lora" collection scans like params): logits and
     adapter gradients equal those of the merged params; lora_dropout acts only with a dropout rng."""
