@@ -128,7 +128,8 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
                           "cannot drop the adapter's input alone; set lora.lora_dropout=0")
     if stage.loss_for is None and form == "factored":
         raise ValueError(f"with_lora form='factored' needs a stage with loss_for; {stage.name!r} gives none")
-    if needs_factored or form == "factored" or (form == "auto" and stage.loss_for is not None):
+    # An int8 base or lora_dropout lands here too: the checks above refused it under "merged" or without loss_for.
+    if form != "merged" and stage.loss_for is not None:
         loss_fn = stage.loss_for(_FactoredModel(model if int8_model is None else int8_model, cfg))
     else:
         def loss_fn(tree, batch, rng):

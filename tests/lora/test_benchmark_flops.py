@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from llmjax.models import step_flops
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from lora_train import matmul_flops_ratio  # noqa: E402
 from train_throughput import decoder_workload, t5_workload  # noqa: E402
@@ -32,8 +34,6 @@ def test_t5_floor_counts_the_adapters_at_the_encoder_length():
     work = t5_workload(4, 512, 114)
     without = matmul_flops_ratio(work, 0)
     # 6 FLOPs per adapter parameter and token, at the longer (encoder) sequence
-    from llmjax.models import step_flops
-
     total = step_flops(work.config, 4, 114, 512).total
     assert matmul_flops_ratio(work, 1000) - without == pytest.approx(6 * 1000 * 4 * 512 / total, rel=1e-9)
     assert 2 / 3 < without < 1
