@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from llmjax.errors import InputError, UserError
@@ -68,6 +69,7 @@ class QuantizeConfig:
 
 
 # The module names each family can adapt: every projection kernel inside a layer.
+ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand for all of them
 FAMILY_TARGETS = {
     "T5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -84,13 +86,18 @@ class LoraConfig:
 
     r: rank of the update (> 0). lora_alpha: the update is scaled by ``lora_alpha / r``.
     lora_dropout: dropout on the adapter's input while training, in [0, 1).
-    target_modules: Hugging Face module names to adapt, e.g. ``("q", "v")`` (T5) or ``("q_proj", "v_proj")``.
+    target_modules: Hugging Face module names to adapt, e.g. ``("q", "v")`` (T5) or ``("q_proj", "v_proj")``,
+      or ``"all-linear"`` (``ALL_LINEAR``), as in PEFT: every projection inside the layers (the output layer
+      stays frozen); :func:`resolve_targets` names them for a model.
+    use_rslora: rank-stabilized LoRA (PEFT's option): the scale is ``lora_alpha / sqrt(r)``, so raising the
+      rank does not shrink each direction's update.
     """
 
     r: int
     lora_alpha: float
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
+    target_modules: Literal["all-linear"] | tuple[str, ...] = ()
+    use_rslora: bool = False
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -99,14 +106,20 @@ class LoraConfig:
             raise LoraConfigError(f"lora_alpha={self.lora_alpha!r} must be a positive number (e.g. 2 * r)")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise LoraConfigError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not isinstance(self.use_rslora, bool):
+            raise LoraConfigError(f"use_rslora={self.use_rslora!r} must be true or false (true: scale "
+                                  "lora_alpha / sqrt(r) in place of lora_alpha / r)")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
         targets = tuple(dict.fromkeys(targets))  # a list from YAML/JSON -> tuple, repeats dropped
+        if ALL_LINEAR in targets and len(targets) > 1:
+            raise LoraConfigError(f"lora target_modules {list(targets)}: {ALL_LINEAR!r} already names every "
+                                  f"projection; give it alone (target_modules: {ALL_LINEAR}) or list the modules")
         if not targets or not all(isinstance(t, str) for t in targets):
             raise LoraConfigError(
                 f"lora target_modules={self.target_modules!r} must be a non-empty list of module names, e.g. "
                 f"{list(FAMILY_TARGETS['T5'][:1] + FAMILY_TARGETS['T5'][2:3])} (T5) or ['q_proj', 'v_proj'] (LLaMA)"
             )
-        known = {name for names in FAMILY_TARGETS.values() for name in names}
+        known = {ALL_LINEAR, *(name for names in FAMILY_TARGETS.values() for name in names)}
         unknown = [t for t in targets if t not in known]
         if unknown:
             listed = "; ".join(f"{family}: {list(names)}" for family, names in FAMILY_TARGETS.items())
@@ -115,7 +128,7 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        return self.lora_alpha / self.r
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 def lora_targets(model_config) -> tuple[str, ...]:
@@ -129,10 +142,18 @@ def lora_targets(model_config) -> tuple[str, ...]:
     return ("q", "k", "v", "o", *ffn, "wo")
 
 
+def resolve_targets(cfg: "LoraConfig", model_config) -> "LoraConfig":
+    """``cfg`` with ``all-linear`` replaced by the module names it stands for on this model (what PEFT's
+    ``all-linear`` adapts: every projection inside the layers); any other ``cfg`` unchanged."""
+    if cfg.target_modules != (ALL_LINEAR,):
+        return cfg
+    return dataclasses.replace(cfg, target_modules=lora_targets(model_config))
+
+
 def check_lora_targets(cfg: "LoraConfig", model_config) -> None:
     """Refuse targets the model does not have, listing the ones it has (before a run writes anything)."""
     have = lora_targets(model_config)
-    missing = [t for t in cfg.target_modules if t not in have]
+    missing = [t for t in resolve_targets(cfg, model_config).target_modules if t not in have]
     if missing:
         family = "T5" if "q" in have else "llama"
         raise LoraConfigError(f"lora target_modules {missing} are not modules of this {family} model; "

@@ -629,7 +629,13 @@ def _coerce(value, hint, key: str, nullable: bool = False):
         inner = [o for o in options if o is not type(None)]
         if len(inner) == 1:
             return _coerce(value, inner[0], key, nullable=True)
-        raise TypeError(f"unsupported config field type {hint} for {key}")
+        problems = []
+        for option in inner:  # the first type the value fits (e.g. a list of names, or one named choice)
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                problems.extend(e.problems)
+        raise ConfigError("; or ".join(problems))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

@@ -3,7 +3,8 @@
 The base model's code is untouched. Adapters are a separate nested dict with the same nesting as the
 params down to each targeted ``Dense`` module, whose ``kernel`` ``[in, out]`` (``[L, in, out]`` in a
 scanned stack) is shadowed by ``lora_A [in, r]`` and ``lora_B [r, out]`` (``[L, in, r]`` / ``[L, r, out]``),
-both fp32. The adapted kernel is ``kernel + scale * A @ B`` with ``scale = lora_alpha / r``.
+both fp32. The adapted kernel is ``kernel + scale * A @ B`` with ``scale = lora_alpha / r`` (``lora_alpha /
+sqrt(r)`` with ``use_rslora``).
 
 Targets are named as in Hugging Face PEFT, by the last component of the Hugging Face module name
 (``q``, ``v``, ``wi_0`` for T5; ``q_proj``, ``gate_proj`` for LLaMA), and PEFT matches a name
@@ -25,7 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from llmjax import hf
-from llmjax.adapter_configs import FAMILY_TARGETS, LoraConfig, LoraConfigError  # noqa: F401 (re-exported)
+from llmjax.adapter_configs import (  # noqa: F401 (re-exported)
+    ALL_LINEAR, FAMILY_TARGETS, LoraConfig, LoraConfigError, resolve_targets,
+)
 from llmjax.models.layers import Dense
 
 LORA_A, LORA_B = "lora_A", "lora_B"
@@ -56,7 +59,8 @@ class Site:
 def sites(config, cfg: LoraConfig) -> list[Site]:
     """The kernels ``cfg`` adapts in the model of ``config`` (scanned layout when ``config.scan_layers``).
 
-    Raises :class:`LoraConfigError` for a target this model does not have, listing the ones it has.
+    ``all-linear`` adapts every projection inside the layers. Raises :class:`LoraConfigError` for a target
+    this model does not have, listing the ones it has.
     """
     weights = hf.weight_map(config)
     by_target: dict[str, list] = {}
@@ -64,14 +68,15 @@ def sites(config, cfg: LoraConfig) -> list[Site]:
         if row.path[-1] == "kernel" and any(_LAYER_KEY.fullmatch(key) for key in row.path):
             module = row.hf_name.rsplit(".", 1)[0]
             by_target.setdefault(module.rsplit(".", 1)[1], []).append((module, row.path[:-1]))
-    missing = [t for t in cfg.target_modules if t not in by_target]
+    targets = resolve_targets(cfg, config).target_modules
+    missing = [t for t in targets if t not in by_target]
     if missing:
         raise LoraConfigError(
             f"lora target_modules {missing} are not modules of this {weights.family} model; its modules are "
             f"{sorted(by_target, key=list(FAMILY_TARGETS[weights.family]).index)}"
         )
     grouped: dict[Path, list] = {}
-    for target in cfg.target_modules:
+    for target in targets:
         for module, path in by_target[target]:
             key = tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in path) if config.scan_layers else path
             layer = next(int(_LAYER_KEY.fullmatch(k).group(1)) for k in path if _LAYER_KEY.fullmatch(k))

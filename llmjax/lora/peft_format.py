@@ -6,7 +6,8 @@ transposes of llmjax's ``lora_A [in, r]`` and ``lora_B [r, out]``, one pair per 
 is split into its layers on save and stacked on load). ``peft.PeftModel.from_pretrained(hf_model, dir)``
 loads what :func:`save_pretrained` writes, and :func:`from_pretrained` reads what ``peft`` writes,
 refusing, with the option named, every PEFT feature that would change the model in a way plain LoRA
-does not (DoRA, rsLoRA, biases, per-layer ranks, extra trained modules, ...).
+does not (DoRA, biases, per-layer ranks, extra trained modules, ...). rsLoRA's scale (``use_rslora``) and
+``target_modules: "all-linear"`` are read and written.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from llmjax.hf.io import (
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TASK_TYPES, CheckpointError, read_adapter_dir, write_adapter_dir,
 )
 from llmjax.hf.mapping import tensor_mismatch
-from llmjax.lora.core import LORA_A, LORA_B, LoraConfig, LoraConfigError, Site, merge, sites, unboxed
+from llmjax.lora.core import (
+    ALL_LINEAR, LORA_A, LORA_B, LoraConfig, LoraConfigError, Site, merge, resolve_targets, sites, unboxed,
+)
 from llmjax.models import model_family
 
 PEFT_TYPE = "LORA"
@@ -33,7 +36,6 @@ _PREFIX = "base_model.model."
 # null, false, {} or [] where PEFT writes one of those), and what the option is, for the message.
 _PLAIN_LORA = {
     "bias": (("none",), "trained biases"),
-    "use_rslora": ((False, None), "rank-stabilized scaling lora_alpha/sqrt(r)"),
     "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
     "fan_in_fan_out": ((False, None), "Conv1D-style transposed weights"),
     "lora_bias": ((False, None), "a bias on lora_B"),
@@ -84,6 +86,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
     Tensors are fp32, ``[r, in]`` (A) and ``[out, r]`` (B) per HF module.
     """
     tensors = {}
+    cfg = resolve_targets(cfg, model.config)  # PEFT gets the modules all-linear stands for, as it saves its own
     for site in sites(model.config, cfg):
         fan_in, fan_out = _kernel_shape(model.config, site)
         node = _at(adapters, site.path, LORA_A)
@@ -107,7 +110,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "target_modules": list(cfg.target_modules),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
+        "use_rslora": cfg.use_rslora,
         "use_dora": False,
         "lora_bias": False,
         "init_lora_weights": True,
@@ -139,18 +142,43 @@ def lora_config(raw: dict, model, file: str | Path) -> LoraConfig:
                 f"LoRA only ({option}: {json.dumps(plain[0])}). Merge the adapter with peft (merge_and_unload) "
                 "and load the merged model instead, or train it without this option")
     targets = raw.get("target_modules")
-    if not isinstance(targets, list):
+    if not (isinstance(targets, list) or targets == ALL_LINEAR):
         raise AdapterError(
             f"{file}: target_modules={json.dumps(targets)}; llmjax reads a list of module names such as "
-            "[\"q\", \"v\"] (a regular expression or \"all-linear\" is not supported: list the modules)")
+            f"[\"q\", \"v\"] or \"{ALL_LINEAR}\" (a regular expression is not supported: list the modules)")
     missing = [key for key in ("r", "lora_alpha") if key not in raw]
     if missing:
         raise AdapterError(f"{file}: missing {missing}; write the LoRA rank and alpha the adapter was trained with")
+    if isinstance(targets, list) and any(isinstance(t, str) and "." in t for t in targets):
+        targets = _module_names(targets, model.config, file)
     try:
         return LoraConfig(r=raw["r"], lora_alpha=raw["lora_alpha"], lora_dropout=raw.get("lora_dropout") or 0.0,
-                          target_modules=tuple(targets))
+                          target_modules=targets if isinstance(targets, str) else tuple(targets),
+                          use_rslora=raw.get("use_rslora") or False)
     except LoraConfigError as e:
         raise AdapterError(f"{file}: {e}") from None
+
+
+def _module_names(targets: list, config, file) -> list[str]:
+    """``target_modules`` that name modules by dotted path (``model.layers.0.mlp.up_proj``, as peft saves
+    ``all-linear``; ``self_attn.q_proj``) -> the module names they amount to, matched as PEFT does (a target
+    is the whole module name or a ``.``-separated suffix of it). Each name must then be adapted in every
+    layer: LoRA on only some layers is refused."""
+    every = [m for site in sites(config, LoraConfig(1, 1, target_modules=ALL_LINEAR)) for m in site.hf_modules]
+    matched = set()
+    for target in targets:
+        hits = {m for m in every if m == target or m.endswith(f".{target}")}
+        if not hits:
+            raise AdapterError(f"{file}: target_modules entry {target!r} names no module of this model (e.g. "
+                               f"{every[0]!r}); was the adapter made for another model?")
+        matched |= hits
+    names = sorted({m.rsplit(".", 1)[1] for m in matched})
+    partial = [n for n in names if {m for m in every if m.rsplit(".", 1)[1] == n} - matched]
+    if partial:
+        raise AdapterError(f"{file}: target_modules adapt {partial} in only some of the layers; llmjax adapts a "
+                           "module in every layer (adapting only some layers is not supported). Merge the adapter "
+                           "with peft (merge_and_unload) and load the merged model instead")
+    return names
 
 
 def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:

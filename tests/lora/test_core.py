@@ -90,7 +90,38 @@ def _factored_logits(model, params, adapters, cfg, inputs):
 def test_config_scale_and_list_targets():
     cfg = lora.LoraConfig(r=8, lora_alpha=32, target_modules=["q", "v", "q"])
     assert cfg.scale == 4.0 and cfg.target_modules == ("q", "v") and cfg.lora_dropout == 0.0
+    assert not cfg.use_rslora
     hash(cfg)  # frozen: usable as a static jit argument
+    rs = lora.LoraConfig(r=16, lora_alpha=8, target_modules="all-linear", use_rslora=True)
+    assert rs.scale == 2.0 and rs.target_modules == ("all-linear",)  # rsLoRA: lora_alpha / sqrt(r)
+
+
+def test_all_linear_adapts_every_projection_inside_the_layers():
+    every = {"t5": ("q", "k", "v", "o", "wi_0", "wi_1", "wo"), "llama": LLAMA_TARGETS}
+    for family, names in every.items():
+        config = TINY_T5 if family == "t5" else TINY_LLAMA
+        listed = lora.sites(config, lora.LoraConfig(2, 4, target_modules=names))
+        assert lora.sites(config, lora.LoraConfig(2, 4, target_modules="all-linear")) == listed
+        assert lora.resolve_targets(lora.LoraConfig(2, 4, target_modules="all-linear"), config).target_modules == names
+    ungated = dataclasses.replace(TINY_T5, feed_forward_proj="relu")
+    assert "wi" in lora.resolve_targets(lora.LoraConfig(2, 4, target_modules="all-linear"), ungated).target_modules
+    modules = {m for site in lora.sites(TINY_LLAMA, lora.LoraConfig(2, 4, target_modules="all-linear"))
+               for m in site.hf_modules}
+    assert not any("lm_head" in m or "embed" in m for m in modules)  # as PEFT: the output layer stays frozen
+
+
+def test_config_section_takes_all_linear_and_rslora():
+    from llmjax.config import ConfigError, config_from_dict, config_to_dict, load_config
+    from tests.conftest import REPO
+
+    shipped = REPO / "configs" / "sft_t5_tiny_lora.yaml"
+    config = load_config(shipped, ["lora.target_modules=all-linear", "lora.use_rslora=true"])
+    assert config.lora == lora.LoraConfig(8, 32, target_modules="all-linear", use_rslora=True)
+    assert config_from_dict(config_to_dict(config)).lora == config.lora  # what a run dir's config.yaml reads back
+    with pytest.raises(ConfigError, match="'alllinear' is not allowed .did you mean 'all-linear'.*expected a list"):
+        load_config(shipped, ["lora.target_modules=alllinear"])
+    with pytest.raises(ConfigError, match="lora.use_rslora: expected bool"):
+        load_config(shipped, ["lora.use_rslora=maybe"])
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -100,6 +131,8 @@ def test_config_scale_and_list_targets():
     (dict(r=4, lora_alpha=8, lora_dropout=1.0, target_modules=("q",)), "lora_dropout"),
     (dict(r=4, lora_alpha=8, target_modules=()), "non-empty"),
     (dict(r=4, lora_alpha=8, target_modules=("query",)), r"\['query'\].*q_proj"),
+    (dict(r=4, lora_alpha=8, target_modules=("all-linear", "q")), "give it alone"),
+    (dict(r=4, lora_alpha=8, target_modules=("q",), use_rslora="yes"), "use_rslora='yes' must be true or false"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises(lora.LoraConfigError, match=match):

@@ -7,6 +7,7 @@ errors for adapter directories llmjax must refuse, and ``llmjax lora merge`` aga
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,6 +114,40 @@ def test_peft_parity_both_ways(family, scan, base_dirs, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.device_get(adapters))
 
 
+@pytest.mark.parametrize("family, scan", [("llama", False), ("t5", True)], ids=["llama-unscanned", "t5-scanned"])
+def test_rslora_all_linear_parity_both_ways(family, scan, base_dirs, tmp_path):
+    """rsLoRA's scale lora_alpha / sqrt(r) and ``target_modules: all-linear``, both ways against peft."""
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+    every = set(FAMILIES[family][2])
+
+    # (a) peft writes (it saves the modules all-linear stood for), llmjax reads
+    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules="all-linear", use_rslora=True,
+                             task_type=FAMILIES[family][3])
+    peft_model = peft.get_peft_model(_torch_base(family, base_dirs[family]), config)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(str(tmp_path / "from_peft"))
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert cfg.use_rslora and cfg.scale == 3.0 and set(cfg.target_modules) == every
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family),
+                               _torch_logits(peft_model.eval(), family), atol=TOL, rtol=0)
+
+    # (b) llmjax writes, peft reads: the file lists the modules and keeps use_rslora
+    cfg = lora.LoraConfig(r=4, lora_alpha=3, target_modules="all-linear", use_rslora=True)
+    adapters = _random_b(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
+    lora.save_pretrained(model, adapters, cfg, tmp_path / "from_llmjax")
+    written = json.loads((tmp_path / "from_llmjax" / "adapter_config.json").read_text())
+    assert written["use_rslora"] is True and set(written["target_modules"]) == every
+    loaded = peft.PeftModel.from_pretrained(_torch_base(family, base_dirs[family]), str(tmp_path / "from_llmjax"))
+    want = _llmjax_logits(model, params, adapters, cfg, family)
+    np.testing.assert_allclose(_torch_logits(loaded.eval(), family), want, atol=TOL, rtol=0)
+    plain = dataclasses.replace(cfg, use_rslora=False)  # the scale matters: lora_alpha / r would differ
+    assert np.abs(_llmjax_logits(model, params, adapters, plain, family) - want).max() > 1e-2
+
+
 # ----------------------------------------------------------------------------------------------------
 # Directories llmjax refuses
 
@@ -145,13 +180,15 @@ Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
     ({"peft_type": "PROMPT_TUNING"}, "peft_type='PROMPT_TUNING'"),
     ({"task_type": "CAUSAL_LM"}, "task_type='CAUSAL_LM'.*SEQ_2_SEQ_LM"),
     ({"use_dora": True}, "use_dora=true .DoRA"),
-    ({"use_rslora": True}, "use_rslora=true"),
+    ({"use_rslora": "yes"}, "use_rslora='yes' must be true or false"),
     ({"bias": "lora_only"}, "bias=\"lora_only\""),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"layers_to_transform": [0]}, "layers_to_transform"),
     ({"rank_pattern": {"q": 4}}, "rank_pattern"),
     ({"alpha_pattern": {"v": 8}}, "alpha_pattern"),
     ({"target_modules": ".*q"}, "list of module names"),
+    ({"target_modules": ["SelfAttention.q", "v"]}, r"adapt \['q'\] in only some of the layers"),
+    ({"target_modules": ["layer.0.SelfAttention.nothing"]}, "'layer.0.SelfAttention.nothing' names no module"),
     ({"target_modules": ["q_proj"]}, r"\['q_proj'\] are not modules of this T5 model.*another model family"),
     ({"r": 0}, "r=0 must be a positive integer"),
     ({"r": 3}, r"has shape \(2, 16\), expected \(3, 16\)"),
@@ -161,6 +198,17 @@ def test_from_pretrained_refuses_config(changes, match, t5_adapter, tmp_path):
     model, directory = t5_adapter
     with pytest.raises(lora.AdapterError, match=match):
         lora.from_pretrained(model, _copy(directory, tmp_path, changes))
+
+
+def test_dotted_target_modules_read_as_the_module_names_they_cover(t5_adapter, tmp_path):
+    """peft saves ``all-linear`` as full module paths, and matches any entry as a suffix of the module name."""
+    model, directory = t5_adapter
+    dotted = {"target_modules": ["SelfAttention.q", "EncDecAttention.q", "decoder.block.0.layer.0.SelfAttention.v",
+                                 "v"]}
+    adapters, cfg = lora.from_pretrained(model, _copy(directory, tmp_path, dotted))
+    want, want_cfg = lora.from_pretrained(model, directory)
+    assert cfg == want_cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, adapters, want)
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -193,18 +193,21 @@ def test_lora_dropout_drops_the_adapter_input_in_training_only(base_dir, tmp_pat
 
 def test_a_lora_run_in_the_other_layer_layout_than_its_base_loads_merged(base_dir, tmp_path):
     """An unrolled-layer LoRA run (``model.scan_layers=false``) on a base read in the scanned layout: its
-    checkpoint holds unrolled adapters, and ``load_model`` lays them over the base in the run's layout."""
+    checkpoint holds unrolled adapters, and ``load_model`` lays them over the base in the run's layout. The run
+    adapts ``all-linear`` with rsLoRA's scale, which the checkpoint records and the loader applies."""
     out = tmp_path / "run"
-    run_stage(_sft(base_dir, out, *LORA, "model.scan_layers=false", "train.steps=1", "optim.learning_rate=1e-2"),
-              progress=False)
+    run_stage(_sft(base_dir, out, *LORA, "lora.target_modules=all-linear", "lora.use_rslora=true",
+                   "model.scan_layers=false", "train.steps=1", "optim.learning_rate=1e-2"), progress=False)
     loaded = load_model(out)
     assert not loaded.config.scan_layers
     _, trained, meta = read_checkpoint_params(out / "checkpoints")
+    assert meta["lora"]["use_rslora"] and meta["lora"]["target_modules"] == ["all-linear"]
     base = load_model(base_dir)
     assert base.config.scan_layers  # the two layouts differ, which is what this test is about
     from llmjax.models import unstack_layers
 
-    expected = lora.merge(unstack_layers(base.params, base.config), trained["lora"], lora.LoraConfig(**meta["lora"]))
+    every = lora.LoraConfig(4, 8, target_modules=("q", "k", "v", "o", "wi_0", "wi_1", "wo"), use_rslora=True)
+    expected = lora.merge(unstack_layers(base.params, base.config), trained["lora"], every)
     for got, want in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert jax.tree_util.tree_structure(loaded.params) == jax.tree_util.tree_structure(expected)
