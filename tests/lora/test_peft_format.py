@@ -72,10 +72,11 @@ def _torch_base(family: str, base_dir: Path):
     return FAMILIES[family][1].from_pretrained(str(base_dir)).eval()
 
 
-def _peft_adapter(family: str, base_dir: Path, out: Path):
-    """A peft LoRA adapter with random A (peft's init) and random B, saved to ``out``; -> the peft model."""
+def _peft_adapter(family: str, base_dir: Path, out: Path, **options):
+    """A peft LoRA adapter with random A (peft's init) and random B, saved to ``out``; -> the peft model.
+    ``options``: peft.LoraConfig's, over r=3, lora_alpha=5 and every projection."""
     _, _, targets, task = FAMILIES[family]
-    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, task_type=task)
+    config = peft.LoraConfig(**{"r": 3, "lora_alpha": 5, "target_modules": targets, **options}, task_type=task)
     model = peft.get_peft_model(_torch_base(family, base_dir), config)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -121,19 +122,12 @@ def test_rslora_all_linear_parity_both_ways(family, scan, base_dirs, tmp_path):
     every = set(FAMILIES[family][2])
 
     # (a) peft writes (it saves the modules all-linear stood for), llmjax reads
-    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules="all-linear", use_rslora=True,
-                             task_type=FAMILIES[family][3])
-    peft_model = peft.get_peft_model(_torch_base(family, base_dirs[family]), config)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(str(tmp_path / "from_peft"))
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", r=4, lora_alpha=6,
+                               target_modules="all-linear", use_rslora=True)
     adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
     assert cfg.use_rslora and cfg.scale == 3.0 and set(cfg.target_modules) == every
     np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family),
-                               _torch_logits(peft_model.eval(), family), atol=TOL, rtol=0)
+                               _torch_logits(peft_model, family), atol=TOL, rtol=0)
 
     # (b) llmjax writes, peft reads: the file lists the modules and keeps use_rslora
     cfg = lora.LoraConfig(r=4, lora_alpha=3, target_modules="all-linear", use_rslora=True)
