@@ -153,7 +153,7 @@ def lora_config(raw: dict, model, file: str | Path) -> LoraConfig:
         targets = _module_names(targets, model.config, file)
     try:
         return LoraConfig(r=raw["r"], lora_alpha=raw["lora_alpha"], lora_dropout=raw.get("lora_dropout") or 0.0,
-                          target_modules=targets if isinstance(targets, str) else tuple(targets),
+                          target_modules=targets,
                           use_rslora=raw.get("use_rslora") or False)
     except LoraConfigError as e:
         raise AdapterError(f"{file}: {e}") from None
