@@ -1,0 +1,112 @@
+"""LoRA training against an independent reference: a few steps of a ``lora:`` SFT run (llmjax's loop: the
+factored adapters, AdamW with weight decay, gradient clipping, warmup and cosine decay) equal the same steps
+taken by ``peft`` on ``transformers``' model with ``torch.optim.AdamW``, from the run's own initial adapters, on
+the run's own batches: per-step loss and gradient norm, and the adapters after the last step."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+peft = pytest.importorskip("peft")
+
+from llmjax import lora, sharding  # noqa: E402
+from llmjax.config import load_config  # noqa: E402
+from llmjax.loading import ADAPTERS_KEY, read_checkpoint_params  # noqa: E402
+from llmjax.stages import run_stage, stage_module  # noqa: E402
+from llmjax.stages.init_source import resolve_init  # noqa: E402
+from llmjax.testing import torch_llama, torch_t5  # noqa: E402
+from llmjax.train.optim import make_optimizer  # noqa: E402
+from llmjax.train.state import init_train_state  # noqa: E402
+from tests.stages.test_sft import CONFIGS_DIR, SFT_CONFIG, _metrics  # noqa: E402
+
+STEPS = 5
+# Warmup then cosine decay, decoupled weight decay on A and B; each family's clip binds on some steps only.
+OPTIM = ["optim.learning_rate=1e-2", "optim.schedule=cosine", "optim.warmup_steps=2", "optim.weight_decay=0.1"]
+FAMILIES = {  # family -> (random transformers model, run config, decoder rows, targets, scan_layers, clip)
+    "t5-scanned": (lambda: torch_t5(0, vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                    feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                   SFT_CONFIG, 32, ["q", "v", "wo"], True, 5.0),
+    "llama-unscanned": (lambda: torch_llama(0, vocab_size=512, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=512),
+                        CONFIGS_DIR / "sft_decoder_tiny.yaml", 384, ["q_proj", "v_proj", "down_proj"], False, 0.45),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path, family):
+    build, run_config, decoder_length, targets, scan, clip = FAMILIES[family]
+    torch_model = build()
+    torch_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    out = tmp_path / "run"
+    no_dropout = ["model.dropout_rate=0.0"] if family.startswith("t5") else []  # the decoder has none
+    config = load_config(run_config, [
+        "model={}", f"model.scan_layers={str(scan).lower()}", f"init_from={tmp_path / 'hf'}",
+        f"data.tokenizer={pretrained / 'tokenizer'}", "data.packing=false", "data.encoder_length=128",
+        f"data.decoder_length={decoder_length}", "train.batch_size=8", f"train.steps={STEPS}", "train.log_every_steps=1",
+        "train.eval_every_steps=0", "train.rouge_every_steps=0", "train.export_hf=null", f"train.output_dir={out}",
+        "checkpoint.async_save=false", f"checkpoint.every_steps={STEPS}", "lora.r=4", "lora.lora_alpha=8",
+        f"lora.target_modules=[{', '.join(targets)}]", *OPTIM, f"optim.clip_grad_norm={clip}", *no_dropout])
+
+    # What the run will start from: its batches and its initial adapters, built as the loop builds them.
+    resolved, loaded = resolve_init(config.for_devices(jax.device_count(), jax.process_count()))
+    stage = stage_module("sft").build_stage(resolved, loaded)
+    batches = [next(stage.train_data) for _ in range(STEPS)]
+    tx, schedule = make_optimizer(resolved.optim, resolved.train.steps)
+    mesh = sharding.make_mesh(resolved.mesh.data, resolved.mesh.fsdp, resolved.mesh.tensor)
+    with sharding.activate(mesh):
+        state, _ = init_train_state(stage.model, tx, stage.is_trainable, resolved.train.seed, mesh,
+                                    params=stage.base.params, init_tree=stage.init_tree)
+    initial = jax.tree_util.tree_map(np.asarray, state.params[ADAPTERS_KEY])
+    cfg = resolved.lora
+    lora.save_pretrained(stage.model, initial, cfg, tmp_path / "initial_adapter")
+
+    run_stage(config, progress=False)
+    logged = [r for r in _metrics(out) if r["split"] == "train"]
+    _, trained, _ = read_checkpoint_params(out / "checkpoints", STEPS)
+
+    # The same steps in torch: peft's model from those adapters, AdamW with the run's schedule, torch's clipping.
+    model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "initial_adapter"), is_trainable=True)
+    model.eval()  # no dropout; gradients still flow
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == sum(a.size for a in jax.tree_util.tree_leaves(initial))
+    optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    losses, norms = [], []
+    for step, batch in enumerate(batches):
+        as_torch = lambda name: torch.from_numpy(np.asarray(batch[name], np.int64))  # noqa: E731,B023
+        if family.startswith("t5"):
+            logits = model(input_ids=as_torch("encoder_input_tokens"),
+                           attention_mask=(as_torch("encoder_input_tokens") != 0).long(),
+                           decoder_input_ids=as_torch("decoder_input_tokens")).logits
+        else:
+            logits = model(input_ids=as_torch("decoder_input_tokens")).logits
+        nll = -torch.log_softmax(logits, -1).gather(-1, as_torch("decoder_target_tokens")[..., None])[..., 0]
+        weights = torch.from_numpy(np.asarray(batch["decoder_loss_weights"], np.float32))
+        loss = (nll * weights).sum() / weights.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        losses.append(float(loss.detach()))
+        for group in optimizer.param_groups:
+            group["lr"] = float(schedule(step))
+        optimizer.step()
+
+    assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in logged], losses, rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in logged], norms, rtol=1e-4)
+    assert max(norms) > clip > min(norms), norms  # the clip bound on some steps and not on others
+    assert losses[-1] < losses[0]
+
+    model.save_pretrained(str(tmp_path / "peft_trained"))
+    theirs, _ = lora.from_pretrained(stage.model, tmp_path / "peft_trained")
+    ours = trained[ADAPTERS_KEY]
+    moved = 0
+    for (path, mine), other, start in zip(jax.tree_util.tree_leaves_with_path(ours),
+                                          jax.tree_util.tree_leaves(theirs), jax.tree_util.tree_leaves(initial)):
+        np.testing.assert_allclose(mine, other, rtol=0, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+        moved += not np.allclose(mine, start, atol=1e-3)
+    assert moved == len(jax.tree_util.tree_leaves(ours))  # every A and B moved, by far more than the tolerance
