@@ -28,6 +28,8 @@ and returns the Stage the loop runs instead:
              ``peft.PeftModel.from_pretrained`` applies to the ``init_from`` model
 * meta:      the LoRA config rides in every checkpoint (``meta["lora"]``), so ``llmjax.loading.load_model``
              of a LoRA run's checkpoint gives the merged params
+* adapters:  rank, scale and the modules adapted (``lora_identity``): a resume with other values is refused
+             by name before anything is read (``Stage.adapters``)
 
 The model's own code never sees the adapters; reward and PPO stages reuse this as SFT does.
 
@@ -151,6 +153,8 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
         export=_exporter(stage, merged, save_adapter), rollout=rollout,
         meta={**stage.meta, "lora": lora_meta(cfg),
               **({} if quantize_cfg is None else {"quantize": dataclasses.asdict(quantize_cfg)})},
+        adapters={**stage.adapters, "lora": lora_identity(cfg, model.config),
+                  **({} if quantize_cfg is None else {"quantize": dataclasses.asdict(quantize_cfg)})},
     )
 
 
@@ -187,6 +191,14 @@ def is_adapter(path: tuple[str, ...]) -> bool:
 def lora_meta(cfg: lora.LoraConfig) -> dict:
     """The LoRA config as the JSON a checkpoint records (``llmjax.loading`` reads it back)."""
     return {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v for f in dataclasses.fields(cfg)}
+
+
+def lora_identity(cfg: lora.LoraConfig, model_config) -> dict:
+    """What a resumed LoRA run must share with its checkpoint (``Stage.adapters``): the rank, the scale and the
+    modules adapted, ``all-linear`` resolved and in any order. ``lora_dropout`` may change, as a learning rate may."""
+    cfg = lora.resolve_targets(cfg, model_config)
+    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
+            "target_modules": sorted(cfg.target_modules)}
 
 
 class _FactoredModel:
@@ -244,6 +256,7 @@ def with_prompt_tuning(stage: Stage, cfg: prompt_tuning.PromptTuningConfig) -> S
         stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_soft_prompt, init_tree=init_tree, eval_hook=eval_hook,
         export=_exporter(stage, model_params, save_adapter),
         meta={**stage.meta, "prompt_tuning": dataclasses.asdict(cfg)},
+        adapters={**stage.adapters, "prompt_tuning": {"num_virtual_tokens": cfg.num_virtual_tokens}},
     )
 
 

@@ -26,7 +26,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.serialization
 import jax
@@ -177,14 +177,19 @@ class Checkpointer:
         verify_step_dir(self.step_dir(step), step)
 
     # -- restoring ----------------------------------------------------------
-    def restore(self, step: int, abstract_state: TrainState) -> Restored:
+    def restore(self, step: int, abstract_state: TrainState,
+                check_meta: Callable[[int, dict], None] | None = None) -> Restored:
         """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
 
         ``abstract_state``: a TrainState of ``jax.ShapeDtypeStruct`` with ``sharding`` set,
-        so every array lands directly on its devices.
+        so every array lands directly on its devices. ``check_meta(step, meta)``: called with the step's
+        metadata before any array is read, to refuse a checkpoint this run cannot continue with its own
+        error (a changed base or adapter config) rather than a mismatch of trees or shapes.
         """
         if self.verify_on_restore:
             self.verify(step)
+        if check_meta is not None:
+            check_meta(step, self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         target = flax.serialization.to_state_dict(abstract_state)
         restored = self._manager.restore(
             step,
@@ -197,8 +202,9 @@ class Checkpointer:
         state = flax.serialization.from_state_dict(abstract_state, restored["state"])
         return Restored(step, state, _this_process(restored["data"], self.step_dir(step)), restored["meta"])
 
-    def restore_latest(self, abstract_state: TrainState, fallback: bool = False) -> Restored | None:
-        """Restore the newest step; None when the directory has no checkpoint.
+    def restore_latest(self, abstract_state: TrainState, fallback: bool = False,
+                       check_meta: Callable[[int, dict], None] | None = None) -> Restored | None:
+        """Restore the newest step (``check_meta`` as in ``restore``); None when the directory has no checkpoint.
 
         With ``fallback``, a newest step that fails verification is moved aside
         (``quarantine``) with a warning naming it and the reason, and the previous one is
@@ -207,7 +213,7 @@ class Checkpointer:
         skipped: list[str] = []
         for step in reversed(self.all_steps()):
             try:
-                restored = self.restore(step, abstract_state)
+                restored = self.restore(step, abstract_state, check_meta)
             except CheckpointCorruptError as e:
                 if not fallback:
                     raise CheckpointCorruptError(

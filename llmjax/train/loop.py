@@ -97,6 +97,10 @@ class Stage:
                   written as split ``eval_hook_split`` (SFT: ROUGE of generations); None: none.
     tokenizer:    object with ``save_pretrained(dir)`` exported beside the model, or None.
     meta:         extra JSON saved in every checkpoint (e.g. ``tokenizer_dir``).
+    adapters:     JSON naming what the trainable parts outside the model are and how the model reads them (a
+                  LoRA run: rank, alpha, scale rule, the modules adapted; a soft prompt's length), or empty. Saved
+                  in every checkpoint (``meta["adapters"]``); a resume whose stage gives other values is refused
+                  naming them, as the checkpoint's adapters would mean something else or not fit.
     frozen_models: other models the loss reads under their ``key`` of the tree (:class:`FrozenModel`); the
                   rest of the stage (``eval_hook``, ``rollout``, ``export``) sees them in the full params too.
     rollout:      ``(full params, host batch, step) -> (host batch, {name: float})``, or None. When set, each
@@ -123,6 +127,7 @@ class Stage:
     eval_hook_split: str = "generate"
     tokenizer: Any = None
     meta: dict = dataclasses.field(default_factory=dict)
+    adapters: dict = dataclasses.field(default_factory=dict)
     rollout: Callable[[dict, dict, int], tuple[dict, dict]] | None = None
     frozen_models: tuple[FrozenModel, ...] = ()
     epochs: int = 1
@@ -151,17 +156,18 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     # The schedule runs over optimizer updates, which a stage with several per batch (PPO) multiplies.
     tx, schedule = make_optimizer(config.optim, (config.optim.schedule_steps or tc.steps) * stage.updates_per_step)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta)
+    meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta,
+                      adapters=stage.adapters)
     if stage.base is not None:
         meta["base"] = {"path": stage.base.path, "step": stage.base.step, "sha256": stage.base.sha256}
     if stage.frozen_models:
         meta["frozen_models"] = {m.key: {"path": m.path, "sha256": m.sha256} for m in stage.frozen_models}
     output_dir = Path(tc.output_dir)
-    writer = MetricsWriter(output_dir)
     summary: dict[str, Any] = {"interrupted": None, "eval_loss": None, "export": None, "loss": None}
 
     with sharding.activate(mesh), _StopSignals() as stop:
         state, shardings, notes = _initial_state(stage, config, tx, mesh, checkpointer)
+        writer = MetricsWriter(output_dir)  # after a refused resume, no new metrics file
         for note in notes:
             _print(note, progress)
         summary["start_step"] = start_step = int(jax.device_get(state.step))
@@ -263,10 +269,9 @@ def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Chec
     if steps:
         abstract = abstract_train_state(stage.model, tx, stage.is_trainable, mesh, stage.init_tree,
                                         has_base=base is not None)
-        restored = checkpointer.restore_latest(_saved_part(abstract, stage), fallback=True)
+        restored = checkpointer.restore_latest(_saved_part(abstract, stage), fallback=True,
+                                               check_meta=partial(_check_resumable, stage, checkpointer))
         notes.extend(f"skipped unusable checkpoint: {reason}" for reason in restored.skipped)
-        _check_base(stage, restored, checkpointer)
-        _check_frozen_models(stage, restored, checkpointer)
         state = restored.state
         if base is not None:  # the frozen part was left out of the checkpoint: rebuild it from the base
             state = state.replace(frozen_params=frozen_params_from_base(
@@ -305,10 +310,18 @@ def _saved_part(state, stage: Stage):
     return state
 
 
-def _check_base(stage: Stage, restored, checkpointer: Checkpointer) -> None:
+def _check_resumable(stage: Stage, checkpointer: Checkpointer, step: int, meta: dict) -> None:
+    """Refuse, before any array is read, a checkpoint this stage cannot continue: another base, other frozen
+    models, other adapters."""
+    where = f"checkpoint step {step} in {checkpointer.directory}"
+    _check_base(stage, meta, where)
+    _check_frozen_models(stage, meta, where)
+    _check_adapters(stage, meta, where)
+
+
+def _check_base(stage: Stage, meta: dict, where: str) -> None:
     """Refuse to resume a checkpoint against a base other than the one it was trained from."""
-    saved = restored.meta.get("base")
-    where = f"checkpoint step {restored.step} in {checkpointer.directory}"
+    saved = meta.get("base")
     if saved is None and stage.base is None:
         return
     if saved is None:
@@ -324,10 +337,9 @@ def _check_base(stage: Stage, restored, checkpointer: Checkpointer) -> None:
             "or start a new run (another checkpoint.dir)")
 
 
-def _check_frozen_models(stage: Stage, restored, checkpointer: Checkpointer) -> None:
+def _check_frozen_models(stage: Stage, meta: dict, where: str) -> None:
     """Refuse to resume a checkpoint whose frozen models (a teacher) differ from this run's."""
-    saved = restored.meta.get("frozen_models") or {}
-    where = f"checkpoint step {restored.step} in {checkpointer.directory}"
+    saved = meta.get("frozen_models") or {}
     ours = {part.key: part for part in stage.frozen_models}
     if set(saved) != set(ours):
         raise BaseChangedError(f"{where} was trained with frozen models {sorted(saved)}, but this run has "
@@ -338,6 +350,28 @@ def _check_frozen_models(stage: Stage, restored, checkpointer: Checkpointer) -> 
                 f"the {key} model changed: {where} was trained with {saved[key]['path']} (sha256 "
                 f"{saved[key]['sha256'][:16]}...), but this run's {key} {part.path} has sha256 {part.sha256[:16]}...; "
                 "restore that model or start a new run (another checkpoint.dir)")
+
+
+def _check_adapters(stage: Stage, meta: dict, where: str) -> None:
+    """Refuse to resume a checkpoint whose adapters (``Stage.adapters``) differ from this run's. A checkpoint
+    written before llmjax recorded them (no ``meta["adapters"]``) is not checked."""
+    if "adapters" not in meta:
+        return
+
+    saved, ours = meta["adapters"], stage.adapters
+    differ = []
+    for section in sorted(set(saved) | set(ours)):
+        if section not in saved or section not in ours:
+            differ.append(f"a {section}: section (checkpoint: {saved.get(section, 'none')}, "
+                          f"this run: {ours.get(section, 'none')})")
+            continue
+        differ.extend(f"{section}.{key} (checkpoint: {saved[section].get(key)}, this run: {ours[section].get(key)})"
+                      for key in sorted(set(saved[section]) | set(ours[section]))
+                      if saved[section].get(key) != ours[section].get(key))
+    if differ:
+        raise ConfigError(
+            f"{where} was trained with other adapters than this run's config gives: {'; '.join(differ)}; set "
+            "them back to resume, or point checkpoint.dir (or train.output_dir) elsewhere to start a new run")
 
 
 def _check_finite(step: int, metrics: dict, policy: str, progress: bool) -> None:

@@ -246,3 +246,44 @@ def test_merged_and_factored_forms_give_the_same_loss_and_adapter_gradients(base
         with_lora(plain, dataclasses.replace(cfg, lora_dropout=0.1), form="merged")
     with pytest.raises(ValueError, match="form='factored' needs a stage with loss_for; 'sft' gives none"):
         with_lora(dataclasses.replace(plain, loss_for=None), cfg, form="factored")
+
+
+def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_out_resumes(base_dir, tmp_path):
+    """A LoRA checkpoint continues only with the adapters it holds. ``all-linear`` spelled out as its module list
+    (in another order) resumes bitwise; another rank, alpha, scale rule or module list, or no ``lora:`` section,
+    is refused before anything is read, naming the keys (orbax would otherwise fail on the tree, or a new
+    alpha would silently rescale the trained adapters)."""
+    rank = ["lora.r=2", "lora.lora_alpha=4"]
+    run_stage(_sft(base_dir, tmp_path / "half", *rank, "lora.target_modules=all-linear", "train.steps=2"),
+              progress=False)
+    run_stage(_sft(base_dir, tmp_path / "whole", *rank, "lora.target_modules=all-linear", "train.steps=4"),
+              progress=False)
+    shutil.copytree(tmp_path / "half", tmp_path / "listed")
+    spelled_out = "lora.target_modules=[wo, wi_1, wi_0, o, v, k, q]"
+    summary = run_stage(_sft(base_dir, tmp_path / "listed", *rank, spelled_out, "train.steps=4"), progress=False)
+    assert summary["start_step"] == 2 and summary["step"] == 4
+    assert _bitwise_equal(read_checkpoint_params(tmp_path / "listed" / "checkpoints", 4)[1]["lora"],
+                          read_checkpoint_params(tmp_path / "whole" / "checkpoints", 4)[1]["lora"])
+
+    changed = {
+        "fewer": ([*rank, "lora.target_modules=[q, v]"],
+                  r"lora.target_modules \(checkpoint: \['k', 'o', 'q', 'v', 'wi_0', 'wi_1', 'wo'\], this run: \['q', 'v'\]\)"),
+        "rank": (["lora.r=4", "lora.lora_alpha=4", "lora.target_modules=all-linear"],
+                 r"lora.r \(checkpoint: 2, this run: 4\)"),
+        "alpha": (["lora.r=2", "lora.lora_alpha=8", "lora.target_modules=all-linear"],
+                  r"lora.lora_alpha \(checkpoint: 4.0, this run: 8.0\)"),
+        "rslora": ([*rank, "lora.target_modules=all-linear", "lora.use_rslora=true"],
+                   r"lora.use_rslora \(checkpoint: False, this run: True\)"),
+        "none": ([], r"a lora: section \(checkpoint: \{'r': 2, .*\}, this run: none\)"),
+    }
+    for name, (overrides, match) in changed.items():
+        shutil.copytree(tmp_path / "half", tmp_path / name)
+        files = sorted((tmp_path / name).rglob("*"))
+        with pytest.raises(ConfigError, match=rf"checkpoint step 2 in .*{name}/checkpoints was trained with other "
+                                              rf"adapters than this run's config gives: {match}; set them back"):
+            run_stage(_sft(base_dir, tmp_path / name, *overrides, "train.steps=4"), progress=False)
+        assert sorted((tmp_path / name).rglob("*")) == files, name  # nothing written
+    # lora_dropout is a training setting, like the learning rate: it may change on resume.
+    summary = run_stage(_sft(base_dir, tmp_path / "half", *rank, "lora.target_modules=all-linear",
+                             "lora.lora_dropout=0.1", "train.steps=4"), progress=False)
+    assert summary["start_step"] == 2

@@ -2,12 +2,15 @@
 prompt trains and is checkpointed, the base is unchanged, the loss falls, the ROUGE hook generates after the
 soft prompt, a TEXT init holds the text's embeddings, and the export is the base plus a PEFT prompt dir."""
 
+import shutil
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from llmjax import prompt_tuning
+from llmjax.config import ConfigError
 from llmjax.loading import load_model, open_manager
 from llmjax.stages import run_stage, stage_module
 from llmjax.stages.adapters import ADAPTER_SUBDIR
@@ -100,3 +103,17 @@ def test_generate_from_a_prompt_tuning_run_applies_its_soft_prompt(prompt_run, c
     without = generate_texts(model, params, tokenizer, [text], generation_config=config)
     assert with_prompt != without  # the check below can tell the two apart
     assert with_prompt[0] in printed.splitlines()
+
+
+def test_resume_with_another_prompt_length_or_with_lora_is_refused_by_name(pretrained, prompt_run, tmp_path):
+    out, _ = prompt_run
+    shutil.copytree(out, tmp_path / "run")
+    for overrides, match in (
+            ([f"prompt_tuning.num_virtual_tokens={N + 1}", "data.packing=false"],
+             rf"prompt_tuning.num_virtual_tokens \(checkpoint: {N}, this run: {N + 1}\)"),
+            (["lora.r=2", "lora.lora_alpha=4", "lora.target_modules=[q, v]"], r"a lora: section \(checkpoint: none, this run: \{'r': 2, .*\}\); "
+                                                r"a prompt_tuning: section \(checkpoint: \{'num_virtual_tokens': 5\}, "
+                                                r"this run: none\)")):
+        with pytest.raises(ConfigError, match=rf"checkpoint step {STEPS} in .* was trained with other adapters than "
+                                              rf"this run's config gives: {match}; set them back to resume"):
+            run_stage(_sft(pretrained, tmp_path / "run", *overrides, f"train.steps={STEPS + 2}"), progress=False)
