@@ -1,7 +1,8 @@
-"""LoRA training against an independent reference: a few steps of a ``lora:`` SFT run (llmjax's loop: the
-factored adapters, AdamW with weight decay, gradient clipping, warmup and cosine decay) equal the same steps
-taken by ``peft`` on ``transformers``' model with ``torch.optim.AdamW``, from the run's own initial adapters, on
-the run's own batches: per-step loss and gradient norm, and the adapters after the last step."""
+"""Adapter training against an independent reference: a few steps of a ``lora:`` or ``prompt_tuning:`` SFT run
+(llmjax's loop: LoRA computed factored or the soft prompt prepended, AdamW with weight decay, gradient clipping,
+warmup and cosine decay) equal the same steps taken by ``peft`` on ``transformers``' model with
+``torch.optim.AdamW``, from the run's own initial adapters, on the run's own batches: per-step loss and gradient
+norm, and the adapters after the last step."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 peft = pytest.importorskip("peft")
 
-from llmjax import lora, sharding  # noqa: E402
+from llmjax import lora, prompt_tuning, sharding  # noqa: E402
 from llmjax.config import load_config  # noqa: E402
-from llmjax.loading import ADAPTERS_KEY, read_checkpoint_params  # noqa: E402
+from llmjax.loading import ADAPTERS_KEY, SOFT_PROMPT_KEY, read_checkpoint_params  # noqa: E402
 from llmjax.stages import run_stage, stage_module  # noqa: E402
 from llmjax.stages.init_source import resolve_init  # noqa: E402
 from llmjax.testing import torch_llama, torch_t5  # noqa: E402
@@ -24,33 +24,41 @@ from llmjax.train.state import init_train_state  # noqa: E402
 from tests.stages.test_sft import CONFIGS_DIR, SFT_CONFIG, _metrics  # noqa: E402
 
 STEPS = 5
-# Warmup then cosine decay, decoupled weight decay on A and B; each family's clip binds on some steps only.
+VIRTUAL_TOKENS = 4
+# Warmup then cosine decay, decoupled weight decay on every adapter matrix; each case's clip binds on some steps.
 OPTIM = ["optim.learning_rate=1e-2", "optim.schedule=cosine", "optim.warmup_steps=2", "optim.weight_decay=0.1"]
-FAMILIES = {  # family -> (random transformers model, run config, decoder rows, targets, scan_layers, clip)
-    "t5-scanned": (lambda: torch_t5(0, vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                    feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-                   SFT_CONFIG, 32, ["q", "v", "wo"], True, 5.0),
-    "llama-unscanned": (lambda: torch_llama(0, vocab_size=512, hidden_size=32, intermediate_size=48,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=512),
-                        CONFIGS_DIR / "sft_decoder_tiny.yaml", 384, ["q_proj", "v_proj", "down_proj"], False, 0.45),
+MODELS = {  # family -> (random transformers model, run config, decoder rows)
+    "t5": (lambda: torch_t5(0, vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                            feed_forward_proj="gated-gelu", tie_word_embeddings=False), SFT_CONFIG, 32),
+    "llama": (lambda: torch_llama(0, vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+              CONFIGS_DIR / "sft_decoder_tiny.yaml", 384),
+}
+CASES = {  # case -> (family, scan_layers, adapter overrides, clip)
+    "lora-t5-scanned": ("t5", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v, wo]"], 5.0),
+    "lora-llama-unscanned": ("llama", False, ["lora.r=4", "lora.lora_alpha=8",
+                                              "lora.target_modules=[q_proj, v_proj, down_proj]"], 0.45),
+    "prompt-t5-scanned": ("t5", True, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.3),
+    "prompt-llama-unscanned": ("llama", False, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.008),
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_lora_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path, family):
-    build, run_config, decoder_length, targets, scan, clip = FAMILIES[family]
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapter_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path, case):
+    family, scan, adapter, clip = CASES[case]
+    build, run_config, decoder_length = MODELS[family]
+    is_lora = case.startswith("lora")
     torch_model = build()
     torch_model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     out = tmp_path / "run"
-    no_dropout = ["model.dropout_rate=0.0"] if family.startswith("t5") else []  # the decoder has none
+    no_dropout = ["model.dropout_rate=0.0"] if family == "t5" else []  # the decoder has none
     config = load_config(run_config, [
         "model={}", f"model.scan_layers={str(scan).lower()}", f"init_from={tmp_path / 'hf'}",
         f"data.tokenizer={pretrained / 'tokenizer'}", "data.packing=false", "data.encoder_length=128",
         f"data.decoder_length={decoder_length}", "train.batch_size=8", f"train.steps={STEPS}", "train.log_every_steps=1",
         "train.eval_every_steps=0", "train.rouge_every_steps=0", "train.export_hf=null", f"train.output_dir={out}",
-        "checkpoint.async_save=false", f"checkpoint.every_steps={STEPS}", "lora.r=4", "lora.lora_alpha=8",
-        f"lora.target_modules=[{', '.join(targets)}]", *OPTIM, f"optim.clip_grad_norm={clip}", *no_dropout])
+        "checkpoint.async_save=false", f"checkpoint.every_steps={STEPS}", *adapter, *OPTIM,
+        f"optim.clip_grad_norm={clip}", *no_dropout])
 
     # What the run will start from: its batches and its initial adapters, built as the loop builds them.
     resolved, loaded = resolve_init(config.for_devices(jax.device_count(), jax.process_count()))
@@ -61,29 +69,38 @@ def test_lora_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path, f
     with sharding.activate(mesh):
         state, _ = init_train_state(stage.model, tx, stage.is_trainable, resolved.train.seed, mesh,
                                     params=stage.base.params, init_tree=stage.init_tree)
-    initial = jax.tree_util.tree_map(np.asarray, state.params[ADAPTERS_KEY])
-    cfg = resolved.lora
-    lora.save_pretrained(stage.model, initial, cfg, tmp_path / "initial_adapter")
+    key = ADAPTERS_KEY if is_lora else SOFT_PROMPT_KEY
+    initial = jax.tree_util.tree_map(np.asarray, state.params[key])
+    if is_lora:
+        lora.save_pretrained(stage.model, initial, resolved.lora, tmp_path / "initial_adapter")
+    else:
+        prompt_tuning.save_pretrained(stage.model, initial, resolved.prompt_tuning, tmp_path / "initial_adapter")
 
     run_stage(config, progress=False)
     logged = [r for r in _metrics(out) if r["split"] == "train"]
-    _, trained, _ = read_checkpoint_params(out / "checkpoints", STEPS)
+    trained = read_checkpoint_params(out / "checkpoints", STEPS)[1][key]
 
     # The same steps in torch: peft's model from those adapters, AdamW with the run's schedule, torch's clipping.
-    model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "initial_adapter"), is_trainable=True)
+    # (peft loads a prompt frozen, refusing is_trainable=True for prompt learning; it trains a prompt it made)
+    model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "initial_adapter"), is_trainable=is_lora)
+    if not is_lora:
+        model.prompt_encoder.requires_grad_(True)
     model.eval()  # no dropout; gradients still flow
     params = [p for p in model.parameters() if p.requires_grad]
-    assert sum(p.numel() for p in params) == sum(a.size for a in jax.tree_util.tree_leaves(initial))
+    # (peft's seq2seq prompt holds a second, unused block of rows: PROMPT_TUNING's format for two submodules)
+    size = sum(a.size for a in jax.tree_util.tree_leaves(initial)) * (2 if case == "prompt-t5-scanned" else 1)
+    assert sum(p.numel() for p in params) == size
     optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     losses, norms = [], []
     for step, batch in enumerate(batches):
         as_torch = lambda name: torch.from_numpy(np.asarray(batch[name], np.int64))  # noqa: E731,B023
-        if family.startswith("t5"):
+        if family == "t5":
             logits = model(input_ids=as_torch("encoder_input_tokens"),
                            attention_mask=(as_torch("encoder_input_tokens") != 0).long(),
                            decoder_input_ids=as_torch("decoder_input_tokens")).logits
         else:
             logits = model(input_ids=as_torch("decoder_input_tokens")).logits
+            logits = logits if is_lora else logits[:, VIRTUAL_TOKENS:]  # peft returns the prompt's positions too
         nll = -torch.log_softmax(logits, -1).gather(-1, as_torch("decoder_target_tokens")[..., None])[..., 0]
         weights = torch.from_numpy(np.asarray(batch["decoder_loss_weights"], np.float32))
         loss = (nll * weights).sum() / weights.sum()
@@ -99,14 +116,15 @@ def test_lora_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path, f
     np.testing.assert_allclose([r["loss"] for r in logged], losses, rtol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in logged], norms, rtol=1e-4)
     assert max(norms) > clip > min(norms), norms  # the clip bound on some steps and not on others
-    assert losses[-1] < losses[0]
 
     model.save_pretrained(str(tmp_path / "peft_trained"))
-    theirs, _ = lora.from_pretrained(stage.model, tmp_path / "peft_trained")
-    ours = trained[ADAPTERS_KEY]
+    if is_lora:
+        theirs = lora.from_pretrained(stage.model, tmp_path / "peft_trained")[0]
+    else:
+        theirs = prompt_tuning.from_pretrained(stage.model, tmp_path / "peft_trained")[0]
     moved = 0
-    for (path, mine), other, start in zip(jax.tree_util.tree_leaves_with_path(ours),
+    for (path, mine), other, start in zip(jax.tree_util.tree_leaves_with_path(trained),
                                           jax.tree_util.tree_leaves(theirs), jax.tree_util.tree_leaves(initial)):
         np.testing.assert_allclose(mine, other, rtol=0, atol=2e-5, err_msg=jax.tree_util.keystr(path))
         moved += not np.allclose(mine, start, atol=1e-3)
-    assert moved == len(jax.tree_util.tree_leaves(ours))  # every A and B moved, by far more than the tolerance
+    assert moved == len(jax.tree_util.tree_leaves(trained))  # every leaf moved, by far more than the tolerance
