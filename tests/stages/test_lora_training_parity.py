@@ -41,9 +41,12 @@ CASES = {  # case -> (family, scan_layers, adapter overrides, clip)
     "prompt-t5-scanned": ("t5", True, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.3),
     "prompt-llama-unscanned": ("llama", False, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.008),
 }
+SLOW = ("lora-llama-unscanned", "prompt-t5-scanned")
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Each family and each adapter kind stays in the default suite once; the other two cases are `slow`.
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW else case
+                                  for case in CASES])
 def test_adapter_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path, case):
     family, scan, adapter, clip = CASES[case]
     build, run_config, decoder_length = MODELS[family]
