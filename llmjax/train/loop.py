@@ -99,8 +99,9 @@ class Stage:
     meta:         extra JSON saved in every checkpoint (e.g. ``tokenizer_dir``).
     adapters:     JSON naming what the trainable parts outside the model are and how the model reads them (a
                   LoRA run: rank, alpha, scale rule, the modules adapted; a soft prompt's length), or empty. Saved
-                  in every checkpoint (``meta["adapters"]``); a resume whose stage gives other values is refused
-                  naming them, as the checkpoint's adapters would mean something else or not fit.
+                  in every checkpoint with the run's ``train.trainable`` / ``train.frozen`` (``meta["trained_parts"]``);
+                  a resume that gives other values is refused naming them, as the checkpoint's trained part would
+                  mean something else or not fit.
     frozen_models: other models the loss reads under their ``key`` of the tree (:class:`FrozenModel`); the
                   rest of the stage (``eval_hook``, ``rollout``, ``export``) sees them in the full params too.
     rollout:      ``(full params, host batch, step) -> (host batch, {name: float})``, or None. When set, each
@@ -156,8 +157,10 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     # The schedule runs over optimizer updates, which a stage with several per batch (PPO) multiplies.
     tx, schedule = make_optimizer(config.optim, (config.optim.schedule_steps or tc.steps) * stage.updates_per_step)
     checkpointer = Checkpointer(config.checkpoint_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    # What the checkpoint's trainable tree is and how the model reads it: a resume must give the same.
+    trained_parts = {**stage.adapters, "train": {"trainable": list(tc.trainable), "frozen": list(tc.frozen)}}
     meta = model_meta(stage.model, stage=stage.name, run_config=config_to_dict(config), **stage.meta,
-                      adapters=stage.adapters)
+                      trained_parts=trained_parts)
     if stage.base is not None:
         meta["base"] = {"path": stage.base.path, "step": stage.base.step, "sha256": stage.base.sha256}
     if stage.frozen_models:
@@ -166,7 +169,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
     summary: dict[str, Any] = {"interrupted": None, "eval_loss": None, "export": None, "loss": None}
 
     with sharding.activate(mesh), _StopSignals() as stop:
-        state, shardings, notes = _initial_state(stage, config, tx, mesh, checkpointer)
+        state, shardings, notes = _initial_state(stage, config, tx, mesh, checkpointer, trained_parts)
         writer = MetricsWriter(output_dir)  # after a refused resume, no new metrics file
         for note in notes:
             _print(note, progress)
@@ -256,8 +259,9 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
 
 # -- pieces of the loop ----------------------------------------------------------
 
-def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Checkpointer):
-    """Resume from the newest good checkpoint, or build a fresh state; ``(state, shardings, notes)``."""
+def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Checkpointer, trained_parts: dict):
+    """Resume from the newest good checkpoint (refused when its ``trained_parts`` differ), or build a fresh state;
+    ``(state, shardings, notes)``."""
     notes = []
     steps = checkpointer.all_steps()
     if steps and not config.train.resume:
@@ -270,7 +274,7 @@ def _initial_state(stage: Stage, config: RunConfig, tx, mesh, checkpointer: Chec
         abstract = abstract_train_state(stage.model, tx, stage.is_trainable, mesh, stage.init_tree,
                                         has_base=base is not None)
         restored = checkpointer.restore_latest(_saved_part(abstract, stage), fallback=True,
-                                               check_meta=partial(_check_resumable, stage, checkpointer))
+                                               check_meta=partial(_check_resumable, stage, checkpointer, trained_parts))
         notes.extend(f"skipped unusable checkpoint: {reason}" for reason in restored.skipped)
         state = restored.state
         if base is not None:  # the frozen part was left out of the checkpoint: rebuild it from the base
@@ -310,13 +314,13 @@ def _saved_part(state, stage: Stage):
     return state
 
 
-def _check_resumable(stage: Stage, checkpointer: Checkpointer, step: int, meta: dict) -> None:
+def _check_resumable(stage: Stage, checkpointer: Checkpointer, trained_parts: dict, step: int, meta: dict) -> None:
     """Refuse, before any array is read, a checkpoint this stage cannot continue: another base, other frozen
-    models, other adapters."""
+    models, other trainable parts."""
     where = f"checkpoint step {step} in {checkpointer.directory}"
     _check_base(stage, meta, where)
     _check_frozen_models(stage, meta, where)
-    _check_adapters(stage, meta, where)
+    _check_trained_parts(trained_parts, meta, where)
 
 
 def _check_base(stage: Stage, meta: dict, where: str) -> None:
@@ -352,13 +356,13 @@ def _check_frozen_models(stage: Stage, meta: dict, where: str) -> None:
                 "restore that model or start a new run (another checkpoint.dir)")
 
 
-def _check_adapters(stage: Stage, meta: dict, where: str) -> None:
-    """Refuse to resume a checkpoint whose adapters (``Stage.adapters``) differ from this run's. A checkpoint
-    written before llmjax recorded them (no ``meta["adapters"]``) is not checked."""
-    if "adapters" not in meta:
+def _check_trained_parts(ours: dict, meta: dict, where: str) -> None:
+    """Refuse to resume a checkpoint whose trainable parts differ from this run's: its adapters
+    (``Stage.adapters``) or its ``train.trainable`` / ``train.frozen`` filters. A checkpoint written before
+    llmjax recorded them (no ``meta["trained_parts"]``) is not checked."""
+    if "trained_parts" not in meta:
         return
-
-    saved, ours = meta["adapters"], stage.adapters
+    saved = meta["trained_parts"]
     differ = []
     for section in sorted(set(saved) | set(ours)):
         if section not in saved or section not in ours:
@@ -370,8 +374,8 @@ def _check_adapters(stage: Stage, meta: dict, where: str) -> None:
                       if saved[section].get(key) != ours[section].get(key))
     if differ:
         raise ConfigError(
-            f"{where} was trained with other adapters than this run's config gives: {'; '.join(differ)}; set "
-            "them back to resume, or point checkpoint.dir (or train.output_dir) elsewhere to start a new run")
+            f"{where} was trained with other trainable parts than this run's config gives: {'; '.join(differ)}; "
+            "set them back to resume, or point checkpoint.dir (or train.output_dir) elsewhere to start a new run")
 
 
 def _check_finite(step: int, metrics: dict, policy: str, progress: bool) -> None:

@@ -280,7 +280,7 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
         shutil.copytree(tmp_path / "half", tmp_path / name)
         files = sorted((tmp_path / name).rglob("*"))
         with pytest.raises(ConfigError, match=rf"checkpoint step 2 in .*{name}/checkpoints was trained with other "
-                                              rf"adapters than this run's config gives: {match}; set them back"):
+                                              rf"trainable parts than this run's config gives: {match}; set them back"):
             run_stage(_sft(base_dir, tmp_path / name, *overrides, "train.steps=4"), progress=False)
         assert sorted((tmp_path / name).rglob("*")) == files, name  # nothing written
     # lora_dropout is a training setting, like the learning rate: it may change on resume.

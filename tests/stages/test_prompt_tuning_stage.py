@@ -111,9 +111,9 @@ def test_resume_with_another_prompt_length_or_with_lora_is_refused_by_name(pretr
     for overrides, match in (
             ([f"prompt_tuning.num_virtual_tokens={N + 1}", "data.packing=false"],
              rf"prompt_tuning.num_virtual_tokens \(checkpoint: {N}, this run: {N + 1}\)"),
-            (["lora.r=2", "lora.lora_alpha=4", "lora.target_modules=[q, v]"], r"a lora: section \(checkpoint: none, this run: \{'r': 2, .*\}\); "
-                                                r"a prompt_tuning: section \(checkpoint: \{'num_virtual_tokens': 5\}, "
-                                                r"this run: none\)")):
-        with pytest.raises(ConfigError, match=rf"checkpoint step {STEPS} in .* was trained with other adapters than "
-                                              rf"this run's config gives: {match}; set them back to resume"):
+            (["lora.r=2", "lora.lora_alpha=4", "lora.target_modules=[q, v]"],
+             r"a lora: section \(checkpoint: none, this run: \{'r': 2, .*\}\); "
+             r"a prompt_tuning: section \(checkpoint: \{'num_virtual_tokens': 5\}, this run: none\)")):
+        with pytest.raises(ConfigError, match=rf"checkpoint step {STEPS} in .* was trained with other trainable "
+                                              rf"parts than this run's config gives: {match}; set them back to resume"):
             run_stage(_sft(pretrained, tmp_path / "run", *overrides, f"train.steps={STEPS + 2}"), progress=False)

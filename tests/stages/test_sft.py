@@ -126,6 +126,18 @@ def test_frozen_base_checkpoints_only_what_trains_resumes_exactly_and_refuses_a_
 
 
 
+def test_resume_with_other_trainable_filters_is_refused_by_name(pretrained, tmp_path):
+    """The ``train.trainable`` / ``train.frozen`` filters decide the checkpoint's tree: a resume with others is
+    refused naming them, before orbax would fail on the tree, and the run directory is left as it was."""
+    run_stage(_sft(pretrained, tmp_path / "run", "train.steps=2", FROZEN_EMBEDDINGS), progress=False)
+    files = sorted((tmp_path / "run").rglob("*"))
+    with pytest.raises(ConfigError, match=r"checkpoint step 2 in .* was trained with other trainable parts than this "
+                                          r"run's config gives: train.frozen \(checkpoint: \['\^shared/'\], this run: "
+                                          r"\[\]\); set them back to resume"):
+        run_stage(_sft(pretrained, tmp_path / "run", "train.steps=4"), progress=False)
+    assert sorted((tmp_path / "run").rglob("*")) == files
+
+
 @pytest.mark.parametrize("family", ["t5", "decoder"])
 def test_step0_loss_from_a_transformers_dir_equals_transformers(pretrained, tmp_path, family):
     """SFT from a directory ``transformers`` wrote: the stage's loss on its first batch is torch's."""
