@@ -148,13 +148,12 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     rollout = None
     if stage.rollout is not None:
         rollout = lambda tree, batch, step: stage.rollout(stage_view(tree), batch, step)  # noqa: E731
+    quantize_section = {} if quantize_cfg is None else {"quantize": dataclasses.asdict(quantize_cfg)}
     return dataclasses.replace(
         stage, loss_fn=loss_fn, loss_for=None, is_trainable=is_adapter, init_tree=init_tree, eval_hook=eval_hook,
         export=_exporter(stage, merged, save_adapter), rollout=rollout,
-        meta={**stage.meta, "lora": lora_meta(cfg),
-              **({} if quantize_cfg is None else {"quantize": dataclasses.asdict(quantize_cfg)})},
-        adapters={**stage.adapters, "lora": lora_identity(cfg, model.config),
-                  **({} if quantize_cfg is None else {"quantize": dataclasses.asdict(quantize_cfg)})},
+        meta={**stage.meta, "lora": lora_meta(cfg), **quantize_section},
+        adapters={**stage.adapters, "lora": lora_identity(cfg, model.config), **quantize_section},
     )
 
 
