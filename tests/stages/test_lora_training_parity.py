@@ -21,7 +21,7 @@ from llmjax.stages.init_source import resolve_init  # noqa: E402
 from llmjax.testing import torch_llama, torch_t5  # noqa: E402
 from llmjax.train.optim import make_optimizer  # noqa: E402
 from llmjax.train.state import init_train_state  # noqa: E402
-from tests.stages.test_sft import CONFIGS_DIR, SFT_CONFIG, _metrics  # noqa: E402
+from tests.stages.test_sft import CONFIGS_DIR, SFT_CONFIG, _metrics, torch_sft_loss  # noqa: E402
 
 STEPS = 5
 VIRTUAL_TOKENS = 4
@@ -96,17 +96,8 @@ def test_adapter_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path
     optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     losses, norms = [], []
     for step, batch in enumerate(batches):
-        as_torch = lambda name: torch.from_numpy(np.asarray(batch[name], np.int64))  # noqa: E731,B023
-        if family == "t5":
-            logits = model(input_ids=as_torch("encoder_input_tokens"),
-                           attention_mask=(as_torch("encoder_input_tokens") != 0).long(),
-                           decoder_input_ids=as_torch("decoder_input_tokens")).logits
-        else:
-            logits = model(input_ids=as_torch("decoder_input_tokens")).logits
-            logits = logits if is_lora else logits[:, VIRTUAL_TOKENS:]  # peft returns the prompt's positions too
-        nll = -torch.log_softmax(logits, -1).gather(-1, as_torch("decoder_target_tokens")[..., None])[..., 0]
-        weights = torch.from_numpy(np.asarray(batch["decoder_loss_weights"], np.float32))
-        loss = (nll * weights).sum() / weights.sum()
+        # (a peft decoder with a soft prompt returns the prompt's positions too)
+        loss = torch_sft_loss(model, batch, seq2seq=family == "t5", skip=0 if is_lora else VIRTUAL_TOKENS)
         optimizer.zero_grad()
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))

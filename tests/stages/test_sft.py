@@ -165,19 +165,30 @@ def test_step0_loss_from_a_transformers_dir_equals_transformers(pretrained, tmp_
     _, sums = stage.loss_fn(stage.base.params, batch, None)
     ours = float(sums["loss"] / sums["weights"])
 
-    as_torch = lambda name: torch.from_numpy(np.asarray(batch[name], np.int64))  # noqa: E731
     with torch.no_grad():
-        if family == "t5":
-            logits = torch_model.eval()(input_ids=as_torch("encoder_input_tokens"),
-                                        attention_mask=(as_torch("encoder_input_tokens") != 0).long(),
-                                        decoder_input_ids=as_torch("decoder_input_tokens")).logits
-        else:
-            logits = torch_model.eval()(input_ids=as_torch("decoder_input_tokens")).logits
-    nll = -torch.log_softmax(logits.double(), -1).gather(-1, as_torch("decoder_target_tokens")[..., None])[..., 0]
-    weights = torch.from_numpy(np.asarray(batch["decoder_loss_weights"], np.float64))
-    theirs = float((nll * weights).sum() / weights.sum())
+        theirs = float(torch_sft_loss(torch_model.eval(), batch, seq2seq=family == "t5", dtype=torch.float64))
+    weights = np.asarray(batch["decoder_loss_weights"])
     assert weights.sum() > 0 and (weights == 0).any()  # target-only weights: prompts and padding carry none
     assert abs(ours - theirs) <= 1e-4, (ours, theirs)
+
+
+def torch_sft_loss(model, batch: dict, seq2seq: bool, skip: int = 0, dtype=None):
+    """The SFT loss of an llmjax ``batch`` computed in torch: ``model`` (``transformers`` or ``peft``) on the batch's
+    rows, cross-entropy per target token over ``decoder_loss_weights``. ``skip``: leading positions of a decoder's
+    logits to drop (those of a ``peft`` soft prompt); ``dtype``: the log-softmax's (default: the logits')."""
+    import torch
+
+    as_torch = lambda name: torch.from_numpy(np.asarray(batch[name], np.int64))  # noqa: E731
+    if seq2seq:
+        logits = model(input_ids=as_torch("encoder_input_tokens"),
+                       attention_mask=(as_torch("encoder_input_tokens") != 0).long(),
+                       decoder_input_ids=as_torch("decoder_input_tokens")).logits
+    else:
+        logits = model(input_ids=as_torch("decoder_input_tokens")).logits[:, skip:]
+    logits = logits if dtype is None else logits.to(dtype)
+    nll = -torch.log_softmax(logits, -1).gather(-1, as_torch("decoder_target_tokens")[..., None])[..., 0]
+    weights = torch.from_numpy(np.asarray(batch["decoder_loss_weights"])).to(logits.dtype)
+    return (nll * weights).sum() / weights.sum()
 
 
 def kill_and_resume(tmp_path, overrides, steps: int = 24, every: int = 2, config=SFT_CONFIG) -> int:
