@@ -34,14 +34,10 @@ import numpy as np
 from llmjax.data.bundled.corpus import bundled_documents
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import Tokenizer
-from llmjax.lab import report
 from llmjax.lab import summarize as lab
-from llmjax.lab.adapter_rows import run_measures
-from llmjax.loading import load_model
-from llmjax.train.state import count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_from_instruction_base import row_lora, sft  # noqa: E402  (the sibling experiment's SFT and rows)
+from lora_from_instruction_base import row_lora, score_run, sft  # noqa: E402  (the sibling experiment's)
 
 
 def noised(words: list[str], noise: float, rng: np.random.Generator) -> str:
@@ -112,14 +108,9 @@ def main() -> None:
     results = {"_settings": vars(args)}
 
     def score(name: str, run_dir: Path, **extra) -> None:
-        loaded = load_model(run_dir)  # LoRA adapters merged in
-        total = count_params(loaded.params)
-        trainable = run_measures(run_dir)["trainable_params"]
-        fraction = 1.0 if trainable == total else trainable / (total + trainable)  # PEFT's trainable%
-        result = lab.evaluate_row(loaded.model, loaded.params, tokenizer, test, settings)
-        report.write_predictions(out / "predictions" / f"{name}.jsonl", result)
-        results[name] = {"rougeL": result.scores["rougeL"], "trainable_params": trainable,
-                         "trainable_fraction": fraction, "final_train_loss": last_loss(run_dir), **extra}
+        result, measures = score_run(run_dir, out / "predictions" / f"{name}.jsonl", tokenizer, test, settings)
+        results[name] = {"rougeL": result.scores["rougeL"], **measures, "final_train_loss": last_loss(run_dir),
+                         **extra}
         lab.say(f"{name}: {json.dumps(results[name])}")
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 

@@ -89,6 +89,19 @@ def row_lora(kind: str) -> dict | None:
             "target_modules": EVERY_DENSE if kind.endswith("all") else ["q", "v"]}
 
 
+def score_run(run_dir: Path, predictions: Path, tokenizer, test, settings):
+    """Greedy summaries of ``test`` by the run in ``run_dir`` (LoRA adapters merged in), written to
+    ``predictions``: ``(evaluation result, {"trainable_params", "trainable_fraction"})``, the fraction PEFT's
+    trainable% as the lab's."""
+    loaded = load_model(run_dir)
+    total = count_params(loaded.params)
+    trainable = run_measures(run_dir)["trainable_params"]  # what the run's checkpoint trained
+    fraction = 1.0 if trainable == total else trainable / (total + trainable)
+    result = lab.evaluate_row(loaded.model, loaded.params, tokenizer, test, settings)
+    report.write_predictions(predictions, result)
+    return result, {"trainable_params": trainable, "trainable_fraction": fraction}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/lora_instruction_base")
@@ -117,13 +130,8 @@ def main() -> None:
         return before[name]["train_seconds"] if args.rescore else round(sft(*sft_args, **sft_kwargs))
 
     def score(name: str, run_dir: Path, **extra) -> None:
-        loaded = load_model(run_dir)  # LoRA adapters merged in
-        total = count_params(loaded.params)
-        trainable = run_measures(run_dir)["trainable_params"]  # what the run's checkpoint trained
-        fraction = 1.0 if trainable == total else trainable / (total + trainable)  # PEFT's trainable%, as the lab's
-        extra = {"trainable_params": trainable, "trainable_fraction": fraction, **extra}
-        result = lab.evaluate_row(loaded.model, loaded.params, tokenizer, test, settings)
-        report.write_predictions(out / "predictions" / f"{name}.jsonl", result)
+        result, measures = score_run(run_dir, out / "predictions" / f"{name}.jsonl", tokenizer, test, settings)
+        extra = {**measures, **extra}
         part = {}
         for part_name, keep in (("seen", set(seen)), ("unseen", set(range(len(test))) - set(seen))):
             if keep:
