@@ -184,7 +184,7 @@ def read_model_config(path: str | Path):
         complete = complete_steps(checkpoint_dir, manager.all_steps())
         if not complete:
             raise CheckpointCorruptError(f"no complete checkpoint in {checkpoint_dir} (no step has a {MANIFEST})")
-        meta = manager.restore(complete[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = read_step_meta(manager, complete[-1])
     finally:
         manager.close()
     return model_from_meta(meta).config
@@ -239,6 +239,11 @@ def find_checkpoint_dir(path: Path) -> Path | None:
 
 
 # -- checkpoints ------------------------------------------------------------------
+
+def read_step_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The metadata (``meta`` item) of checkpoint ``step`` alone; no array is read."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
 
 def open_manager(directory: str | Path, async_save: bool = False, read_only: bool = False) -> ocp.CheckpointManager:
     """The orbax manager of a checkpoint directory, with the items of the layout above."""

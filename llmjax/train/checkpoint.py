@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from llmjax.errors import InputError, UserError
 from llmjax.loading import (  # noqa: F401 (MANIFEST, CheckpointCorruptError, model_meta re-exported)
     MANIFEST, TOKENIZER_FILES, CheckpointCorruptError, ModelPathError, has_tokenizer, load_model, model_meta,
-    open_manager, read_checkpoint_params, sha256, step_files, verify_step_dir,
+    open_manager, read_checkpoint_params, read_step_meta, sha256, step_files, verify_step_dir,
 )
 from llmjax.train.state import TrainState
 
@@ -189,7 +189,7 @@ class Checkpointer:
         if self.verify_on_restore:
             self.verify(step)
         if check_meta is not None:
-            check_meta(step, self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            check_meta(step, read_step_meta(self._manager, step))
         target = flax.serialization.to_state_dict(abstract_state)
         restored = self._manager.restore(
             step,
