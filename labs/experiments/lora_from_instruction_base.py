@@ -11,15 +11,19 @@ stand-in for that instruction tuning and measures full fine-tuning and LoRA from
    the lab's SFT schedule;
 3. from that base, each ``--rows`` entry: the lab's SFT on ``dialogsum`` (1000 steps, 16 rows, cosine): ``full@LR``
    trains everything, ``r<R>@LR`` LoRA rank R on q and v (``lora_alpha`` = 2R, as the lab's rows),
-   ``r<R>all@LR`` LoRA on every dense kernel.
+   ``r<R>all@LR`` LoRA on every dense kernel, ``r<R>[m1+m2+...]@LR`` on the listed modules.
 
 Each model (the base zero-shot included) summarizes the first ``--test-limit`` test dialogues, greedy. ROUGE-L is
 reported on all of them and apart on the topics the base saw and those it did not. Writes ``OUT/results.json``
 and ``OUT/predictions/<row>.jsonl`` (rescorable); the trained runs stay in ``OUT/<row>/``. The saved run's
 ``results.json``, predictions and phase lines are in ``labs/experiments/lora_from_instruction_base/``
-(``tests/lab/test_experiments.py`` rescores them).
+(``tests/lab/test_experiments.py`` rescores them). ``--topics all`` tunes the base on every scenario topic instead;
+that run's (``--base-steps 2000``, its later rows added with ``--add-rows``) is in
+``labs/experiments/lora_from_instruction_base_all_topics/``.
 
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_instruction_base
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics --topics all \
+        --base-steps 2000 --rows full@3e-3,r4@3e-4,r4@3e-3,r1all@1e-3,r4@1e-2,r6@6e-3,r1all@3e-3
 """
 
 from __future__ import annotations
@@ -81,12 +85,23 @@ def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: floa
 
 
 def row_lora(kind: str) -> dict | None:
-    """``full`` -> None; ``r4`` -> LoRA r=4 on q, v; ``r1all`` -> r=1 on every dense kernel."""
+    """``full`` -> None; ``r4`` -> LoRA r=4 on q, v; ``r1all`` -> r=1 on every dense kernel; ``r2[q+v+wo]`` -> r=2 on
+    the listed modules."""
     if kind == "full":
         return None
-    rank = int(kind[1:].removesuffix("all"))
-    return {"r": rank, "lora_alpha": 2 * rank,
-            "target_modules": EVERY_DENSE if kind.endswith("all") else ["q", "v"]}
+    rank, _, listed = kind[1:].partition("[")
+    if listed:
+        targets = listed.removesuffix("]").split("+")
+    else:
+        targets = EVERY_DENSE if rank.endswith("all") else ["q", "v"]
+    rank = int(rank.removesuffix("all"))
+    return {"r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
+
+
+def row_name(kind: str, rate: str) -> str:
+    """``lora_r4``, ``lora_r1all``, ``lora_r2_q_v_wo`` (``r2[q+v+wo]``), ``full_ft``; ``_lr<rate>`` unless 3e-3."""
+    name = "full_ft" if kind == "full" else "lora_" + kind.replace("[", "_").replace("+", "_").removesuffix("]")
+    return name + ("" if float(rate) == 3e-3 else f"_lr{rate}")
 
 
 def score_run(run_dir: Path, predictions: Path, tokenizer, test, settings):
@@ -112,6 +127,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="the sibling set's generator seed (the lab's is 0)")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: score the runs already in --out again (train_seconds kept from there)")
+    parser.add_argument("--add-rows", action="store_true",
+                        help="keep --out's results and its finished base; train and score only the --rows entries")
     args = parser.parse_args()
     out, settings = Path(args.out), lab.LabSettings()
     out.mkdir(parents=True, exist_ok=True)
@@ -122,8 +139,12 @@ def main() -> None:
     task, seen_topics = sibling_set(out, args.seed, args.topics)
     test = bundled_dialogsum("test")[: args.test_limit]
     seen = [i for i, e in enumerate(test) if e["topic"] in seen_topics]
-    before = json.loads((out / "results.json").read_text()) if args.rescore else {}
+    before = json.loads((out / "results.json").read_text()) if args.rescore or args.add_rows else {}
     results = {"_settings": {**vars(args), "seen_topics": sorted(seen_topics), "test_seen": len(seen)}}
+    if args.add_rows:
+        if lab.finished_steps(out / "instruction_base") < args.base_steps:
+            raise SystemExit(f"--add-rows: {out / 'instruction_base'} holds no finished base of {args.base_steps} steps")
+        results = {**before, "_settings": {**before["_settings"], "rows": before["_settings"]["rows"] + "," + args.rows}}
 
     def train_or_reuse(name: str, *sft_args, **sft_kwargs):
         """Train (the seconds it took), or with --rescore the seconds the earlier run recorded."""
@@ -144,17 +165,17 @@ def main() -> None:
 
     (out / "predictions").mkdir(exist_ok=True)
     base = out / "instruction_base"
-    seconds = train_or_reuse("base_zero_shot", base, out / "pretrain", (task, "span_corruption"), (0.75, 0.25),
-                             args.base_steps, 3e-3, settings, tokenizer_dir)
-    score("base_zero_shot", base, train_seconds=seconds)
+    if not args.add_rows:
+        seconds = train_or_reuse("base_zero_shot", base, out / "pretrain", (task, "span_corruption"), (0.75, 0.25),
+                                 args.base_steps, 3e-3, settings, tokenizer_dir)
+        score("base_zero_shot", base, train_seconds=seconds)
     for row in args.rows.split(","):
         kind, _, rate = row.partition("@")
         lora = row_lora(kind)
-        name = ("lora_" + kind if lora else "full_ft") + ("" if float(rate) == 3e-3 else f"_lr{rate}")
+        name = row_name(kind, rate)
         seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), settings.sft_steps, float(rate),
                                  settings, tokenizer_dir, lora)
         score(name, out / name, learning_rate=float(rate), lora=lora, train_seconds=seconds)
-
 
 if __name__ == "__main__":
     main()

@@ -10,51 +10,71 @@ from llmjax import text_metrics
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.lab.report import PEFT_FRACTION, PEFT_QUALITY
 
-INSTRUCTION_BASE = Path(__file__).resolve().parents[2] / "labs" / "experiments" / "lora_from_instruction_base"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "labs" / "experiments"
+INSTRUCTION_BASE = EXPERIMENTS / "lora_from_instruction_base"
+ALL_TOPICS_BASE = EXPERIMENTS / "lora_from_instruction_base_all_topics"
+DENOISING_BASE = EXPERIMENTS / "lora_from_denoising_base"
 
 
-@pytest.mark.skipif(not (INSTRUCTION_BASE / "results.json").is_file(), reason="no saved instruction-base experiment")
-def test_lora_from_an_instruction_tuned_base_rescores_and_stays_short_of_full_fine_tuning():
-    results = json.loads((INSTRUCTION_BASE / "results.json").read_text())
+def rescored(run: Path) -> tuple[dict, dict]:
+    """``(results without _settings, _settings)`` of a saved experiment, after checking that rescoring each row's
+    saved predictions gives its ROUGE-L (and, where recorded, its ROUGE-L on the seen and unseen topics)."""
+    results = json.loads((run / "results.json").read_text())
     settings = results.pop("_settings")
+    seen = set(settings.get("seen_topics", ()))
     topics = {e["id"]: e["topic"] for e in bundled_dialogsum("test")}
-    seen = set(settings["seen_topics"])
-    assert 0 < settings["test_seen"] < settings["test_limit"]
     for row, entry in results.items():
-        lines = (INSTRUCTION_BASE / "predictions" / f"{row}.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (run / "predictions" / f"{row}.jsonl").read_text(encoding="utf-8").splitlines()
         saved = [json.loads(line) for line in lines]
         assert len(saved) == settings["test_limit"], row
         parts = {"": saved, "_seen_topics": [r for r in saved if topics[r["id"]] in seen],
                  "_unseen_topics": [r for r in saved if topics[r["id"]] not in seen]}
         for suffix, part in parts.items():
-            rescored = text_metrics.rouge([r["prediction"] for r in part], [r["references"] for r in part])
-            assert entry[f"rougeL{suffix}"] == pytest.approx(rescored["rougeL"], abs=1e-9), (row, suffix)
-    full = results["full_ft"]["rougeL"]
+            if f"rougeL{suffix}" in entry:
+                rescore = text_metrics.rouge([r["prediction"] for r in part], [r["references"] for r in part])
+                assert entry[f"rougeL{suffix}"] == pytest.approx(rescore["rougeL"], abs=1e-9), (row, suffix)
+    return results, settings
+
+
+def small_lora_rows(results: dict) -> list[str]:
     small = [row for row, entry in results.items() if entry.get("lora") and entry["trainable_fraction"] <= PEFT_FRACTION]
     assert small, "no LoRA row at <= 2% of the parameters"
+    return small
+
+
+@pytest.mark.skipif(not (INSTRUCTION_BASE / "results.json").is_file(), reason="no saved instruction-base experiment")
+def test_lora_from_an_instruction_tuned_base_rescores_and_stays_short_of_full_fine_tuning():
+    results, settings = rescored(INSTRUCTION_BASE)
+    assert 0 < settings["test_seen"] < settings["test_limit"]
+    full = results["full_ft"]["rougeL"]
     # The README's reading: the base already summarizes the topics it saw, and still no small LoRA row comes
     # within 3% of full fine-tuning from the same base.
     assert results["base_zero_shot"]["rougeL_seen_topics"] > 2 * results["base_zero_shot"]["rougeL_unseen_topics"]
-    assert max(results[row]["rougeL"] for row in small) < PEFT_QUALITY * full
+    assert max(results[row]["rougeL"] for row in small_lora_rows(results)) < PEFT_QUALITY * full
 
 
-DENOISING_BASE = Path(__file__).resolve().parents[2] / "labs" / "experiments" / "lora_from_denoising_base"
+@pytest.mark.skipif(not (ALL_TOPICS_BASE / "results.json").is_file(), reason="no saved all-topics base experiment")
+def test_lora_from_a_base_tuned_on_every_topic_rescores_beats_its_base_and_stays_short_of_full_fine_tuning():
+    results, settings = rescored(ALL_TOPICS_BASE)
+    assert settings["topics"] == "all" and settings["test_seen"] == settings["test_limit"]
+    full, base = results["full_ft"]["rougeL"], results["base_zero_shot"]["rougeL"]
+    small = {row: results[row]["rougeL"] for row in small_lora_rows(results)}
+    # The README's reading: this base summarizes zero-shot at about 80% of full fine-tuning; at the lab's learning
+    # rate or above every small LoRA row takes it higher, more with more adapter parameters, and none to 97%;
+    # at a tenth of the lab's rate the adapters end below the base they started from.
+    assert 0.75 * full < base < 0.85 * full
+    at_lab_rate = {row: score for row, score in small.items() if results[row]["learning_rate"] >= 3e-3}
+    assert len(at_lab_rate) >= 4 and min(at_lab_rate.values()) > base
+    assert small["lora_r6_lr6e-3"] > small["lora_r4"] and small["lora_r1all"] > small["lora_r1all_lr1e-3"]
+    assert max(small.values()) < PEFT_QUALITY * full
+    assert small["lora_r4_lr3e-4"] < base
 
 
 @pytest.mark.skipif(not (DENOISING_BASE / "results.json").is_file(), reason="no saved denoising-base experiment")
 def test_lora_from_a_denoising_base_rescores_and_stays_short_of_full_fine_tuning():
-    results = json.loads((DENOISING_BASE / "results.json").read_text())
-    settings = results.pop("_settings")
-    for row, entry in results.items():
-        lines = (DENOISING_BASE / "predictions" / f"{row}.jsonl").read_text(encoding="utf-8").splitlines()
-        saved = [json.loads(line) for line in lines]
-        assert len(saved) == settings["test_limit"], row
-        rescored = text_metrics.rouge([r["prediction"] for r in saved], [r["references"] for r in saved])
-        assert entry["rougeL"] == pytest.approx(rescored["rougeL"], abs=1e-9), row
+    results, _ = rescored(DENOISING_BASE)
     full = results["full_ft"]["rougeL"]
-    small = [row for row, entry in results.items() if entry.get("lora") and entry["trainable_fraction"] <= PEFT_FRACTION]
-    assert small, "no LoRA row at <= 2% of the parameters"
     # The README's reading: the denoising base cannot summarize by itself, full fine-tuning from it beats the
     # lab's, and the small adapters learn more from it than from span corruption alone, still far short.
     assert results["base_zero_shot"]["rougeL"] < 0.25 * full
-    assert max(results[row]["rougeL"] for row in small) < PEFT_QUALITY * full
+    assert max(results[row]["rougeL"] for row in small_lora_rows(results)) < PEFT_QUALITY * full
