@@ -23,7 +23,8 @@ that run's (``--base-steps 2000``, its later rows added with ``--add-rows``) is 
 
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_instruction_base
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics --topics all \
-        --base-steps 2000 --rows full@3e-3,r4@3e-4,r4@3e-3,r1all@1e-3,r4@1e-2,r6@6e-3,r1all@3e-3
+        --base-steps 2000 --rows "full@3e-3,r4@3e-4,r4@3e-3,r1all@1e-3,r4@1e-2,r6@6e-3,r1all@3e-3,\
+r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0+wi_1+wo]@1.2e-2"
 """
 
 from __future__ import annotations
