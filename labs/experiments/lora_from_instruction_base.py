@@ -1,4 +1,4 @@
-"""Does LoRA near full fine-tuning when its base already knows a sibling task? (The lab's PEFT question, README: Lab.)
+r"""Does LoRA near full fine-tuning when its base already knows a sibling task? (The lab's PEFT question, README: Lab.)
 
 The course's LoRA adapts FLAN-T5, a model instruction-tuned on many tasks, chat summaries among them, before it
 ever sees DialogSum. The lab's base has only seen span corruption. This experiment gives the lab's model a small
@@ -177,6 +177,7 @@ def main() -> None:
         seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), settings.sft_steps, float(rate),
                                  settings, tokenizer_dir, lora)
         score(name, out / name, learning_rate=float(rate), lora=lora, train_seconds=seconds)
+
 
 if __name__ == "__main__":
     main()
