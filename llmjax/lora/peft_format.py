@@ -4,21 +4,32 @@ A PEFT LoRA directory stores, for each adapted ``nn.Linear`` (HF module ``M``, w
 ``base_model.model.M.lora_A.weight [r, in]`` and ``base_model.model.M.lora_B.weight [out, r]``: the
 transposes of llmjax's ``lora_A [in, r]`` and ``lora_B [r, out]``, one pair per layer (a scanned stack
 is split into its layers on save and stacked on load). ``peft.PeftModel.from_pretrained(hf_model, dir)``
-loads what :func:`save_pretrained` writes, and :func:`from_pretrained` reads what ``peft`` writes,
-refusing, with the option named, every PEFT feature that would change the model in a way plain LoRA
-does not (DoRA, biases, per-layer ranks, extra trained modules, ...). rsLoRA's scale (``use_rslora``) and
-``target_modules: "all-linear"`` are read and written.
+loads what :func:`save_pretrained` writes, and :func:`from_pretrained` reads what ``peft`` writes.
+
+PEFT's options that only choose *where* and *how strongly* plain LoRA acts are read, by PEFT's own matching
+rules: ``rank_pattern`` and ``alpha_pattern`` (per-module rank and alpha), ``layers_to_transform`` /
+``layers_pattern`` (some layers only), ``exclude_modules``, and ``target_modules`` as a regular expression or
+as dotted module paths. llmjax holds every adapter in one uniform form (one rank, one scale, the named modules
+in every layer), which computes the same function: a module of lower rank is zero-padded to the largest rank,
+its own scale is folded into its ``lora_B``, and a layer or module the adapter leaves alone holds zero A and
+B (which stay zero if trained further). Saving it again writes that uniform form, a plain adapter that
+``peft`` loads with the same outputs. rsLoRA's scale (``use_rslora``) and ``target_modules: "all-linear"`` are
+read and written; so is ``bias`` (``all``, ``lora_only``), which trains nothing on llmjax's bias-free models.
+Every option that changes *what* is computed (DoRA, a bias on ``lora_B``, extra trained modules, ...) is
+refused with the option named.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from llmjax import hf
+from llmjax.adapter_configs import lora_targets
 from llmjax.errors import InputError
 from llmjax.hf.io import (
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TASK_TYPES, CheckpointError, read_adapter_dir, write_adapter_dir,
@@ -33,18 +44,16 @@ PEFT_TYPE = "LORA"
 _PREFIX = "base_model.model."
 
 # adapter_config.json options that change what the adapter computes: the values plain LoRA has (a JSON
-# null, false, {} or [] where PEFT writes one of those), and what the option is, for the message.
+# null, false, {} or [] where PEFT writes one of those), and what the option is, for the message. (The options
+# that choose which modules are adapted, at what rank and alpha, are read: _plan.)
 _PLAIN_LORA = {
-    "bias": (("none",), "trained biases"),
+    # Trained biases: llmjax's models have no bias in any projection or norm, so "all" and "lora_only" train
+    # nothing there and save no tensor (peft's files hold plain LoRA; a bias tensor would be refused as unexpected).
+    "bias": (("none", "all", "lora_only"), "trained biases"),
     "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
     "fan_in_fan_out": ((False, None), "Conv1D-style transposed weights"),
     "lora_bias": ((False, None), "a bias on lora_B"),
     "modules_to_save": ((None, []), "fully trained extra modules"),
-    "layers_to_transform": ((None, []), "adapting only some layers"),
-    "layers_pattern": ((None, [], ""), "adapting only some layers"),
-    "exclude_modules": ((None, []), "excluded modules"),
-    "rank_pattern": (({}, None), "per-module ranks"),
-    "alpha_pattern": (({}, None), "per-module alphas"),
     "layer_replication": ((None, []), "replicated layers"),
     "target_parameters": ((None, []), "adapted nn.Parameters"),
     "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
@@ -126,8 +135,13 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
 
 
 def lora_config(raw: dict, model, file: str | Path) -> LoraConfig:
-    """A PEFT ``adapter_config.json`` (``raw``, read from ``file``) -> :class:`LoraConfig` for ``model``, refusing
-    what plain LoRA is not."""
+    """A PEFT ``adapter_config.json`` (``raw``, read from ``file``) -> the uniform :class:`LoraConfig` llmjax
+    holds its adapter in for ``model`` (module docstring), refusing what plain LoRA is not."""
+    return _plan(raw, model, file)[0]
+
+
+def _check_options(raw: dict, model, file) -> None:
+    """Refuse an adapter that is not LoRA for this kind of model, or uses an option plain LoRA cannot express."""
     if raw.get("peft_type") != PEFT_TYPE:
         raise AdapterError(f"{file}: peft_type={raw.get('peft_type')!r}; llmjax.lora reads LoRA adapters "
                            "(peft_type \"LORA\"); prompt-tuning directories go to llmjax.prompt_tuning")
@@ -141,83 +155,155 @@ def lora_config(raw: dict, model, file: str | Path) -> LoraConfig:
                 f"{file}: {option}={json.dumps(raw[option])} ({meaning}) is not supported; llmjax loads plain "
                 f"LoRA only ({option}: {json.dumps(plain[0])}). Merge the adapter with peft (merge_and_unload) "
                 "and load the merged model instead, or train it without this option")
-    targets = raw.get("target_modules")
-    if not (isinstance(targets, list) or targets == ALL_LINEAR):
-        raise AdapterError(
-            f"{file}: target_modules={json.dumps(targets)}; llmjax reads a list of module names such as "
-            f"[\"q\", \"v\"] or \"{ALL_LINEAR}\" (a regular expression is not supported: list the modules)")
     missing = [key for key in ("r", "lora_alpha") if key not in raw]
     if missing:
         raise AdapterError(f"{file}: missing {missing}; write the LoRA rank and alpha the adapter was trained with")
-    if isinstance(targets, list) and any(isinstance(t, str) and "." in t for t in targets):
-        targets = _module_names(targets, model.config, file)
+    for option in ("rank_pattern", "alpha_pattern"):
+        pattern = raw.get(option) or {}
+        if not (isinstance(pattern, dict) and all(isinstance(k, str) for k in pattern)):
+            raise AdapterError(f"{file}: {option}={json.dumps(pattern)} must map module-name patterns to numbers")
+
+
+def _targeted(raw: dict, every: list[str], file) -> list[str]:
+    """The modules of ``every`` (each layer's projections, full HF names) that PEFT adapts: ``target_modules``
+    (a list of names or ``.``-suffixes, a regular expression matched against the whole name, or
+    ``all-linear``), less ``exclude_modules``, in the layers ``layers_to_transform`` keeps."""
+    targets = raw.get("target_modules")
+    if targets == ALL_LINEAR:
+        chosen = list(every)
+    elif isinstance(targets, str):
+        try:
+            chosen = [m for m in every if re.fullmatch(targets, m)]
+        except re.error as e:
+            raise AdapterError(f"{file}: target_modules={targets!r} is not a valid regular expression ({e})") from None
+        if not chosen:
+            raise AdapterError(f"{file}: target_modules={targets!r} matches no module of this model (e.g. "
+                               f"{every[0]!r}); was the adapter made for another model?")
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        for target in targets:
+            if "." in target and not any(m == target or m.endswith(f".{target}") for m in every):
+                raise AdapterError(f"{file}: target_modules entry {target!r} names no module of this model (e.g. "
+                                   f"{every[0]!r}); was the adapter made for another model?")
+        chosen = [m for m in every if m in targets or any(m.endswith(f".{t}") for t in targets)]
+        chosen = [m for m in chosen if m in targets or _in_layers(raw, m, file)]  # PEFT: a full name skips the filter
+    else:
+        raise AdapterError(f"{file}: target_modules={json.dumps(targets)}; llmjax reads a list of module names such "
+                           f"as [\"q\", \"v\"], \"{ALL_LINEAR}\" or a regular expression")
+    excluded = raw.get("exclude_modules") or []
+    if isinstance(excluded, str):
+        chosen = [m for m in chosen if not re.fullmatch(excluded, m)]
+    else:
+        chosen = [m for m in chosen if not (m in excluded or any(m.endswith(f".{e}") for e in excluded))]
+    if not chosen:
+        raise AdapterError(f"{file}: target_modules, exclude_modules and layers_to_transform leave no module "
+                           "adapted; the adapter changes nothing")
+    return chosen
+
+
+def _in_layers(raw: dict, module: str, file) -> bool:
+    """Whether ``layers_to_transform`` (with ``layers_pattern``) keeps ``module``'s layer, as PEFT decides it:
+    the layer index is the first number after a ``.``-separated name (that pattern's name, when given)."""
+    wanted = raw.get("layers_to_transform")
+    if wanted is None or wanted == []:
+        return True
+    if isinstance(wanted, int) and not isinstance(wanted, bool):
+        wanted = [wanted]
+    if not (isinstance(wanted, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in wanted)):
+        raise AdapterError(f"{file}: layers_to_transform={json.dumps(wanted)} must be a layer index or a list of them")
+    patterns = raw.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        found = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in patterns)), None)
+    return found is not None and int(found.group("idx")) in wanted
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end of the module
+    name (as a regular expression, after a ``.``), else ``default``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, float]]]:
+    """``(cfg, {module: (r, B factor)})``: the uniform config llmjax holds the adapter in, and for each module
+    PEFT adapts (full HF name), its own rank and the factor ``its scale / cfg.scale`` its ``lora_B`` takes."""
+    _check_options(raw, model, file)
+    every = [m for site in sites(model.config, LoraConfig(1, 1, target_modules=ALL_LINEAR)) for m in site.hf_modules]
+    targets = raw.get("target_modules")
+    if isinstance(targets, list):  # a plain name no layer of this model has: say which names it has
+        plain = [t for t in targets if isinstance(t, str) and "." not in t]
+        try:
+            sites(model.config, LoraConfig(1, 1, target_modules=plain)) if plain else None
+        except LoraConfigError as e:
+            raise AdapterError(f"{file}: {e}; was the adapter made for another model family?") from None
+    chosen = _targeted(raw, every, file)
+    use_rslora = raw.get("use_rslora") or False
     try:
-        return LoraConfig(r=raw["r"], lora_alpha=raw["lora_alpha"], lora_dropout=raw.get("lora_dropout") or 0.0,
-                          target_modules=targets,
-                          use_rslora=raw.get("use_rslora") or False)
+        ranks = {m: _pattern_value(raw.get("rank_pattern") or {}, m, raw["r"]) for m in chosen}
+        alphas = {m: _pattern_value(raw.get("alpha_pattern") or {}, m, raw["lora_alpha"]) for m in chosen}
+        own = {m: LoraConfig(r=ranks[m], lora_alpha=alphas[m], use_rslora=use_rslora, target_modules=ALL_LINEAR)
+               for m in chosen}  # checks each module's r and alpha
+        names = [n for n in lora_targets(model.config) if any(m.rsplit(".", 1)[1] == n for m in chosen)]
+        uniform = set(chosen) == {m for m in every if m.rsplit(".", 1)[1] in names} and len(
+            {(c.r, c.scale) for c in own.values()}) == 1 and ranks[chosen[0]] == raw["r"]
+        if uniform and targets == ALL_LINEAR:
+            listed = ALL_LINEAR
+        elif uniform and isinstance(targets, list) and all("." not in t for t in targets):
+            listed = targets  # as written (the order kept)
+        else:
+            listed = names
+        cfg = LoraConfig(r=max(ranks.values()), lora_alpha=raw["lora_alpha"],
+                         lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora)
     except LoraConfigError as e:
         raise AdapterError(f"{file}: {e}") from None
-
-
-def _module_names(targets: list, config, file) -> list[str]:
-    """``target_modules`` that name modules by dotted path (``model.layers.0.mlp.up_proj``, as peft saves
-    ``all-linear``; ``self_attn.q_proj``) -> the module names they amount to, matched as PEFT does (a target
-    is the whole module name or a ``.``-separated suffix of it). Each name must then be adapted in every
-    layer: LoRA on only some layers is refused."""
-    every = [m for site in sites(config, LoraConfig(1, 1, target_modules=ALL_LINEAR)) for m in site.hf_modules]
-    matched = set()
-    for target in targets:
-        hits = {m for m in every if m == target or m.endswith(f".{target}")}
-        if not hits:
-            raise AdapterError(f"{file}: target_modules entry {target!r} names no module of this model (e.g. "
-                               f"{every[0]!r}); was the adapter made for another model?")
-        matched |= hits
-    names = sorted({m.rsplit(".", 1)[1] for m in matched})
-    partial = [n for n in names if {m for m in every if m.rsplit(".", 1)[1] == n} - matched]
-    if partial:
-        raise AdapterError(f"{file}: target_modules adapt {partial} in only some of the layers; llmjax adapts a "
-                           "module in every layer (adapting only some layers is not supported). Merge the adapter "
-                           "with peft (merge_and_unload) and load the merged model instead")
-    return names
+    return cfg, {m: (own[m].r, own[m].scale / cfg.scale) for m in chosen}
 
 
 def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     """Read a PEFT LoRA directory for ``model`` -> ``(adapters, cfg)``; adapters are fp32 numpy arrays in
-    the model's layout (stacked ``[L, ...]`` with ``scan_layers``).
+    the model's layout (stacked ``[L, ...]`` with ``scan_layers``), in llmjax's uniform form (module docstring).
 
-    Every adapted module of the config must be in the file with the shapes the model gives (A ``[r, in]``,
+    Every module PEFT adapts must be in the file with the shapes the model and its own rank give (A ``[r, in]``,
     B ``[out, r]``) and nothing else may be; otherwise :class:`AdapterError` names the keys.
     """
     raw, tensors = read_adapter_dir(path)
     config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
-    cfg = lora_config(raw, model, config_file)
-    try:
-        targeted = sites(model.config, cfg)
-    except LoraConfigError as e:
-        raise AdapterError(f"{config_file}: {e}; was the adapter made for another model family?") from None
-    expected = {_key(m, name) for site in targeted for m in site.hf_modules for name in (LORA_A, LORA_B)}
+    cfg, own = _plan(raw, model, config_file)
+    expected = {_key(m, name) for m in own for name in (LORA_A, LORA_B)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise AdapterError(
-            f"{file}: tensors do not match target_modules {list(cfg.target_modules)} on this model: "
+            f"{file}: tensors do not match target_modules {json.dumps(raw.get('target_modules'))} on this model: "
             f"{tensor_mismatch(missing, unexpected)}; was the adapter made for a model with this config.json (layer count, "
             "gated MLP)?")
     adapters: dict = {}
-    for site in targeted:
+    for site in sites(model.config, cfg):
         fan_in, fan_out = _kernel_shape(model.config, site)
+        a_layers, b_layers = [], []
+        for module in site.hf_modules:
+            a, b = np.zeros((fan_in, cfg.r), np.float32), np.zeros((cfg.r, fan_out), np.float32)
+            if module in own:  # else a layer the adapter leaves alone: zero A and B
+                rank, factor = own[module]
+                for name, want in ((LORA_A, (rank, fan_in)), (LORA_B, (fan_out, rank))):
+                    value = tensors[_key(module, name)]
+                    if tuple(value.shape) != want:
+                        raise AdapterError(
+                            f"{file}: tensor {_key(module, name)!r} has shape {tuple(value.shape)}, expected {want} "
+                            f"(r={rank} from {ADAPTER_CONFIG_NAME}); the adapter and its config, or the base model, "
+                            "do not match")
+                a[:, :rank] = np.asarray(tensors[_key(module, LORA_A)], np.float32).T
+                b[:rank] = np.asarray(tensors[_key(module, LORA_B)], np.float32).T * np.float32(factor)
+            a_layers.append(a)
+            b_layers.append(b)
         node = adapters
         for key in site.path:
             node = node.setdefault(key, {})
-        for name, want in ((LORA_A, (cfg.r, fan_in)), (LORA_B, (fan_out, cfg.r))):
-            layers = []
-            for module in site.hf_modules:
-                value = tensors[_key(module, name)]
-                if tuple(value.shape) != want:
-                    raise AdapterError(f"{file}: tensor {_key(module, name)!r} has shape {tuple(value.shape)}, "
-                                       f"expected {want} (r={cfg.r} from {ADAPTER_CONFIG_NAME}); the adapter and "
-                                       "its config, or the base model, do not match")
-                layers.append(np.asarray(value, np.float32).T)
-            node[name] = np.stack(layers) if site.stacked else layers[0]
+        node[LORA_A] = np.stack(a_layers) if site.stacked else a_layers[0]
+        node[LORA_B] = np.stack(b_layers) if site.stacked else b_layers[0]
     return adapters, cfg
 
 

@@ -142,6 +142,32 @@ def test_rslora_all_linear_parity_both_ways(family, scan, base_dirs, tmp_path):
     assert np.abs(_llmjax_logits(model, params, adapters, plain, family) - want).max() > 1e-2
 
 
+@pytest.mark.parametrize("family, scan, options, rank", [
+    ("t5", True, {"rank_pattern": {"q": 5, "wo": 1}, "alpha_pattern": {"EncDecAttention.v": 9},
+                  "layers_to_transform": [1], "exclude_modules": ["k"], "bias": "all"}, 5),
+    ("llama", False, {"target_modules": r".*\.(q_proj|up_proj|down_proj)", "rank_pattern": {"up_proj": 2},
+                      "alpha_pattern": {"layers.0.self_attn.q_proj": 11}, "use_rslora": True}, 3),
+    ("llama", True, {"layers_to_transform": 0, "layers_pattern": "layers", "rank_pattern": {"v_proj": 6}}, 6),
+], ids=["t5-scanned-ranks-alphas-layers-excluded", "llama-unscanned-regex-rslora", "llama-scanned-one-layer"])
+def test_peft_rank_alpha_and_layer_options_read_exactly(family, scan, options, rank, base_dirs, tmp_path):
+    """An adapter peft wrote with per-module ranks and alphas, only some layers, excluded modules or a regex
+    target gives peft's logits in llmjax's uniform form (the largest rank, zero-padded; each module's scale in
+    its B; zero A and B where peft adapts nothing), and that form saved again is a plain adapter peft reads with
+    the same logits."""
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", **options)
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert cfg.r == rank and cfg.lora_alpha == 5 and cfg.use_rslora == options.get("use_rslora", False)
+    want = _torch_logits(peft_model, family)
+    assert np.abs(want - _torch_logits(_torch_base(family, base_dirs[family]), family)).max() > 1e-2
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
+    lora.save_pretrained(model, adapters, cfg, tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert written["r"] == rank and written["rank_pattern"] == {} and written["layers_to_transform"] is None
+    loaded = peft.PeftModel.from_pretrained(_torch_base(family, base_dirs[family]), str(tmp_path / "again"))
+    np.testing.assert_allclose(_torch_logits(loaded.eval(), family), want, atol=TOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Directories llmjax refuses
 
@@ -175,13 +201,20 @@ Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
     ({"task_type": "CAUSAL_LM"}, "task_type='CAUSAL_LM'.*SEQ_2_SEQ_LM"),
     ({"use_dora": True}, "use_dora=true .DoRA"),
     ({"use_rslora": "yes"}, "use_rslora='yes' must be true or false"),
-    ({"bias": "lora_only"}, "bias=\"lora_only\""),
+    ({"bias": "some"}, "bias=\"some\" .trained biases"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"layers_to_transform": [0]}, "layers_to_transform"),
-    ({"rank_pattern": {"q": 4}}, "rank_pattern"),
-    ({"alpha_pattern": {"v": 8}}, "alpha_pattern"),
-    ({"target_modules": ".*q"}, "list of module names"),
-    ({"target_modules": ["SelfAttention.q", "v"]}, r"adapt \['q'\] in only some of the layers"),
+    ({"layer_replication": [[0, 2]]}, "layer_replication"),
+    ({"target_modules": {"q": 1}}, "list of module names"),
+    ({"target_modules": "(q"}, r"target_modules='\(q' is not a valid regular expression"),
+    ({"target_modules": r".*\.nothing"}, "matches no module of this model"),
+    ({"target_modules": ["q", "v"], "exclude_modules": ["q", "v"]}, "leave no module adapted"),
+    ({"layers_to_transform": "all"}, "layers_to_transform=\"all\" must be a layer index"),
+    ({"rank_pattern": {"q": 0}}, "r=0 must be a positive integer"),
+    ({"rank_pattern": ["q"]}, "rank_pattern=\\[\"q\"\\] must map module-name patterns to numbers"),
+    ({"rank_pattern": {"EncDecAttention.q": 4}}, r"EncDecAttention.q.lora_A.weight' has shape \(2, 16\), "
+                                                 r"expected \(4, 16\) \(r=4"),
+    ({"target_modules": ["SelfAttention.q", "v"]}, r"unexpected tensors \[.*EncDecAttention.q.lora_A"),
+    ({"layers_to_transform": [0]}, r"unexpected tensors \['base_model.model.decoder.block.1"),
     ({"target_modules": ["layer.0.SelfAttention.nothing"]}, "'layer.0.SelfAttention.nothing' names no module"),
     ({"target_modules": ["q_proj"]}, r"\['q_proj'\] are not modules of this T5 model.*another model family"),
     ({"r": 0}, "r=0 must be a positive integer"),
