@@ -19,12 +19,17 @@ and ``OUT/predictions/<row>.jsonl`` (rescorable); the trained runs stay in ``OUT
 ``results.json``, predictions and phase lines are in ``labs/experiments/lora_from_instruction_base/``
 (``tests/lab/test_experiments.py`` rescores them). ``--topics all`` tunes the base on every scenario topic instead;
 that run's (``--base-steps 2000``, its later rows added with ``--add-rows``) is in
-``labs/experiments/lora_from_instruction_base_all_topics/``.
+``labs/experiments/lora_from_instruction_base_all_topics/``. ``--d-model`` widens the lab's T5 (``d_kv`` and ``d_ff``
+in proportion), so that 2% of it holds more adapter parameters; ``--base-lr`` sets the pre-training's and the
+base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than half of it). That run is in
+``labs/experiments/lora_from_instruction_base_wide/``.
 
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_instruction_base
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics --topics all \
         --base-steps 2000 --rows "full@3e-3,r4@3e-4,r4@3e-3,r1all@1e-3,r4@1e-2,r6@6e-3,r1all@3e-3,\
 r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0+wi_1+wo]@1.2e-2"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_wide --topics all \
+        --base-steps 2000 --d-model 256 --base-lr 1.5e-3 --rows "full@1.5e-3,r4[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3"
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from llmjax.data.tokenizer import Tokenizer
 from llmjax.lab import report
 from llmjax.lab import summarize as lab
 from llmjax.lab.adapter_rows import run_measures, trained_to_end
+from llmjax.lab.summarize import LabSettings
 from llmjax.loading import load_model
 from llmjax.stages import run_stage
 from llmjax.train.state import count_params
@@ -126,12 +132,20 @@ def main() -> None:
     parser.add_argument("--rows", default="full@3e-3,r4@3e-3,r1all@3e-3")
     parser.add_argument("--test-limit", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1, help="the sibling set's generator seed (the lab's is 0)")
+    parser.add_argument("--d-model", type=int, default=LabSettings.d_model,
+                        help="the lab's T5 at another width: d_kv = d_model / heads, d_ff = 2 d_model (as the lab's)")
+    parser.add_argument("--base-lr", type=float, default=LabSettings.pretrain_learning_rate,
+                        help="the pre-training's and the instruction base's peak learning rate")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: score the runs already in --out again (train_seconds kept from there)")
     parser.add_argument("--add-rows", action="store_true",
                         help="keep --out's results and its finished base; train and score only the --rows entries")
     args = parser.parse_args()
-    out, settings = Path(args.out), lab.LabSettings()
+    out, settings = Path(args.out), LabSettings()
+    if args.d_model != settings.d_model:
+        settings = dataclasses.replace(settings, d_model=args.d_model, d_kv=args.d_model // settings.num_heads,
+                                       d_ff=2 * args.d_model)
+    settings = dataclasses.replace(settings, pretrain_learning_rate=args.base_lr)
     out.mkdir(parents=True, exist_ok=True)
     if not args.rescore:
         lab.pretrain(out, settings, progress=False)
@@ -168,7 +182,7 @@ def main() -> None:
     base = out / "instruction_base"
     if not args.add_rows:
         seconds = train_or_reuse("base_zero_shot", base, out / "pretrain", (task, "span_corruption"), (0.75, 0.25),
-                                 args.base_steps, 3e-3, settings, tokenizer_dir)
+                                 args.base_steps, args.base_lr, settings, tokenizer_dir)
         score("base_zero_shot", base, train_seconds=seconds)
     for row in args.rows.split(","):
         kind, _, rate = row.partition("@")

@@ -14,6 +14,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "labs" / "experiments"
 INSTRUCTION_BASE = EXPERIMENTS / "lora_from_instruction_base"
 ALL_TOPICS_BASE = EXPERIMENTS / "lora_from_instruction_base_all_topics"
 DENOISING_BASE = EXPERIMENTS / "lora_from_denoising_base"
+WIDE_BASE = EXPERIMENTS / "lora_from_instruction_base_wide"
 
 
 def rescored(run: Path) -> tuple[dict, dict]:
@@ -72,6 +73,22 @@ def test_lora_from_a_base_tuned_on_every_topic_rescores_beats_its_base_and_stays
     assert small["lora_r6_lr6e-3"] > small["lora_r4"] and small["lora_r1all"] > small["lora_r1all_lr1e-3"]
     assert max(small.values()) < PEFT_QUALITY * full
     assert small["lora_r4_lr3e-4"] < base
+
+
+@pytest.mark.skipif(not (WIDE_BASE / "results.json").is_file(), reason="no saved wide-model experiment")
+def test_lora_on_a_wider_model_rescores_and_reaches_the_better_full_fine_tuning():
+    results, settings = rescored(WIDE_BASE)
+    assert settings["d_model"] == 256 and settings["topics"] == "all"
+    narrow, _ = rescored(ALL_TOPICS_BASE) if (ALL_TOPICS_BASE / "results.json").is_file() else (None, None)
+    full = max(results["full_ft"]["rougeL"], results["full_ft_lr1.5e-3"]["rougeL"])
+    small = {row: results[row]["rougeL"] for row in small_lora_rows(results)}
+    # The README's reading: 3e-3 fine-tunes the wider model worse than 1.5e-3 (below its base); the 1.97% adapter
+    # clears 97% of the better full fine-tuning, which is itself below the 128-wide model's.
+    assert results["full_ft"]["rougeL"] < results["base_zero_shot"]["rougeL"] < results["full_ft_lr1.5e-3"]["rougeL"]
+    assert max(small.values()) >= PEFT_QUALITY * full
+    assert max(entry["trainable_fraction"] for entry in results.values() if entry.get("lora")) <= PEFT_FRACTION
+    if narrow:
+        assert full < narrow["full_ft"]["rougeL"]
 
 
 @pytest.mark.skipif(not (DENOISING_BASE / "results.json").is_file(), reason="no saved denoising-base experiment")
