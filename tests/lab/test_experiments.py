@@ -80,7 +80,7 @@ def test_lora_on_a_wider_model_rescores_and_reaches_the_better_full_fine_tuning(
     results, settings = rescored(WIDE_BASE)
     assert settings["d_model"] == 256 and settings["topics"] == "all"
     narrow, _ = rescored(ALL_TOPICS_BASE) if (ALL_TOPICS_BASE / "results.json").is_file() else (None, None)
-    full = max(results["full_ft"]["rougeL"], results["full_ft_lr1.5e-3"]["rougeL"])
+    full = max(entry["rougeL"] for row, entry in results.items() if row.startswith("full_ft"))
     small = {row: results[row]["rougeL"] for row in small_lora_rows(results)}
     # The README's reading: 3e-3 fine-tunes the wider model worse than 1.5e-3 (below its base); the 1.97% adapter
     # clears 97% of the better full fine-tuning, which is itself below the 128-wide model's.
