@@ -76,16 +76,18 @@ def test_lora_from_a_base_tuned_on_every_topic_rescores_beats_its_base_and_stays
 
 
 @pytest.mark.skipif(not (WIDE_BASE / "results.json").is_file(), reason="no saved wide-model experiment")
-def test_lora_on_a_wider_model_rescores_and_reaches_the_better_full_fine_tuning():
+def test_lora_on_a_wider_model_rescores_and_stays_short_of_the_best_full_fine_tuning():
     results, settings = rescored(WIDE_BASE)
     assert settings["d_model"] == 256 and settings["topics"] == "all"
     narrow, _ = rescored(ALL_TOPICS_BASE) if (ALL_TOPICS_BASE / "results.json").is_file() else (None, None)
     full = max(entry["rougeL"] for row, entry in results.items() if row.startswith("full_ft"))
     small = {row: results[row]["rougeL"] for row in small_lora_rows(results)}
-    # The README's reading: 3e-3 fine-tunes the wider model worse than 1.5e-3 (below its base); the 1.97% adapter
-    # clears 97% of the better full fine-tuning, which is itself below the 128-wide model's.
+    # The README's reading: full fine-tuning of the wider model is better the lower its rate (3e-3 ends below the
+    # base); the 1.97% adapter beats it at 1.5e-3 but stays short of 97% of it at 7.5e-4, the best, which is itself
+    # below the 128-wide model's.
     assert results["full_ft"]["rougeL"] < results["base_zero_shot"]["rougeL"] < results["full_ft_lr1.5e-3"]["rougeL"]
-    assert max(small.values()) >= PEFT_QUALITY * full
+    assert results["full_ft_lr1.5e-3"]["rougeL"] < max(small.values()) < PEFT_QUALITY * full
+    assert full == results["full_ft_lr7.5e-4"]["rougeL"]
     assert max(entry["trainable_fraction"] for entry in results.values() if entry.get("lora")) <= PEFT_FRACTION
     if narrow:
         assert full < narrow["full_ft"]["rougeL"]

@@ -185,7 +185,7 @@ def test_lab_refuses_bad_lora_ranks_before_running(tmp_path, capsys):
 @pytest.mark.xfail(strict=True, reason="in the saved run the best LoRA row at <= 2% (r=4, 1.16%) reaches ROUGE-L "
                                        "0.167, 24% of full_ft's 0.693: the adapters plateau on a base that has "
                                        "only seen span corruption; from a base instruction-tuned on every topic the "
-                                       "best reaches 95%, and on a 256-wide model 104% of a weak full fine-tuning "
+                                       "best reaches 95%, and 94% on a 256-wide model "
                                        "(README: Lab; labs/experiments); remove this mark with a "
                                        "run that passes")
 def test_saved_lab_run_lora_with_few_parameters_nears_full_fine_tuning():
