@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from llmjax import hf
-from llmjax.adapter_configs import lora_targets
+from llmjax.adapter_configs import check_lora_targets, lora_targets
 from llmjax.errors import InputError
 from llmjax.hf.io import (
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TASK_TYPES, CheckpointError, read_adapter_dir, write_adapter_dir,
@@ -234,10 +234,10 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
     _check_options(raw, model, file)
     every = [m for site in sites(model.config, LoraConfig(1, 1, target_modules=ALL_LINEAR)) for m in site.hf_modules]
     targets = raw.get("target_modules")
-    if isinstance(targets, list):  # a plain name no layer of this model has: say which names it has
-        plain = [t for t in targets if isinstance(t, str) and "." not in t]
+    plain = [t for t in targets if isinstance(t, str) and "." not in t] if isinstance(targets, list) else []
+    if plain:  # a plain name no layer of this model has: say which names it has
         try:
-            sites(model.config, LoraConfig(1, 1, target_modules=plain)) if plain else None
+            check_lora_targets(LoraConfig(1, 1, target_modules=plain), model.config)
         except LoraConfigError as e:
             raise AdapterError(f"{file}: {e}; was the adapter made for another model family?") from None
     chosen = _targeted(raw, every, file)
