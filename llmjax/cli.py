@@ -153,8 +153,19 @@ def cmd_lab_summarize(args) -> int:
     distill = DistillRows.tiny() if args.tiny else DistillRows()
     if args.no_distill:
         distill = dataclasses.replace(distill, enabled=False)
+    from llmjax.lab.instruction_base_rows import InstructionBaseRows
+
+    instruction = InstructionBaseRows.tiny() if args.tiny else InstructionBaseRows()
+    if args.no_instruction_base:
+        instruction = dataclasses.replace(instruction, enabled=False)
     settings = LabSettings.tiny() if args.tiny else LabSettings()
     command = {"command": f"llmjax {shlex.join(args.argv)}"}  # report.md repeats the command line as given
+    if args.instruction_base_only:
+        from llmjax.lab.summarize import run_instruction_base_lab
+
+        run_instruction_base_lab(args.out, settings, progress=not args.no_progress,
+                                 rows=dataclasses.replace(instruction, enabled=True), command=command["command"])
+        return 0
     if args.detox_only:
         from llmjax.lab.summarize import run_detox_lab
 
@@ -162,7 +173,7 @@ def cmd_lab_summarize(args) -> int:
         return 0
     run_lab(args.out, settings, progress=not args.no_progress, adapter_rows=rows, detox_rows=detox,
             distill_rows=distill, int8_from=None if args.no_int8 else "full_ft",
-            report_header=command)
+            report_header=command, instruction_base_rows=instruction)
     return 0
 
 
@@ -503,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-int8", action="store_true", help="skip the int8 row (full_ft quantized: ROUGE, bytes, decode "
                    "speed)")
     p.add_argument("--no-distill", action="store_true", help="skip the distillation rows (distill, distill_labels)")
+    p.add_argument("--no-instruction-base", action="store_true",
+                   help="skip the instruction-base rows (instruct_zero_shot, instruct_full_ft, instruct_lora_r<r>: full "
+                        "fine-tuning and LoRA from a base instruction-tuned on a sibling set, as the course's FLAN-T5)")
+    p.add_argument("--instruction-base-only", action="store_true",
+                   help="add only the instruction-base rows to the finished lab in --out (results.json and report.md "
+                        "gain them; its other rows stay)")
     p.add_argument("--detox-only", action="store_true", help="only the detox rows, from the finished pre-training and "
                                                              "full_ft runs an earlier lab left in --out")
     p.add_argument("--no-detox", action="store_true", help="skip the detox rows (reward model, ppo, dpo, grpo, rlaif; "

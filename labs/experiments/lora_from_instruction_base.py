@@ -11,7 +11,8 @@ stand-in for that instruction tuning and measures full fine-tuning and LoRA from
    the lab's SFT schedule;
 3. from that base, each ``--rows`` entry: the lab's SFT on ``dialogsum`` (1000 steps, 16 rows, cosine): ``full@LR``
    trains everything, ``r<R>@LR`` LoRA rank R on q and v (``lora_alpha`` = 2R, as the lab's rows),
-   ``r<R>all@LR`` LoRA on every dense kernel, ``r<R>[m1+m2+...]@LR`` on the listed modules.
+   ``r<R>all@LR`` LoRA on every dense kernel, ``r<R>[m1+m2+...]@LR`` on the listed modules; ``KIND@LR/STEPS``
+   trains STEPS steps instead of the lab's 1000 (its cosine decay stretched over them).
 
 Each model (the base zero-shot included) summarizes the first ``--test-limit`` test dialogues, greedy. ROUGE-L is
 reported on all of them and apart on the topics the base saw and those it did not. Writes ``OUT/results.json``
@@ -19,7 +20,8 @@ and ``OUT/predictions/<row>.jsonl`` (rescorable); the trained runs stay in ``OUT
 ``results.json``, predictions and phase lines are in ``labs/experiments/lora_from_instruction_base/``
 (``tests/lab/test_experiments.py`` rescores them). ``--topics all`` tunes the base on every scenario topic instead;
 that run's (``--base-steps 2000``, its later rows added with ``--add-rows``) is in
-``labs/experiments/lora_from_instruction_base_all_topics/``. ``--d-model`` widens the lab's T5 (``d_kv`` and ``d_ff``
+``labs/experiments/lora_from_instruction_base_all_topics/`` (its two 2000-step rows added on 2026-12-07 by the third
+command below, from the same base built again). ``--d-model`` widens the lab's T5 (``d_kv`` and ``d_ff``
 in proportion), so that 2% of it holds more adapter parameters; ``--base-lr`` sets the pre-training's and the
 base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than half of it). That run is in
 ``labs/experiments/lora_from_instruction_base_wide/``.
@@ -28,6 +30,8 @@ base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than ha
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics --topics all \
         --base-steps 2000 --rows "full@3e-3,r4@3e-4,r4@3e-3,r1all@1e-3,r4@1e-2,r6@6e-3,r1all@3e-3,\
 r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0+wi_1+wo]@1.2e-2"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3/2000,full@3e-3/2000"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_wide --topics all \
         --base-steps 2000 --d-model 256 --base-lr 1.5e-3 --rows "full@1.5e-3,r4[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3,full@7.5e-4"
 """
@@ -37,44 +41,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 import time
 from pathlib import Path
 
 from llmjax import text_metrics
 from llmjax.config import config_from_dict, config_to_dict
-from llmjax.data.bundled.dialogsum import bundled_dialogsum, generate_dialogsum
-from llmjax.data.bundled.dialogsum_words import NAMES
+from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.lab import report
 from llmjax.lab import summarize as lab
 from llmjax.lab.adapter_rows import run_measures, trained_to_end
+from llmjax.lab.instruction_base_rows import sibling_set
 from llmjax.lab.summarize import LabSettings
 from llmjax.loading import load_model
 from llmjax.stages import run_stage
 from llmjax.train.state import count_params
 
 EVERY_DENSE = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
-
-
-def sibling_set(out: Path, seed: int, topic_share: str) -> tuple[str, set[str]]:
-    """Write the sibling set's train/validation JSONL under ``out/sibling``; its task spec and its topics."""
-    lab_dialogues = {e["dialogue"] for split in ("train", "validation", "test") for e in bundled_dialogsum(split)}
-    splits = generate_dialogsum(seed=seed)
-    topics = sorted({e["topic"] for e in splits["train"]})
-    kept = set(topics[::2]) if topic_share == "half" else set(topics)
-    rng = random.Random(seed)
-    (out / "sibling").mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation"):
-        with open(out / "sibling" / f"{split}.jsonl", "w") as f:
-            for e in splits[split]:
-                if e["topic"] not in kept or e["dialogue"] in lab_dialogues:
-                    continue
-                first, second = rng.sample([n for n in NAMES if n not in e["dialogue"] + e["summary"]], 2)
-                named = {key: e[key].replace("#Person1#", first).replace("#Person2#", second)
-                         for key in ("dialogue", "summary")}
-                f.write(json.dumps({**named, "topic": e["topic"]}) + "\n")
-    return f"dialogsum@jsonl:{out / 'sibling'}/{{split}}.jsonl", kept
 
 
 def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: float, settings, tokenizer_dir,
@@ -105,10 +88,11 @@ def row_lora(kind: str) -> dict | None:
     return {"r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
 
 
-def row_name(kind: str, rate: str) -> str:
-    """``lora_r4``, ``lora_r1all``, ``lora_r2_q_v_wo`` (``r2[q+v+wo]``), ``full_ft``; ``_lr<rate>`` unless 3e-3."""
+def row_name(kind: str, rate: str, steps: int | None = None) -> str:
+    """``lora_r4``, ``lora_r1all``, ``lora_r2_q_v_wo`` (``r2[q+v+wo]``), ``full_ft``; ``_lr<rate>`` unless 3e-3,
+    ``_steps<N>`` when the row trains other than the lab's steps."""
     name = "full_ft" if kind == "full" else "lora_" + kind.replace("[", "_").replace("+", "_").removesuffix("]")
-    return name + ("" if float(rate) == 3e-3 else f"_lr{rate}")
+    return name + ("" if float(rate) == 3e-3 else f"_lr{rate}") + ("" if steps is None else f"_steps{steps}")
 
 
 def score_run(run_dir: Path, predictions: Path, tokenizer, test, settings):
@@ -186,11 +170,14 @@ def main() -> None:
         score("base_zero_shot", base, train_seconds=seconds)
     for row in args.rows.split(","):
         kind, _, rate = row.partition("@")
+        rate, _, steps = rate.partition("/")
+        steps = int(steps) if steps and int(steps) != settings.sft_steps else None
         lora = row_lora(kind)
-        name = row_name(kind, rate)
-        seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), settings.sft_steps, float(rate),
+        name = row_name(kind, rate, steps)
+        seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), steps or settings.sft_steps, float(rate),
                                  settings, tokenizer_dir, lora)
-        score(name, out / name, learning_rate=float(rate), lora=lora, train_seconds=seconds)
+        score(name, out / name, learning_rate=float(rate), lora=lora, train_seconds=seconds,
+              **({} if steps is None else {"steps": steps}))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ forgetting numbers, curves), so one file rescores and replots the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -28,6 +29,21 @@ def write_predictions(path: Path, result) -> None:
         for id_, prediction, references in zip(result.ids, result.predictions, result.references):
             f.write(json.dumps({"id": id_, "prediction": prediction, "references": references},
                                ensure_ascii=False) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedPredictions:
+    """A row's generations read back from ``predictions/<row>.jsonl`` (what the report needs of an ``EvalResult``)."""
+
+    ids: list
+    predictions: list[str]
+    references: list[list[str]]
+
+
+def read_predictions(path: Path) -> SavedPredictions:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return SavedPredictions([r["id"] for r in records], [r["prediction"] for r in records],
+                            [r["references"] for r in records])
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -120,17 +136,30 @@ def plot_lora_sweep(out: Path, results: dict) -> Path | None:
         r = results["prompt_tuning"]
         ax.plot([r["trainable_fraction"]], [r["rougeL"]], "D", label=f"prompt tuning ({r['num_virtual_tokens']} tokens)")
     full = results["full_ft"]
-    ax.plot([full["trainable_fraction"]], [full["rougeL"]], "*", markersize=14, label="full fine-tuning")
+    ax.plot([full["trainable_fraction"]], [full["rougeL"]], "*", markersize=14, color="tab:red",
+            label="full fine-tuning")
+    from llmjax.lab.instruction_base_rows import FULL_ROW, ROW_PREFIX
+
+    instruct = [row for row in results if row.startswith(f"{ROW_PREFIX}lora_r")]
+    if FULL_ROW in results and instruct:  # the same comparison from the instruction-tuned base
+        r, f = results[instruct[0]], results[FULL_ROW]
+        ax.plot([r["trainable_fraction"]], [r["rougeL"]], "s", color="tab:purple",
+                label=f"LoRA r={r['lora']['r']} on {'+'.join(r['lora']['target_modules'])}, instruction-tuned base")
+        ax.plot([f["trainable_fraction"]], [f["rougeL"]], "*", markersize=14, color="tab:purple",
+                label="full fine-tuning, instruction-tuned base")
+        ax.axhline(PEFT_QUALITY * f["rougeL"], linestyle=":", color="tab:purple")
+        ax.annotate(f"{PEFT_QUALITY:.0%} of full fine-tuning (instruction-tuned base)",
+                    (0.01, PEFT_QUALITY * f["rougeL"]), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     ax.axhline(PEFT_QUALITY * full["rougeL"], linestyle=":", color="gray")
     ax.annotate(f"{PEFT_QUALITY:.0%} of full fine-tuning", (0.01, PEFT_QUALITY * full["rougeL"]),
                 xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     ax.axvline(PEFT_FRACTION, linestyle="--", color="gray")
-    ax.annotate(f"{PEFT_FRACTION:.0%} trained", (PEFT_FRACTION, 0.99), xycoords=("data", "axes fraction"), fontsize=8,
-                va="top", ha="right", rotation=90)
+    ax.annotate(f"{PEFT_FRACTION:.0%} trained", (PEFT_FRACTION, 0.62), xycoords=("data", "axes fraction"), fontsize=8,
+                va="center", ha="right", rotation=90)
     ax.set_xscale("log")
     ax.set(title="test ROUGE-L against the share of parameters trained", xlabel="trainable fraction (log scale)",
            ylabel="ROUGE-L (all references)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center right", bbox_to_anchor=(1, 0.4), fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, out / "lora_sweep.png")
 
@@ -186,6 +215,54 @@ def adapter_section(results: dict, facts: dict, png: Path | None) -> list[str]:
     if png is not None:
         text += ["", f"![{png.stem}]({png.name})"]
     return text + [""]
+
+
+def instruction_base_section(results: dict, facts: dict, lab_before: float) -> list[str]:
+    """``report.md``'s section on the instruction-base rows (``llmjax.lab.instruction_base_rows``): how the base was
+    made, a table against its full fine-tuning, and whether the LoRA row meets the 2% / 97% target.
+    ``lab_before``: the lab's pre-trained model's held-out loss (``forgetting.before_sft``)."""
+    from llmjax.lab.instruction_base_rows import BASE_ROW, FULL_ROW
+
+    lora_row, full = facts["lora_row"], results[FULL_ROW]
+    text = [
+        "## Parameter-efficient fine-tuning from an instruction-tuned base", "",
+        "The course's LoRA adapts FLAN-T5, a model already instruction-tuned on chat summaries; the rows above adapt "
+        "one that has only seen span corruption. Here the lab's pre-trained model is first tuned for "
+        f"{facts['base_steps']} steps of the lab's schedule on a SAMSum-shaped sibling set (the bundled generator "
+        f"with seed {facts['sibling_seed']}, first names for the speakers, none of the lab's dialogues; "
+        f"{facts['sibling_share']:.0%} of the examples, the rest span corruption): `{BASE_ROW}` is that base, "
+        f"scored zero-shot. `{FULL_ROW}` fine-tunes all of it as `full_ft` does; `{lora_row}` trains LoRA "
+        f"r={facts['lora_rank']} (lora_alpha {2 * facts['lora_rank']}) on {', '.join(facts['lora_target_modules'])} "
+        f"at learning rate {facts['lora_learning_rate']:g} for {facts['lora_steps']} steps."
+        + (f" These rows were added to the finished lab by `{facts['command']}` ({facts['seconds']:.0f} s), from "
+           + _same_start(facts["pretrained_heldout_loss"], lab_before) if facts.get("command") else ""), "",
+        f"| row | trainable params | trainable fraction | steps | learning rate | ROUGE-L | of {FULL_ROW}'s "
+        "| optimizer state (MiB) | step seconds |", "|---|" + "---:|" * 8,
+    ]
+    for row in (BASE_ROW, FULL_ROW, lora_row):
+        r = results[row]
+        trains = "-" if row == BASE_ROW else f"{r['trainable_params']:,}"
+        fraction = "-" if row == BASE_ROW else f"{r['trainable_fraction']:.2%}"
+        text.append(f"| {row} | {trains} | {fraction} | {r['steps']} | {r['learning_rate']:g} | {r['rougeL']:.4f} | "
+                    f"{_share(r, full, 'rougeL')} | {_megabytes(r)} | {_step_seconds(r)} |")
+    lora = results[lora_row]
+    ratio = lora["rougeL"] / full["rougeL"] if full["rougeL"] else float("nan")
+    small = lora["trainable_fraction"] <= PEFT_FRACTION
+    met = small and ratio >= PEFT_QUALITY
+    text += ["", f"`{lora_row}` trains {lora['trainable_fraction']:.2%} of the parameters and reaches {ratio:.1%} of "
+                 f"`{FULL_ROW}`'s ROUGE-L ({lora['rougeL']:.4f} against {full['rougeL']:.4f}); the target, at most "
+                 f"{PEFT_FRACTION:.0%} of the parameters at at least {PEFT_QUALITY:.0%}, is "
+                 f"{'met' if met else 'not met'}."]
+    return text + [""]
+
+
+def _same_start(loss: float, lab_loss: float) -> str:
+    """Whether the pre-training that rows added to a finished lab ran again is the lab's model, by held-out loss."""
+    if abs(loss - lab_loss) <= 1e-6 * abs(lab_loss):
+        return f"its pre-training run again, the same model (held-out pre-training loss {loss:.6f}, as the lab's)."
+    return (f"its pre-training run again with the same settings, which did not give the lab's model to the bit "
+            f"(held-out pre-training loss {loss:.6f} against the lab's {lab_loss:.6f}; the machine or the code "
+            "differed): these rows compare with each other, the lab's others with theirs.")
 
 
 def _save(fig, path: Path) -> Path:
@@ -252,18 +329,25 @@ def examples_table(examples: list[dict], outputs: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict, facts: dict) -> None:
-    """Write every output of the lab into ``out`` (see the module docstring)."""
+def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict, facts: dict,
+                  plots: bool = True) -> None:
+    """Write every output of the lab into ``out`` (see the module docstring). ``plots=False`` (rows added to a
+    finished lab whose training runs may be gone) keeps the curves' PNGs already there and redraws only
+    ``lora_sweep.png``, which needs nothing but ``results``."""
     predictions = out / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
     for row, result in outputs.items():
         write_predictions(predictions / f"{row}.jsonl", result)
     (out / "results.json").write_text(json.dumps({**results, "_lab": facts}, indent=2) + "\n", encoding="utf-8")
-    pngs = plot_curves(out, results, facts)
-    sweep = plot_lora_sweep(out, results)
     from llmjax.lab.detox_report import detox_section, plot_detox
 
-    detox_png = plot_detox(out, results) if "detox" in facts else None
+    if plots:
+        pngs = plot_curves(out, results, facts)
+        detox_png = plot_detox(out, results) if "detox" in facts else None
+    else:
+        pngs = [out / f"{name}.png" for name in ("loss", "rouge", "forgetting") if (out / f"{name}.png").is_file()]
+        detox_png = out / "detox.png" if "detox" in facts and (out / "detox.png").is_file() else None
+    sweep = plot_lora_sweep(out, results)
     forgetting, settings = facts["forgetting"], facts["settings"]
     share = forgetting["mixture_share"]
     text = [
@@ -288,6 +372,7 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         *([f"| after SFT with {share:.0%} span corruption in the mixture (`full_ft_mixed`) | "
            f"{forgetting['after_mixed_sft']:.4f} |"] if forgetting["after_mixed_sft"] is not None else []), "",
         *adapter_section(results, facts, sweep),
+        *(instruction_base_section(results, facts["instruction_base"], forgetting["before_sft"]) if "instruction_base" in facts else []),
         *(detox_section(results, facts, detox_png) if "detox" in facts else []),
         *(distill_section(results, facts["distill"]) if "distill" in facts else []),
         *int8_section(results),

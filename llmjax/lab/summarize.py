@@ -17,6 +17,9 @@
    ``ppo``, ``dpo``, ``grpo`` and ``rlaif`` from ``full_ft``, judged by an independent toxicity classifier.
 7. **Distillation rows** (``llmjax.lab.distill_rows``): a half-width student distilled from ``full_ft`` and the
    same student trained on the labels alone.
+8. **Instruction-base rows** (``llmjax.lab.instruction_base_rows``): the course's PEFT comparison from a base
+   instruction-tuned on a sibling summarization set (FLAN-T5's stand-in): its zero-shot score, full fine-tuning
+   and LoRA from it. ``--instruction-base-only`` adds them to a lab that has finished.
 
 Outputs (``llmjax.lab.report``): ``results.json``, ``predictions/<row>.jsonl``, ``report.md``, PNG curves.
 """
@@ -24,6 +27,7 @@ Outputs (``llmjax.lab.report``): ``results.json``, ``predictions/<row>.jsonl``, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +47,7 @@ from llmjax.lab import report
 from llmjax.lab.adapter_rows import AdapterRows, run_adapter_row, run_measures, trained_to_end
 from llmjax.lab.detox import BASE_ROW, DetoxRows, run_detox_rows
 from llmjax.lab.distill_rows import DistillRows, run_distill_rows, student_model
+from llmjax.lab.instruction_base_rows import ROW_PREFIX, InstructionBaseRows, run_instruction_base_rows
 from llmjax.lab.int8_row import INT8_ROW, int8_row
 from llmjax.loading import newest_complete_step
 from llmjax.stages import run_stage
@@ -323,15 +328,66 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
     return results
 
 
+def add_instruction_base_rows(out: Path, settings: LabSettings, rows: InstructionBaseRows, tokenizer, test,
+                              results: dict, outputs: dict, progress: bool) -> dict:
+    """Run the instruction-base rows (from ``out/pretrain``) and add them to ``results`` / ``outputs``; returns
+    their facts."""
+    full_ft_config = sft_config(out / "full_ft", settings, ("dialogsum",), (), settings.sft_steps, out / "tokenizer")
+    rows_results, rows_outputs, facts = run_instruction_base_rows(
+        out, rows, full_ft_config, lambda m, p: evaluate_row(m, p, tokenizer, test, settings), row_entry, say,
+        progress)
+    results.update(rows_results)
+    outputs.update(rows_outputs)
+    return facts
+
+
+def run_instruction_base_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
+                             rows: InstructionBaseRows = InstructionBaseRows(), command: str | None = None) -> dict:
+    """Add the instruction-base rows to the finished lab in ``out``: its pre-training is reused (or trained again
+    when only its results are there; ``report.md`` says whether that gave the lab's model), the rows train and
+    score, and ``results.json``, their predictions, ``lora_sweep.png`` and ``report.md`` are rewritten with them;
+    the other rows and their curves stay as the lab left them. ``command``: the command line, which the report names."""
+    out = Path(out)
+    saved_path = out / "results.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    lab_facts = saved.pop("_lab", None)
+    if lab_facts is None or "full_ft" not in saved:
+        raise UserError(f"{out} holds no finished lab (results.json with a full_ft row); run `llmjax lab summarize "
+                        f"--out {out}` first")
+    if lab_facts["settings"] != dataclasses.asdict(settings):
+        raise UserError(f"the lab in {out} ran with other settings than these; add the rows with the settings it ran "
+                        "with (--tiny, or not, as that run)")
+    started = time.perf_counter()
+    pretrain(out, settings, progress)
+    model, params, tokenizer = load_model_for_inference(out / "pretrain")
+    # The rows' starting point against the lab's: a pre-training run again with the same code on the same kind of
+    # machine gives the same model (its held-out loss then equals the lab's before_sft); the report says which.
+    start_loss = heldout_loss(model, params, heldout_batches(model, tokenizer, settings))
+    test = bundled_dialogsum("test")[: settings.test_limit]
+    results = {row: entry for row, entry in saved.items() if not row.startswith(ROW_PREFIX)}  # earlier ones go
+    outputs = {row: report.read_predictions(out / "predictions" / f"{row}.jsonl") for row in results
+               if (out / "predictions" / f"{row}.jsonl").is_file()}
+    facts = add_instruction_base_rows(out, settings, rows, tokenizer, test, results, outputs, progress)
+    lab_facts["instruction_base"] = {**facts, "seconds": round(time.perf_counter() - started, 1),
+                                     "pretrained_heldout_loss": start_loss,
+                                     **({"command": command} if command else {})}
+    report.write_outputs(out, test, outputs, results, lab_facts, plots=False)
+    say(f"done in {lab_facts['instruction_base']['seconds']:.0f} s: {out / 'report.md'} (the pre-trained model's "
+        f"held-out loss {start_loss:.6f}, the lab's {lab_facts['forgetting']['before_sft']:.6f})")
+    return results
+
+
 def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
             adapter_rows: AdapterRows = AdapterRows(), detox_rows: DetoxRows = DetoxRows(),
             distill_rows: DistillRows = DistillRows(), report_header: dict | None = None,
-            int8_from: str | None = "full_ft") -> dict:
+            int8_from: str | None = "full_ft", instruction_base_rows: InstructionBaseRows = InstructionBaseRows()
+            ) -> dict:
     """Run the whole lab into ``out`` (``adapter_rows``: which parameter-efficient rows; ``detox_rows``: the
     reward model and the RL rows; ``distill_rows``: a smaller student distilled from ``full_ft`` and the same
     student on the labels alone; ``int8_from``: the row whose model the ``int8`` row quantizes, None for no int8
-    row; ``report_header``: ``title``/``command`` of ``report.md`` when another command runs
-    the lab); returns the ``results.json`` mapping."""
+    row; ``instruction_base_rows``: full fine-tuning and LoRA from an instruction-tuned base; ``report_header``:
+    ``title``/``command`` of ``report.md`` when another command runs the lab); returns the ``results.json``
+    mapping."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -387,6 +443,11 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
         say(f"[{i}/{len(adapter_names)}] {row}: ROUGE-L {results[row]['rougeL']:.4f} "
             f"({results[row]['trainable_fraction']:.2%} of the parameters trained)")
 
+    facts_instruction = None
+    if instruction_base_rows.enabled:
+        facts_instruction = add_instruction_base_rows(out, settings, instruction_base_rows, tokenizer, test, results,
+                                                      outputs, progress)
+
     facts_distill = None
     if distill_rows.enabled:
         student = student_model(settings.model(), distill_rows.student_width)
@@ -412,6 +473,8 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
              "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}
     if facts_distill is not None:
         facts["distill"] = facts_distill
+    if facts_instruction is not None:
+        facts["instruction_base"] = facts_instruction
     if detox_rows.enabled:
         facts.update(detox=facts_detox, detox_rows=dataclasses.asdict(detox_rows))
     report.write_outputs(out, test, outputs, results, facts)

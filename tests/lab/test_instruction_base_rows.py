@@ -1,0 +1,73 @@
+"""The lab's instruction-base rows (``llmjax.lab.instruction_base_rows``): the sibling set it tunes the base on,
+the rows a whole lab writes, and ``--instruction-base-only`` adding the same rows to a lab that has finished."""
+
+import json
+import shutil
+
+import pytest
+
+from llmjax.cli import main
+from llmjax.data.bundled.dialogsum import bundled_dialogsum
+from llmjax.lab.instruction_base_rows import BASE_ROW, FULL_ROW, InstructionBaseRows, sibling_set
+
+OTHER_ROWS_OFF = ["--lora-ranks", "none", "--no-prompt-tuning", "--qlora-ranks", "none", "--no-int8", "--no-distill",
+                  "--no-detox"]
+
+
+def test_sibling_set_names_its_speakers_and_holds_none_of_the_labs_dialogues(tmp_path):
+    task, topics = sibling_set(tmp_path, seed=1)
+    assert task == f"dialogsum@jsonl:{tmp_path / 'instruct_sibling'}/{{split}}.jsonl"
+    lab = {e["dialogue"] for split in ("train", "validation", "test") for e in bundled_dialogsum(split)}
+    train = [json.loads(line) for line in (tmp_path / "instruct_sibling" / "train.jsonl").read_text().splitlines()]
+    assert len(train) > 3000 and {e["topic"] for e in train} == topics
+    assert not any("#Person" in e["dialogue"] or "#Person" in e["summary"] for e in train)
+    assert not any(e["dialogue"] in lab for e in train)
+    _, half = sibling_set(tmp_path / "half", seed=1, topic_share="half")
+    assert half < topics and len(half) == (len(topics) + 1) // 2
+
+
+def test_instruction_base_only_refuses_a_directory_without_a_finished_lab(tmp_path, capsys):
+    out = tmp_path / "lab"
+    out.mkdir()
+    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--instruction-base-only"]) == 2
+    assert "holds no finished lab" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # nothing written
+
+
+@pytest.mark.slow
+def test_lab_rows_from_an_instruction_tuned_base_and_adding_them_to_a_finished_lab(tmp_path):
+    out = tmp_path / "lab"
+    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", *OTHER_ROWS_OFF]) == 0
+    first = json.loads((out / "results.json").read_text())
+    lora_row = InstructionBaseRows.tiny().lora_row()
+    total = first["_lab"]["total_params"]
+    assert first[BASE_ROW]["trainable_params"] == first[FULL_ROW]["trainable_params"] == total
+    assert first[FULL_ROW]["base"] == first[lora_row]["base"] == BASE_ROW
+    # r=1 on q, v, o (32x32) of the 1+1-layer T5's three attentions and on wi_0, wi_1 (32->64), wo (64->32) of
+    # its two feed-forward blocks, by hand.
+    assert first[lora_row]["trainable_params"] == 3 * 3 * (32 + 32) + 2 * 3 * (32 + 64)
+    assert first[lora_row]["steps"] == first[FULL_ROW]["steps"] == 4 and first[BASE_ROW]["steps"] == 4
+    facts = first["_lab"]["instruction_base"]
+    assert facts["lora_share_of_full_ft"] == pytest.approx(first[lora_row]["rougeL"] / first[FULL_ROW]["rougeL"])
+    assert "## Parameter-efficient fine-tuning from an instruction-tuned base" in (out / "report.md").read_text()
+    # A lab whose training runs are gone (as the saved one): --instruction-base-only runs the pre-training again,
+    # then the same three rows, and keeps every other row and curve as it was.
+    for run in [path for path in out.iterdir() if path.is_dir() and path.name != "predictions"]:
+        shutil.rmtree(run)
+    loss_png = (out / "loss.png").read_bytes()
+    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--instruction-base-only"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert list(second) == list(first) and (out / "loss.png").read_bytes() == loss_png
+    for row in (BASE_ROW, FULL_ROW, lora_row):  # the same model from the same start: the same summaries
+        assert second[row]["rougeL"] == first[row]["rougeL"], row
+    assert all(second[row] == first[row] for row in ("zero_shot", "full_ft", "full_ft_mixed"))
+    added = second["_lab"]["instruction_base"]
+    assert added["pretrained_heldout_loss"] == pytest.approx(first["_lab"]["forgetting"]["before_sft"], rel=1e-6)
+    report = (out / "report.md").read_text()
+    assert f"added to the finished lab by `llmjax lab summarize --out {out} --tiny" in report
+    assert "| zero_shot |" in report and "| full_ft_mixed |" in report  # the lab's other rows are still reported
+    # --no-instruction-base leaves them out.
+    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--no-instruction-base",
+                 *OTHER_ROWS_OFF]) == 0
+    third = json.loads((out / "results.json").read_text())
+    assert BASE_ROW not in third and "instruction_base" not in third["_lab"]
