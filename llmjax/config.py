@@ -157,6 +157,8 @@ class OptimConfig:
     clip_grad_norm: float | None = 1.0  # global norm; null: no clipping
     z_loss: float = 0.0              # t5x uses 1e-4
     label_smoothing: float = 0.0
+    loraplus_lr_ratio: float | None = None  # LoRA+ (Hayou et al. 2024; peft's create_loraplus_optimizer): the
+                                            # lora_B matrices' learning rate is learning_rate times this; with lora:
 
     def __post_init__(self):
         _check_choices(self, "optim")
@@ -172,6 +174,8 @@ class OptimConfig:
         _require(self.z_loss >= 0, f"optim.z_loss must be >= 0, got {self.z_loss}")
         _require(0.0 <= self.label_smoothing < 1.0,
                  f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _require(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+                 f"optim.loraplus_lr_ratio must be positive or null, got {self.loraplus_lr_ratio}")
         _require(not (self.name == "adafactor" and self.b2 is not None),
                  "optim.b2 applies to adamw only; for adafactor set optim.adafactor_decay_rate instead")
 
@@ -277,6 +281,9 @@ class RunConfig:
                      "(or drop the lora section to choose what trains)")
         if self.prompt_tuning is not None:
             _check_prompt_tuning(self)
+        _require(self.optim.loraplus_lr_ratio is None or self.lora is not None,
+                 "optim.loraplus_lr_ratio sets the learning rate of LoRA's B matrices (LoRA+); add a lora: section, "
+                 "or drop it")
         _require(self.quantize is None or self.lora is not None,
                  "quantize: keeps the frozen base of a LoRA run in int8 (QLoRA); add a lora: section, or drop "
                  "quantize: (to quantize a model for inference, run `llmjax quantize`)")

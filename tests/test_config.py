@@ -102,6 +102,9 @@ def test_bad_overrides_name_the_key(run_file, override, message):
     ("data.noise_density=1.5", "data.noise_density must be in (0, 1)"),
     ("data.tokenizer_vocab_size=40000", "data.tokenizer_vocab_size=40000 exceeds model.vocab_size=32128"),
     ("model.num_heads=0", "T5Config.num_heads must be positive"),
+    ("optim.loraplus_lr_ratio=16", "optim.loraplus_lr_ratio sets the learning rate of LoRA's B matrices (LoRA+); add "
+                                   "a lora: section"),
+    ("optim.loraplus_lr_ratio=0", "optim.loraplus_lr_ratio must be positive or null, got 0"),
 ])
 def test_validation(run_file, override, message):
     overrides = [override] + (["optim.name=adafactor"] if "b2" in override else [])

@@ -22,6 +22,7 @@ of ``instruct_full_ft``'s ROUGE-L (issue 11's target: at least 97% at at most 2%
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 from llmjax.config import RunConfig, config_from_dict, config_to_dict
 from llmjax.data.bundled.dialogsum import bundled_dialogsum, generate_dialogsum
 from llmjax.data.bundled.dialogsum_words import NAMES
+from llmjax.evaluate import load_model_for_inference
+from llmjax.loading import MANIFEST, find_checkpoint_dir, newest_complete_step
 from llmjax.lab.adapter_rows import run_measures, train_and_score
 from llmjax.train.state import count_params
 
@@ -36,6 +39,7 @@ ROW_PREFIX = "instruct_"  # every row's name starts with it
 BASE_ROW, FULL_ROW = f"{ROW_PREFIX}zero_shot", f"{ROW_PREFIX}full_ft"
 BASE_RUN = "instruct_base"  # the base's run directory (its row scores it zero-shot)
 SIBLING_DIR = "instruct_sibling"
+BASE_RECORD = "lab_base.json"  # beside the base's run: the pre-trained model it started from and its train seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,21 @@ def sibling_set(out: Path, seed: int, topic_share: str = "all") -> tuple[str, se
     return f"dialogsum@jsonl:{directory}/{{split}}.jsonl", kept
 
 
+def pretrained_fingerprint(run_dir: Path) -> str:
+    """sha256 of the newest complete checkpoint's manifest (itself the sha256 of every file it holds): which
+    pre-trained model a base started from."""
+    directory = find_checkpoint_dir(run_dir)
+    step = newest_complete_step(run_dir)
+    if directory is None or step is None:
+        return ""
+    return hashlib.sha256((directory / str(step) / MANIFEST).read_bytes()).hexdigest()
+
+
+def _base_record(run_dir: Path) -> dict:
+    path = run_dir / BASE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def variant(config: RunConfig, run_dir: Path, init_from: Path, steps: int, learning_rate: float,
             tasks: tuple[str, ...] | None = None, rates: tuple[float, ...] = (), lora: dict | None = None) -> RunConfig:
     """``config`` (the lab's full fine-tuning) from ``init_from`` into ``run_dir``, ``steps`` long with its warmup
@@ -108,11 +127,14 @@ def variant(config: RunConfig, run_dir: Path, init_from: Path, steps: int, learn
 
 
 def run_instruction_base_rows(out: Path, rows: InstructionBaseRows, full_ft_config: RunConfig, evaluate_row,
-                              row_entry, say, progress: bool) -> tuple[dict, dict, dict]:
+                              row_entry, say, progress: bool, finished_base=None) -> tuple[dict, dict, dict]:
     """Train and score the three rows into ``out/instruct_base``, ``out/instruct_full_ft`` and
     ``out/instruct_lora_r<r>``. ``full_ft_config``: the lab's full fine-tuning config (from ``out/pretrain``);
     ``evaluate_row(model, params) -> EvalResult`` scores the test split; ``row_entry(result, trainable, total,
-    seconds, **extra)`` makes a results entry. Returns ``(results, outputs, facts)``."""
+    seconds, **extra)`` makes a results entry; ``finished_base(run_dir, config) -> bool``, when given, says whether
+    ``out/instruct_base`` holds the base's run of these settings, finished: if it also started from the same
+    pre-trained model (the fingerprint beside it), it is scored again, not trained (its entry keeps the
+    ``train_seconds`` it was trained in). Returns ``(results, outputs, facts)``."""
     task, _ = sibling_set(out, rows.sibling_seed)
     pretrained = Path(full_ft_config.init_from)
     learning_rate, steps = full_ft_config.optim.learning_rate, full_ft_config.train.steps
@@ -132,8 +154,18 @@ def run_instruction_base_rows(out: Path, rows: InstructionBaseRows, full_ft_conf
     ]
     results, outputs, total = {}, {}, None
     for row, config, what in plan:
-        say(f"{row}: {what}, {config.train.steps} steps at learning rate {config.optim.learning_rate:g}")
-        _, params, outputs[row], seconds = train_and_score(config, evaluate_row, progress)
+        record = _base_record(base_dir) if row == BASE_ROW else {}
+        if (record.get("pretrained") == pretrained_fingerprint(pretrained) and finished_base is not None
+                and finished_base(base_dir, config)):
+            say(f"{row}: reusing the finished base in {base_dir}")
+            model, params, _ = load_model_for_inference(base_dir)
+            outputs[row], seconds = evaluate_row(model, params), record["train_seconds"]
+        else:
+            say(f"{row}: {what}, {config.train.steps} steps at learning rate {config.optim.learning_rate:g}")
+            _, params, outputs[row], seconds = train_and_score(config, evaluate_row, progress)
+            if row == BASE_ROW:
+                (base_dir / BASE_RECORD).write_text(json.dumps(
+                    {"pretrained": pretrained_fingerprint(pretrained), "train_seconds": seconds}) + "\n")
         measured = run_measures(Path(config.train.output_dir))
         total = total or count_params(params)
         trainable = measured["trainable_params"]

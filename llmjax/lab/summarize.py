@@ -331,11 +331,15 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
 def add_instruction_base_rows(out: Path, settings: LabSettings, rows: InstructionBaseRows, tokenizer, test,
                               results: dict, outputs: dict, progress: bool) -> dict:
     """Run the instruction-base rows (from ``out/pretrain``) and add them to ``results`` / ``outputs``; returns
-    their facts."""
+    their facts. A finished base of the same settings from the same pre-trained model is reused."""
     full_ft_config = sft_config(out / "full_ft", settings, ("dialogsum",), (), settings.sft_steps, out / "tokenizer")
+
+    def finished_base(run_dir: Path, config: RunConfig) -> bool:
+        return same_run(run_dir, config) and finished_steps(run_dir) >= config.train.steps
+
     rows_results, rows_outputs, facts = run_instruction_base_rows(
         out, rows, full_ft_config, lambda m, p: evaluate_row(m, p, tokenizer, test, settings), row_entry, say,
-        progress)
+        progress, finished_base)
     results.update(rows_results)
     outputs.update(rows_outputs)
     return facts

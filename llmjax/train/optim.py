@@ -1,7 +1,8 @@
 """Optax optimizers and learning-rate schedules from an :class:`~llmjax.config.OptimConfig`.
 
 ``make_optimizer`` chains global-norm clipping and AdamW or Adafactor and applies weight decay only where
-the decay mask says. Freezing is not the optimizer's job: the train state hands it the trainable
+the decay mask says; with ``loraplus_lr_ratio`` (LoRA+) the updates of LoRA's ``lora_B`` matrices, weight decay
+included, are that many times larger, as if their learning rate were (peft's ``create_loraplus_optimizer``). Freezing is not the optimizer's job: the train state hands it the trainable
 parameters only (``llmjax.train.state``), so a frozen base never has optimizer state. Parameters of a
 scanned layer stack (leading layer axis) are optimized layer by layer (:func:`per_layer`), so a model
 gives the same run with ``scan_layers`` on or off.
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from llmjax.config import OptimConfig
+from llmjax.lora.core import LORA_B
 from llmjax.models.scan import STACKS, stack_of
 
 Mask = Any  # a pytree of bools shaped like the params, or a callable params -> such a pytree
@@ -135,6 +137,20 @@ def _restrict_to(full_mask) -> Callable:
     return mask
 
 
+def scale_lora_b(tx: optax.GradientTransformation, ratio: float) -> optax.GradientTransformation:
+    """LoRA+: ``tx`` with the updates of every ``lora_B`` leaf multiplied by ``ratio`` (after ``tx``, so weight decay
+    scales too: their learning rate times ``ratio``, as a separate parameter group would have it). ``tx``'s state is
+    kept as is, so a run may change the ratio on resume as it may change the learning rate."""
+    def scale(path, update):
+        return update * ratio if any(getattr(key, "key", None) == LORA_B for key in path) else update
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, state, params)
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule, Mask], optax.GradientTransformation]] = {
     "adamw": _adamw, "adafactor": _adafactor,
 }
@@ -163,5 +179,6 @@ def make_optimizer(
         decay_mask = _restrict_to(decay_mask)
     chain = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
     chain.append(per_layer(OPTIMIZERS[cfg.name](cfg, schedule, decay_mask)))
-    return optax.chain(*chain), schedule
+    tx = optax.chain(*chain)
+    return (tx if cfg.loraplus_lr_ratio is None else scale_lora_b(tx, cfg.loraplus_lr_ratio)), schedule
 

@@ -35,7 +35,7 @@ def test_instruction_base_only_refuses_a_directory_without_a_finished_lab(tmp_pa
 
 
 @pytest.mark.slow
-def test_lab_rows_from_an_instruction_tuned_base_and_adding_them_to_a_finished_lab(tmp_path):
+def test_lab_rows_from_an_instruction_tuned_base_and_adding_them_to_a_finished_lab(tmp_path, capsys):
     out = tmp_path / "lab"
     assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", *OTHER_ROWS_OFF]) == 0
     first = json.loads((out / "results.json").read_text())
@@ -66,6 +66,11 @@ def test_lab_rows_from_an_instruction_tuned_base_and_adding_them_to_a_finished_l
     report = (out / "report.md").read_text()
     assert f"added to the finished lab by `llmjax lab summarize --out {out} --tiny" in report
     assert "| zero_shot |" in report and "| full_ft_mixed |" in report  # the lab's other rows are still reported
+    # Again, with every run there: the finished base (same settings, same pre-trained model) is scored, not trained.
+    assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--instruction-base-only"]) == 0
+    assert f"{BASE_ROW}: reusing the finished base" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert again[BASE_ROW] == second[BASE_ROW] and again[lora_row]["rougeL"] == second[lora_row]["rougeL"]
     # --no-instruction-base leaves them out.
     assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--no-instruction-base",
                  *OTHER_ROWS_OFF]) == 0

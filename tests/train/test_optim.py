@@ -51,6 +51,30 @@ def test_global_norm_clipping_hand_computed():
         np.testing.assert_allclose(np.asarray(updates["w"]), -g / (np.abs(g) + 1.0), rtol=1e-5)
 
 
+def test_loraplus_scales_the_b_matrices_updates_hand_computed():
+    # LoRA+: lora_B's learning rate is ratio x the rest's. With eps = 1 the first AdamW step is
+    # -lr * (g / (|g| + 1) + wd * w) per element (decoupled decay, masked to matrices): lora_B's is ratio times it,
+    # decay included (as peft's create_loraplus_optimizer's parameter group), lora_A's and the rest's unchanged.
+    params = {"q": {"lora_A": jnp.full((3, 2), 0.5), "lora_B": jnp.full((2, 3), 0.25)}, "w": jnp.full((3, 3), 1.0)}
+    grads = {"q": {"lora_A": jnp.full((3, 2), 1.0), "lora_B": jnp.full((2, 3), 3.0)}, "w": jnp.full((3, 3), -1.0)}
+
+    def first_step(ratio):
+        cfg = OptimConfig(learning_rate=0.1, schedule="constant", eps=1.0, clip_grad_norm=None, weight_decay=0.5,
+                          loraplus_lr_ratio=ratio)
+        tx, _ = make_optimizer(cfg, 10)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    plain, plus = first_step(None), first_step(16.0)
+    # The same optimizer state either way: a run may change the ratio on resume, as it may the learning rate.
+    same = [make_optimizer(OptimConfig(loraplus_lr_ratio=r), 10)[0].init(params) for r in (None, 16.0)]
+    assert jax.tree_util.tree_structure(same[0]) == jax.tree_util.tree_structure(same[1])
+    expected_b = -0.1 * (3.0 / 4.0 + 0.5 * 0.25)
+    np.testing.assert_allclose(np.asarray(plain["q"]["lora_B"]), expected_b, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(plus["q"]["lora_B"]), 16.0 * expected_b, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(plus["q"]["lora_A"]), -0.1 * (1.0 / 2.0 + 0.5 * 0.5), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(plus["w"]), np.asarray(plain["w"]))
+
+
 def _params():
     return {
         "dense": {"kernel": jnp.full((4, 3), 2.0)},
