@@ -19,6 +19,7 @@ from pathlib import Path
 from llmjax.lab.adapter_rows import AdapterRows
 from llmjax.lab.detox import DetoxRows
 from llmjax.lab.distill_rows import DistillRows
+from llmjax.lab.instruction_base_rows import InstructionBaseRows
 from llmjax.lab.int8_row import INT8_ROW
 from llmjax.lab.summarize import LabSettings, run_lab, say
 from llmjax.train.checkpoint import export_checkpoint_to_hf
@@ -51,6 +52,7 @@ def run_lifecycle(out: str | Path, settings: LifecycleSettings = LifecycleSettin
     started = time.perf_counter()
     results = run_lab(out, settings.lab, progress, adapter_rows=settings.adapter_rows,
                       detox_rows=settings.detox_rows, distill_rows=DistillRows(enabled=False),
+                      instruction_base_rows=InstructionBaseRows(enabled=False),
                       report_header={"title": "llmjax lifecycle: pretrain, SFT, LoRA, reward model, PPO, int8, export",
                                      "command": f"llmjax lifecycle --out {out}"}, int8_from=POLICY_ROW)
     facts = json.loads((out / "results.json").read_text())["_lab"]

@@ -18,6 +18,7 @@ def test_tiny_lifecycle_runs_every_stage_and_reports_where_each_artifact_is(tmp_
     for row in ("zero_shot", "full_ft", "lora_r1", "reward_model", "ppo", "int8"):
         assert row in results, row
     assert "full_ft_mixed" not in results and "dpo" not in results and "distill" not in results
+    assert "instruct_zero_shot" not in results  # the lab's instruction-base rows are not part of the lifecycle
     q = results["int8"]
     assert q["base"] == "ppo" and 0.0 <= q["summaries_identical_to_base"] <= 1.0
     # int8 kernels and embeddings with fp32 scales: about a quarter of the float bytes (norms stay float).
