@@ -155,8 +155,8 @@ def run_instruction_base_rows(out: Path, rows: InstructionBaseRows, full_ft_conf
     results, outputs, total = {}, {}, None
     for row, config, what in plan:
         record = _base_record(base_dir) if row == BASE_ROW else {}
-        if (record.get("pretrained") == pretrained_fingerprint(pretrained) and finished_base is not None
-                and finished_base(base_dir, config)):
+        if (row == BASE_ROW and finished_base is not None and finished_base(base_dir, config)
+                and record.get("pretrained") == pretrained_fingerprint(pretrained)):
             say(f"{row}: reusing the finished base in {base_dir}")
             model, params, _ = load_model_for_inference(base_dir)
             outputs[row], seconds = evaluate_row(model, params), record["train_seconds"]
