@@ -178,7 +178,8 @@ def run_instruction_base_rows(out: Path, rows: InstructionBaseRows, full_ft_conf
             f" ({results[row]['trainable_fraction']:.2%} of the parameters trained)"))
     lora_row, full = results[rows.lora_row()], results[FULL_ROW]
     facts = {**dataclasses.asdict(rows), "lora_steps": lora_row["steps"], "sibling_task": task,
-             "lora_row": rows.lora_row(), "lora_share_of_full_ft": lora_row["rougeL"] / full["rougeL"] if full["rougeL"] else None}
+             "lora_row": rows.lora_row(),
+             "lora_share_of_full_ft": lora_row["rougeL"] / full["rougeL"] if full["rougeL"] else None}
     say(f"{rows.lora_row()}: {facts['lora_share_of_full_ft']:.1%} of {FULL_ROW}'s ROUGE-L at "
         f"{lora_row['trainable_fraction']:.2%} of the parameters")
     return results, outputs, facts

@@ -235,7 +235,8 @@ def instruction_base_section(results: dict, facts: dict, lab_before: float) -> l
         f"r={facts['lora_rank']} (lora_alpha {2 * facts['lora_rank']}) on {', '.join(facts['lora_target_modules'])} "
         f"at learning rate {facts['lora_learning_rate']:g} for {facts['lora_steps']} steps."
         + (f" These rows were added to the finished lab by `{facts['command']}` ({facts['seconds']:.0f} s), from "
-           + _same_start(facts["pretrained_heldout_loss"], lab_before) if facts.get("command") else ""), "",
+           + _same_start(facts["pretrained_heldout_loss"], lab_before, facts.get("pretrain_reused", False))
+           if facts.get("command") else ""), "",
         f"| row | trainable params | trainable fraction | steps | learning rate | ROUGE-L | of {FULL_ROW}'s "
         "| optimizer state (MiB) | step seconds |", "|---|" + "---:|" * 8,
     ]
@@ -256,11 +257,13 @@ def instruction_base_section(results: dict, facts: dict, lab_before: float) -> l
     return text + [""]
 
 
-def _same_start(loss: float, lab_loss: float) -> str:
-    """Whether the pre-training that rows added to a finished lab ran again is the lab's model, by held-out loss."""
+def _same_start(loss: float, lab_loss: float, reused: bool) -> str:
+    """Whether the pre-trained model that rows added to a finished lab started from (``reused`` from the lab's
+    directory, or run again there) is the lab's model, by held-out loss."""
+    how = "reused" if reused else "run again"
     if abs(loss - lab_loss) <= 1e-6 * abs(lab_loss):
-        return f"its pre-training run again, the same model (held-out pre-training loss {loss:.6f}, as the lab's)."
-    return (f"its pre-training run again with the same settings, which did not give the lab's model to the bit "
+        return f"its pre-training {how}, the same model (held-out pre-training loss {loss:.6f}, as the lab's)."
+    return (f"its pre-training {how} with the same settings, which is not the lab's model to the bit "
             f"(held-out pre-training loss {loss:.6f} against the lab's {lab_loss:.6f}; the machine or the code "
             "differed): these rows compare with each other, the lab's others with theirs.")
 
@@ -372,7 +375,8 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
         *([f"| after SFT with {share:.0%} span corruption in the mixture (`full_ft_mixed`) | "
            f"{forgetting['after_mixed_sft']:.4f} |"] if forgetting["after_mixed_sft"] is not None else []), "",
         *adapter_section(results, facts, sweep),
-        *(instruction_base_section(results, facts["instruction_base"], forgetting["before_sft"]) if "instruction_base" in facts else []),
+        *(instruction_base_section(results, facts["instruction_base"], forgetting["before_sft"])
+          if "instruction_base" in facts else []),
         *(detox_section(results, facts, detox_png) if "detox" in facts else []),
         *(distill_section(results, facts["distill"]) if "distill" in facts else []),
         *int8_section(results),

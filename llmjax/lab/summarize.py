@@ -362,7 +362,7 @@ def run_instruction_base_lab(out: str | Path, settings: LabSettings = LabSetting
         raise UserError(f"the lab in {out} ran with other settings than these; add the rows with the settings it ran "
                         "with (--tiny, or not, as that run)")
     started = time.perf_counter()
-    pretrain(out, settings, progress)
+    reused = pretrain(out, settings, progress) == 0.0
     model, params, tokenizer = load_model_for_inference(out / "pretrain")
     # The rows' starting point against the lab's: a pre-training run again with the same code on the same kind of
     # machine gives the same model (its held-out loss then equals the lab's before_sft); the report says which.
@@ -373,7 +373,7 @@ def run_instruction_base_lab(out: str | Path, settings: LabSettings = LabSetting
                if (out / "predictions" / f"{row}.jsonl").is_file()}
     facts = add_instruction_base_rows(out, settings, rows, tokenizer, test, results, outputs, progress)
     lab_facts["instruction_base"] = {**facts, "seconds": round(time.perf_counter() - started, 1),
-                                     "pretrained_heldout_loss": start_loss,
+                                     "pretrained_heldout_loss": start_loss, "pretrain_reused": reused,
                                      **({"command": command} if command else {})}
     report.write_outputs(out, test, outputs, results, lab_facts, plots=False)
     say(f"done in {lab_facts['instruction_base']['seconds']:.0f} s: {out / 'report.md'} (the pre-trained model's "

@@ -2,10 +2,11 @@
 
 ``make_optimizer`` chains global-norm clipping and AdamW or Adafactor and applies weight decay only where
 the decay mask says; with ``loraplus_lr_ratio`` (LoRA+) the updates of LoRA's ``lora_B`` matrices, weight decay
-included, are that many times larger, as if their learning rate were (peft's ``create_loraplus_optimizer``). Freezing is not the optimizer's job: the train state hands it the trainable
-parameters only (``llmjax.train.state``), so a frozen base never has optimizer state. Parameters of a
-scanned layer stack (leading layer axis) are optimized layer by layer (:func:`per_layer`), so a model
-gives the same run with ``scan_layers`` on or off.
+included, are that many times larger, as if their learning rate were (peft's ``create_loraplus_optimizer``).
+Freezing is not the optimizer's job: the train state hands it the trainable parameters only
+(``llmjax.train.state``), so a frozen base never has optimizer state. Parameters of a scanned layer stack
+(leading layer axis) are optimized layer by layer (:func:`per_layer`), so a model gives the same run with
+``scan_layers`` on or off.
 """
 
 from __future__ import annotations
