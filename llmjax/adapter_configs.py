@@ -91,6 +91,10 @@ class LoraConfig:
       stays frozen); :func:`resolve_targets` names them for a model.
     use_rslora: rank-stabilized LoRA (PEFT's option): the scale is ``lora_alpha / sqrt(r)``, so raising the
       rank does not shrink each direction's update.
+    use_dora: DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's ``use_dora``): each adapted kernel also
+      trains a magnitude per output channel, ``m``, born as the base kernel's column norms, and computes
+      ``(W + scale * A @ B) * m / ||W + scale * A @ B||`` (the norm over the input axis, per output channel,
+      held constant in the backward pass as the paper and PEFT do). ``out`` more trained numbers per kernel.
     """
 
     r: int
@@ -98,6 +102,7 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: Literal["all-linear"] | tuple[str, ...] = ()
     use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -109,6 +114,9 @@ class LoraConfig:
         if not isinstance(self.use_rslora, bool):
             raise LoraConfigError(f"use_rslora={self.use_rslora!r} must be true or false (true: scale "
                                   "lora_alpha / sqrt(r) in place of lora_alpha / r)")
+        if not isinstance(self.use_dora, bool):
+            raise LoraConfigError(f"use_dora={self.use_dora!r} must be true or false (true: DoRA, a trained "
+                                  "magnitude per output channel beside A and B)")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
         targets = tuple(dict.fromkeys(targets))  # a list from YAML/JSON -> tuple, repeats dropped
         if ALL_LINEAR in targets and len(targets) > 1:

@@ -4,7 +4,9 @@ The base model's code is untouched. Adapters are a separate nested dict with the
 params down to each targeted ``Dense`` module, whose ``kernel`` ``[in, out]`` (``[L, in, out]`` in a
 scanned stack) is shadowed by ``lora_A [in, r]`` and ``lora_B [r, out]`` (``[L, in, r]`` / ``[L, r, out]``),
 both fp32. The adapted kernel is ``kernel + scale * A @ B`` with ``scale = lora_alpha / r`` (``lora_alpha /
-sqrt(r)`` with ``use_rslora``).
+sqrt(r)`` with ``use_rslora``). With ``use_dora`` (DoRA) the module also holds ``lora_magnitude_vector [out]``
+(``[L, out]``), ``m``, and the adapted kernel is ``(kernel + scale * A @ B) * m / ||kernel + scale * A @ B||``,
+the norm taken over the input axis for each output channel (PEFT's DoRA; :func:`dora_factor`).
 
 Targets are named as in Hugging Face PEFT, by the last component of the Hugging Face module name
 (``q``, ``v``, ``wi_0`` for T5; ``q_proj``, ``gate_proj`` for LLaMA), and PEFT matches a name
@@ -32,6 +34,7 @@ from llmjax.adapter_configs import (  # noqa: F401 (re-exported)
 from llmjax.models.layers import Dense
 
 LORA_A, LORA_B = "lora_A", "lora_B"
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's trained magnitude per output channel (PEFT's name)
 _LAYER_KEY = re.compile(r"layers_(\d+)")
 
 Path = tuple[str, ...]
@@ -123,7 +126,9 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
     with the kernel's axes ``(..., in_axis, None)`` and B with ``(..., None, out_axis)``, so the adapters
     shard like their kernels. A is drawn like PEFT's ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in
     ``±1/sqrt(in)``, one key per HF module (so a scanned and an unscanned model get the same adapters).
-    Pure: works under ``jit`` and ``eval_shape``.
+    With ``cfg.use_dora`` each module also gets its magnitude, the kernel's column norms (so step 0 still
+    equals the base): then the kernels' values are read, and ``ShapeDtypeStruct`` kernels give a
+    ``ShapeDtypeStruct`` magnitude. Pure: works under ``jit`` and ``eval_shape``.
     """
     adapters: dict = {}
     targets = sites(model.config, cfg)
@@ -141,8 +146,28 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
             names = kernel.names
             a = kernel.replace(value=a, names=names[:-1] + (None,))
             b = kernel.replace(value=b, names=names[:-2] + (None, names[-1]))
-        _set(adapters, site.path, {LORA_A: a, LORA_B: b})
+        node = {LORA_A: a, LORA_B: b}
+        if cfg.use_dora:
+            value = unboxed(kernel)
+            m = (jax.ShapeDtypeStruct(shape[:-2] + shape[-1:], jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
+                 else column_norms(value.astype(jnp.float32)))
+            node[MAGNITUDE] = kernel.replace(value=m, names=kernel.names[:-2] + kernel.names[-1:]) if _is_box(
+                kernel) else m
+        _set(adapters, site.path, node)
     return adapters
+
+
+def column_norms(kernel: jax.Array) -> jax.Array:
+    """The L2 norm of each output channel of ``[..., in, out]`` kernels: ``[..., out]``."""
+    return jnp.sqrt(jnp.sum(jnp.square(kernel), axis=-2))
+
+
+def dora_factor(kernel: jax.Array, adapters_at_site: Mapping, scale: float) -> jax.Array:
+    """DoRA's rescaling of each output channel, ``m / ||kernel + scale * A @ B||`` (``[..., out]``, fp32), for a
+    float ``kernel [..., in, out]``. The norm is held constant in the backward pass (``stop_gradient``), as the
+    DoRA paper (section 4.3) and PEFT do: gradients reach ``m`` through the ratio and A, B through the update."""
+    adapted = kernel.astype(jnp.float32) + delta(adapters_at_site, scale)
+    return unboxed(adapters_at_site[MAGNITUDE]) / jax.lax.stop_gradient(column_norms(adapted))
 
 
 def delta(adapters_at_site: Mapping, scale: float) -> jax.Array:
@@ -158,18 +183,33 @@ def _adapted_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
     return [p for key, sub in adapters.items() for p in _adapted_paths(sub, prefix + (key,))]
 
 
+def check_dora(adapters_at_site: Mapping, cfg: LoraConfig, path: Path) -> None:
+    """Refuse adapters whose DoRA magnitude disagrees with ``cfg.use_dora`` (one would be silently ignored)."""
+    if cfg.use_dora != (MAGNITUDE in adapters_at_site):
+        have = "have" if MAGNITUDE in adapters_at_site else "have no"
+        raise LoraConfigError(
+            f"adapters {have} {'/'.join(path)}/{MAGNITUDE} but the LoRA config has use_dora={cfg.use_dora}; "
+            "use the config the adapters were made with (llmjax.lora.init with that config)")
+
+
 def _shift(params, adapters, cfg: LoraConfig, sign: float):
     out = params
     for path in _adapted_paths(adapters):
         kernel = _get(params, path + ("kernel",))
         value = unboxed(kernel)
-        moved = (value.astype(jnp.float32) + sign * delta(_get(adapters, path), cfg.scale)).astype(value.dtype)
+        at_site = _get(adapters, path)
+        check_dora(at_site, cfg, path)
+        moved = value.astype(jnp.float32) + sign * delta(at_site, cfg.scale)
+        if cfg.use_dora:
+            moved = moved * dora_factor(value, at_site, cfg.scale)[..., None, :]
+        moved = moved.astype(value.dtype)
         out = _replace(out, path + ("kernel",), kernel.replace_boxed(moved) if _is_box(kernel) else moved)
     return out
 
 
 def merge(params, adapters, cfg: LoraConfig):
-    """Params with each adapted kernel replaced by ``kernel + scale * A @ B`` (in the kernel's dtype).
+    """Params with each adapted kernel replaced by ``kernel + scale * A @ B`` (in the kernel's dtype), for DoRA
+    ``(kernel + scale * A @ B) * dora_factor`` per output channel.
 
     Pure and jittable; untouched leaves are shared, not copied. Works on either layout (the adapters
     must come from the same one).
@@ -178,7 +218,17 @@ def merge(params, adapters, cfg: LoraConfig):
 
 
 def unmerge(merged, adapters, cfg: LoraConfig):
-    """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding)."""
+    """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding).
+
+    Refused for DoRA: its merge rescales each output channel by ``m / ||kernel + scale * A @ B||``, a norm of
+    the kernel before merging, and the merged kernel alone does not determine it (every multiple of the merged
+    kernel, less the update, merges back to the same kernel). PEFT keeps the norm in a cache for this; llmjax's
+    functions keep nothing, so keep the base params and merge each adapter into them (as ``llmjax evaluate`` and
+    ``generate`` do with several adapters).
+    """
+    if cfg.use_dora:
+        raise LoraConfigError("lora.unmerge cannot undo a DoRA merge: the merged kernel does not determine the norm "
+                              "it was scaled by; keep the base params and merge the adapters into them instead")
     return _shift(merged, adapters, cfg, -1.0)
 
 
@@ -223,7 +273,9 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
     with rate ``cfg.lora_dropout`` on the adapter's input (PEFT's), applied only when ``rngs`` has a
     ``"dropout"`` key. The adapters travel as the ``"lora"`` variable collection, which has the params'
     nesting, and are picked up by a method interceptor: the model's code does not know about them.
-    The adapter branch runs in fp32 and is cast to the layer's output dtype.
+    The adapter branch runs in fp32 and is cast to the layer's output dtype. With DoRA the layer gives
+    ``y + (f - 1) * drop(x) @ W + f * scale * (drop(x) @ A) @ B`` for ``f = dora_factor`` and ``y = x @ W``
+    (PEFT's form: without dropout, ``f * (y + scale * (x @ A) @ B)``); an int8 kernel is dequantized for its norm.
     """
     def interceptor(next_fun, call_args, call_kwargs, context):
         y = next_fun(*call_args, **call_kwargs)
@@ -232,11 +284,21 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
                 or not module.has_variable(COLLECTION, LORA_A)):
             return y
         x = call_args[0].astype(jnp.float32)
+        dropped = x
         if cfg.lora_dropout > 0 and module.scope.has_rng("dropout"):
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0)
-        a, b = (unboxed(module.get_variable(COLLECTION, name)) for name in (LORA_A, LORA_B))
-        return y + adapter_branch(x, a, b, cfg.scale).astype(y.dtype)
+            dropped = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0)
+        names = (LORA_A, LORA_B, MAGNITUDE) if cfg.use_dora else (LORA_A, LORA_B)
+        at_site = {name: unboxed(module.get_variable(COLLECTION, name)) for name in names}
+        branch = adapter_branch(dropped, at_site[LORA_A], at_site[LORA_B], cfg.scale)
+        if not cfg.use_dora:
+            return y + branch.astype(y.dtype)
+        kernel = unboxed(module.get_variable("params", "kernel")).astype(jnp.float32)
+        if module.quantization is not None:
+            kernel = kernel * unboxed(module.get_variable("params", "kernel_scale"))
+        factor = dora_factor(kernel, at_site, cfg.scale)
+        base = y.astype(jnp.float32) if dropped is x else dropped @ kernel
+        return y + ((factor - 1.0) * base + factor * branch).astype(y.dtype)
 
     variables = {"params": params, COLLECTION: adapters}
     with nn.intercept_methods(interceptor):

@@ -15,8 +15,10 @@ its own scale is folded into its ``lora_B``, and a layer or module the adapter l
 B (which stay zero if trained further). Saving it again writes that uniform form, a plain adapter that
 ``peft`` loads with the same outputs. rsLoRA's scale (``use_rslora``) and ``target_modules: "all-linear"`` are
 read and written; so is ``bias`` (``all``, ``lora_only``), which trains nothing on llmjax's bias-free models.
-Every option that changes *what* is computed (DoRA, a bias on ``lora_B``, extra trained modules, ...) is
-refused with the option named.
+DoRA (``use_dora``) is read and written: each module's ``lora_magnitude_vector [out]`` beside A and B; a DoRA
+adapter must adapt every layer of the modules it names (an unadapted layer's magnitude would be its base
+kernel's norms, which an adapter file without the base cannot give). Every other option that changes *what* is
+computed (a bias on ``lora_B``, extra trained modules, ...) is refused with the option named.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from llmjax.hf.io import (
 )
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
-    ALL_LINEAR, LORA_A, LORA_B, LoraConfig, LoraConfigError, Site, merge, resolve_targets, sites, unboxed,
+    ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, LoraConfig, LoraConfigError, Site, check_dora, merge, resolve_targets,
+    sites, unboxed,
 )
 from llmjax.models import model_family
 
@@ -50,7 +53,6 @@ _PLAIN_LORA = {
     # Trained biases: llmjax's models have no bias in any projection or norm, so "all" and "lora_only" train
     # nothing there and save no tensor (peft's files hold plain LoRA; a bias tensor would be refused as unexpected).
     "bias": (("none", "all", "lora_only"), "trained biases"),
-    "use_dora": ((False, None), "DoRA (weight-decomposed LoRA)"),
     "fan_in_fan_out": ((False, None), "Conv1D-style transposed weights"),
     "lora_bias": ((False, None), "a bias on lora_B"),
     "modules_to_save": ((None, []), "fully trained extra modules"),
@@ -70,7 +72,8 @@ class AdapterError(CheckpointError):
 
 
 def _key(module: str, matrix: str) -> str:
-    return f"{_PREFIX}{module}.{matrix}.weight"
+    """The tensor name PEFT gives ``matrix`` of ``module`` (DoRA's magnitude is a bare parameter: no ``.weight``)."""
+    return f"{_PREFIX}{module}.{matrix}" + ("" if matrix == MAGNITUDE else ".weight")
 
 
 def _kernel_shape(config, site: Site) -> tuple[int, int]:
@@ -92,14 +95,16 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
     """Write ``adapters`` (llmjax layout, any array kind, boxed or not) as a PEFT LoRA directory.
 
     ``base_model_name_or_path``: recorded in ``adapter_config.json`` (PEFT loads without it).
-    Tensors are fp32, ``[r, in]`` (A) and ``[out, r]`` (B) per HF module.
+    Tensors are fp32, ``[r, in]`` (A) and ``[out, r]`` (B) per HF module, and DoRA's ``[out]`` magnitude.
     """
     tensors = {}
     cfg = resolve_targets(cfg, model.config)  # PEFT gets the modules all-linear stands for, as it saves its own
     for site in sites(model.config, cfg):
         fan_in, fan_out = _kernel_shape(model.config, site)
         node = _at(adapters, site.path, LORA_A)
-        for name, want in ((LORA_A, (fan_in, cfg.r)), (LORA_B, (cfg.r, fan_out))):
+        check_dora(node, cfg, site.path)
+        shapes = ((LORA_A, (fan_in, cfg.r)), (LORA_B, (cfg.r, fan_out))) + ((MAGNITUDE, (fan_out,)),) * cfg.use_dora
+        for name, want in shapes:
             if name not in node:
                 raise ValueError(f"adapters have no {'/'.join(site.path)}/{name}")
             value = np.asarray(jax.device_get(unboxed(node[name])), np.float32)
@@ -108,7 +113,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
                 if layer.shape != want:
                     raise ValueError(f"adapter {'/'.join(site.path)}/{name} has per-layer shape {layer.shape}, "
                                      f"expected {want} for r={cfg.r}")
-                tensors[_key(module, name)] = np.ascontiguousarray(layer.T)
+                tensors[_key(module, name)] = np.ascontiguousarray(layer.T)  # a vector's .T is itself
     config = {
         "peft_type": PEFT_TYPE,
         "task_type": PEFT_TASK_TYPES[model_family(model.config).seq2seq],
@@ -120,7 +125,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": cfg.use_rslora,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -241,14 +246,21 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
         except LoraConfigError as e:
             raise AdapterError(f"{file}: {e}; was the adapter made for another model family?") from None
     chosen = _targeted(raw, every, file)
-    use_rslora = raw.get("use_rslora") or False
+    use_rslora, use_dora = raw.get("use_rslora") or False, raw.get("use_dora") or False
     try:
         ranks = {m: _pattern_value(raw.get("rank_pattern") or {}, m, raw["r"]) for m in chosen}
         alphas = {m: _pattern_value(raw.get("alpha_pattern") or {}, m, raw["lora_alpha"]) for m in chosen}
         own = {m: LoraConfig(r=ranks[m], lora_alpha=alphas[m], use_rslora=use_rslora, target_modules=ALL_LINEAR)
                for m in chosen}  # checks each module's r and alpha
         names = [n for n in lora_targets(model.config) if any(m.rsplit(".", 1)[1] == n for m in chosen)]
-        uniform = set(chosen) == {m for m in every if m.rsplit(".", 1)[1] in names} and len(
+        covered = set(chosen) == {m for m in every if m.rsplit(".", 1)[1] in names}
+        if use_dora and not covered:
+            left = sorted({m for m in every if m.rsplit(".", 1)[1] in names} - set(chosen))
+            raise AdapterError(
+                f"{file}: a DoRA adapter that leaves some layers of its modules alone ({len(left)} of them, e.g. "
+                f"{left[0]!r}) is not supported; llmjax holds one magnitude per layer of each adapted module, which "
+                "for those layers would have to be the base kernel's norms. Train the adapter on every layer")
+        uniform = covered and len(
             {(c.r, c.scale) for c in own.values()}) == 1 and ranks[chosen[0]] == raw["r"]
         if uniform and targets == ALL_LINEAR:
             listed = ALL_LINEAR
@@ -257,7 +269,8 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
         else:
             listed = names
         cfg = LoraConfig(r=max(ranks.values()), lora_alpha=raw["lora_alpha"],
-                         lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora)
+                         lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora,
+                         use_dora=use_dora)
     except LoraConfigError as e:
         raise AdapterError(f"{file}: {e}") from None
     return cfg, {m: (own[m].r, own[m].scale / cfg.scale) for m in chosen}
@@ -268,12 +281,14 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     the model's layout (stacked ``[L, ...]`` with ``scan_layers``), in llmjax's uniform form (module docstring).
 
     Every module PEFT adapts must be in the file with the shapes the model and its own rank give (A ``[r, in]``,
-    B ``[out, r]``) and nothing else may be; otherwise :class:`AdapterError` names the keys.
+    B ``[out, r]``, DoRA's magnitude ``[out]``) and nothing else may be; otherwise :class:`AdapterError` names
+    the keys.
     """
     raw, tensors = read_adapter_dir(path)
     config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
     cfg, own = _plan(raw, model, config_file)
-    expected = {_key(m, name) for m in own for name in (LORA_A, LORA_B)}
+    matrices = (LORA_A, LORA_B, MAGNITUDE) if cfg.use_dora else (LORA_A, LORA_B)
+    expected = {_key(m, name) for m in own for name in matrices}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise AdapterError(
@@ -283,7 +298,7 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     adapters: dict = {}
     for site in sites(model.config, cfg):
         fan_in, fan_out = _kernel_shape(model.config, site)
-        a_layers, b_layers = [], []
+        a_layers, b_layers, m_layers = [], [], []
         for module in site.hf_modules:
             a, b = np.zeros((fan_in, cfg.r), np.float32), np.zeros((cfg.r, fan_out), np.float32)
             if module in own:  # else a layer the adapter leaves alone: zero A and B
@@ -297,13 +312,20 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
                             "do not match")
                 a[:, :rank] = np.asarray(tensors[_key(module, LORA_A)], np.float32).T
                 b[:rank] = np.asarray(tensors[_key(module, LORA_B)], np.float32).T * np.float32(factor)
+                if cfg.use_dora:  # every layer is adapted (_plan)
+                    m = np.asarray(tensors[_key(module, MAGNITUDE)], np.float32)
+                    if m.shape != (fan_out,):
+                        raise AdapterError(f"{file}: tensor {_key(module, MAGNITUDE)!r} has shape {m.shape}, "
+                                           f"expected ({fan_out},); the adapter and the base model do not match")
+                    m_layers.append(m)
             a_layers.append(a)
             b_layers.append(b)
         node = adapters
         for key in site.path:
             node = node.setdefault(key, {})
-        node[LORA_A] = np.stack(a_layers) if site.stacked else a_layers[0]
-        node[LORA_B] = np.stack(b_layers) if site.stacked else b_layers[0]
+        for name, layers in ((LORA_A, a_layers), (LORA_B, b_layers), (MAGNITUDE, m_layers)):
+            if layers:
+                node[name] = np.stack(layers) if site.stacked else layers[0]
     return adapters, cfg
 
 

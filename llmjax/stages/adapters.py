@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 
 from llmjax import lora, prompt_tuning, quantize
@@ -98,10 +99,13 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     def init_tree(key, base):
         base_key, adapter_key = jax.random.split(key)
         params = base_tree(base_key, base)
-        adapters = lora.init(model, params, cfg, adapter_key)
-        if int8_model is not None:
-            params = quantize.quantize(model, params, "int8")[1]
-        return {**params, ADAPTERS_KEY: adapters}
+        if int8_model is None:
+            return {**params, ADAPTERS_KEY: lora.init(model, params, cfg, adapter_key)}
+        # DoRA's magnitudes start as the norms of the kernels the loss computes with, the int8 ones dequantized
+        # (so step 0 is the int8 base); plain LoRA reads only the shapes
+        adapters = lora.init(model, _int8_rounded(model, int8_model, params) if cfg.use_dora else params, cfg,
+                             adapter_key)
+        return {**quantize.quantize(model, params, "int8")[1], ADAPTERS_KEY: adapters}
 
     def float_base(tree):
         """The model's params without the adapters, dequantized when the tree holds them int8."""
@@ -157,6 +161,15 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     )
 
 
+def _int8_rounded(model, int8_model, params):
+    """``params`` (boxed or not) with each value as the int8 model holds it, dequantized; the boxes kept."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    plain = nn.meta.unbox(params)
+    rounded = quantize.dequantize(int8_model, quantize.quantize(model, plain, "int8")[1])[1]
+    return jax.tree_util.tree_map(lambda box, value: box.replace_boxed(value) if is_box(box) else value, params,
+                                  rounded, is_leaf=is_box)
+
+
 def _stage_parts(tree: dict) -> dict:
     """The parts of a run's tree that belong to its stage rather than to the model or an adapter (heads)."""
     return {key: tree[key] for key in (HEADS_KEY,) if key in tree}
@@ -194,10 +207,13 @@ def lora_meta(cfg: lora.LoraConfig) -> dict:
 
 def lora_identity(cfg: lora.LoraConfig, model_config) -> dict:
     """What a resumed LoRA run must share with its checkpoint (``Stage.adapters``): the rank, the scale and the
-    modules adapted, ``all-linear`` resolved and in any order. ``lora_dropout`` may change, as a learning rate may."""
+    modules adapted, ``all-linear`` resolved and in any order, and DoRA. ``lora_dropout`` may change, as a learning
+    rate may."""
     cfg = lora.resolve_targets(cfg, model_config)
-    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
-            "target_modules": sorted(cfg.target_modules)}
+    identity = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
+                "target_modules": sorted(cfg.target_modules)}
+    # DoRA adds a trained leaf per kernel; plain LoRA's identity stays as runs before DoRA recorded it
+    return {**identity, "use_dora": True} if cfg.use_dora else identity
 
 
 class _FactoredModel:

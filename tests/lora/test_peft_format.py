@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -74,7 +75,8 @@ def _torch_base(family: str, base_dir: Path):
 
 def _peft_adapter(family: str, base_dir: Path, out: Path, **options):
     """A peft LoRA adapter with random A (peft's init) and random B, saved to ``out``; -> the peft model.
-    ``options``: peft.LoraConfig's, over r=3, lora_alpha=5 and every projection."""
+    ``options``: peft.LoraConfig's, over r=3, lora_alpha=5 and every projection. With ``use_dora`` each
+    magnitude is also moved off the base's norms (by a factor in [0.5, 1.5] per channel)."""
     _, _, targets, task = FAMILIES[family]
     config = peft.LoraConfig(**{"r": 3, "lora_alpha": 5, "target_modules": targets, **options}, task_type=task)
     model = peft.get_peft_model(_torch_base(family, base_dir), config)
@@ -83,6 +85,8 @@ def _peft_adapter(family: str, base_dir: Path, out: Path, **options):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+            elif "lora_magnitude_vector" in name:
+                param.mul_(0.5 + torch.rand(param.shape, generator=generator))
     model.save_pretrained(str(out))
     return model.eval()
 
@@ -142,6 +146,74 @@ def test_rslora_all_linear_parity_both_ways(family, scan, base_dirs, tmp_path):
     assert np.abs(_llmjax_logits(model, params, adapters, plain, family) - want).max() > 1e-2
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_dora_parity_both_ways(family, scan, base_dirs, tmp_path):
+    """DoRA (``use_dora``), both ways against peft: its magnitude vectors are read and written beside A and B."""
+    from tests.lora.test_dora import _random_magnitude
+
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+    # (a) peft writes, llmjax reads: peft's logits, which differ from the same A and B without DoRA
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", use_dora=True)
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert cfg.use_dora and (cfg.r, cfg.lora_alpha) == (3, 5)
+    want = _torch_logits(peft_model, family)
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
+    plain = _llmjax_logits(model, params, _strip_magnitudes(adapters), dataclasses.replace(cfg, use_dora=False),
+                           family)
+    assert np.abs(plain - want).max() > 1e-2  # DoRA's rescaling matters
+
+    # (b) llmjax writes, peft reads; and back bit-exactly
+    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=FAMILIES[family][2][::2], use_dora=True)
+    adapters = _random_magnitude(_random_b(lora.init(model, params, cfg, jax.random.key(3)), seed=4), seed=5)
+    lora.save_pretrained(model, adapters, cfg, tmp_path / "from_llmjax")
+    assert json.loads((tmp_path / "from_llmjax" / "adapter_config.json").read_text())["use_dora"] is True
+    loaded = peft.PeftModel.from_pretrained(_torch_base(family, base_dirs[family]), str(tmp_path / "from_llmjax"))
+    np.testing.assert_allclose(_torch_logits(loaded.eval(), family),
+                               _llmjax_logits(model, params, adapters, cfg, family), atol=TOL, rtol=0)
+    again, cfg_again = lora.from_pretrained(model, tmp_path / "from_llmjax")
+    assert cfg_again == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.device_get(adapters))
+
+
+def _strip_magnitudes(adapters):
+    """The adapters without their DoRA magnitudes."""
+    if lora.MAGNITUDE in adapters:
+        return {k: v for k, v in adapters.items() if k != lora.MAGNITUDE}
+    return {k: _strip_magnitudes(v) for k, v in adapters.items()}
+
+
+def test_dora_gradients_equal_peft_with_the_norm_held_constant(base_dirs, tmp_path):
+    """The gradients of A, B and the magnitude through llmjax's factored DoRA forward (the training path) equal
+    peft's, which holds ``||W + s A B||`` constant in the backward pass; letting the gradient through the norm
+    would change A's and B's."""
+    family = "llama"
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=False)
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "start", use_dora=True,
+                               target_modules=["q_proj", "v_proj", "down_proj"])
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "start")
+    ids = _ids(family)[0]
+    loss = peft_model(input_ids=torch.tensor(ids)).logits.log_softmax(-1)[..., 3].mean()
+    loss.backward()
+    with torch.no_grad():  # peft's gradients, written as an adapter: the format code lays them out as llmjax's
+        for param in peft_model.parameters():
+            if param.grad is not None:
+                param.copy_(param.grad)
+    peft_model.save_pretrained(str(tmp_path / "grads"))
+    theirs = lora.from_pretrained(model, tmp_path / "grads")[0]
+
+    def objective(adapters):
+        logits = lora.apply_factored(model, params, adapters, cfg, np.asarray(ids, np.int32))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    ours = jax.jit(jax.grad(objective))(adapters)
+    largest = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(theirs))
+    assert largest > 1e-3
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * largest), ours, theirs)
+    assert {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(ours)} == {
+        "lora_A", "lora_B", lora.MAGNITUDE}
+
+
 @pytest.mark.parametrize("family, scan, options, rank", [
     ("t5", True, {"rank_pattern": {"q": 5, "wo": 1}, "alpha_pattern": {"EncDecAttention.v": 9},
                   "layers_to_transform": [1], "exclude_modules": ["k"], "bias": "all"}, 5),
@@ -199,7 +271,8 @@ Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
 @pytest.mark.parametrize("changes, match", [
     ({"peft_type": "PROMPT_TUNING"}, "peft_type='PROMPT_TUNING'"),
     ({"task_type": "CAUSAL_LM"}, "task_type='CAUSAL_LM'.*SEQ_2_SEQ_LM"),
-    ({"use_dora": True}, "use_dora=true .DoRA"),
+    ({"use_dora": True}, r"missing tensors \['base_model.model.decoder.block.0.layer.0.SelfAttention.q.lora_magnitude"),
+    ({"use_dora": True, "layers_to_transform": [0]}, "a DoRA adapter that leaves some layers of its modules alone"),
     ({"use_rslora": "yes"}, "use_rslora='yes' must be true or false"),
     ({"bias": "some"}, "bias=\"some\" .trained biases"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),

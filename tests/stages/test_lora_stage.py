@@ -274,6 +274,8 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
                   r"lora.lora_alpha \(checkpoint: 4.0, this run: 8.0\)"),
         "rslora": ([*rank, "lora.target_modules=all-linear", "lora.use_rslora=true"],
                    r"lora.use_rslora \(checkpoint: False, this run: True\)"),
+        "dora": ([*rank, "lora.target_modules=all-linear", "lora.use_dora=true"],
+                 r"lora.use_dora \(checkpoint: None, this run: True\)"),  # plain LoRA records none
         "none": ([], r"a lora: section \(checkpoint: \{'r': 2, .*\}, this run: none\)"),
     }
     for name, (overrides, match) in changed.items():
@@ -287,3 +289,42 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
     model = load_model(base_dir).model
     assert (lora_identity(lora.LoraConfig(2, 4, 0.1, "all-linear"), model.config)
             == lora_identity(lora.LoraConfig(2, 4, 0.0, ("q", "k", "v", "o", "wi_0", "wi_1", "wo")), model.config))
+
+
+def test_dora_run_trains_magnitudes_and_exports_what_peft_applies(base_dir, tmp_path):
+    """``lora.use_dora: true``: step 0 is the base, the checkpoint holds A, B and a magnitude per adapted kernel
+    (all moved by training), the loader merges them, and the export's PEFT adapter applied by peft gives the
+    exported merged model's logits."""
+    import peft
+    import torch
+    import transformers
+
+    out = tmp_path / "run"
+    summary = run_stage(_sft(base_dir, out, *LORA, "lora.use_dora=true", f"train.steps={STEPS}",
+                             "optim.learning_rate=1e-2", "train.export_hf=hf"), progress=False)
+    stage = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "full"))
+    _, sums = stage.loss_fn(stage.base.params, next(stage.train_data), None)
+    losses = [r["loss"] for r in _metrics(out) if r["split"] == "train"]
+    assert abs(losses[0] - float(sums["loss"] / sums["weights"])) <= 1e-5 and losses[-1] < losses[0], losses
+
+    adapters = read_checkpoint_params(out / "checkpoints")[1]["lora"]
+    assert {p.split("/")[-1] for p in _paths(adapters)} == {"lora_A", "lora_B", lora.MAGNITUDE}
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v"), use_dora=True)
+    base = load_model(base_dir).params
+    fresh = lora.init(load_model(base_dir).model, base, cfg, jax.random.key(0))
+    for path, trained, start in zip(_paths(adapters), jax.tree_util.tree_leaves(adapters),
+                                    jax.tree_util.tree_leaves(fresh)):
+        if path.endswith(lora.MAGNITUDE):
+            assert np.abs(trained - np.asarray(start)).max() > 1e-4, path  # the magnitudes trained
+    expected = jax.tree_util.tree_map(np.asarray, lora.merge(base, adapters, cfg))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           load_model(out / "checkpoints").params, expected)
+
+    export = Path(summary["export"])
+    merged = transformers.T5ForConditionalGeneration.from_pretrained(export).eval()
+    with_adapter = peft.PeftModel.from_pretrained(
+        transformers.T5ForConditionalGeneration.from_pretrained(base_dir), export / ADAPTER_SUBDIR).eval()
+    ids = torch.tensor([[5, 17, 42, 9, 1], [33, 8, 120, 1, 0]])
+    inputs = dict(input_ids=ids, attention_mask=(ids != 0).long(), decoder_input_ids=torch.tensor([[0, 7, 11], [0, 3, 4]]))
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(**inputs).logits.numpy(), with_adapter(**inputs).logits.numpy(), atol=1e-4)

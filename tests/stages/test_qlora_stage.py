@@ -113,3 +113,22 @@ def test_lab_compare_qlora_measures_both_rows(base_dir, tmp_path):  # noqa: F811
     lora_entry, qlora_entry = entries["lora_r4"], entries["qlora_r4"]
     assert lora_entry["trainable_params"] == qlora_entry["trainable_params"] > 0
     assert 3.0 < lora_entry["frozen_base_bytes"] / qlora_entry["frozen_base_bytes"] < 4.0
+
+
+def test_dora_on_the_int8_base_starts_at_the_int8_models_loss(base_dir, tmp_path):  # noqa: F811
+    """QLoRA with DoRA: the magnitudes start as the norms of the dequantized int8 kernels, so step 0 is the int8
+    model's loss (as without DoRA), and the loader merges into the dequantized base."""
+    out = tmp_path / "run"
+    run_stage(_sft(base_dir, out, *LORA, *QUANTIZE, "lora.use_dora=true", "train.steps=2",
+                   "optim.learning_rate=1e-2"), progress=False)
+    stage = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "full"))
+    qmodel, qparams = quantize.quantize(stage.model, stage.base.params, "int8")
+    _, sums = jax.jit(stage.loss_for(qmodel))(qparams, next(stage.train_data), None)
+    losses = [r["loss"] for r in _metrics(out) if r["split"] == "train"]
+    assert abs(losses[0] - float(sums["loss"] / sums["weights"])) <= 1e-5, losses
+    adapters = read_checkpoint_params(out / "checkpoints")[1]["lora"]
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v"), use_dora=True)
+    base = load_model(base_dir)
+    expected = lora.merge(quantize.round_trip(base.model, base.params), adapters, cfg)
+    for x, y in zip(jax.tree_util.tree_leaves(load_model(out).params), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(x, np.asarray(y), atol=1e-6)
