@@ -11,8 +11,9 @@ stand-in for that instruction tuning and measures full fine-tuning and LoRA from
    the lab's SFT schedule;
 3. from that base, each ``--rows`` entry: the lab's SFT on ``dialogsum`` (1000 steps, 16 rows, cosine): ``full@LR``
    trains everything, ``r<R>@LR`` LoRA rank R on q and v (``lora_alpha`` = 2R, as the lab's rows),
-   ``r<R>all@LR`` LoRA on every dense kernel, ``r<R>[m1+m2+...]@LR`` on the listed modules; ``KIND@LR/STEPS``
-   trains STEPS steps instead of the lab's 1000 (its cosine decay stretched over them).
+   ``r<R>all@LR`` LoRA on every dense kernel, ``r<R>[m1+m2+...]@LR`` on the listed modules; ``d`` in place of
+   ``r`` (``d2[q+v]@LR``) trains DoRA (``use_dora``) instead of plain LoRA; ``KIND@LR/STEPS`` trains STEPS steps
+   instead of the lab's 1000 (its cosine decay stretched over them).
 
 Each model (the base zero-shot included) summarizes the first ``--test-limit`` test dialogues, greedy. ROUGE-L is
 reported on all of them and apart on the topics the base saw and those it did not. Writes ``OUT/results.json``
@@ -81,9 +82,11 @@ def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: floa
 
 def row_lora(kind: str) -> dict | None:
     """``full`` -> None; ``r4`` -> LoRA r=4 on q, v; ``r1all`` -> r=1 on every dense kernel; ``r2[q+v+wo]`` -> r=2 on
-    the listed modules."""
+    the listed modules; ``d...`` as ``r...`` with DoRA."""
     if kind == "full":
         return None
+    if kind.startswith("d"):
+        return {**row_lora("r" + kind[1:]), "use_dora": True}
     rank, _, listed = kind[1:].partition("[")
     if listed:
         targets = listed.removesuffix("]").split("+")
@@ -96,7 +99,8 @@ def row_lora(kind: str) -> dict | None:
 def row_name(kind: str, rate: str, steps: int | None = None) -> str:
     """``lora_r4``, ``lora_r1all``, ``lora_r2_q_v_wo`` (``r2[q+v+wo]``), ``full_ft``; ``_lr<rate>`` unless 3e-3,
     ``_steps<N>`` when the row trains other than the lab's steps."""
-    name = "full_ft" if kind == "full" else "lora_" + kind.replace("[", "_").replace("+", "_").removesuffix("]")
+    name = "full_ft" if kind == "full" else ("dora_r" + kind[1:] if kind.startswith("d") else "lora_" + kind)
+    name = name.replace("[", "_").replace("+", "_").removesuffix("]")
     return name + ("" if float(rate) == 3e-3 else f"_lr{rate}") + ("" if steps is None else f"_steps{steps}")
 
 

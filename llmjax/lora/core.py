@@ -288,6 +288,8 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
         if cfg.lora_dropout > 0 and module.scope.has_rng("dropout"):
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
             dropped = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0)
+        check_dora({MAGNITUDE: None} if module.has_variable(COLLECTION, MAGNITUDE) else {}, cfg,
+                   tuple(module.scope.path))
         names = (LORA_A, LORA_B, MAGNITUDE) if cfg.use_dora else (LORA_A, LORA_B)
         at_site = {name: unboxed(module.get_variable(COLLECTION, name)) for name in names}
         branch = adapter_branch(dropped, at_site[LORA_A], at_site[LORA_B], cfg.scale)

@@ -35,7 +35,8 @@ The model's own code never sees the adapters; reward and PPO stages reuse this a
 
 With a ``quantize:`` section beside ``lora:`` (QLoRA-style, ``llmjax.adapter_configs.QuantizeConfig``) the tree
 holds the base quantized (``llmjax.quantize``: int8 kernels and embeddings, fp32 per-channel scales), so the
-frozen base sits in memory at about a quarter of its fp32 bytes; the adapters are drawn exactly as without it.
+frozen base sits in memory at about a quarter of its fp32 bytes; the adapters are drawn exactly as without it
+(DoRA's magnitudes are the norms of the int8 kernels dequantized, so step 0 is the int8 model).
 The loss runs the int8 model (weight-only: each kernel dequantized on the fly inside its matmul) with each
 adapted ``Dense`` computed factored (``llmjax.lora.apply_factored``: a merge cannot add a float update to int8
 weights), so the stage must give ``loss_for``. The eval hook and the export see the base dequantized with the

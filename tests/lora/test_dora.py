@@ -66,6 +66,8 @@ def test_dora_step0_and_merge_by_hand_and_factored(family):
     # adapters and config that disagree about DoRA are refused, not half-applied
     with pytest.raises(lora.LoraConfigError, match="have .*lora_magnitude_vector but the LoRA config has use_dora=False"):
         lora.merge(params, adapters, dataclasses.replace(cfg, use_dora=False))
+    with pytest.raises(lora.LoraConfigError, match="have .*lora_magnitude_vector but the LoRA config has use_dora=False"):
+        _factored_logits(model, params, adapters, dataclasses.replace(cfg, use_dora=False), inputs)
     with pytest.raises(lora.LoraConfigError, match="have no .*lora_magnitude_vector but .* use_dora=True"):
         lora.merge(params, _random_b(lora.init(model, params, dataclasses.replace(cfg, use_dora=False),
                                                jax.random.key(1)), 2), cfg)

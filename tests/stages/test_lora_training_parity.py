@@ -1,8 +1,8 @@
-"""Adapter training against an independent reference: a few steps of a ``lora:`` or ``prompt_tuning:`` SFT run
-(llmjax's loop: LoRA computed factored or the soft prompt prepended, AdamW with weight decay, gradient clipping,
-warmup and cosine decay) equal the same steps taken by ``peft`` on ``transformers``' model with
-``torch.optim.AdamW``, from the run's own initial adapters, on the run's own batches: per-step loss and gradient
-norm, and the adapters after the last step."""
+"""Adapter training against an independent reference: a few steps of a ``lora:`` (plain or DoRA) or
+``prompt_tuning:`` SFT run (llmjax's loop: LoRA computed factored or the soft prompt prepended, AdamW with weight
+decay, gradient clipping, warmup and cosine decay) equal the same steps taken by ``peft`` on ``transformers``'
+model with ``torch.optim.AdamW``, from the run's own initial adapters, on the run's own batches: per-step loss
+and gradient norm, and the adapters after the last step."""
 
 from __future__ import annotations
 
