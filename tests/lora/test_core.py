@@ -261,6 +261,23 @@ def test_adapter_branch_backward_is_autodiffs():
     np.testing.assert_array_equal(lora.adapter_branch(x, a, b, 2.5), 2.5 * ((x @ a) @ b))
 
 
+def factored_matches_merged(model, params, adapters, cfg, inputs):
+    """Check that ``apply_factored`` gives the merged params' logits and adapter gradients (of a mean log-prob);
+    -> ``(gradients, logits)`` of the merged form."""
+    def loss(adapters, factored):
+        if factored:
+            logits = lora.apply_factored(model, params, adapters, cfg, *inputs)
+        else:
+            logits = model.apply({"params": lora.merge(params, adapters, cfg)}, *inputs)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (g_merged, logits_merged), (g_factored, logits_factored) = grad(adapters, False), grad(adapters, True)
+    np.testing.assert_allclose(logits_factored, logits_merged, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_factored, g_merged)
+    return g_merged, logits_merged
+
+
 def test_factored_equals_merged_on_scanned_stack_values_and_grads():
     """apply_factored slices the stacked adapters per layer (the "lora" collection scans like params): logits and
     adapter gradients equal those of the merged params; lora_dropout acts only with a dropout rng."""
@@ -270,18 +287,7 @@ def test_factored_equals_merged_on_scanned_stack_values_and_grads():
     adapters = stack_layers(_random_b(lora.init(flat, params, cfg, jax.random.key(1)), seed=5), flat.config)
     params = stack_layers(params, flat.config)
     inputs = _inputs(scanned)
-
-    def loss(adapters, factored):
-        if factored:
-            logits = lora.apply_factored(scanned, params, adapters, cfg, *inputs)
-        else:
-            logits = scanned.apply({"params": lora.merge(params, adapters, cfg)}, *inputs)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
-
-    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-    (g_merged, logits_merged), (g_factored, logits_factored) = grad(adapters, False), grad(adapters, True)
-    np.testing.assert_allclose(logits_factored, logits_merged, atol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_factored, g_merged)
+    g_merged, logits_merged = factored_matches_merged(scanned, params, adapters, cfg, inputs)
     assert (np.abs(np.asarray(g_merged["layers"]["mlp"]["wo"]["lora_B"])).max(axis=(1, 2)) > 0).all()  # every layer
 
     dropped = dataclasses.replace(cfg, lora_dropout=0.5)

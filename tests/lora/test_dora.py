@@ -20,7 +20,8 @@ from llmjax.model_config import T5Config
 from llmjax.models import build_model, dummy_inputs, stack_layers
 from llmjax.train.state import count_params
 from tests.lora.test_core import (
-    LLAMA_TARGETS, T5_TARGETS, _factored_logits, _inputs, _logits, _random_b, _tiny, random_params,
+    LLAMA_TARGETS, T5_TARGETS, _factored_logits, _inputs, _logits, _random_b, _tiny, factored_matches_merged,
+    random_params,
 )
 
 
@@ -84,18 +85,7 @@ def test_dora_factored_on_a_scanned_stack_values_grads_and_dropout():
     adapters, params = stack_layers(adapters, flat.config), stack_layers(params, flat.config)
     assert adapters["layers"]["mlp"]["wo"][lora.MAGNITUDE].shape == (2, 16)
     inputs = _inputs(scanned)
-
-    def loss(adapters, factored):
-        if factored:
-            logits = lora.apply_factored(scanned, params, adapters, cfg, *inputs)
-        else:
-            logits = scanned.apply({"params": lora.merge(params, adapters, cfg)}, *inputs)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
-
-    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-    (g_merged, logits_merged), (g_factored, logits_factored) = grad(adapters, False), grad(adapters, True)
-    np.testing.assert_allclose(logits_factored, logits_merged, atol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_factored, g_merged)
+    g_merged, logits_merged = factored_matches_merged(scanned, params, adapters, cfg, inputs)
     assert (np.abs(np.asarray(g_merged["layers"]["mlp"]["wo"][lora.MAGNITUDE])).max(axis=1) > 0).all()
 
     dropped = dataclasses.replace(cfg, lora_dropout=0.5)

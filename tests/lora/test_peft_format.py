@@ -109,14 +109,20 @@ def test_peft_parity_both_ways(family, scan, base_dirs, tmp_path):
     # (b) llmjax writes, peft reads
     cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=FAMILIES[family][2][::2])
     adapters = _random_b(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
-    lora.save_pretrained(model, adapters, cfg, tmp_path / "from_llmjax", base_model_name_or_path=str(base_dirs[family]))
-    loaded = peft.PeftModel.from_pretrained(_torch_base(family, base_dirs[family]), str(tmp_path / "from_llmjax"))
+    _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family], tmp_path / "from_llmjax")
+
+
+def _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dir: Path, out: Path) -> dict:
+    """Save ``adapters`` with llmjax into ``out``: peft applies them with llmjax's logits, and llmjax reads them
+    back bit-exactly with the same config. -> the written ``adapter_config.json``."""
+    lora.save_pretrained(model, adapters, cfg, out, base_model_name_or_path=str(base_dir))
+    loaded = peft.PeftModel.from_pretrained(_torch_base(family, base_dir), str(out))
     np.testing.assert_allclose(_torch_logits(loaded.eval(), family),
                                _llmjax_logits(model, params, adapters, cfg, family), atol=TOL, rtol=0)
-    # and back: what llmjax wrote reads back bit-exactly
-    again, cfg_again = lora.from_pretrained(model, tmp_path / "from_llmjax")
+    again, cfg_again = lora.from_pretrained(model, out)
     assert cfg_again == cfg
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.device_get(adapters))
+    return json.loads((out / "adapter_config.json").read_text())
 
 
 @pytest.mark.parametrize("family, scan", [("llama", False), ("t5", True)], ids=["llama-unscanned", "t5-scanned"])
@@ -166,14 +172,9 @@ def test_dora_parity_both_ways(family, scan, base_dirs, tmp_path):
     # (b) llmjax writes, peft reads; and back bit-exactly
     cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=FAMILIES[family][2][::2], use_dora=True)
     adapters = _random_magnitude(_random_b(lora.init(model, params, cfg, jax.random.key(3)), seed=4), seed=5)
-    lora.save_pretrained(model, adapters, cfg, tmp_path / "from_llmjax")
-    assert json.loads((tmp_path / "from_llmjax" / "adapter_config.json").read_text())["use_dora"] is True
-    loaded = peft.PeftModel.from_pretrained(_torch_base(family, base_dirs[family]), str(tmp_path / "from_llmjax"))
-    np.testing.assert_allclose(_torch_logits(loaded.eval(), family),
-                               _llmjax_logits(model, params, adapters, cfg, family), atol=TOL, rtol=0)
-    again, cfg_again = lora.from_pretrained(model, tmp_path / "from_llmjax")
-    assert cfg_again == cfg
-    jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.device_get(adapters))
+    written = _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family],
+                                             tmp_path / "from_llmjax")
+    assert written["use_dora"] is True
 
 
 def _strip_magnitudes(adapters):
