@@ -22,8 +22,9 @@ and ``OUT/predictions/<row>.jsonl`` (rescorable); the trained runs stay in ``OUT
 (``tests/lab/test_experiments.py`` rescores them). ``--topics all`` tunes the base on every scenario topic instead;
 that run's (``--base-steps 2000``, its later rows added with ``--add-rows``) is in
 ``labs/experiments/lora_from_instruction_base_all_topics/`` (its two 2000-step rows added on 2026-12-07 by the third
-command below, from the same base built again, and its three LoRA+ rows by the two after it). ``--d-model`` widens the lab's T5 (``d_kv`` and ``d_ff``
-in proportion), so that 2% of it holds more adapter parameters; ``--base-lr`` sets the pre-training's and the
+command below, from the same base built again, its three LoRA+ rows by the two after it, and its DoRA rows and
+rows at other ``--train-seed``s, later that day, by the sixth to ninth). ``--d-model`` widens the lab's T5
+(``d_kv`` and ``d_ff`` in proportion), so that 2% of it holds more adapter parameters; ``--base-lr`` sets the pre-training's and the
 base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than half of it). That run is in
 ``labs/experiments/lora_from_instruction_base_wide/``.
 
@@ -37,6 +38,14 @@ r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0
         --base-steps 2000 --add-rows --loraplus-ratio 4 --rows "r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
         --base-steps 2000 --add-rows --loraplus-ratio 16 --rows "r2[q+v+o+wi_0+wi_1+wo]@1.5e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --rows "d2[q+v+wi_0+wi_1+wo]@6e-3,r2[q+v+wi_0+wi_1+wo]@6e-3,d1all@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --loraplus-ratio 4 --rows "d2[q+v+wi_0+wi_1+wo]@3e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3,d2[q+v+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_wide --topics all \
         --base-steps 2000 --d-model 256 --base-lr 1.5e-3 --rows "full@1.5e-3,r4[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3,full@7.5e-4"
 """
@@ -66,14 +75,17 @@ EVERY_DENSE = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 
 
 def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: float, settings, tokenizer_dir,
-        lora: dict | None = None, loraplus_lr_ratio: float | None = None):
-    """The lab's SFT config (``summarize.sft_config``) from ``init``, at ``learning_rate``, ``steps`` long."""
+        lora: dict | None = None, loraplus_lr_ratio: float | None = None, seed: int | None = None):
+    """The lab's SFT config (``summarize.sft_config``) from ``init``, at ``learning_rate``, ``steps`` long
+    (``seed``: its ``train.seed`` in place of the lab's)."""
     settings = dataclasses.replace(settings, sft_steps=steps, sft_learning_rate=learning_rate)
     raw = config_to_dict(lab.sft_config(run_dir, settings, tuple(tasks), tuple(rates), steps, tokenizer_dir))
     raw["init_from"] = str(init)
     if lora:
         raw["lora"] = lora
         raw["optim"]["loraplus_lr_ratio"] = loraplus_lr_ratio
+    if seed is not None:
+        raw["train"]["seed"] = seed
     config = config_from_dict(raw)
     start = time.perf_counter()
     trained_to_end(run_stage(config, progress=False), config)
@@ -131,6 +143,8 @@ def main() -> None:
                         help="the pre-training's and the instruction base's peak learning rate")
     parser.add_argument("--loraplus-ratio", type=float, default=None,
                         help="LoRA+: the LoRA rows' lora_B learning rate is their rate times this (row names gain _lp<R>)")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="the rows' train.seed (data order, adapter init) in place of the lab's; names gain _seed<N>")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: score the runs already in --out again (train_seconds kept from there)")
     parser.add_argument("--add-rows", action="store_true",
@@ -186,10 +200,12 @@ def main() -> None:
         lora = row_lora(kind)
         ratio = args.loraplus_ratio if lora else None
         name = row_name(kind, rate, steps) + ("" if ratio is None else f"_lp{ratio:g}")
+        name += "" if args.train_seed is None else f"_seed{args.train_seed}"
         seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), steps or settings.sft_steps, float(rate),
-                                 settings, tokenizer_dir, lora, ratio)
+                                 settings, tokenizer_dir, lora, ratio, args.train_seed)
         score(name, out / name, learning_rate=float(rate), lora=lora, train_seconds=seconds,
-              **({} if steps is None else {"steps": steps}), **({} if ratio is None else {"loraplus_lr_ratio": ratio}))
+              **({} if steps is None else {"steps": steps}), **({} if ratio is None else {"loraplus_lr_ratio": ratio}),
+              **({} if args.train_seed is None else {"train_seed": args.train_seed}))
 
 
 if __name__ == "__main__":

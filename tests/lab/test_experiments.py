@@ -63,7 +63,7 @@ def test_lora_from_a_base_tuned_on_every_topic_rescores_beats_its_base_and_stays
     results, settings = rescored(ALL_TOPICS_BASE)
     assert settings["topics"] == "all" and settings["test_seen"] == settings["test_limit"]
     full, base = results["full_ft"]["rougeL"], results["base_zero_shot"]["rougeL"]
-    small = {row: results[row]["rougeL"] for row in small_lora_rows(results)}
+    small = {row: results[row]["rougeL"] for row in small_lora_rows(results) if "train_seed" not in results[row]}
     # The README's reading: this base summarizes zero-shot at about 80% of full fine-tuning; at the lab's learning
     # rate or above every small LoRA row takes it higher, more with more adapter parameters, and none to 97%;
     # at a tenth of the lab's rate the adapters end below the base they started from.
@@ -78,9 +78,22 @@ def test_lora_from_a_base_tuned_on_every_topic_rescores_beats_its_base_and_stays
     long_lora, long_full = small["lora_r2_q_v_o_wi_0_wi_1_wo_lr6e-3_steps2000"], results["full_ft_steps2000"]["rougeL"]
     assert long_lora > small["lora_r2_q_v_o_wi_0_wi_1_wo_lr6e-3"] and long_full > full
     assert results["full_ft_steps2000"]["steps"] == 2000 and long_lora < PEFT_QUALITY * long_full
-    # LoRA+ (lora_B at a multiple of the rate): no setting tried reaches 97% either.
+    # LoRA+ (lora_B at a multiple of the rate) and DoRA (a trained magnitude per output channel): no setting tried
+    # reaches 97% either.
     plus = {row: score for row, score in small.items() if results[row].get("loraplus_lr_ratio")}
-    assert len(plus) == 3 and max(plus.values()) < PEFT_QUALITY * full
+    dora = {row: score for row, score in small.items() if results[row]["lora"].get("use_dora")}
+    assert len(plus) == 4 and len(dora) == 3 and max([*plus.values(), *dora.values()]) < PEFT_QUALITY * full
+    # The same rows at other train.seeds (data order, adapter init): one run's noise is about a point, as large as
+    # the differences between the levers above; over three seeds the best adapter's mean ROUGE-L is 96.15% of full
+    # fine-tuning's, one seed's pair at 98.0%. DoRA's lead over plain LoRA on the same kernels is within it.
+    seeds = ("", "_seed1", "_seed2")
+    adapter = [results[f"lora_r2_q_v_o_wi_0_wi_1_wo_lr6e-3{s}"]["rougeL"] for s in seeds]
+    full_ft = [results[f"full_ft{s}"]["rougeL"] for s in seeds]
+    assert max(adapter) - min(adapter) > 0.01 and max(full_ft) - min(full_ft) > 0.005
+    assert 0.96 < sum(adapter) / sum(full_ft) < PEFT_QUALITY
+    assert max(a / f for a, f in zip(adapter, full_ft)) > PEFT_QUALITY
+    dora_seeds = [results[f"dora_r2_q_v_wi_0_wi_1_wo_lr6e-3{s}"]["rougeL"] for s in seeds[:2]]
+    assert min(dora_seeds) < results["lora_r2_q_v_wi_0_wi_1_wo_lr6e-3"]["rougeL"] < max(dora_seeds)
 
 
 @pytest.mark.skipif(not (WIDE_BASE / "results.json").is_file(), reason="no saved wide-model experiment")
