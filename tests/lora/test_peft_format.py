@@ -343,13 +343,14 @@ def test_from_pretrained_refuses_missing_files(t5_adapter, tmp_path):
 # llmjax lora merge
 
 
-def test_cli_lora_merge_equals_peft_merge_and_unload(base_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_cli_lora_merge_equals_peft_merge_and_unload(options, base_dirs, tmp_path, capsys):
     base = tmp_path / "base"
     base.mkdir()
     for file in base_dirs["t5"].iterdir():
         (base / file.name).write_bytes(file.read_bytes())
     (base / "tokenizer_config.json").write_text('{"model_max_length": 512}')
-    peft_model = _peft_adapter("t5", base, tmp_path / "adapter")
+    peft_model = _peft_adapter("t5", base, tmp_path / "adapter", **options)
     want = _torch_logits(peft_model.merge_and_unload(), "t5")
 
     out = tmp_path / "merged"
