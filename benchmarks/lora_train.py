@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/lora_train.py --only t5 --steps 2
     .venv/bin/python benchmarks/lora_train.py --targets all  # LoRA on every dense projection
     .venv/bin/python benchmarks/lora_train.py --layers unrolled  # llmjax's layers unrolled (default: scanned)
+    .venv/bin/python benchmarks/lora_train.py --dora   # two more sides: DoRA (use_dora) in llmjax and in peft
 
 For T5 v1.1 small and the LLaMA-style decoder of T5-small size (the models and batches of
 ``train_throughput.py``), five sides run the same train step (forward, backward, clip 1.0, AdamW, fp32,
@@ -17,7 +18,9 @@ dropout off) from the same weights on the same batch:
   kernel gradient; ``merged`` (``form="merged"``, the RL stages' form): the loss runs on the merged kernels
   ``W + scale * A @ B``;
 * ``pytorch full`` and ``peft lora``: Hugging Face ``transformers`` with ``torch.optim.AdamW`` and
-  ``peft.get_peft_model`` with the same LoRA config, the reference.
+  ``peft.get_peft_model`` with the same LoRA config, the reference;
+* with ``--dora``, ``llmjax dora`` (factored) and ``peft dora``: the same adapters with ``use_dora``, DoRA's
+  magnitude per output channel and its norm computed every step.
 
 The steps are interleaved (one step of each side in turn), so load from other processes hits all alike.
 Printed per side: median step time (wall and CPU time of this process), and optimizer-state bytes per
@@ -92,7 +95,7 @@ def torch_side(work: Workload, model, params, lora_cfg: lora.LoraConfig | None):
 
         torch_model = peft.get_peft_model(torch_model, peft.LoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=0.0,
-            target_modules=list(lora_cfg.target_modules)))
+            target_modules=list(lora_cfg.target_modules), use_dora=lora_cfg.use_dora))
     run, optimizer = torch_train_step(torch_model, inputs)
 
     def optimizer_bytes() -> int:
@@ -115,7 +118,8 @@ def matmul_flops_ratio(work: Workload, adapter_params: int) -> float:
     return (flops.dense * 2 / 3 + flops.attention + 6 * adapter_params * longest) / flops.total
 
 
-def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, scan_layers: bool = True) -> list[str]:
+def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, scan_layers: bool = True,
+            dora: bool = False) -> list[str]:
     cfg = lora.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets][work.family])
     full_run, model, params, full_info = llmjax_side(work, None, scan_layers=scan_layers)
     built = {"llmjax full": (full_run, full_info)}  # side -> (one step, info), all from the same weights
@@ -124,6 +128,11 @@ def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, sc
         built[f"llmjax {form}"] = (run, info)
     built["pytorch full"] = torch_side(work, model, params, None)
     built["peft lora"] = torch_side(work, model, params, cfg)
+    if dora:
+        dora_cfg = dataclasses.replace(cfg, use_dora=True)
+        run, _, _, info = llmjax_side(work, dora_cfg, params=params, form="factored", scan_layers=scan_layers)
+        built["llmjax dora"] = (run, info)
+        built["peft dora"] = torch_side(work, model, params, dora_cfg)
     sides = {name: run for name, (run, _) in built.items()}
     infos = {name: info for name, (_, info) in built.items()}
     first = {}
@@ -161,7 +170,11 @@ def compare(work: Workload, rank: int, targets: str, warmup: int, steps: int, sc
     lines.append(f"  matmul FLOPs LoRA / full: {matmul_flops_ratio(work, infos['llmjax factored']['trainable']):.3f}x "
                  "(frozen kernels lose only their weight gradients: the floor of the step-time ratio but for the "
                  "optimizer update LoRA also drops)")
-    for first, second in (("llmjax factored", "llmjax merged"), ("llmjax factored", "peft lora")):
+    pairs = [("llmjax factored", "llmjax merged"), ("llmjax factored", "peft lora")]
+    if dora:
+        pairs += [("llmjax dora", "llmjax factored"), ("peft dora", "peft lora"), ("llmjax dora", "peft dora"),
+                  ("llmjax dora", "llmjax full")]
+    for first, second in pairs:
         lines.append(f"  {first} / {second} step time: wall {medians[first][0] / medians[second][0]:.2f}x, "
                      f"CPU {medians[first][1] / medians[second][1]:.2f}x")
     return lines
@@ -173,13 +186,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", choices=sorted(TARGETS), default="qv",
                         help="adapt the attention's q and v (the course's choice) or every dense projection")
+    parser.add_argument("--dora", action="store_true", help="also time DoRA (use_dora) in llmjax and in peft")
     parser.add_argument("--layers", choices=("scanned", "unrolled"), default="scanned",
                         help="llmjax's layers in one nn.scan (the models' default) or unrolled (scan_layers: False)")
     args = parser.parse_args()
     for line in machine_lines():
         print(line, flush=True)
     for work in workloads_of(args):
-        for line in compare(work, args.rank, args.targets, args.warmup, args.steps, args.layers == "scanned"):
+        for line in compare(work, args.rank, args.targets, args.warmup, args.steps, args.layers == "scanned",
+                            args.dora):
             print(line, flush=True)
     print("(wall: seconds of wall-clock time per step; cpu: CPU-seconds of this process per step, which other "
           "processes sharing the cores do not inflate)")
