@@ -27,18 +27,26 @@ PT_CFG = prompt_tuning.PromptTuningConfig(num_virtual_tokens=3)
 
 @pytest.fixture(scope="module")
 def adapters(t5_dir, tmp_path_factory):  # noqa: F811
-    """Two random adapters on the tiny T5 (B drawn, not zero) as PEFT dirs ``one/adapter``, ``two/adapter``,
-    and for each the model with it merged as a Hugging Face dir: ``[(adapter dir, merged dir), ...]``."""
+    """Two random adapters on the tiny T5 (B drawn, not zero) as PEFT dirs ``one/adapter`` (LoRA) and
+    ``two/adapter`` (DoRA, its magnitudes drawn too), and for each the model with it merged as a Hugging Face dir:
+    ``[(adapter dir, merged dir), ...]``."""
     model, params, _ = load_model_for_inference(t5_dir)
     root = tmp_path_factory.mktemp("adapters")
     pairs = []
-    for seed, name in enumerate(("one", "two")):
-        fresh = lora.init(model, params, CFG, jax.random.key(seed))
-        drawn = jax.tree_util.tree_map_with_path(
-            lambda path, x, s=seed: np.asarray(jax.random.normal(jax.random.key(100 + s), x.shape)) * 0.5
-            if path[-1].key == "lora_B" else np.asarray(x), fresh)
-        lora.save_pretrained(model, drawn, CFG, root / name / "adapter")
-        hf.save_pretrained(model, jax.tree_util.tree_map(np.asarray, lora.merge(params, drawn, CFG)), root / name / "merged")
+    for seed, (name, cfg) in enumerate((("one", CFG), ("two", dataclasses.replace(CFG, use_dora=True)))):
+        fresh = lora.init(model, params, cfg, jax.random.key(seed))
+
+        def draw(path, x, s=seed):
+            if path[-1].key == "lora_B":
+                return np.asarray(jax.random.normal(jax.random.key(100 + s), x.shape)) * 0.5
+            if path[-1].key == lora.MAGNITUDE:
+                return np.asarray(x) * np.asarray(jax.random.uniform(jax.random.key(200 + s), x.shape, minval=0.5,
+                                                                     maxval=1.5))
+            return np.asarray(x)
+
+        drawn = jax.tree_util.tree_map_with_path(draw, fresh)
+        lora.save_pretrained(model, drawn, cfg, root / name / "adapter")
+        hf.save_pretrained(model, jax.tree_util.tree_map(np.asarray, lora.merge(params, drawn, cfg)), root / name / "merged")
         Tokenizer.load(t5_dir).save_pretrained(root / name / "merged")
         pairs.append((root / name / "adapter", root / name / "merged"))
     return pairs
