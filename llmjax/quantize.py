@@ -140,11 +140,15 @@ def dequantize(qmodel, qparams: dict) -> tuple[object, dict]:
     return model, out
 
 
-def round_trip(model, params: dict) -> dict:
-    """``params`` as the int8 model holds them, back in float (host numpy): what LoRA adapters trained on the
-    int8 base (QLoRA) are merged into."""
+def rounded(model, params: dict) -> dict:
+    """``params`` (plain arrays) as the int8 model holds them, back in float; pure and jittable."""
     qmodel, qparams = quantize(model, params, "int8")
-    return jax.tree_util.tree_map(np.asarray, dequantize(qmodel, qparams)[1])
+    return dequantize(qmodel, qparams)[1]
+
+
+def round_trip(model, params: dict) -> dict:
+    """:func:`rounded` as host numpy: what LoRA adapters trained on the int8 base (QLoRA) are merged into."""
+    return jax.tree_util.tree_map(np.asarray, rounded(model, params))
 
 
 # -- bytes ---------------------------------------------------------------------------------------------

@@ -183,10 +183,15 @@ def _adapted_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
     return [p for key, sub in adapters.items() for p in _adapted_paths(sub, prefix + (key,))]
 
 
-def check_dora(adapters_at_site: Mapping, cfg: LoraConfig, path: Path) -> None:
+def adapter_leaves(cfg: LoraConfig) -> tuple[str, ...]:
+    """The leaves each adapted module holds: A and B, and DoRA's magnitude with ``cfg.use_dora``."""
+    return (LORA_A, LORA_B, MAGNITUDE) if cfg.use_dora else (LORA_A, LORA_B)
+
+
+def check_dora(has_magnitude: bool, cfg: LoraConfig, path: Path) -> None:
     """Refuse adapters whose DoRA magnitude disagrees with ``cfg.use_dora`` (one would be silently ignored)."""
-    if cfg.use_dora != (MAGNITUDE in adapters_at_site):
-        have = "have" if MAGNITUDE in adapters_at_site else "have no"
+    if cfg.use_dora != has_magnitude:
+        have = "have" if has_magnitude else "have no"
         raise LoraConfigError(
             f"adapters {have} {'/'.join(path)}/{MAGNITUDE} but the LoRA config has use_dora={cfg.use_dora}; "
             "use the config the adapters were made with (llmjax.lora.init with that config)")
@@ -198,7 +203,7 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
         kernel = _get(params, path + ("kernel",))
         value = unboxed(kernel)
         at_site = _get(adapters, path)
-        check_dora(at_site, cfg, path)
+        check_dora(MAGNITUDE in at_site, cfg, path)
         moved = value.astype(jnp.float32) + sign * delta(at_site, cfg.scale)
         if cfg.use_dora:
             moved = moved * dora_factor(value, at_site, cfg.scale)[..., None, :]
@@ -288,10 +293,8 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
         if cfg.lora_dropout > 0 and module.scope.has_rng("dropout"):
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
             dropped = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0)
-        check_dora({MAGNITUDE: None} if module.has_variable(COLLECTION, MAGNITUDE) else {}, cfg,
-                   tuple(module.scope.path))
-        names = (LORA_A, LORA_B, MAGNITUDE) if cfg.use_dora else (LORA_A, LORA_B)
-        at_site = {name: unboxed(module.get_variable(COLLECTION, name)) for name in names}
+        check_dora(module.has_variable(COLLECTION, MAGNITUDE), cfg, tuple(module.scope.path))
+        at_site = {name: unboxed(module.get_variable(COLLECTION, name)) for name in adapter_leaves(cfg)}
         branch = adapter_branch(dropped, at_site[LORA_A], at_site[LORA_B], cfg.scale)
         if not cfg.use_dora:
             return y + branch.astype(y.dtype)

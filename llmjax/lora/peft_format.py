@@ -38,8 +38,8 @@ from llmjax.hf.io import (
 )
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
-    ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, LoraConfig, LoraConfigError, Site, check_dora, merge, resolve_targets,
-    sites, unboxed,
+    ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora, merge,
+    resolve_targets, sites, unboxed,
 )
 from llmjax.models import model_family
 
@@ -102,9 +102,10 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
     for site in sites(model.config, cfg):
         fan_in, fan_out = _kernel_shape(model.config, site)
         node = _at(adapters, site.path, LORA_A)
-        check_dora(node, cfg, site.path)
-        shapes = ((LORA_A, (fan_in, cfg.r)), (LORA_B, (cfg.r, fan_out))) + ((MAGNITUDE, (fan_out,)),) * cfg.use_dora
-        for name, want in shapes:
+        check_dora(MAGNITUDE in node, cfg, site.path)
+        shapes = {LORA_A: (fan_in, cfg.r), LORA_B: (cfg.r, fan_out), MAGNITUDE: (fan_out,)}
+        for name in adapter_leaves(cfg):
+            want = shapes[name]
             if name not in node:
                 raise ValueError(f"adapters have no {'/'.join(site.path)}/{name}")
             value = np.asarray(jax.device_get(unboxed(node[name])), np.float32)
@@ -287,8 +288,7 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     raw, tensors = read_adapter_dir(path)
     config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
     cfg, own = _plan(raw, model, config_file)
-    matrices = (LORA_A, LORA_B, MAGNITUDE) if cfg.use_dora else (LORA_A, LORA_B)
-    expected = {_key(m, name) for m in own for name in matrices}
+    expected = {_key(m, name) for m in own for name in adapter_leaves(cfg)}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise AdapterError(

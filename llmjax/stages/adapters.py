@@ -104,8 +104,7 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
             return {**params, ADAPTERS_KEY: lora.init(model, params, cfg, adapter_key)}
         # DoRA's magnitudes start as the norms of the kernels the loss computes with, the int8 ones dequantized
         # (so step 0 is the int8 base); plain LoRA reads only the shapes
-        adapters = lora.init(model, _int8_rounded(model, int8_model, params) if cfg.use_dora else params, cfg,
-                             adapter_key)
+        adapters = lora.init(model, _int8_rounded(model, params) if cfg.use_dora else params, cfg, adapter_key)
         return {**quantize.quantize(model, params, "int8")[1], ADAPTERS_KEY: adapters}
 
     def float_base(tree):
@@ -162,11 +161,11 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     )
 
 
-def _int8_rounded(model, int8_model, params):
-    """``params`` (boxed or not) with each value as the int8 model holds it, dequantized; the boxes kept."""
+def _int8_rounded(model, params):
+    """``params`` (boxed or not) with each value as the int8 model holds it, dequantized (``quantize.rounded``);
+    the boxes kept."""
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-    plain = nn.meta.unbox(params)
-    rounded = quantize.dequantize(int8_model, quantize.quantize(model, plain, "int8")[1])[1]
+    rounded = quantize.rounded(model, nn.meta.unbox(params))
     return jax.tree_util.tree_map(lambda box, value: box.replace_boxed(value) if is_box(box) else value, params,
                                   rounded, is_leaf=is_box)
 
