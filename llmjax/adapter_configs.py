@@ -95,6 +95,10 @@ class LoraConfig:
       trains a magnitude per output channel, ``m``, born as the base kernel's column norms, and computes
       ``(W + scale * A @ B) * m / ||W + scale * A @ B||`` (the norm over the input axis, per output channel,
       held constant in the backward pass as the paper and PEFT do). ``out`` more trained numbers per kernel.
+    modules_to_save: Hugging Face module names whose weights train in full beside the adapters (PEFT's
+      ``modules_to_save``, matched as PEFT matches it: every module whose name ends with the entry, e.g.
+      ``layer_norm`` for every T5 norm, ``lm_head`` for an untied head); the adapters hold a trained copy of each
+      such weight, which replaces the base's. :func:`llmjax.lora.saved_leaves` resolves them on a model.
     """
 
     r: int
@@ -103,6 +107,7 @@ class LoraConfig:
     target_modules: Literal["all-linear"] | tuple[str, ...] = ()
     use_rslora: bool = False
     use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -117,6 +122,11 @@ class LoraConfig:
         if not isinstance(self.use_dora, bool):
             raise LoraConfigError(f"use_dora={self.use_dora!r} must be true or false (true: DoRA, a trained "
                                   "magnitude per output channel beside A and B)")
+        saved = () if self.modules_to_save is None else self.modules_to_save
+        if isinstance(saved, str) or not all(isinstance(m, str) and m for m in saved):
+            raise LoraConfigError(f"lora modules_to_save={self.modules_to_save!r} must be a list of module names, e.g. "
+                                  "['layer_norm'] (every T5 norm) or ['lm_head'] (an untied output layer)")
+        object.__setattr__(self, "modules_to_save", tuple(dict.fromkeys(saved)))
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
         targets = tuple(dict.fromkeys(targets))  # a list from YAML/JSON -> tuple, repeats dropped
         if ALL_LINEAR in targets and len(targets) > 1:

@@ -143,6 +143,9 @@ def main() -> None:
                         help="the pre-training's and the instruction base's peak learning rate")
     parser.add_argument("--loraplus-ratio", type=float, default=None,
                         help="LoRA+: the LoRA rows' lora_B learning rate is their rate times this (row names gain _lp<R>)")
+    parser.add_argument("--modules-to-save", default=None,
+                        help="LoRA rows also train these modules in full (lora.modules_to_save; '+'-separated, e.g. "
+                             "layer_norm); names gain _save_<modules>")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="the rows' train.seed (data order, adapter init) in place of the lab's; names gain _seed<N>")
     parser.add_argument("--rescore", action="store_true",
@@ -198,8 +201,11 @@ def main() -> None:
         rate, _, steps = rate.partition("/")
         steps = int(steps) if steps and int(steps) != settings.sft_steps else None
         lora = row_lora(kind)
+        if lora and args.modules_to_save:
+            lora["modules_to_save"] = args.modules_to_save.split("+")
         ratio = args.loraplus_ratio if lora else None
         name = row_name(kind, rate, steps) + ("" if ratio is None else f"_lp{ratio:g}")
+        name += f"_save_{'_'.join(lora['modules_to_save'])}" if lora and args.modules_to_save else ""
         name += "" if args.train_seed is None else f"_seed{args.train_seed}"
         seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), steps or settings.sft_steps, float(rate),
                                  settings, tokenizer_dir, lora, ratio, args.train_seed)

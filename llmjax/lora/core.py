@@ -6,7 +6,9 @@ scanned stack) is shadowed by ``lora_A [in, r]`` and ``lora_B [r, out]`` (``[L, 
 both fp32. The adapted kernel is ``kernel + scale * A @ B`` with ``scale = lora_alpha / r`` (``lora_alpha /
 sqrt(r)`` with ``use_rslora``). With ``use_dora`` (DoRA) the module also holds ``lora_magnitude_vector [out]``
 (``[L, out]``), ``m``, and the adapted kernel is ``(kernel + scale * A @ B) * m / ||kernel + scale * A @ B||``,
-the norm taken over the input axis for each output channel (PEFT's DoRA; :func:`dora_factor`).
+the norm taken over the input axis for each output channel (PEFT's DoRA; :func:`dora_factor`). With
+``modules_to_save`` the adapters also hold a trained fp32 copy of each weight of those modules, at the weight's own
+path (``.../self_attention_norm/scale``, ``lm_head/kernel``), which replaces the base's (:func:`saved_leaves`).
 
 Targets are named as in Hugging Face PEFT, by the last component of the Hugging Face module name
 (``q``, ``v``, ``wi_0`` for T5; ``q_proj``, ``gate_proj`` for LLaMA), and PEFT matches a name
@@ -88,6 +90,98 @@ def sites(config, cfg: LoraConfig) -> list[Site]:
             for path, group in grouped.items()]
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedLeaf:
+    """One weight a ``modules_to_save`` entry trains in full: its path in the model's layout (a stack's when
+    scanned), the HF tensor of each layer it holds (one, or L in layer order), each layer's unscanned path, and
+    whether HF stores it transposed."""
+
+    path: Path
+    hf_names: tuple[str, ...]
+    unscanned: tuple[Path, ...]
+    transpose: bool
+
+    @property
+    def stacked(self) -> bool:
+        return "layers" in self.path
+
+
+def _aliases(weights) -> dict[str, str]:
+    """HF modules that read another module's weight under a second name -> that module (a tied head; T5's
+    ``encoder.embed_tokens`` and ``decoder.embed_tokens``, which are ``shared``)."""
+    aliases = {alias.rsplit(".", 1)[0]: source.rsplit(".", 1)[0] for alias, source in weights.tied.items()}
+    if weights.family == "T5":
+        aliases.update({"encoder.embed_tokens": "shared", "decoder.embed_tokens": "shared"})
+    return aliases
+
+
+def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
+    """The weights ``cfg.modules_to_save`` trains in full on the model of ``config``.
+
+    PEFT's rule picks the modules: every module (a layer, a block, a projection, a norm) whose Hugging Face name
+    ends with an entry, as a plain string (so ``layer_norm`` also takes T5's ``final_layer_norm``). Raises
+    :class:`LoraConfigError`, naming the fix, for an entry that matches no module with weights, for a match inside
+    another match, for a module LoRA also adapts, for a weight read under two names (T5's shared embedding, a tied
+    head: PEFT would train separate copies of one weight) and, with scanned layers, for a module saved in some
+    layers of a stack only (a stack trains as one array).
+    """
+    if not cfg.modules_to_save:
+        return []
+    weights = hf.weight_map(config)
+    rows_of: dict[str, list] = {}  # every HF module with weights under it -> those weights
+    for row in weights.rows:
+        parts = row.hf_name.split(".")[:-1]
+        for end in range(1, len(parts) + 1):
+            rows_of.setdefault(".".join(parts[:end]), []).append(row)
+    aliases = _aliases(weights)
+    names = [*rows_of, *aliases]
+    unmatched = [entry for entry in cfg.modules_to_save if not any(m.endswith(entry) for m in names)]
+    if unmatched:
+        examples = sorted({m.rsplit(".", 1)[-1] for m in rows_of if not _LAYER_KEY.fullmatch(m.rsplit(".", 1)[-1])
+                           and not m.rsplit(".", 1)[-1].isdigit()})
+        raise LoraConfigError(f"lora modules_to_save {unmatched} match no module with weights of this {weights.family} "
+                              f"model (PEFT's rule: a module whose name ends with the entry); its module names end "
+                              f"in {examples}")
+    chosen = [m for m in names if any(m.endswith(entry) for entry in cfg.modules_to_save)]
+    shared = set(aliases.values()) | set(aliases)
+    tied = [m for m in chosen if m in shared or any(m.startswith(s + ".") for s in shared)
+            or any(s.startswith(m + ".") for s in shared)]
+    if tied:
+        raise LoraConfigError(
+            f"lora modules_to_save matches {tied}, whose weights the model reads under more than one name (a shared "
+            "or tied embedding); PEFT would train a separate copy for each name, which one weight cannot hold. Save "
+            "other modules, or untie the embedding first")
+    nested = [(outer, inner) for outer in chosen for inner in chosen if inner.startswith(outer + ".")]
+    if nested:
+        raise LoraConfigError(f"lora modules_to_save matches {nested[0][0]!r} and {nested[0][1]!r} inside it; name "
+                              "the modules so that no match holds another (PEFT would wrap both)")
+    rows = list({row.hf_name: row for m in chosen for row in rows_of[m]}.values())
+    adapted = {path for site in sites(config, cfg) for path in site.unscanned}
+    overlap = sorted(row.hf_name for row in rows if row.path[:-1] in adapted)
+    if overlap:
+        raise LoraConfigError(f"lora modules_to_save and target_modules both take {overlap[:3]}; a module trains "
+                              "either in full or through LoRA, so drop it from one of the two lists")
+    grouped: dict[Path, list] = {}
+    for row in rows:
+        key = tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in row.path) if config.scan_layers else row.path
+        layer = next((int(_LAYER_KEY.fullmatch(k).group(1)) for k in row.path if _LAYER_KEY.fullmatch(k)), 0)
+        grouped.setdefault(key, []).append((layer, row))
+    leaves = []
+    for path, group in grouped.items():
+        if "layers" in path:
+            count = sum(1 for row in weights.rows
+                        if tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in row.path) == path)
+            if len(group) != count:
+                raise LoraConfigError(
+                    f"lora modules_to_save saves {'/'.join(path)} in {len(group)} of its {count} layers; with "
+                    "scan_layers a stack trains as one array, so save the module in every layer (name it by its "
+                    "last part, e.g. 'layer_norm') or load the model with scan_layers=false")
+        group.sort(key=lambda item: item[0])
+        leaves.append(SavedLeaf(path, tuple(row.hf_name for _, row in group), tuple(row.path for _, row in group),
+                                group[0][1].transpose))
+    return leaves
+
+
 def _get(tree: Mapping, path: Path):
     for key in path:
         tree = tree[key]
@@ -128,7 +222,8 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
     ``±1/sqrt(in)``, one key per HF module (so a scanned and an unscanned model get the same adapters).
     With ``cfg.use_dora`` each module also gets its magnitude, the kernel's column norms (so step 0 still
     equals the base): then the kernels' values are read, and ``ShapeDtypeStruct`` kernels give a
-    ``ShapeDtypeStruct`` magnitude. Pure: works under ``jit`` and ``eval_shape``.
+    ``ShapeDtypeStruct`` magnitude. With ``cfg.modules_to_save`` each of their weights is copied in fp32 at its
+    own path (:func:`saved_leaves`), boxed as the base's. Pure: works under ``jit`` and ``eval_shape``.
     """
     adapters: dict = {}
     targets = sites(model.config, cfg)
@@ -154,6 +249,12 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
             node[MAGNITUDE] = kernel.replace(value=m, names=kernel.names[:-2] + kernel.names[-1:]) if _is_box(
                 kernel) else m
         _set(adapters, site.path, node)
+    for leaf in saved_leaves(model.config, cfg):
+        weight = _get(params, leaf.path)
+        value = unboxed(weight)
+        copy = (jax.ShapeDtypeStruct(value.shape, jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
+                else jnp.asarray(value, jnp.float32))
+        _set(adapters, leaf.path, weight.replace_boxed(copy) if _is_box(weight) else copy)
     return adapters
 
 
@@ -180,7 +281,45 @@ def _adapted_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
     """Paths of the module dicts holding ``lora_A``/``lora_B`` in an adapters tree."""
     if LORA_A in adapters or LORA_B in adapters:
         return [prefix]
-    return [p for key, sub in adapters.items() for p in _adapted_paths(sub, prefix + (key,))]
+    return [p for key, sub in adapters.items() if isinstance(sub, Mapping)
+            for p in _adapted_paths(sub, prefix + (key,))]
+
+
+def _saved_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
+    """Paths of the trained full copies (``modules_to_save``) in an adapters tree: its leaves outside LoRA's."""
+    if LORA_A in adapters or LORA_B in adapters:
+        return []
+    return [p for key, sub in adapters.items()
+            for p in (_saved_paths(sub, prefix + (key,)) if isinstance(sub, Mapping) else [prefix + (key,)])]
+
+
+def lora_part(adapters: Mapping) -> dict:
+    """``adapters`` without the ``modules_to_save`` copies: the A, B (and DoRA) leaves alone."""
+    if not _saved_paths(adapters):
+        return adapters
+    out: dict = {}
+    for path in _adapted_paths(adapters):
+        _set(out, path, _get(adapters, path))
+    return out
+
+
+def with_saved(params, adapters: Mapping):
+    """``params`` with each ``modules_to_save`` copy in ``adapters`` in place of the base's weight (cast to its
+    dtype, its box kept); the other leaves shared. Pure and jittable."""
+    out = params
+    for path in _saved_paths(adapters):
+        try:
+            weight = _get(params, path)
+        except (KeyError, TypeError):
+            raise LoraConfigError(f"adapters hold a trained copy of {'/'.join(path)}, which these params lack; were "
+                                  "they made for this model?") from None
+        value = unboxed(weight)
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise LoraConfigError(f"adapters hold a trained copy of {'/'.join(path)}, but these params store it as "
+                                  f"{value.dtype} (an int8 model); load the base in float to use these adapters")
+        copy = unboxed(_get(adapters, path)).astype(value.dtype)
+        out = _replace(out, path, weight.replace_boxed(copy) if _is_box(weight) else copy)
+    return out
 
 
 def adapter_leaves(cfg: LoraConfig) -> tuple[str, ...]:
@@ -214,26 +353,32 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
 
 def merge(params, adapters, cfg: LoraConfig):
     """Params with each adapted kernel replaced by ``kernel + scale * A @ B`` (in the kernel's dtype), for DoRA
-    ``(kernel + scale * A @ B) * dora_factor`` per output channel.
+    ``(kernel + scale * A @ B) * dora_factor`` per output channel, and each ``modules_to_save`` weight by the
+    adapters' trained copy.
 
     Pure and jittable; untouched leaves are shared, not copied. Works on either layout (the adapters
     must come from the same one).
     """
-    return _shift(params, adapters, cfg, 1.0)
+    return with_saved(_shift(params, adapters, cfg, 1.0), adapters)
 
 
 def unmerge(merged, adapters, cfg: LoraConfig):
     """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding).
 
-    Refused for DoRA: its merge rescales each output channel by ``m / ||kernel + scale * A @ B||``, a norm of
-    the kernel before merging, and the merged kernel alone does not determine it (every multiple of the merged
-    kernel, less the update, merges back to the same kernel). PEFT keeps the norm in a cache for this; llmjax's
-    functions keep nothing, so keep the base params and merge each adapter into them (as ``llmjax evaluate`` and
-    ``generate`` do with several adapters).
+    Refused for ``modules_to_save`` (the merge overwrote those weights) and for DoRA: its merge rescales each
+    output channel by ``m / ||kernel + scale * A @ B||``, a norm of the kernel before merging, and the merged kernel
+    alone does not determine it (every multiple of the merged kernel, less the update, merges back to the same
+    kernel). PEFT keeps the norm in a cache, and the saved modules' originals beside their copies; llmjax's functions
+    keep nothing, so keep the base params and merge each adapter into them (as ``llmjax evaluate`` and ``generate``
+    do with several adapters).
     """
     if cfg.use_dora:
         raise LoraConfigError("lora.unmerge cannot undo a DoRA merge: the merged kernel does not determine the norm "
                               "it was scaled by; keep the base params and merge the adapters into them instead")
+    if cfg.modules_to_save or _saved_paths(adapters):
+        raise LoraConfigError("lora.unmerge cannot undo modules_to_save: the merge replaced those weights and the "
+                              "base's are not in the merged params; keep the base params and merge the adapters "
+                              "into them instead")
     return _shift(merged, adapters, cfg, -1.0)
 
 
@@ -281,6 +426,7 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
     The adapter branch runs in fp32 and is cast to the layer's output dtype. With DoRA the layer gives
     ``y + (f - 1) * drop(x) @ W + f * scale * (drop(x) @ A) @ B`` for ``f = dora_factor`` and ``y = x @ W``
     (PEFT's form: without dropout, ``f * (y + scale * (x @ A) @ B)``); an int8 kernel is dequantized for its norm.
+    The ``modules_to_save`` copies replace the base's weights in the params the model reads (:func:`with_saved`).
     """
     def interceptor(next_fun, call_args, call_kwargs, context):
         y = next_fun(*call_args, **call_kwargs)
@@ -305,6 +451,6 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
         base = y.astype(jnp.float32) if dropped is x else dropped @ kernel
         return y + ((factor - 1.0) * base + factor * branch).astype(y.dtype)
 
-    variables = {"params": params, COLLECTION: adapters}
+    variables = {"params": with_saved(params, adapters), COLLECTION: lora_part(adapters)}
     with nn.intercept_methods(interceptor):
         return model.apply(variables, *args, rngs=rngs, **kwargs)

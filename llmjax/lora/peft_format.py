@@ -18,7 +18,9 @@ read and written; so is ``bias`` (``all``, ``lora_only``), which trains nothing 
 DoRA (``use_dora``) is read and written: each module's ``lora_magnitude_vector [out]`` beside A and B; a DoRA
 adapter must adapt every layer of the modules it names (an unadapted layer's magnitude would be its base
 kernel's norms, which an adapter file without the base cannot give). Every other option that changes *what* is
-computed (a bias on ``lora_B``, extra trained modules, ...) is refused with the option named.
+computed (a bias on ``lora_B``, replicated layers, ...) is refused with the option named. ``modules_to_save`` (whole
+modules trained beside the adapters) is read and written: each of their weights under its own Hugging Face name,
+``base_model.model.<module>.weight``, as ``peft`` saves them (:func:`llmjax.lora.saved_leaves` says which).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from llmjax.hf.io import (
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
     ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora, merge,
-    resolve_targets, sites, unboxed,
+    resolve_targets, saved_leaves, sites, unboxed,
 )
 from llmjax.models import model_family
 
@@ -55,7 +57,6 @@ _PLAIN_LORA = {
     "bias": (("none", "all", "lora_only"), "trained biases"),
     "fan_in_fan_out": ((False, None), "Conv1D-style transposed weights"),
     "lora_bias": ((False, None), "a bias on lora_B"),
-    "modules_to_save": ((None, []), "fully trained extra modules"),
     "layer_replication": ((None, []), "replicated layers"),
     "target_parameters": ((None, []), "adapted nn.Parameters"),
     "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
@@ -95,7 +96,8 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
     """Write ``adapters`` (llmjax layout, any array kind, boxed or not) as a PEFT LoRA directory.
 
     ``base_model_name_or_path``: recorded in ``adapter_config.json`` (PEFT loads without it).
-    Tensors are fp32, ``[r, in]`` (A) and ``[out, r]`` (B) per HF module, and DoRA's ``[out]`` magnitude.
+    Tensors are fp32, ``[r, in]`` (A) and ``[out, r]`` (B) per HF module, DoRA's ``[out]`` magnitude, and each
+    ``modules_to_save`` weight in Hugging Face's layout.
     """
     tensors = {}
     cfg = resolve_targets(cfg, model.config)  # PEFT gets the modules all-linear stands for, as it saves its own
@@ -115,6 +117,11 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
                     raise ValueError(f"adapter {'/'.join(site.path)}/{name} has per-layer shape {layer.shape}, "
                                      f"expected {want} for r={cfg.r}")
                 tensors[_key(module, name)] = np.ascontiguousarray(layer.T)  # a vector's .T is itself
+    for leaf in saved_leaves(model.config, cfg):
+        value = np.asarray(jax.device_get(unboxed(_at(adapters, leaf.path, "(a modules_to_save copy)"))), np.float32)
+        layers = list(value) if leaf.stacked else [value]
+        for name, layer in zip(leaf.hf_names, layers, strict=True):
+            tensors[_PREFIX + name] = np.ascontiguousarray(layer.T if leaf.transpose else layer)
     config = {
         "peft_type": PEFT_TYPE,
         "task_type": PEFT_TASK_TYPES[model_family(model.config).seq2seq],
@@ -130,7 +137,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(cfg.modules_to_save) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -271,7 +278,8 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
             listed = names
         cfg = LoraConfig(r=max(ranks.values()), lora_alpha=raw["lora_alpha"],
                          lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora,
-                         use_dora=use_dora)
+                         use_dora=use_dora, modules_to_save=raw.get("modules_to_save") or ())
+        saved_leaves(model.config, cfg)  # the saved modules are this model's and can be held (else the reason)
     except LoraConfigError as e:
         raise AdapterError(f"{file}: {e}") from None
     return cfg, {m: (own[m].r, own[m].scale / cfg.scale) for m in chosen}
@@ -282,13 +290,15 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     the model's layout (stacked ``[L, ...]`` with ``scan_layers``), in llmjax's uniform form (module docstring).
 
     Every module PEFT adapts must be in the file with the shapes the model and its own rank give (A ``[r, in]``,
-    B ``[out, r]``, DoRA's magnitude ``[out]``) and nothing else may be; otherwise :class:`AdapterError` names
-    the keys.
+    B ``[out, r]``, DoRA's magnitude ``[out]``), as must every weight of ``modules_to_save``, and nothing else may
+    be; otherwise :class:`AdapterError` names the keys.
     """
     raw, tensors = read_adapter_dir(path)
     config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
     cfg, own = _plan(raw, model, config_file)
+    saved = saved_leaves(model.config, cfg)
     expected = {_key(m, name) for m in own for name in adapter_leaves(cfg)}
+    expected |= {_PREFIX + name for leaf in saved for name in leaf.hf_names}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise AdapterError(
@@ -326,6 +336,21 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
         for name, layers in ((LORA_A, a_layers), (LORA_B, b_layers), (MAGNITUDE, m_layers)):
             if layers:
                 node[name] = np.stack(layers) if site.stacked else layers[0]
+    shapes = hf.weight_map(model.config).shapes
+    for leaf in saved:
+        layers = []
+        for name, path in zip(leaf.hf_names, leaf.unscanned, strict=True):
+            stored = np.asarray(tensors[_PREFIX + name], np.float32)
+            value = stored.T if leaf.transpose else stored
+            if value.shape != shapes[path]:
+                raise AdapterError(f"{file}: tensor {_PREFIX + name!r} has shape {stored.shape}, which does not fit "
+                                   f"this model's {name} ({shapes[path]} in llmjax's layout); the adapter and the "
+                                   "base model do not match")
+            layers.append(value)
+        node = adapters
+        for key in leaf.path[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf.path[-1]] = np.stack(layers) if leaf.stacked else layers[0]
     return adapters, cfg
 
 

@@ -42,4 +42,7 @@ def run_stage(config: RunConfig, *, progress: bool = True) -> dict:
     from llmjax.train.loop import train
 
     config, loaded = resolve_init(config)
+    from llmjax.stages.adapters import check_run_adapters
+
+    check_run_adapters(config)  # a lora: section the model cannot hold fails before the stage writes anything
     return train(stage.build_stage(config, loaded), config, progress=progress)

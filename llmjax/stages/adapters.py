@@ -4,7 +4,8 @@
 and returns the Stage the loop runs instead:
 
 * tree:      the model's params with one more top-level part, ``{**model params, "lora": adapters}``
-             (``ADAPTERS_KEY``); the adapters come from ``llmjax.lora.init`` on the boxed base inside
+             (``ADAPTERS_KEY``; with ``modules_to_save`` it also holds their trained copies, the base's weights
+             below staying frozen); the adapters come from ``llmjax.lora.init`` on the boxed base inside
              ``init_tree``, so they are born sharded and a resume restores them through the loop's
              abstract target like any other leaf
 * trainable: the adapter leaves only: the optimizer state and the checkpoints hold adapters alone
@@ -36,7 +37,8 @@ The model's own code never sees the adapters; reward and PPO stages reuse this a
 With a ``quantize:`` section beside ``lora:`` (QLoRA-style, ``llmjax.adapter_configs.QuantizeConfig``) the tree
 holds the base quantized (``llmjax.quantize``: int8 kernels and embeddings, fp32 per-channel scales), so the
 frozen base sits in memory at about a quarter of its fp32 bytes; the adapters are drawn exactly as without it
-(DoRA's magnitudes are the norms of the int8 kernels dequantized, so step 0 is the int8 model).
+(DoRA's magnitudes are the norms of the int8 kernels dequantized, so step 0 is the int8 model); ``modules_to_save``
+may then name only modules whose weights stay float (norms), since the int8 ones are frozen.
 The loss runs the int8 model (weight-only: each kernel dequantized on the fly inside its matmul) with each
 adapted ``Dense`` computed factored (``llmjax.lora.apply_factored``: a merge cannot add a float update to int8
 weights), so the stage must give ``loss_for``. The eval hook and the export see the base dequantized with the
@@ -96,6 +98,7 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     model = stage.model
     base_tree = stage.init_tree or model_init_tree(model)
     int8_model = None if quantize_cfg is None else quantize.quantized_model(model, "int8")
+    check_lora_fits(model.config, cfg, quantize_cfg)
 
     def init_tree(key, base):
         base_key, adapter_key = jax.random.split(key)
@@ -161,6 +164,22 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     )
 
 
+def check_run_adapters(config: RunConfig) -> None:
+    """Refuse, before a run writes anything, a ``lora:`` section its model cannot hold (``run_stage`` calls this once
+    the model config is known; the config itself checks what needs no model tables)."""
+    if config.lora is not None:
+        check_lora_fits(config.model, config.lora, config.quantize)
+
+
+def check_lora_fits(model_config, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig | None) -> None:
+    """``cfg.modules_to_save`` names weights this model has and can train (:func:`llmjax.lora.saved_leaves`), and
+    none that ``quantize:`` keeps int8."""
+    int8_saved = [leaf.path for leaf in lora.saved_leaves(model_config, cfg) if leaf.path[-1] in quantize.SCALES]
+    if quantize_cfg is not None and int8_saved:
+        raise ConfigError(f"lora.modules_to_save trains {'/'.join(int8_saved[0])} in full, which quantize: keeps int8 "
+                          "and frozen; save only modules with float weights (norms), or drop the quantize section")
+
+
 def _int8_rounded(model, params):
     """``params`` (boxed or not) with each value as the int8 model holds it, dequantized (``quantize.rounded``);
     the boxes kept."""
@@ -207,13 +226,17 @@ def lora_meta(cfg: lora.LoraConfig) -> dict:
 
 def lora_identity(cfg: lora.LoraConfig, model_config) -> dict:
     """What a resumed LoRA run must share with its checkpoint (``Stage.adapters``): the rank, the scale and the
-    modules adapted, ``all-linear`` resolved and in any order, and DoRA. ``lora_dropout`` may change, as a learning
-    rate may."""
+    modules adapted, ``all-linear`` resolved and in any order, DoRA, and the modules saved whole. ``lora_dropout``
+    may change, as a learning rate may."""
     cfg = lora.resolve_targets(cfg, model_config)
     identity = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
                 "target_modules": sorted(cfg.target_modules)}
-    # DoRA adds a trained leaf per kernel; plain LoRA's identity stays as runs before DoRA recorded it
-    return {**identity, "use_dora": True} if cfg.use_dora else identity
+    # DoRA and modules_to_save add trained leaves; plain LoRA's identity stays as runs before them recorded it
+    if cfg.use_dora:
+        identity["use_dora"] = True
+    if cfg.modules_to_save:
+        identity["modules_to_save"] = sorted(cfg.modules_to_save)
+    return identity
 
 
 class _FactoredModel:

@@ -110,7 +110,7 @@ def test_all_linear_adapts_every_projection_inside_the_layers():
     assert not any("lm_head" in m or "embed" in m for m in modules)  # as PEFT: the output layer stays frozen
 
 
-def test_config_section_takes_all_linear_and_rslora():
+def test_config_section_takes_all_linear_rslora_and_modules_to_save():
     from llmjax.config import ConfigError, config_from_dict, config_to_dict, load_config
     from tests.conftest import REPO
 
@@ -122,6 +122,11 @@ def test_config_section_takes_all_linear_and_rslora():
         load_config(shipped, ["lora.target_modules=alllinear"])
     with pytest.raises(ConfigError, match="lora.use_rslora: expected bool"):
         load_config(shipped, ["lora.use_rslora=maybe"])
+    saved = load_config(shipped, ["lora.modules_to_save=[layer_norm, lm_head]"])
+    assert saved.lora.modules_to_save == ("layer_norm", "lm_head")
+    assert config_from_dict(config_to_dict(saved)).lora == saved.lora
+    with pytest.raises(ConfigError, match="lora.modules_to_save: expected a list, got 'layer_norm'"):
+        load_config(shipped, ["lora.modules_to_save=layer_norm"])
 
 
 @pytest.mark.parametrize("kwargs, match", [

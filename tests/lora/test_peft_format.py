@@ -76,7 +76,8 @@ def _torch_base(family: str, base_dir: Path):
 def _peft_adapter(family: str, base_dir: Path, out: Path, **options):
     """A peft LoRA adapter with random A (peft's init) and random B, saved to ``out``; -> the peft model.
     ``options``: peft.LoraConfig's, over r=3, lora_alpha=5 and every projection. With ``use_dora`` each
-    magnitude is also moved off the base's norms (by a factor in [0.5, 1.5] per channel)."""
+    magnitude, and with ``modules_to_save`` each trained copy, is also moved off the base (by a factor in [0.5, 1.5]
+    per element)."""
     _, _, targets, task = FAMILIES[family]
     config = peft.LoraConfig(**{"r": 3, "lora_alpha": 5, "target_modules": targets, **options}, task_type=task)
     model = peft.get_peft_model(_torch_base(family, base_dir), config)
@@ -85,7 +86,7 @@ def _peft_adapter(family: str, base_dir: Path, out: Path, **options):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-            elif "lora_magnitude_vector" in name:
+            elif "lora_magnitude_vector" in name or ".modules_to_save." in name:
                 param.mul_(0.5 + torch.rand(param.shape, generator=generator))
     model.save_pretrained(str(out))
     return model.eval()
@@ -175,6 +176,32 @@ def test_dora_parity_both_ways(family, scan, base_dirs, tmp_path):
     written = _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family],
                                              tmp_path / "from_llmjax")
     assert written["use_dora"] is True
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("family, saved", [("t5", ["layer_norm"]), ("llama", ["norm", "lm_head"])])
+def test_modules_to_save_parity_both_ways(family, saved, scan, base_dirs, tmp_path):
+    """``modules_to_save`` both ways against peft: its trained copies (every T5 norm; LLaMA's norms and untied
+    head) are read and written under their Hugging Face names, beside the adapters."""
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+    # (a) peft writes, llmjax reads: peft's logits, which differ from the same adapters on the base's weights
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", modules_to_save=saved)
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert cfg.modules_to_save == tuple(saved)
+    want = _torch_logits(peft_model, family)
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
+    plain = _llmjax_logits(model, params, lora.lora_part(adapters), dataclasses.replace(cfg, modules_to_save=()),
+                           family)
+    assert np.abs(plain - want).max() > 1e-2  # the saved copies matter
+
+    # (b) llmjax writes, peft reads; and back bit-exactly
+    from tests.lora.test_modules_to_save import _moved
+
+    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=FAMILIES[family][2][::2], modules_to_save=saved)
+    adapters = _moved(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
+    written = _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family],
+                                             tmp_path / "from_llmjax")
+    assert written["modules_to_save"] == saved
 
 
 def _strip_magnitudes(adapters):
@@ -276,7 +303,9 @@ Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
     ({"use_dora": True, "layers_to_transform": [0]}, "a DoRA adapter that leaves some layers of its modules alone"),
     ({"use_rslora": "yes"}, "use_rslora='yes' must be true or false"),
     ({"bias": "some"}, "bias=\"some\" .trained biases"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"modules_to_save": ["lm_head"]}, r"missing tensors \['base_model.model.lm_head.weight'\]"),
+    ({"modules_to_save": ["shared"]}, r"modules_to_save matches \['shared'\].*more than one name"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' must be a list of module names"),
     ({"layer_replication": [[0, 2]]}, "layer_replication"),
     ({"target_modules": {"q": 1}}, "list of module names"),
     ({"target_modules": "(q"}, r"target_modules='\(q' is not a valid regular expression"),
@@ -343,7 +372,8 @@ def test_from_pretrained_refuses_missing_files(t5_adapter, tmp_path):
 # llmjax lora merge
 
 
-@pytest.mark.parametrize("options", [{}, {"use_dora": True}], ids=["lora", "dora"])
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}, {"modules_to_save": ["layer_norm", "lm_head"]}],
+                         ids=["lora", "dora", "modules_to_save"])
 def test_cli_lora_merge_equals_peft_merge_and_unload(options, base_dirs, tmp_path, capsys):
     base = tmp_path / "base"
     base.mkdir()

@@ -147,6 +147,12 @@ def test_lora_config_errors(base_dir, tmp_path):
         stage_module("sft").build_stage(_sft(base_dir, tmp_path / "run", "lora.r=4", "lora.lora_alpha=8",
                                              "lora.target_modules=[q_proj]"))
     assert not (tmp_path / "run").exists()  # refused before the run wrote anything
+    with pytest.raises(lora.LoraConfigError, match=r"modules_to_save \['nothing'\] match no module"):
+        run_stage(_sft(base_dir, tmp_path / "run", *LORA, "lora.modules_to_save=[nothing]"), progress=False)
+    with pytest.raises(ConfigError, match="modules_to_save trains lm_head/kernel in full, which quantize: keeps int8"):
+        run_stage(_sft(base_dir, tmp_path / "run", *LORA, "lora.modules_to_save=[lm_head]", "quantize.weights=int8"),
+                  progress=False)
+    assert not (tmp_path / "run").exists()
     assert load_config(SFT_CONFIG).lora is None  # no section: no LoRA
     shipped = load_config(SFT_CONFIG.parent / "sft_t5_tiny_lora.yaml")
     assert shipped.lora == lora.LoraConfig(r=8, lora_alpha=32, target_modules=("q", "v")) and shipped.stage == "sft"
@@ -276,6 +282,8 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
                    r"lora.use_rslora \(checkpoint: False, this run: True\)"),
         "dora": ([*rank, "lora.target_modules=all-linear", "lora.use_dora=true"],
                  r"lora.use_dora \(checkpoint: None, this run: True\)"),  # plain LoRA records none
+        "saved": ([*rank, "lora.target_modules=all-linear", "lora.modules_to_save=[final_layer_norm]"],
+                  r"lora.modules_to_save \(checkpoint: None, this run: \['final_layer_norm'\]\)"),
         "none": ([], r"a lora: section \(checkpoint: \{'r': 2, .*\}, this run: none\)"),
     }
     for name, (overrides, match) in changed.items():
@@ -291,16 +299,20 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
             == lora_identity(lora.LoraConfig(2, 4, 0.0, ("q", "k", "v", "o", "wi_0", "wi_1", "wo")), model.config))
 
 
-def test_dora_run_trains_magnitudes_and_exports_what_peft_applies(base_dir, tmp_path):
-    """``lora.use_dora: true``: step 0 is the base, the checkpoint holds A, B and a magnitude per adapted kernel
-    (all moved by training), the loader merges them, and the export's PEFT adapter applied by peft gives the
-    exported merged model's logits."""
+@pytest.mark.parametrize("option, extra, leaf", [
+    ("lora.use_dora=true", {"use_dora": True}, lora.MAGNITUDE),
+    ("lora.modules_to_save=[layer_norm]", {"modules_to_save": ("layer_norm",)}, "scale"),
+], ids=["dora", "modules_to_save"])
+def test_dora_or_saved_modules_run_trains_them_and_exports_what_peft_applies(option, extra, leaf, base_dir, tmp_path):
+    """``lora.use_dora: true`` / ``lora.modules_to_save: [layer_norm]``: step 0 is the base, the checkpoint holds A,
+    B and a magnitude per adapted kernel / a copy of every norm's scale (all moved by training), the loader merges
+    them, and the export's PEFT adapter applied by peft gives the exported merged model's logits."""
     import peft
     import torch
     import transformers
 
     out = tmp_path / "run"
-    summary = run_stage(_sft(base_dir, out, *LORA, "lora.use_dora=true", f"train.steps={STEPS}",
+    summary = run_stage(_sft(base_dir, out, *LORA, option, f"train.steps={STEPS}",
                              "optim.learning_rate=1e-2", "train.export_hf=hf"), progress=False)
     stage = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "full"))
     _, sums = stage.loss_fn(stage.base.params, next(stage.train_data), None)
@@ -308,14 +320,14 @@ def test_dora_run_trains_magnitudes_and_exports_what_peft_applies(base_dir, tmp_
     assert abs(losses[0] - float(sums["loss"] / sums["weights"])) <= 1e-5 and losses[-1] < losses[0], losses
 
     adapters = read_checkpoint_params(out / "checkpoints")[1]["lora"]
-    assert {p.split("/")[-1] for p in _paths(adapters)} == {"lora_A", "lora_B", lora.MAGNITUDE}
-    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v"), use_dora=True)
+    assert {p.split("/")[-1] for p in _paths(adapters)} == {"lora_A", "lora_B", leaf}
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v"), **extra)
     base = load_model(base_dir).params
     fresh = lora.init(load_model(base_dir).model, base, cfg, jax.random.key(0))
     for path, trained, start in zip(_paths(adapters), jax.tree_util.tree_leaves(adapters),
                                     jax.tree_util.tree_leaves(fresh)):
-        if path.endswith(lora.MAGNITUDE):
-            assert np.abs(trained - np.asarray(start)).max() > 1e-4, path  # the magnitudes trained
+        if path.endswith(leaf):
+            assert np.abs(trained - np.asarray(start)).max() > 1e-4, path  # the magnitudes / copies trained
     expected = jax.tree_util.tree_map(np.asarray, lora.merge(base, adapters, cfg))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            load_model(out / "checkpoints").params, expected)
