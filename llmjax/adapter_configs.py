@@ -68,6 +68,8 @@ class QuantizeConfig:
             raise UserError(f"quantize.weights={self.weights!r} is not supported; the one form is int8")
 
 
+PISSA = "pissa"  # LoraConfig.init_lora_weights: A and B from the kernel's principal singular directions
+
 # The module names each family can adapt: every projection kernel inside a layer.
 ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand for all of them
 FAMILY_TARGETS = {
@@ -99,6 +101,12 @@ class LoraConfig:
       ``modules_to_save``, matched as PEFT matches it: every module whose name ends with the entry, e.g.
       ``layer_norm`` for every T5 norm, ``lm_head`` for an untied head); the adapters hold a trained copy of each
       such weight, which replaces the base's. :func:`llmjax.lora.saved_leaves` resolves them on a model.
+    init_lora_weights: ``True`` (PEFT's default: A random, B zero) or ``"pissa"`` (PiSSA, Meng et al. 2024; PEFT's
+      option): A and B start as the kernel's ``r`` principal singular directions, ``A0 @ B0`` its best rank-r
+      approximation (over ``scale``), and train against the frozen rest, so the model computes
+      ``W - scale * A0 @ B0 + scale * A @ B`` (step 0 is the base). llmjax keeps ``W`` and the frozen ``A0``, ``B0``
+      (:func:`llmjax.lora.pissa_factors`) and saves what PEFT's ``path_initial_model_for_weight_conversion`` saves:
+      a plain LoRA of rank ``2r``, ``[A | A0]`` and ``[B; -B0]``, which applies to the unchanged base.
     """
 
     r: int
@@ -108,6 +116,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    init_lora_weights: bool | str = True
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -122,6 +131,12 @@ class LoraConfig:
         if not isinstance(self.use_dora, bool):
             raise LoraConfigError(f"use_dora={self.use_dora!r} must be true or false (true: DoRA, a trained "
                                   "magnitude per output channel beside A and B)")
+        if not (self.init_lora_weights is True or self.init_lora_weights == PISSA):
+            raise LoraConfigError(f"lora init_lora_weights={self.init_lora_weights!r} is not supported; use true (A "
+                                  f"random, B zero) or {PISSA!r} (A and B from the kernel's principal singular "
+                                  "directions)")
+        if self.init_lora_weights == PISSA and self.use_dora:
+            raise LoraConfigError("lora init_lora_weights='pissa' with use_dora=true is not supported; choose one")
         saved = () if self.modules_to_save is None else self.modules_to_save
         if isinstance(saved, str) or not all(isinstance(m, str) and m for m in saved):
             raise LoraConfigError(f"lora modules_to_save={self.modules_to_save!r} must be a list of module names, e.g. "

@@ -354,7 +354,8 @@ def merge_adapters(tree: dict, lora_meta: dict) -> dict:
         raise CheckpointCorruptError(f"checkpoint metadata records a LoRA config but its params have no "
                                      f"{ADAPTERS_KEY!r} part")
     cfg = lora.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora_meta.items()})
-    merged = lora.merge(model_params(tree), tree[ADAPTERS_KEY], cfg)
+    params = model_params(tree)  # PiSSA's frozen starting point is not checkpointed: computed again from the base
+    merged = lora.merge(params, lora.pissa_initial(params, tree[ADAPTERS_KEY], cfg), cfg)
     return jax.tree_util.tree_map(np.asarray, merged)
 
 

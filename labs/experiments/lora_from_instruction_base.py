@@ -12,7 +12,8 @@ stand-in for that instruction tuning and measures full fine-tuning and LoRA from
 3. from that base, each ``--rows`` entry: the lab's SFT on ``dialogsum`` (1000 steps, 16 rows, cosine): ``full@LR``
    trains everything, ``r<R>@LR`` LoRA rank R on q and v (``lora_alpha`` = 2R, as the lab's rows),
    ``r<R>all@LR`` LoRA on every dense kernel, ``r<R>[m1+m2+...]@LR`` on the listed modules; ``d`` in place of
-   ``r`` (``d2[q+v]@LR``) trains DoRA (``use_dora``) instead of plain LoRA; ``KIND@LR/STEPS`` trains STEPS steps
+   ``r`` (``d2[q+v]@LR``) trains DoRA (``use_dora``) instead of plain LoRA, ``p`` PiSSA (``init_lora_weights:
+   pissa``); ``KIND@LR/STEPS`` trains STEPS steps
    instead of the lab's 1000 (its cosine decay stretched over them).
 
 Each model (the base zero-shot included) summarizes the first ``--test-limit`` test dialogues, greedy. ROUGE-L is
@@ -94,11 +95,13 @@ def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: floa
 
 def row_lora(kind: str) -> dict | None:
     """``full`` -> None; ``r4`` -> LoRA r=4 on q, v; ``r1all`` -> r=1 on every dense kernel; ``r2[q+v+wo]`` -> r=2 on
-    the listed modules; ``d...`` as ``r...`` with DoRA."""
+    the listed modules; ``d...`` as ``r...`` with DoRA, ``p...`` with PiSSA's init."""
     if kind == "full":
         return None
     if kind.startswith("d"):
         return {**row_lora("r" + kind[1:]), "use_dora": True}
+    if kind.startswith("p"):
+        return {**row_lora("r" + kind[1:]), "init_lora_weights": "pissa"}
     rank, _, listed = kind[1:].partition("[")
     if listed:
         targets = listed.removesuffix("]").split("+")
@@ -111,7 +114,8 @@ def row_lora(kind: str) -> dict | None:
 def row_name(kind: str, rate: str, steps: int | None = None) -> str:
     """``lora_r4``, ``lora_r1all``, ``lora_r2_q_v_wo`` (``r2[q+v+wo]``), ``full_ft``; ``_lr<rate>`` unless 3e-3,
     ``_steps<N>`` when the row trains other than the lab's steps."""
-    name = "full_ft" if kind == "full" else ("dora_r" + kind[1:] if kind.startswith("d") else "lora_" + kind)
+    prefixes = {"d": "dora_r", "p": "pissa_r", "r": "lora_r"}
+    name = "full_ft" if kind == "full" else prefixes[kind[0]] + kind[1:]
     name = name.replace("[", "_").replace("+", "_").removesuffix("]")
     return name + ("" if float(rate) == 3e-3 else f"_lr{rate}") + ("" if steps is None else f"_steps{steps}")
 

@@ -7,6 +7,8 @@ both fp32. The adapted kernel is ``kernel + scale * A @ B`` with ``scale = lora_
 sqrt(r)`` with ``use_rslora``). With ``use_dora`` (DoRA) the module also holds ``lora_magnitude_vector [out]``
 (``[L, out]``), ``m``, and the adapted kernel is ``(kernel + scale * A @ B) * m / ||kernel + scale * A @ B||``,
 the norm taken over the input axis for each output channel (PEFT's DoRA; :func:`dora_factor`). With
+``init_lora_weights="pissa"`` (PiSSA) the module also holds the frozen ``lora_A_init`` / ``lora_B_init`` (A0, B0, the
+kernel's principal part, :func:`pissa_factors`) and the update is ``scale * (A @ B - A0 @ B0)``. With
 ``modules_to_save`` the adapters also hold a trained fp32 copy of each weight of those modules, at the weight's own
 path (``.../self_attention_norm/scale``, ``lm_head/kernel``), which replaces the base's (:func:`saved_leaves`).
 
@@ -31,12 +33,14 @@ import jax.numpy as jnp
 
 from llmjax import hf
 from llmjax.adapter_configs import (  # noqa: F401 (re-exported)
-    ALL_LINEAR, FAMILY_TARGETS, LoraConfig, LoraConfigError, resolve_targets,
+    ALL_LINEAR, FAMILY_TARGETS, PISSA, LoraConfig, LoraConfigError, resolve_targets,
 )
 from llmjax.models.layers import Dense
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's trained magnitude per output channel (PEFT's name)
+INIT_A, INIT_B = "lora_A_init", "lora_B_init"  # PiSSA's A0, B0: the adapters' frozen starting point
+FROZEN_LEAVES = (INIT_A, INIT_B)  # adapter leaves that never train
 _LAYER_KEY = re.compile(r"layers_(\d+)")
 
 Path = tuple[str, ...]
@@ -223,7 +227,9 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
     With ``cfg.use_dora`` each module also gets its magnitude, the kernel's column norms (so step 0 still
     equals the base): then the kernels' values are read, and ``ShapeDtypeStruct`` kernels give a
     ``ShapeDtypeStruct`` magnitude. With ``cfg.modules_to_save`` each of their weights is copied in fp32 at its
-    own path (:func:`saved_leaves`), boxed as the base's. Pure: works under ``jit`` and ``eval_shape``.
+    own path (:func:`saved_leaves`), boxed as the base's. With ``init_lora_weights="pissa"`` A and B are the kernel's
+    principal factors (:func:`pissa_factors`, no key used), also kept as the frozen ``lora_A_init`` /
+    ``lora_B_init``. Pure: works under ``jit`` and ``eval_shape``.
     """
     adapters: dict = {}
     targets = sites(model.config, cfg)
@@ -232,16 +238,26 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
         kernel = _get(params, site.path + ("kernel",))
         shape = unboxed(kernel).shape
         fan_in, fan_out = shape[-2], shape[-1]
-        bound = 1.0 / math.sqrt(fan_in)
-        draws = [jax.random.uniform(jax.random.fold_in(key, index[m]), (fan_in, cfg.r), jnp.float32,
-                                    -bound, bound) for m in site.hf_modules]
-        a = jnp.stack(draws) if site.stacked else draws[0]
-        b = jnp.zeros(shape[:-2] + (cfg.r, fan_out), jnp.float32)
+        if cfg.init_lora_weights == PISSA:
+            value = unboxed(kernel)
+            if isinstance(value, jax.ShapeDtypeStruct):
+                a = jax.ShapeDtypeStruct(shape[:-1] + (cfg.r,), jnp.float32)
+                b = jax.ShapeDtypeStruct(shape[:-2] + (cfg.r, fan_out), jnp.float32)
+            else:
+                a, b = pissa_factors(value, cfg.r, cfg.scale)
+        else:
+            bound = 1.0 / math.sqrt(fan_in)
+            draws = [jax.random.uniform(jax.random.fold_in(key, index[m]), (fan_in, cfg.r), jnp.float32,
+                                        -bound, bound) for m in site.hf_modules]
+            a = jnp.stack(draws) if site.stacked else draws[0]
+            b = jnp.zeros(shape[:-2] + (cfg.r, fan_out), jnp.float32)
         if _is_box(kernel):
             names = kernel.names
             a = kernel.replace(value=a, names=names[:-1] + (None,))
             b = kernel.replace(value=b, names=names[:-2] + (None, names[-1]))
         node = {LORA_A: a, LORA_B: b}
+        if cfg.init_lora_weights == PISSA:
+            node.update({INIT_A: a, INIT_B: b})
         if cfg.use_dora:
             value = unboxed(kernel)
             m = (jax.ShapeDtypeStruct(shape[:-2] + shape[-1:], jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
@@ -263,6 +279,48 @@ def column_norms(kernel: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(kernel), axis=-2))
 
 
+def pissa_factors(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
+    """PiSSA's starting adapters for float ``kernel [..., in, out]``: ``A0 [..., in, r]`` and ``B0 [..., r, out]``
+    from its ``r`` largest singular triplets, ``kernel = U S V^T``, with ``sqrt(S_r / scale)`` on each side, so that
+    ``scale * A0 @ B0`` is the kernel's best rank-r approximation (PEFT's ``pissa`` init, in llmjax's layout). The
+    signs of singular vectors are arbitrary; ``A0 @ B0`` is not."""
+    u, s, vh = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+    root = jnp.sqrt(s[..., :r] / scale)
+    return u[..., :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
+
+
+def pissa_initial(params, adapters, cfg: LoraConfig) -> dict:
+    """``adapters`` of a PiSSA run as a checkpoint holds them (A and B only) with the frozen ``lora_A_init`` /
+    ``lora_B_init`` computed again from ``params``' kernels (:func:`pissa_factors`, deterministic): what
+    :func:`merge` needs. Any other adapters are returned as they are."""
+    if cfg.init_lora_weights != PISSA:
+        return adapters
+    out = adapters
+    for path in _adapted_paths(adapters):
+        node = _get(adapters, path)
+        if INIT_A in node:
+            continue
+        a0, b0 = pissa_factors(unboxed(_get(params, path + ("kernel",))), cfg.r, cfg.scale)
+        out = _replace(out, path, {**node, INIT_A: a0, INIT_B: b0})
+    return out
+
+
+def pissa_as_lora(adapters, cfg: LoraConfig) -> tuple[dict, LoraConfig]:
+    """PiSSA adapters as the plain LoRA that PEFT's ``path_initial_model_for_weight_conversion`` saves: ``[A | A0]``
+    ``[in, 2r]`` and ``[B; -B0]`` ``[2r, out]`` at rank ``2r`` with the same scale (``lora_alpha`` doubled, or times
+    sqrt(2) with rsLoRA), whose update ``scale * (A @ B - A0 @ B0)`` applies to the unchanged base. Other leaves
+    (``modules_to_save`` copies) are kept; the boxes are dropped."""
+    out = adapters
+    for path in _adapted_paths(adapters):
+        node = _get(adapters, path)
+        check_pissa(INIT_A in node, cfg, path)
+        a = jnp.concatenate([unboxed(node[LORA_A]), unboxed(node[INIT_A])], axis=-1)
+        b = jnp.concatenate([unboxed(node[LORA_B]), -unboxed(node[INIT_B])], axis=-2)
+        out = _replace(out, path, {LORA_A: a, LORA_B: b})
+    alpha = cfg.lora_alpha * (math.sqrt(2) if cfg.use_rslora else 2)
+    return out, dataclasses.replace(cfg, r=2 * cfg.r, lora_alpha=alpha, init_lora_weights=True)
+
+
 def dora_factor(kernel: jax.Array, adapters_at_site: Mapping, scale: float) -> jax.Array:
     """DoRA's rescaling of each output channel, ``m / ||kernel + scale * A @ B||`` (``[..., out]``, fp32), for a
     float ``kernel [..., in, out]``. The norm is held constant in the backward pass (``stop_gradient``), as the
@@ -272,9 +330,15 @@ def dora_factor(kernel: jax.Array, adapters_at_site: Mapping, scale: float) -> j
 
 
 def delta(adapters_at_site: Mapping, scale: float) -> jax.Array:
-    """``scale * A @ B``: ``[in, out]``, or ``[L, in, out]`` for a stack (fp32)."""
-    a, b = unboxed(adapters_at_site[LORA_A]), unboxed(adapters_at_site[LORA_B])
-    return scale * jnp.einsum("...ir,...ro->...io", a, b, preferred_element_type=jnp.float32)
+    """``scale * A @ B`` (PiSSA's ``scale * (A @ B - A0 @ B0)``): ``[in, out]``, or ``[L, in, out]`` for a stack
+    (fp32)."""
+    def product(a, b):
+        return scale * jnp.einsum("...ir,...ro->...io", a, b, preferred_element_type=jnp.float32)
+
+    update = product(unboxed(adapters_at_site[LORA_A]), unboxed(adapters_at_site[LORA_B]))
+    if INIT_A in adapters_at_site:  # PiSSA's starting point, frozen
+        update = update - jax.lax.stop_gradient(product(*(unboxed(adapters_at_site[k]) for k in FROZEN_LEAVES)))
+    return update
 
 
 def _adapted_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
@@ -323,8 +387,19 @@ def with_saved(params, adapters: Mapping):
 
 
 def adapter_leaves(cfg: LoraConfig) -> tuple[str, ...]:
-    """The leaves each adapted module holds: A and B, and DoRA's magnitude with ``cfg.use_dora``."""
-    return (LORA_A, LORA_B, MAGNITUDE) if cfg.use_dora else (LORA_A, LORA_B)
+    """The leaves each adapted module holds: A and B, DoRA's magnitude with ``cfg.use_dora``, PiSSA's frozen A0
+    and B0 with ``init_lora_weights="pissa"``."""
+    return ((LORA_A, LORA_B) + ((MAGNITUDE,) if cfg.use_dora else ())
+            + (FROZEN_LEAVES if cfg.init_lora_weights == PISSA else ()))
+
+
+def check_pissa(has_init: bool, cfg: LoraConfig, path: Path) -> None:
+    """Refuse PiSSA adapters without their starting point, or a starting point the config does not expect."""
+    if has_init != (cfg.init_lora_weights == PISSA):
+        fix = ("add it with llmjax.lora.pissa_initial(params, adapters, cfg)" if not has_init
+               else "use the config the adapters were made with")
+        raise LoraConfigError(f"adapters {'have' if has_init else 'have no'} {'/'.join(path)}/{INIT_A} but the LoRA "
+                              f"config has init_lora_weights={cfg.init_lora_weights!r}; {fix}")
 
 
 def check_dora(has_magnitude: bool, cfg: LoraConfig, path: Path) -> None:
@@ -343,6 +418,7 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
         value = unboxed(kernel)
         at_site = _get(adapters, path)
         check_dora(MAGNITUDE in at_site, cfg, path)
+        check_pissa(INIT_A in at_site, cfg, path)
         moved = value.astype(jnp.float32) + sign * delta(at_site, cfg.scale)
         if cfg.use_dora:
             moved = moved * dora_factor(value, at_site, cfg.scale)[..., None, :]
@@ -427,6 +503,7 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
     ``y + (f - 1) * drop(x) @ W + f * scale * (drop(x) @ A) @ B`` for ``f = dora_factor`` and ``y = x @ W``
     (PEFT's form: without dropout, ``f * (y + scale * (x @ A) @ B)``); an int8 kernel is dequantized for its norm.
     The ``modules_to_save`` copies replace the base's weights in the params the model reads (:func:`with_saved`).
+    PiSSA adapters add ``- scale * (x @ A0) @ B0`` (no dropout: it stands for the residual kernel PEFT computes with).
     """
     def interceptor(next_fun, call_args, call_kwargs, context):
         y = next_fun(*call_args, **call_kwargs)
@@ -440,8 +517,12 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
             dropped = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0)
         check_dora(module.has_variable(COLLECTION, MAGNITUDE), cfg, tuple(module.scope.path))
+        check_pissa(module.has_variable(COLLECTION, INIT_A), cfg, tuple(module.scope.path))
         at_site = {name: unboxed(module.get_variable(COLLECTION, name)) for name in adapter_leaves(cfg)}
         branch = adapter_branch(dropped, at_site[LORA_A], at_site[LORA_B], cfg.scale)
+        if cfg.init_lora_weights == PISSA:  # the frozen principal part leaves the base: PEFT's W_res, undropped
+            start = [jax.lax.stop_gradient(at_site[name]) for name in FROZEN_LEAVES]
+            branch = branch - adapter_branch(x, *start, cfg.scale)
         if not cfg.use_dora:
             return y + branch.astype(y.dtype)
         kernel = unboxed(module.get_variable("params", "kernel")).astype(jnp.float32)

@@ -40,8 +40,8 @@ from llmjax.hf.io import (
 )
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
-    ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora, merge,
-    resolve_targets, saved_leaves, sites, unboxed,
+    ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, PISSA, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora,
+    merge, pissa_as_lora, resolve_targets, saved_leaves, sites, unboxed,
 )
 from llmjax.models import model_family
 
@@ -66,6 +66,10 @@ _PLAIN_LORA = {
     "arrow_config": ((None, {}), "Arrow routing"),
     "megatron_config": ((None, {}), "Megatron parallel layers"),
 }
+
+
+# init_lora_weights values after which the adapter still applies to the unchanged base (they only draw A and B).
+_BASE_KEEPING_INITS = ("gaussian", "eva", "orthogonal", "mica")
 
 
 class AdapterError(CheckpointError):
@@ -97,10 +101,14 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
 
     ``base_model_name_or_path``: recorded in ``adapter_config.json`` (PEFT loads without it).
     Tensors are fp32, ``[r, in]`` (A) and ``[out, r]`` (B) per HF module, DoRA's ``[out]`` magnitude, and each
-    ``modules_to_save`` weight in Hugging Face's layout.
+    ``modules_to_save`` weight in Hugging Face's layout. PiSSA adapters are written as PEFT writes them with
+    ``path_initial_model_for_weight_conversion``: a plain LoRA of rank ``2r`` for the unchanged base
+    (:func:`llmjax.lora.core.pissa_as_lora`).
     """
     tensors = {}
     cfg = resolve_targets(cfg, model.config)  # PEFT gets the modules all-linear stands for, as it saves its own
+    if cfg.init_lora_weights == PISSA:  # PEFT's conversion for the unchanged base: plain LoRA of rank 2r
+        adapters, cfg = pissa_as_lora(adapters, cfg)
     for site in sites(model.config, cfg):
         fan_in, fan_out = _kernel_shape(model.config, site)
         node = _at(adapters, site.path, LORA_A)
@@ -168,6 +176,13 @@ def _check_options(raw: dict, model, file) -> None:
                 f"{file}: {option}={json.dumps(raw[option])} ({meaning}) is not supported; llmjax loads plain "
                 f"LoRA only ({option}: {json.dumps(plain[0])}). Merge the adapter with peft (merge_and_unload) "
                 "and load the merged model instead, or train it without this option")
+    init = raw.get("init_lora_weights", True)
+    if not (init in (True, False, None) or init in _BASE_KEEPING_INITS):
+        raise AdapterError(
+            f"{file}: init_lora_weights={json.dumps(init)}: PEFT trained this adapter against a base it changed at "
+            "init (PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ take part of each weight into the adapter), so it does not apply "
+            "to the unchanged base model; save it with peft's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...), which writes a plain LoRA for the unchanged base")
     missing = [key for key in ("r", "lora_alpha") if key not in raw]
     if missing:
         raise AdapterError(f"{file}: missing {missing}; write the LoRA rank and alpha the adapter was trained with")

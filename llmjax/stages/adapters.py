@@ -173,8 +173,11 @@ def check_run_adapters(config: RunConfig) -> None:
 
 def check_lora_fits(model_config, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig | None) -> None:
     """``cfg.modules_to_save`` names weights this model has and can train (:func:`llmjax.lora.saved_leaves`), and
-    none that ``quantize:`` keeps int8."""
+    none that ``quantize:`` keeps int8; PiSSA runs on a float base."""
     int8_saved = [leaf.path for leaf in lora.saved_leaves(model_config, cfg) if leaf.path[-1] in quantize.SCALES]
+    if quantize_cfg is not None and cfg.init_lora_weights == lora.PISSA:
+        raise ConfigError("lora.init_lora_weights: pissa with quantize: is not supported: PiSSA's principal part would "
+                          "be taken from the float kernels and subtracted from their int8 rounding; drop one of them")
     if quantize_cfg is not None and int8_saved:
         raise ConfigError(f"lora.modules_to_save trains {'/'.join(int8_saved[0])} in full, which quantize: keeps int8 "
                           "and frozen; save only modules with float weights (norms), or drop the quantize section")
@@ -214,9 +217,10 @@ def _exporter(stage: Stage, model_params_of, save_adapter):
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
-    """The trainable filter of a LoRA run: the leaves under ``ADAPTERS_KEY``, and the heads a reward or PPO
-    stage adds (``HEADS_KEY``: a new head has nothing to start from, so it always trains)."""
-    return path[0] in (ADAPTERS_KEY, HEADS_KEY)
+    """The trainable filter of a LoRA run: the leaves under ``ADAPTERS_KEY`` but PiSSA's frozen starting point
+    (``lora.FROZEN_LEAVES``, computed again from the base on resume), and the heads a reward or PPO stage adds
+    (``HEADS_KEY``: a new head has nothing to start from, so it always trains)."""
+    return path[0] == HEADS_KEY or (path[0] == ADAPTERS_KEY and path[-1] not in lora.FROZEN_LEAVES)
 
 
 def lora_meta(cfg: lora.LoraConfig) -> dict:
@@ -226,14 +230,16 @@ def lora_meta(cfg: lora.LoraConfig) -> dict:
 
 def lora_identity(cfg: lora.LoraConfig, model_config) -> dict:
     """What a resumed LoRA run must share with its checkpoint (``Stage.adapters``): the rank, the scale and the
-    modules adapted, ``all-linear`` resolved and in any order, DoRA, and the modules saved whole. ``lora_dropout``
-    may change, as a learning rate may."""
+    modules adapted, ``all-linear`` resolved and in any order, DoRA, PiSSA, and the modules saved whole.
+    ``lora_dropout`` may change, as a learning rate may."""
     cfg = lora.resolve_targets(cfg, model_config)
     identity = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
                 "target_modules": sorted(cfg.target_modules)}
-    # DoRA and modules_to_save add trained leaves; plain LoRA's identity stays as runs before them recorded it
+    # DoRA, PiSSA and modules_to_save change what trains; plain LoRA's identity stays as runs before them recorded it
     if cfg.use_dora:
         identity["use_dora"] = True
+    if cfg.init_lora_weights == lora.PISSA:
+        identity["init_lora_weights"] = lora.PISSA
     if cfg.modules_to_save:
         identity["modules_to_save"] = sorted(cfg.modules_to_save)
     return identity

@@ -304,6 +304,8 @@ Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
     ({"use_rslora": "yes"}, "use_rslora='yes' must be true or false"),
     ({"bias": "some"}, "bias=\"some\" .trained biases"),
     ({"modules_to_save": ["lm_head"]}, r"missing tensors \['base_model.model.lm_head.weight'\]"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights=\"pissa\": PEFT trained this adapter against a base it changed"),
+    ({"init_lora_weights": "olora"}, "path_initial_model_for_weight_conversion"),
     ({"modules_to_save": ["shared"]}, r"modules_to_save matches \['shared'\].*more than one name"),
     ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' must be a list of module names"),
     ({"layer_replication": [[0, 2]]}, "layer_replication"),

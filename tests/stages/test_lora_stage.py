@@ -282,6 +282,8 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
                    r"lora.use_rslora \(checkpoint: False, this run: True\)"),
         "dora": ([*rank, "lora.target_modules=all-linear", "lora.use_dora=true"],
                  r"lora.use_dora \(checkpoint: None, this run: True\)"),  # plain LoRA records none
+        "pissa": ([*rank, "lora.target_modules=all-linear", "lora.init_lora_weights=pissa"],
+                  r"lora.init_lora_weights \(checkpoint: None, this run: pissa\)"),
         "saved": ([*rank, "lora.target_modules=all-linear", "lora.modules_to_save=[final_layer_norm]"],
                   r"lora.modules_to_save \(checkpoint: None, this run: \['final_layer_norm'\]\)"),
         "none": ([], r"a lora: section \(checkpoint: \{'r': 2, .*\}, this run: none\)"),
@@ -299,14 +301,29 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
             == lora_identity(lora.LoraConfig(2, 4, 0.0, ("q", "k", "v", "o", "wi_0", "wi_1", "wo")), model.config))
 
 
+def test_pissa_run_resumes_bitwise_with_its_start_computed_again(base_dir, tmp_path):
+    """PiSSA's frozen start is not checkpointed: a resumed run computes it again from the base (the same SVD), so
+    2 + 2 steps give the adapters of 4 straight steps, bit for bit."""
+    pissa = [*LORA, "lora.init_lora_weights=pissa", "optim.learning_rate=1e-2"]
+    run_stage(_sft(base_dir, tmp_path / "whole", *pissa, "train.steps=4"), progress=False)
+    run_stage(_sft(base_dir, tmp_path / "split", *pissa, "train.steps=2"), progress=False)
+    summary = run_stage(_sft(base_dir, tmp_path / "split", *pissa, "train.steps=4"), progress=False)
+    assert summary["start_step"] == 2
+    assert _bitwise_equal(read_checkpoint_params(tmp_path / "split" / "checkpoints", 4)[1]["lora"],
+                          read_checkpoint_params(tmp_path / "whole" / "checkpoints", 4)[1]["lora"])
+
+
 @pytest.mark.parametrize("option, extra, leaf", [
     ("lora.use_dora=true", {"use_dora": True}, lora.MAGNITUDE),
     ("lora.modules_to_save=[layer_norm]", {"modules_to_save": ("layer_norm",)}, "scale"),
-], ids=["dora", "modules_to_save"])
-def test_dora_or_saved_modules_run_trains_them_and_exports_what_peft_applies(option, extra, leaf, base_dir, tmp_path):
-    """``lora.use_dora: true`` / ``lora.modules_to_save: [layer_norm]``: step 0 is the base, the checkpoint holds A,
-    B and a magnitude per adapted kernel / a copy of every norm's scale (all moved by training), the loader merges
-    them, and the export's PEFT adapter applied by peft gives the exported merged model's logits."""
+    ("lora.init_lora_weights=pissa", {"init_lora_weights": "pissa"}, lora.LORA_A),
+], ids=["dora", "modules_to_save", "pissa"])
+def test_dora_saved_modules_or_pissa_run_trains_and_exports_what_peft_applies(option, extra, leaf, base_dir, tmp_path):
+    """``lora.use_dora: true`` / ``lora.modules_to_save: [layer_norm]`` / ``lora.init_lora_weights: pissa``: step 0
+    is the base, the checkpoint holds A, B and a magnitude per adapted kernel / a copy of every norm's scale / A and
+    B alone (PiSSA's frozen start is computed again from the base), all moved from their deterministic start by
+    training, the loader merges them, and the export's PEFT adapter applied by peft gives the exported merged
+    model's logits."""
     import peft
     import torch
     import transformers
@@ -324,11 +341,11 @@ def test_dora_or_saved_modules_run_trains_them_and_exports_what_peft_applies(opt
     cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q", "v"), **extra)
     base = load_model(base_dir).params
     fresh = lora.init(load_model(base_dir).model, base, cfg, jax.random.key(0))
-    for path, trained, start in zip(_paths(adapters), jax.tree_util.tree_leaves(adapters),
-                                    jax.tree_util.tree_leaves(fresh)):
+    starts = {p: x for p, x in zip(_paths(fresh), jax.tree_util.tree_leaves(fresh))}
+    for path, trained in zip(_paths(adapters), jax.tree_util.tree_leaves(adapters)):
         if path.endswith(leaf):
-            assert np.abs(trained - np.asarray(start)).max() > 1e-4, path  # the magnitudes / copies trained
-    expected = jax.tree_util.tree_map(np.asarray, lora.merge(base, adapters, cfg))
+            assert np.abs(trained - np.asarray(starts[path])).max() > 1e-4, path  # the magnitudes / copies / A trained
+    expected = jax.tree_util.tree_map(np.asarray, lora.merge(base, lora.pissa_initial(base, adapters, cfg), cfg))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            load_model(out / "checkpoints").params, expected)
 
