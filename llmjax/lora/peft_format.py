@@ -18,7 +18,10 @@ read and written; so is ``bias`` (``all``, ``lora_only``), which trains nothing 
 DoRA (``use_dora``) is read and written: each module's ``lora_magnitude_vector [out]`` beside A and B; a DoRA
 adapter must adapt every layer of the modules it names (an unadapted layer's magnitude would be its base
 kernel's norms, which an adapter file without the base cannot give). Every other option that changes *what* is
-computed (a bias on ``lora_B``, replicated layers, ...) is refused with the option named. ``modules_to_save`` (whole
+computed (a bias on ``lora_B``, replicated layers, ...) is refused with the option named, and so is an adapter
+whose ``init_lora_weights`` changed its base at init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA saved without PEFT's
+conversion): it applies to that changed base, not to the one it names. llmjax's own PiSSA adapters are saved in that
+conversion's form, a plain LoRA of rank ``2r`` for the unchanged base. ``modules_to_save`` (whole
 modules trained beside the adapters) is read and written: each of their weights under its own Hugging Face name,
 ``base_model.model.<module>.weight``, as ``peft`` saves them (:func:`llmjax.lora.saved_leaves` says which).
 """
