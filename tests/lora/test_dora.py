@@ -132,22 +132,21 @@ def test_dora_on_an_int8_base_uses_the_dequantized_kernels_norms():
     np.testing.assert_allclose(_factored_logits(qmodel, qparams, adapters, cfg, inputs), want, atol=1e-4, rtol=0)
 
 
-def test_dora_on_a_data_fsdp_tensor_mesh_equals_one_device():
-    """DoRA adapters born sharded with their kernels (the magnitude along the output axis) on a 2x2x2 mesh give the
-    one-device loss and gradients of A, B and the magnitude (the column norms reduce across the fsdp shards)."""
+def mesh_matches_one_device(cfg, change: dict):
+    """Adapters of ``cfg`` on a small decoder, born sharded with their kernels, with ``change`` (leaf name -> function)
+    applied to their values: the loss and adapter gradients on a 2x2x2 data/fsdp/tensor mesh equal one device's.
+    -> the adapters tree on the mesh."""
     from llmjax.model_config import DecoderConfig
     from llmjax.sharding import activate, init_sharded, make_mesh, shard_batch
 
     config = DecoderConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     model = build_model(config)
-    cfg = lora.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True)
 
     def init(key):
         params = model.init(key, *dummy_inputs(config))["params"]
         adapters = lora.init(model, params, cfg, jax.random.fold_in(key, 1))
-        change = {"lora_B": lambda v: v + 0.05, lora.MAGNITUDE: lambda v: v * 1.1}  # the same on any mesh
-        moved = jax.tree_util.tree_map_with_path(
+        moved = jax.tree_util.tree_map_with_path(  # the same on any mesh
             lambda path, box: box.replace_boxed(change.get(path[-1].key, lambda v: v)(box.value)), adapters,
             is_leaf=lambda x: isinstance(x, nn.Partitioned))
         return {"params": params, "lora": moved}
@@ -166,8 +165,16 @@ def test_dora_on_a_data_fsdp_tensor_mesh_equals_one_device():
             value, grads = jax.jit(jax.value_and_grad(loss))(tree["lora"], tree["params"],
                                                              shard_batch({"input_ids": ids}, mesh))
         results.append((float(value), jax.device_get(grads)))
-        magnitude = tree["lora"]["layers"]["mlp"]["wi_0"][lora.MAGNITUDE]
-    assert {s.data.shape for s in magnitude.addressable_shards} == {(2, 32)}  # [L, 64] split over tensor=2
     (value_one, grads_one), (value_mesh, grads_mesh) = results
     assert value_mesh == pytest.approx(value_one, rel=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads_mesh, grads_one)
+    return tree["lora"]
+
+
+def test_dora_on_a_data_fsdp_tensor_mesh_equals_one_device():
+    """DoRA adapters born sharded with their kernels (the magnitude along the output axis) on a 2x2x2 mesh give the
+    one-device loss and gradients of A, B and the magnitude (the column norms reduce across the fsdp shards)."""
+    cfg = lora.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True)
+    adapters = mesh_matches_one_device(cfg, {"lora_B": lambda v: v + 0.05, lora.MAGNITUDE: lambda v: v * 1.1})
+    magnitude = adapters["layers"]["mlp"]["wi_0"][lora.MAGNITUDE]
+    assert {s.data.shape for s in magnitude.addressable_shards} == {(2, 32)}  # [L, 64] split over tensor=2

@@ -145,3 +145,12 @@ def test_peft_format_both_ways(family, scan, base_dirs, tmp_path):
     assert read_cfg.r == 6 and read_cfg.init_lora_weights is True
     np.testing.assert_allclose(_llmjax_logits(model, params, read, read_cfg, family),
                                _torch_logits(pissa_model.eval(), family), atol=TOL, rtol=0)
+
+
+def test_pissa_on_a_data_fsdp_tensor_mesh_equals_one_device():
+    """PiSSA's SVD of kernels sharded over fsdp and tensor gives the one-device start, loss and gradients."""
+    from tests.lora.test_dora import mesh_matches_one_device
+
+    cfg = lora.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="pissa")
+    adapters = mesh_matches_one_device(cfg, {lora.LORA_B: lambda v: v * 1.5})
+    assert {s.data.shape for s in adapters["layers"]["mlp"]["wo"][lora.INIT_B].addressable_shards} == {(2, 2, 16)}
