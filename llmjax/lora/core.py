@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llmjax import hf
 from llmjax.adapter_configs import (  # noqa: F401 (re-exported)
@@ -216,7 +217,7 @@ def unboxed(x):
     return x.value if _is_box(x) else x
 
 
-def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
+def init(model, params, cfg: LoraConfig, key: jax.Array, pissa_start: Mapping | None = None) -> dict:
     """Fresh adapters for ``model`` (``[in, r]`` A random, ``[r, out]`` B zeros, fp32): step 0 equals the base.
 
     ``params``: the model's params (plain arrays, ``ShapeDtypeStruct``s, or ``nn.Partitioned`` boxes as
@@ -229,7 +230,10 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
     ``ShapeDtypeStruct`` magnitude. With ``cfg.modules_to_save`` each of their weights is copied in fp32 at its
     own path (:func:`saved_leaves`), boxed as the base's. With ``init_lora_weights="pissa"`` A and B are the kernel's
     principal factors (:func:`pissa_factors`, no key used), also kept as the frozen ``lora_A_init`` /
-    ``lora_B_init``. Pure: works under ``jit`` and ``eval_shape``.
+    ``lora_B_init``; ``pissa_start`` (adapters that ``init`` made from the same kernels as host arrays) gives them
+    without an SVD in the traced program, which a jitted init sharded over several CPU devices needs: there XLA's
+    CPU runtime can deadlock on a decomposition between collectives. Pure: works under ``jit`` and
+    ``eval_shape``.
     """
     adapters: dict = {}
     targets = sites(model.config, cfg)
@@ -240,11 +244,14 @@ def init(model, params, cfg: LoraConfig, key: jax.Array) -> dict:
         fan_in, fan_out = shape[-2], shape[-1]
         if cfg.init_lora_weights == PISSA:
             value = unboxed(kernel)
-            if isinstance(value, jax.ShapeDtypeStruct):
+            if pissa_start is not None:
+                start = _get(pissa_start, site.path)
+                a, b = (jnp.asarray(unboxed(start[name]), jnp.float32) for name in (LORA_A, LORA_B))
+            elif isinstance(value, jax.ShapeDtypeStruct):
                 a = jax.ShapeDtypeStruct(shape[:-1] + (cfg.r,), jnp.float32)
                 b = jax.ShapeDtypeStruct(shape[:-2] + (cfg.r, fan_out), jnp.float32)
             else:
-                a, b = pissa_factors(value, cfg.r, cfg.scale)
+                a, b = (jnp.asarray(x) for x in pissa_factors(value, cfg.r, cfg.scale))
         else:
             bound = 1.0 / math.sqrt(fan_in)
             draws = [jax.random.uniform(jax.random.fold_in(key, index[m]), (fan_in, cfg.r), jnp.float32,
@@ -283,9 +290,14 @@ def pissa_factors(kernel: jax.Array, r: int, scale: float) -> tuple[jax.Array, j
     """PiSSA's starting adapters for float ``kernel [..., in, out]``: ``A0 [..., in, r]`` and ``B0 [..., r, out]``
     from its ``r`` largest singular triplets, ``kernel = U S V^T``, with ``sqrt(S_r / scale)`` on each side, so that
     ``scale * A0 @ B0`` is the kernel's best rank-r approximation (PEFT's ``pissa`` init, in llmjax's layout). The
-    signs of singular vectors are arbitrary; ``A0 @ B0`` is not."""
-    u, s, vh = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
-    root = jnp.sqrt(s[..., :r] / scale)
+    signs of singular vectors are arbitrary; ``A0 @ B0`` is not. A concrete kernel gives numpy arrays (the SVD runs on
+    the host), a traced one traced arrays."""
+    if isinstance(kernel, jax.core.Tracer):
+        u, s, vh = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+        root = jnp.sqrt(s[..., :r] / scale)
+    else:  # a concrete kernel is decomposed on the host (numpy's LAPACK), outside any sharded program
+        u, s, vh = np.linalg.svd(np.asarray(jax.device_get(kernel), np.float32), full_matrices=False)
+        root = np.sqrt(s[..., :r] / np.float32(scale))
     return u[..., :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
 
 

@@ -100,11 +100,19 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     int8_model = None if quantize_cfg is None else quantize.quantized_model(model, "int8")
     check_lora_fits(model.config, cfg, quantize_cfg)
 
+    pissa_start = None
+    if cfg.init_lora_weights == lora.PISSA:
+        if stage.base is None:
+            raise ConfigError("lora.init_lora_weights: pissa starts the adapters from the principal part of the "
+                              "weights the run starts from; set init_from (a pre-trained model), or drop it")
+        # decomposed once on the host: an SVD inside the jitted, sharded init can deadlock XLA's CPU runtime
+        pissa_start = lora.init(model, stage.base.params, cfg, jax.random.key(0))
+
     def init_tree(key, base):
         base_key, adapter_key = jax.random.split(key)
         params = base_tree(base_key, base)
         if int8_model is None:
-            return {**params, ADAPTERS_KEY: lora.init(model, params, cfg, adapter_key)}
+            return {**params, ADAPTERS_KEY: lora.init(model, params, cfg, adapter_key, pissa_start=pissa_start)}
         # DoRA's magnitudes start as the norms of the kernels the loss computes with, the int8 ones dequantized
         # (so step 0 is the int8 base); plain LoRA reads only the shapes
         adapters = lora.init(model, _int8_rounded(model, params) if cfg.use_dora else params, cfg, adapter_key)

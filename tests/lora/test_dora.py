@@ -132,9 +132,10 @@ def test_dora_on_an_int8_base_uses_the_dequantized_kernels_norms():
     np.testing.assert_allclose(_factored_logits(qmodel, qparams, adapters, cfg, inputs), want, atol=1e-4, rtol=0)
 
 
-def mesh_matches_one_device(cfg, change: dict):
+def mesh_matches_one_device(cfg, change: dict, pissa: bool = False):
     """Adapters of ``cfg`` on a small decoder, born sharded with their kernels, with ``change`` (leaf name -> function)
     applied to their values: the loss and adapter gradients on a 2x2x2 data/fsdp/tensor mesh equal one device's.
+    ``pissa``: PiSSA's start is decomposed on the host first and passed in (no SVD inside the sharded init).
     -> the adapters tree on the mesh."""
     from llmjax.model_config import DecoderConfig
     from llmjax.sharding import activate, init_sharded, make_mesh, shard_batch
@@ -142,10 +143,14 @@ def mesh_matches_one_device(cfg, change: dict):
     config = DecoderConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     model = build_model(config)
+    start = None
+    if pissa:
+        host = nn.meta.unbox(jax.jit(lambda k: model.init(k, *dummy_inputs(config)))(jax.random.key(0))["params"])
+        start = lora.init(model, host, cfg, jax.random.key(0))
 
     def init(key):
         params = model.init(key, *dummy_inputs(config))["params"]
-        adapters = lora.init(model, params, cfg, jax.random.fold_in(key, 1))
+        adapters = lora.init(model, params, cfg, jax.random.fold_in(key, 1), pissa_start=start)
         moved = jax.tree_util.tree_map_with_path(  # the same on any mesh
             lambda path, box: box.replace_boxed(change.get(path[-1].key, lambda v: v)(box.value)), adapters,
             is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -148,9 +148,10 @@ def test_peft_format_both_ways(family, scan, base_dirs, tmp_path):
 
 
 def test_pissa_on_a_data_fsdp_tensor_mesh_equals_one_device():
-    """PiSSA's SVD of kernels sharded over fsdp and tensor gives the one-device start, loss and gradients."""
+    """PiSSA adapters born sharded from a start decomposed on the host (``pissa_start``, as the LoRA stage does)
+    give the one-device loss and gradients on a 2x2x2 mesh, and shard like their kernels."""
     from tests.lora.test_dora import mesh_matches_one_device
 
     cfg = lora.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights="pissa")
-    adapters = mesh_matches_one_device(cfg, {lora.LORA_B: lambda v: v * 1.5})
+    adapters = mesh_matches_one_device(cfg, {lora.LORA_B: lambda v: v * 1.5}, pissa=True)
     assert {s.data.shape for s in adapters["layers"]["mlp"]["wo"][lora.INIT_B].addressable_shards} == {(2, 2, 16)}

@@ -153,6 +153,11 @@ def test_lora_config_errors(base_dir, tmp_path):
         run_stage(_sft(base_dir, tmp_path / "run", *LORA, "lora.modules_to_save=[lm_head]", "quantize.weights=int8"),
                   progress=False)
     assert not (tmp_path / "run").exists()
+    pretraining = load_config(SFT_CONFIG.parent / "pretrain_t5_tiny.yaml", [
+        f"train.output_dir={tmp_path / 'random'}", *LORA, "lora.init_lora_weights=pissa"])
+    with pytest.raises(ConfigError, match="init_lora_weights: pissa starts the adapters from the principal part.*"
+                                          "set init_from"):
+        stage_module("pretrain").build_stage(pretraining)
     assert load_config(SFT_CONFIG).lora is None  # no section: no LoRA
     shipped = load_config(SFT_CONFIG.parent / "sft_t5_tiny_lora.yaml")
     assert shipped.lora == lora.LoraConfig(r=8, lora_alpha=32, target_modules=("q", "v")) and shipped.stage == "sft"
