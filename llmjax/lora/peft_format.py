@@ -183,8 +183,8 @@ def _check_options(raw: dict, model, file) -> None:
     if not (init in (True, False, None) or init in _BASE_KEEPING_INITS):
         raise AdapterError(
             f"{file}: init_lora_weights={json.dumps(init)}: PEFT trained this adapter against a base it changed at "
-            "init (PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ take part of each weight into the adapter), so it does not apply "
-            "to the unchanged base model; save it with peft's save_pretrained(..., "
+            "init (PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ take part of each weight into the adapter), so it does not "
+            "apply to the unchanged base model; save it with peft's save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...), which writes a plain LoRA for the unchanged base")
     missing = [key for key in ("r", "lora_alpha") if key not in raw]
     if missing:
