@@ -101,6 +101,8 @@ class WeightMap:
       must then equal its source. Export does not write it.
     fallback: mapped HF name -> HF name read in its place when the file lacks it.
     ignored: a regular expression of HF names accepted and dropped (buffers, aliases HF never reads).
+    aliases: HF module -> the mapped HF module whose weights it reads under a second name (T5's
+      ``encoder.embed_tokens`` is ``shared``); besides ``tied``, which names tensors.
     config_keys: the config.json keys that decide which tensors exist, named when the names differ.
     tied_fix: what to change when a tied copy differs from its source.
     """
@@ -111,6 +113,7 @@ class WeightMap:
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fallback: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ignored: str = "(?!)"  # matches nothing
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
     config_keys: tuple[str, ...] = ()
     tied_fix: str = "set tie_word_embeddings=false in config.json"
 

@@ -79,6 +79,7 @@ def weight_map(config: T5Config) -> WeightMap:
         family="T5", rows=tuple(rows), shapes=param_shapes(config), ignored=_IGNORED, config_keys=_SHAPE_KEYS,
         # v1.0 ties the head; transformers >= 5 saves an untied head equal to the embedding as shared.weight only.
         tied={"lm_head.weight": "shared.weight"} if config.tie_word_embeddings else {},
+        aliases={"encoder.embed_tokens": "shared", "decoder.embed_tokens": "shared"},
         fallback={} if config.tie_word_embeddings else {"lm_head.weight": "shared.weight"},
         tied_fix=("llmjax cannot run a scaled untied head (scale_decoder_outputs/tie_word_embeddings true); set "
                   "tie_word_embeddings and scale_decoder_outputs to false if this is a v1.1/FLAN model"),

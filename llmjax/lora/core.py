@@ -66,6 +66,16 @@ class Site:
         return any(key == "layers" for key in self.path)
 
 
+def _stacked_path(path: Path) -> Path:
+    """An unscanned path (``.../layers_3/...``) in the scanned layout (``.../layers/...``)."""
+    return tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in path)
+
+
+def _layer_index(path: Path) -> int:
+    """The layer an unscanned path is in (0 outside the layers)."""
+    return next((int(match.group(1)) for k in path if (match := _LAYER_KEY.fullmatch(k))), 0)
+
+
 def sites(config, cfg: LoraConfig) -> list[Site]:
     """The kernels ``cfg`` adapts in the model of ``config`` (scanned layout when ``config.scan_layers``).
 
@@ -88,9 +98,8 @@ def sites(config, cfg: LoraConfig) -> list[Site]:
     grouped: dict[Path, list] = {}
     for target in targets:
         for module, path in by_target[target]:
-            key = tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in path) if config.scan_layers else path
-            layer = next(int(_LAYER_KEY.fullmatch(k).group(1)) for k in path if _LAYER_KEY.fullmatch(k))
-            grouped.setdefault(key, []).append((layer, module, path))
+            key = _stacked_path(path) if config.scan_layers else path
+            grouped.setdefault(key, []).append((_layer_index(path), module, path))
     return [Site(path, tuple(m for _, m, _ in sorted(group)), tuple(p for _, _, p in sorted(group)))
             for path, group in grouped.items()]
 
@@ -112,12 +121,10 @@ class SavedLeaf:
 
 
 def _aliases(weights) -> dict[str, str]:
-    """HF modules that read another module's weight under a second name -> that module (a tied head; T5's
-    ``encoder.embed_tokens`` and ``decoder.embed_tokens``, which are ``shared``)."""
-    aliases = {alias.rsplit(".", 1)[0]: source.rsplit(".", 1)[0] for alias, source in weights.tied.items()}
-    if weights.family == "T5":
-        aliases.update({"encoder.embed_tokens": "shared", "decoder.embed_tokens": "shared"})
-    return aliases
+    """HF modules that read another module's weight under a second name -> that module: a tied head (the table's
+    ``tied`` tensors) and the family's ``aliases`` (T5's ``encoder.embed_tokens``, which is ``shared``)."""
+    tied = {alias.rsplit(".", 1)[0]: source.rsplit(".", 1)[0] for alias, source in weights.tied.items()}
+    return {**tied, **weights.aliases}
 
 
 def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
@@ -142,8 +149,7 @@ def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
     names = [*rows_of, *aliases]
     unmatched = [entry for entry in cfg.modules_to_save if not any(m.endswith(entry) for m in names)]
     if unmatched:
-        examples = sorted({m.rsplit(".", 1)[-1] for m in rows_of if not _LAYER_KEY.fullmatch(m.rsplit(".", 1)[-1])
-                           and not m.rsplit(".", 1)[-1].isdigit()})
+        examples = sorted({m.rsplit(".", 1)[-1] for m in rows_of if not m.rsplit(".", 1)[-1].isdigit()})
         raise LoraConfigError(f"lora modules_to_save {unmatched} match no module with weights of this {weights.family} "
                               f"model (PEFT's rule: a module whose name ends with the entry); its module names end "
                               f"in {examples}")
@@ -168,14 +174,12 @@ def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
                               "either in full or through LoRA, so drop it from one of the two lists")
     grouped: dict[Path, list] = {}
     for row in rows:
-        key = tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in row.path) if config.scan_layers else row.path
-        layer = next((int(_LAYER_KEY.fullmatch(k).group(1)) for k in row.path if _LAYER_KEY.fullmatch(k)), 0)
-        grouped.setdefault(key, []).append((layer, row))
+        key = _stacked_path(row.path) if config.scan_layers else row.path
+        grouped.setdefault(key, []).append((_layer_index(row.path), row))
     leaves = []
     for path, group in grouped.items():
-        if "layers" in path:
-            count = sum(1 for row in weights.rows
-                        if tuple("layers" if _LAYER_KEY.fullmatch(k) else k for k in row.path) == path)
+        if "layers" in path:  # a stack (scanned layers)
+            count = sum(1 for row in weights.rows if _stacked_path(row.path) == path)
             if len(group) != count:
                 raise LoraConfigError(
                     f"lora modules_to_save saves {'/'.join(path)} in {len(group)} of its {count} layers; with "
