@@ -100,12 +100,9 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
     int8_model = None if quantize_cfg is None else quantize.quantized_model(model, "int8")
     check_lora_fits(model.config, cfg, quantize_cfg)
 
+    _check_pissa_base(cfg, stage.base is not None)
     pissa_start = None
-    if cfg.init_lora_weights == lora.PISSA:
-        if stage.base is None:
-            raise ConfigError("lora.init_lora_weights: pissa starts the adapters from the principal part of the "
-                              "weights the run starts from; set init_from (a pre-trained model), or drop it")
-        # decomposed once on the host: an SVD inside the jitted, sharded init can deadlock XLA's CPU runtime
+    if cfg.init_lora_weights == lora.PISSA:  # decomposed once on the host: an SVD inside the jitted, sharded init can deadlock XLA's CPU runtime
         pissa_start = lora.init(model, stage.base.params, cfg, jax.random.key(0))
 
     def init_tree(key, base):
@@ -177,6 +174,13 @@ def check_run_adapters(config: RunConfig) -> None:
     the model config is known; the config itself checks what needs no model tables)."""
     if config.lora is not None:
         check_lora_fits(config.model, config.lora, config.quantize)
+        _check_pissa_base(config.lora, config.init_from is not None)
+
+
+def _check_pissa_base(cfg: lora.LoraConfig, has_base: bool) -> None:
+    if cfg.init_lora_weights == lora.PISSA and not has_base:
+        raise ConfigError("lora.init_lora_weights: pissa starts the adapters from the principal part of the "
+                          "weights the run starts from; set init_from (a pre-trained model), or drop it")
 
 
 def check_lora_fits(model_config, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig | None) -> None:

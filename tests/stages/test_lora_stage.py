@@ -155,9 +155,12 @@ def test_lora_config_errors(base_dir, tmp_path):
     assert not (tmp_path / "run").exists()
     pretraining = load_config(SFT_CONFIG.parent / "pretrain_t5_tiny.yaml", [
         f"train.output_dir={tmp_path / 'random'}", *LORA, "lora.init_lora_weights=pissa"])
-    with pytest.raises(ConfigError, match="init_lora_weights: pissa starts the adapters from the principal part.*"
-                                          "set init_from"):
-        stage_module("pretrain").build_stage(pretraining)
+    no_base = "init_lora_weights: pissa starts the adapters from the principal part.*set init_from"
+    with pytest.raises(ConfigError, match=no_base):
+        run_stage(pretraining, progress=False)
+    assert not (tmp_path / "random").exists()  # refused before the stage writes its config
+    with pytest.raises(ConfigError, match=no_base):
+        stage_module("pretrain").build_stage(pretraining)  # and for a caller that builds the stage itself
     assert load_config(SFT_CONFIG).lora is None  # no section: no LoRA
     shipped = load_config(SFT_CONFIG.parent / "sft_t5_tiny_lora.yaml")
     assert shipped.lora == lora.LoraConfig(r=8, lora_alpha=32, target_modules=("q", "v")) and shipped.stage == "sft"
