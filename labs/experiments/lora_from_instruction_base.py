@@ -24,7 +24,8 @@ and ``OUT/predictions/<row>.jsonl`` (rescorable); the trained runs stay in ``OUT
 that run's (``--base-steps 2000``, its later rows added with ``--add-rows``) is in
 ``labs/experiments/lora_from_instruction_base_all_topics/`` (its two 2000-step rows added on 2026-12-07 by the third
 command below, from the same base built again, its three LoRA+ rows by the two after it, and its DoRA rows and
-rows at other ``--train-seed``s, later that day, by the sixth to ninth). ``--d-model`` widens the lab's T5
+rows at other ``--train-seed``s, later that day, by the sixth to ninth; its rows with every norm trained whole,
+``--modules-to-save layer_norm``, and its PiSSA rows by the tenth to thirteenth). ``--d-model`` widens the lab's T5
 (``d_kv`` and ``d_ff`` in proportion), so that 2% of it holds more adapter parameters; ``--base-lr`` sets the pre-training's and the
 base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than half of it). That run is in
 ``labs/experiments/lora_from_instruction_base_wide/``.
@@ -47,6 +48,14 @@ r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0
         --base-steps 2000 --add-rows --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3,d2[q+v+wi_0+wi_1+wo]@6e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
         --base-steps 2000 --add-rows --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --modules-to-save layer_norm --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --modules-to-save layer_norm --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --modules-to-save layer_norm --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
+        --base-steps 2000 --add-rows --rows "p2[q+v+o+wi_0+wi_1+wo]@6e-3,p2[q+v+o+wi_0+wi_1+wo]@2e-3,p2[q+v+o+wi_0+wi_1+wo]@1e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_wide --topics all \
         --base-steps 2000 --d-model 256 --base-lr 1.5e-3 --rows "full@1.5e-3,r4[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3,full@7.5e-4"
 """
