@@ -70,12 +70,13 @@ class QuantizeConfig:
 
 PISSA = "pissa"  # LoraConfig.init_lora_weights: A and B from the kernel's principal singular directions
 
-# The module names each family can adapt: every projection kernel inside a layer.
-ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand for all of them
+# The module names each family can adapt: every projection kernel inside a layer, and the output layer.
+ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand for every projection inside the layers
 FAMILY_TARGETS = {
     "T5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
+OUTPUT_LAYER = "lm_head"  # an untied output layer, adapted only when named (all-linear leaves it out, as PEFT's)
 
 
 class LoraConfigError(InputError):
@@ -90,7 +91,8 @@ class LoraConfig:
     lora_dropout: dropout on the adapter's input while training, in [0, 1).
     target_modules: Hugging Face module names to adapt, e.g. ``("q", "v")`` (T5) or ``("q_proj", "v_proj")``,
       or ``"all-linear"`` (``ALL_LINEAR``), as in PEFT: every projection inside the layers (the output layer
-      stays frozen); :func:`resolve_targets` names them for a model.
+      stays frozen); :func:`resolve_targets` names them for a model. ``lm_head`` (``OUTPUT_LAYER``) adapts an
+      untied output layer ``[d_model, vocab]`` (a tied one is the embedding, which LoRA does not adapt here).
     use_rslora: rank-stabilized LoRA (PEFT's option): the scale is ``lora_alpha / sqrt(r)``, so raising the
       rank does not shrink each direction's update.
     use_dora: DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's ``use_dora``): each adapted kernel also
@@ -152,10 +154,10 @@ class LoraConfig:
                 f"lora target_modules={self.target_modules!r} must be a non-empty list of module names, e.g. "
                 f"{list(FAMILY_TARGETS['T5'][:1] + FAMILY_TARGETS['T5'][2:3])} (T5) or ['q_proj', 'v_proj'] (LLaMA)"
             )
-        known = {ALL_LINEAR, *(name for names in FAMILY_TARGETS.values() for name in names)}
+        known = {ALL_LINEAR, OUTPUT_LAYER, *(name for names in FAMILY_TARGETS.values() for name in names)}
         unknown = [t for t in targets if t not in known]
         if unknown:
-            listed = "; ".join(f"{family}: {list(names)}" for family, names in FAMILY_TARGETS.items())
+            listed = "; ".join(f"{family}: {[*names, OUTPUT_LAYER]}" for family, names in FAMILY_TARGETS.items())
             raise LoraConfigError(f"lora target_modules {unknown} are not module names llmjax can adapt ({listed})")
         object.__setattr__(self, "target_modules", targets)
 
@@ -165,14 +167,21 @@ class LoraConfig:
 
 
 def lora_targets(model_config) -> tuple[str, ...]:
-    """The module names ``target_modules`` may name on this model: a T5 feed-forward is ``wi`` or, gated,
-    ``wi_0`` and ``wi_1``; LLaMA-style decoders have all seven projections."""
+    """The projections inside this model's layers (what ``all-linear`` adapts): a T5 feed-forward is ``wi`` or,
+    gated, ``wi_0`` and ``wi_1``; LLaMA-style decoders have all seven projections."""
     from llmjax.model_config import family_of
 
     if family_of(model_config) != "t5":
         return FAMILY_TARGETS["llama"]
     ffn = ("wi_0", "wi_1") if model_config.gated else ("wi",)
     return ("q", "k", "v", "o", *ffn, "wo")
+
+
+def adaptable_targets(model_config) -> tuple[str, ...]:
+    """Every module name ``target_modules`` may name on this model: its layers' projections and, when the
+    output layer is its own weight (``tie_word_embeddings: false``), ``lm_head``."""
+    head = () if model_config.tie_word_embeddings else (OUTPUT_LAYER,)
+    return (*lora_targets(model_config), *head)
 
 
 def resolve_targets(cfg: "LoraConfig", model_config) -> "LoraConfig":
@@ -185,8 +194,12 @@ def resolve_targets(cfg: "LoraConfig", model_config) -> "LoraConfig":
 
 def check_lora_targets(cfg: "LoraConfig", model_config) -> None:
     """Refuse targets the model does not have, listing the ones it has (before a run writes anything)."""
-    have = lora_targets(model_config)
+    have = adaptable_targets(model_config)
     missing = [t for t in resolve_targets(cfg, model_config).target_modules if t not in have]
+    if missing == [OUTPUT_LAYER]:
+        raise LoraConfigError("lora target_modules names lm_head, but this model ties its output layer to the input "
+                              "embedding (tie_word_embeddings: true), so the head is the embedding itself, which "
+                              "llmjax's LoRA does not adapt; drop lm_head from target_modules")
     if missing:
         family = "T5" if "q" in have else "llama"
         raise LoraConfigError(f"lora target_modules {missing} are not modules of this {family} model; "

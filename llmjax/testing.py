@@ -48,10 +48,15 @@ def decisive_init_(model: torch.nn.Module, seed: int, head_gain: float = 2.0) ->
 
 def torch_t5(seed: int, **config) -> transformers.T5ForConditionalGeneration:
     """Random HF T5 (``config``: ``transformers.T5Config`` fields); untied heads get their own weights."""
+    untied = config.get("tie_word_embeddings") is False
     config = transformers.T5Config(**{"dropout_rate": 0.0, "decoder_start_token_id": 0, **config})
     model = transformers.T5ForConditionalGeneration(config)
-    if not config.tie_word_embeddings:
-        # transformers 5 shares the head tensor with the embedding at construction; untie it.
+    if untied:
+        # transformers 5 reads the tie_word_embeddings argument as scale_decoder_outputs and still ties the head
+        # tensor to the embedding. An untied head (v1.1, FLAN-T5) is its own weight while the encoder's and the
+        # decoder's input embeddings stay the shared one: untie the head alone, and say so in the config so that
+        # saving keeps it.
+        model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.shared.weight))
     return decisive_init_(model, seed)
 

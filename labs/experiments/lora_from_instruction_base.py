@@ -69,7 +69,7 @@ import time
 from pathlib import Path
 
 from llmjax import text_metrics
-from llmjax.config import config_from_dict, config_to_dict
+from llmjax.config import config_from_dict, config_to_dict, load_config
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.lab import report
@@ -85,9 +85,10 @@ EVERY_DENSE = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 
 
 def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: float, settings, tokenizer_dir,
-        lora: dict | None = None, loraplus_lr_ratio: float | None = None, seed: int | None = None):
+        lora: dict | None = None, loraplus_lr_ratio: float | None = None, seed: int | None = None,
+        frozen: tuple[str, ...] = ()):
     """The lab's SFT config (``summarize.sft_config``) from ``init``, at ``learning_rate``, ``steps`` long
-    (``seed``: its ``train.seed`` in place of the lab's)."""
+    (``seed``: its ``train.seed`` in place of the lab's; ``frozen``: its ``train.frozen``)."""
     settings = dataclasses.replace(settings, sft_steps=steps, sft_learning_rate=learning_rate)
     raw = config_to_dict(lab.sft_config(run_dir, settings, tuple(tasks), tuple(rates), steps, tokenizer_dir))
     raw["init_from"] = str(init)
@@ -96,6 +97,8 @@ def sft(run_dir: Path, init: Path, tasks, rates, steps: int, learning_rate: floa
         raw["optim"]["loraplus_lr_ratio"] = loraplus_lr_ratio
     if seed is not None:
         raw["train"]["seed"] = seed
+    if frozen:
+        raw["train"]["frozen"] = list(frozen)
     config = config_from_dict(raw)
     start = time.perf_counter()
     trained_to_end(run_stage(config, progress=False), config)
@@ -136,7 +139,8 @@ def score_run(run_dir: Path, predictions: Path, tokenizer, test, settings):
     loaded = load_model(run_dir)
     total = count_params(loaded.params)
     trainable = run_measures(run_dir)["trainable_params"]  # what the run's checkpoint trained
-    fraction = 1.0 if trainable == total else trainable / (total + trainable)
+    adds = load_config(run_dir / "config.yaml").lora is not None  # adapters add to the base's parameters
+    fraction = trainable / (total + trainable) if adds else trainable / total
     result = lab.evaluate_row(loaded.model, loaded.params, tokenizer, test, settings)
     report.write_predictions(predictions, result)
     return result, {"trainable_params": trainable, "trainable_fraction": fraction}
@@ -161,6 +165,9 @@ def main() -> None:
                              "layer_norm); names gain _save_<modules>")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="the rows' train.seed (data order, adapter init) in place of the lab's; names gain _seed<N>")
+    parser.add_argument("--frozen", default=None,
+                        help="full rows keep these params frozen (train.frozen regexes, '+'-separated, e.g. "
+                             "shared+lm_head); names gain _frozen_<patterns>")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: score the runs already in --out again (train_seconds kept from there)")
     parser.add_argument("--add-rows", action="store_true",
@@ -219,12 +226,15 @@ def main() -> None:
         ratio = args.loraplus_ratio if lora else None
         name = row_name(kind, rate, steps) + ("" if ratio is None else f"_lp{ratio:g}")
         name += f"_save_{'_'.join(lora['modules_to_save'])}" if lora and args.modules_to_save else ""
+        frozen = tuple(args.frozen.split("+")) if args.frozen and not lora else ()
+        name += f"_frozen_{'_'.join(frozen)}" if frozen else ""
         name += "" if args.train_seed is None else f"_seed{args.train_seed}"
         seconds = train_or_reuse(name, out / name, base, ("dialogsum",), (), steps or settings.sft_steps, float(rate),
-                                 settings, tokenizer_dir, lora, ratio, args.train_seed)
+                                 settings, tokenizer_dir, lora, ratio, args.train_seed, frozen)
         score(name, out / name, learning_rate=float(rate), lora=lora, train_seconds=seconds,
               **({} if steps is None else {"steps": steps}), **({} if ratio is None else {"loraplus_lr_ratio": ratio}),
-              **({} if args.train_seed is None else {"train_seed": args.train_seed}))
+              **({} if args.train_seed is None else {"train_seed": args.train_seed}),
+              **({"frozen": list(frozen)} if frozen else {}))
 
 
 if __name__ == "__main__":

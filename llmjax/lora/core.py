@@ -15,7 +15,8 @@ path (``.../self_attention_norm/scale``, ``lm_head/kernel``), which replaces the
 Targets are named as in Hugging Face PEFT, by the last component of the Hugging Face module name
 (``q``, ``v``, ``wi_0`` for T5; ``q_proj``, ``gate_proj`` for LLaMA), and PEFT matches a name
 wherever it occurs: ``q`` on T5 adapts the encoder's and the decoder's self-attention and the
-decoder's cross-attention (``EncDecAttention.q``). Which llmjax kernel is which module comes from
+decoder's cross-attention (``EncDecAttention.q``). ``lm_head`` adapts an untied output layer (``lm_head/kernel
+[d_model, vocab]``), the one target outside the layers. Which llmjax kernel is which module comes from
 the family's Hugging Face table (:mod:`llmjax.hf`), the one place that knows.
 """
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from llmjax import hf
 from llmjax.adapter_configs import (  # noqa: F401 (re-exported)
-    ALL_LINEAR, FAMILY_TARGETS, PISSA, LoraConfig, LoraConfigError, resolve_targets,
+    ALL_LINEAR, FAMILY_TARGETS, OUTPUT_LAYER, PISSA, LoraConfig, LoraConfigError, check_lora_targets, resolve_targets,
 )
 from llmjax.models.layers import Dense
 
@@ -79,21 +80,24 @@ def _layer_index(path: Path) -> int:
 def sites(config, cfg: LoraConfig) -> list[Site]:
     """The kernels ``cfg`` adapts in the model of ``config`` (scanned layout when ``config.scan_layers``).
 
-    ``all-linear`` adapts every projection inside the layers. Raises :class:`LoraConfigError` for a target
-    this model does not have, listing the ones it has.
+    ``all-linear`` adapts every projection inside the layers; ``lm_head`` an untied output layer. Raises
+    :class:`LoraConfigError` for a target this model does not have, listing the ones it has.
     """
     weights = hf.weight_map(config)
     by_target: dict[str, list] = {}
     for row in weights.rows:
-        if row.path[-1] == "kernel" and any(_LAYER_KEY.fullmatch(key) for key in row.path):
+        in_layer = any(_LAYER_KEY.fullmatch(key) for key in row.path)
+        if row.path[-1] == "kernel" and (in_layer or row.path[:-1] == (OUTPUT_LAYER,)):
             module = row.hf_name.rsplit(".", 1)[0]
-            by_target.setdefault(module.rsplit(".", 1)[1], []).append((module, row.path[:-1]))
+            by_target.setdefault(module.rsplit(".", 1)[-1], []).append((module, row.path[:-1]))
     targets = resolve_targets(cfg, config).target_modules
     missing = [t for t in targets if t not in by_target]
     if missing:
+        check_lora_targets(cfg, config)  # the tied head's own message
+        order = [*FAMILY_TARGETS[weights.family], OUTPUT_LAYER]
         raise LoraConfigError(
             f"lora target_modules {missing} are not modules of this {weights.family} model; its modules are "
-            f"{sorted(by_target, key=list(FAMILY_TARGETS[weights.family]).index)}"
+            f"{sorted(by_target, key=order.index)}"
         )
     grouped: dict[Path, list] = {}
     for target in targets:
@@ -365,21 +369,26 @@ def _adapted_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
             for p in _adapted_paths(sub, prefix + (key,))]
 
 
+_ADAPTER_LEAVES = (LORA_A, LORA_B, MAGNITUDE, *FROZEN_LEAVES)  # what an adapted module's dict holds of LoRA's own
+
+
 def _saved_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
-    """Paths of the trained full copies (``modules_to_save``) in an adapters tree: its leaves outside LoRA's."""
+    """Paths of the full weight copies in an adapters tree: its leaves outside LoRA's. They are the
+    ``modules_to_save`` copies and, beside an adapted output layer's A and B, the head's own weight when a PEFT
+    adapter stored it (PEFT's ``save_embedding_layers``: the adapter then applies to that weight)."""
     if LORA_A in adapters or LORA_B in adapters:
-        return []
+        return [prefix + (key,) for key in adapters if key not in _ADAPTER_LEAVES]
     return [p for key, sub in adapters.items()
             for p in (_saved_paths(sub, prefix + (key,)) if isinstance(sub, Mapping) else [prefix + (key,)])]
 
 
 def lora_part(adapters: Mapping) -> dict:
-    """``adapters`` without the ``modules_to_save`` copies: the A, B (and DoRA) leaves alone."""
+    """``adapters`` without the full weight copies: the A, B (and DoRA, PiSSA) leaves alone."""
     if not _saved_paths(adapters):
         return adapters
     out: dict = {}
     for path in _adapted_paths(adapters):
-        _set(out, path, _get(adapters, path))
+        _set(out, path, {key: value for key, value in _get(adapters, path).items() if key in _ADAPTER_LEAVES})
     return out
 
 
@@ -444,14 +453,14 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
 
 
 def merge(params, adapters, cfg: LoraConfig):
-    """Params with each adapted kernel replaced by ``kernel + scale * A @ B`` (in the kernel's dtype), for DoRA
-    ``(kernel + scale * A @ B) * dora_factor`` per output channel, and each ``modules_to_save`` weight by the
-    adapters' trained copy.
+    """Params with each ``modules_to_save`` weight replaced by the adapters' trained copy (and a head by the weight
+    a PEFT adapter stored for it), then each adapted kernel by ``kernel + scale * A @ B`` (in the kernel's dtype),
+    for DoRA ``(kernel + scale * A @ B) * dora_factor`` per output channel.
 
     Pure and jittable; untouched leaves are shared, not copied. Works on either layout (the adapters
     must come from the same one).
     """
-    return with_saved(_shift(params, adapters, cfg, 1.0), adapters)
+    return _shift(with_saved(params, adapters), lora_part(adapters), cfg, 1.0)
 
 
 def unmerge(merged, adapters, cfg: LoraConfig):

@@ -21,9 +21,13 @@ kernel's norms, which an adapter file without the base cannot give). Every other
 computed (a bias on ``lora_B``, replicated layers, ...) is refused with the option named, and so is an adapter
 whose ``init_lora_weights`` changed its base at init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA saved without PEFT's
 conversion): it applies to that changed base, not to the one it names. llmjax's own PiSSA adapters are saved in that
-conversion's form, a plain LoRA of rank ``2r`` for the unchanged base. ``modules_to_save`` (whole
-modules trained beside the adapters) is read and written: each of their weights under its own Hugging Face name,
-``base_model.model.<module>.weight``, as ``peft`` saves them (:func:`llmjax.lora.saved_leaves` says which).
+conversion's form, a plain LoRA of rank ``2r`` for the unchanged base. An adapted untied ``lm_head`` is read and
+written like any module; the head's own weight, which ``peft`` stores beside its adapter
+(``base_model.model.lm_head.base_layer.weight``, PEFT's ``save_embedding_layers``) and loads in place of the base's,
+is read into the adapters as the head's weight (``lm_head/kernel``, which the merge and the factored forward use)
+and written back. ``modules_to_save`` (whole modules trained beside the adapters) is read and written: each of
+their weights under its own Hugging Face name, ``base_model.model.<module>.weight``, as ``peft`` saves them
+(:func:`llmjax.lora.saved_leaves` says which).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import jax
 import numpy as np
 
 from llmjax import hf
-from llmjax.adapter_configs import check_lora_targets, lora_targets
+from llmjax.adapter_configs import OUTPUT_LAYER, adaptable_targets, check_lora_targets
 from llmjax.errors import InputError
 from llmjax.hf.io import (
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TASK_TYPES, CheckpointError, read_adapter_dir, write_adapter_dir,
@@ -84,6 +88,11 @@ def _key(module: str, matrix: str) -> str:
     return f"{_PREFIX}{module}.{matrix}" + ("" if matrix == MAGNITUDE else ".weight")
 
 
+def _head_key(module: str) -> str:
+    """Where PEFT stores the own weight of an adapted embedding-like layer (an output layer) when it saves it."""
+    return f"{_PREFIX}{module}.base_layer.weight"
+
+
 def _kernel_shape(config, site: Site) -> tuple[int, int]:
     """``(in, out)`` of one layer's kernel at ``site``."""
     return hf.weight_map(config).shapes[site.unscanned[0] + ("kernel",)]
@@ -128,6 +137,9 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
                     raise ValueError(f"adapter {'/'.join(site.path)}/{name} has per-layer shape {layer.shape}, "
                                      f"expected {want} for r={cfg.r}")
                 tensors[_key(module, name)] = np.ascontiguousarray(layer.T)  # a vector's .T is itself
+        if "kernel" in node:  # a head's weight read from a PEFT adapter: written back where PEFT keeps it
+            tensors[_head_key(site.hf_modules[0])] = np.ascontiguousarray(
+                np.asarray(jax.device_get(unboxed(node["kernel"])), np.float32).T)
     for leaf in saved_leaves(model.config, cfg):
         value = np.asarray(jax.device_get(unboxed(_at(adapters, leaf.path, "(a modules_to_save copy)"))), np.float32)
         layers = list(value) if leaf.stacked else [value]
@@ -196,12 +208,13 @@ def _check_options(raw: dict, model, file) -> None:
 
 
 def _targeted(raw: dict, every: list[str], file) -> list[str]:
-    """The modules of ``every`` (each layer's projections, full HF names) that PEFT adapts: ``target_modules``
+    """The modules of ``every`` (each layer's projections and an untied ``lm_head``, full HF names) that PEFT
+    adapts: ``target_modules``
     (a list of names or ``.``-suffixes, a regular expression matched against the whole name, or
     ``all-linear``), less ``exclude_modules``, in the layers ``layers_to_transform`` keeps."""
     targets = raw.get("target_modules")
-    if targets == ALL_LINEAR:
-        chosen = list(every)
+    if targets == ALL_LINEAR:  # PEFT's shorthand leaves the output layer out
+        chosen = [m for m in every if m != OUTPUT_LAYER]
     elif isinstance(targets, str):
         try:
             chosen = [m for m in every if re.fullmatch(targets, m)]
@@ -229,6 +242,11 @@ def _targeted(raw: dict, every: list[str], file) -> list[str]:
         raise AdapterError(f"{file}: target_modules, exclude_modules and layers_to_transform leave no module "
                            "adapted; the adapter changes nothing")
     return chosen
+
+
+def _leaf(module: str) -> str:
+    """The last part of an HF module name (``q`` of ``encoder.block.0.layer.0.SelfAttention.q``, ``lm_head``)."""
+    return module.rsplit(".", 1)[-1]
 
 
 def _in_layers(raw: dict, module: str, file) -> bool:
@@ -263,9 +281,14 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
     """``(cfg, {module: (r, B factor)})``: the uniform config llmjax holds the adapter in, and for each module
     PEFT adapts (full HF name), its own rank and the factor ``its scale / cfg.scale`` its ``lora_B`` takes."""
     _check_options(raw, model, file)
-    every = [m for site in sites(model.config, LoraConfig(1, 1, target_modules=ALL_LINEAR)) for m in site.hf_modules]
+    every = [m for site in sites(model.config, LoraConfig(1, 1, target_modules=adaptable_targets(model.config)))
+             for m in site.hf_modules]
     targets = raw.get("target_modules")
     plain = [t for t in targets if isinstance(t, str) and "." not in t] if isinstance(targets, list) else []
+    if OUTPUT_LAYER in plain and model.config.tie_word_embeddings:
+        raise AdapterError(f"{file}: the adapter adapts lm_head, which this model ties to its input embedding "
+                           "(tie_word_embeddings: true); llmjax computes that head from the embedding and cannot "
+                           "adapt it alone. Merge the adapter with peft (merge_and_unload) and load the merged model")
     if plain:  # a plain name no layer of this model has: say which names it has
         try:
             check_lora_targets(LoraConfig(1, 1, target_modules=plain), model.config)
@@ -278,10 +301,10 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
         alphas = {m: _pattern_value(raw.get("alpha_pattern") or {}, m, raw["lora_alpha"]) for m in chosen}
         own = {m: LoraConfig(r=ranks[m], lora_alpha=alphas[m], use_rslora=use_rslora, target_modules=ALL_LINEAR)
                for m in chosen}  # checks each module's r and alpha
-        names = [n for n in lora_targets(model.config) if any(m.rsplit(".", 1)[1] == n for m in chosen)]
-        covered = set(chosen) == {m for m in every if m.rsplit(".", 1)[1] in names}
+        names = [n for n in adaptable_targets(model.config) if any(_leaf(m) == n for m in chosen)]
+        covered = set(chosen) == {m for m in every if _leaf(m) in names}
         if use_dora and not covered:
-            left = sorted({m for m in every if m.rsplit(".", 1)[1] in names} - set(chosen))
+            left = sorted({m for m in every if _leaf(m) in names} - set(chosen))
             raise AdapterError(
                 f"{file}: a DoRA adapter that leaves some layers of its modules alone ({len(left)} of them, e.g. "
                 f"{left[0]!r}) is not supported; llmjax holds one magnitude per layer of each adapted module, which "
@@ -317,7 +340,9 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     saved = saved_leaves(model.config, cfg)
     expected = {_key(m, name) for m in own for name in adapter_leaves(cfg)}
     expected |= {_PREFIX + name for leaf in saved for name in leaf.hf_names}
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    head = _head_key(OUTPUT_LAYER)  # PEFT stores an adapted head's own weight too (save_embedding_layers)
+    allowed = expected | ({head} if OUTPUT_LAYER in own else set())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - allowed)
     if missing or unexpected:
         raise AdapterError(
             f"{file}: tensors do not match target_modules {json.dumps(raw.get('target_modules'))} on this model: "
@@ -354,6 +379,12 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
         for name, layers in ((LORA_A, a_layers), (LORA_B, b_layers), (MAGNITUDE, m_layers)):
             if layers:
                 node[name] = np.stack(layers) if site.stacked else layers[0]
+        if site.hf_modules == (OUTPUT_LAYER,) and head in tensors:  # the weight the adapter applies to
+            stored = np.asarray(tensors[head], np.float32)
+            if stored.shape != (fan_out, fan_in):
+                raise AdapterError(f"{file}: tensor {head!r} has shape {stored.shape}, expected {(fan_out, fan_in)} "
+                                   "for this model's lm_head; the adapter and the base model do not match")
+            node["kernel"] = np.ascontiguousarray(stored.T)
     shapes = hf.weight_map(model.config).shapes
     for leaf in saved:
         layers = []

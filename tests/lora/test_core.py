@@ -145,8 +145,29 @@ def test_config_rejects(kwargs, match):
 
 
 def test_target_of_the_other_family_names_the_model_modules():
-    with pytest.raises(lora.LoraConfigError, match=r"\['q_proj'\] are not modules of this T5 model.*'wi_0'"):
+    with pytest.raises(lora.LoraConfigError, match=r"\['q_proj'\] are not modules of this T5 model.*'wi_0'.*'lm_head'"):
         lora.init(_tiny("t5", False), None, lora.LoraConfig(4, 8, target_modules=("q", "q_proj")), jax.random.key(0))
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_output_layer_is_a_target_only_when_untied(family):
+    """``lm_head`` adapts an untied head ([d_model, vocab], one site outside the layers, scanned or not); a tied
+    head is the embedding and is refused, before anything is built."""
+    config = TINY_T5 if family == "t5" else TINY_LLAMA
+    cfg = lora.LoraConfig(2, 4, target_modules=("lm_head",))
+    for scan in (False, True):
+        (site,) = lora.sites(dataclasses.replace(config, scan_layers=scan), cfg)
+        assert (site.path, site.hf_modules, site.stacked) == (("lm_head",), ("lm_head",), False)
+    tied = dataclasses.replace(config, tie_word_embeddings=True)
+    with pytest.raises(lora.LoraConfigError, match="ties its output layer to the input embedding"):
+        lora.sites(tied, cfg)
+    from llmjax.config import ConfigError, load_config
+    from tests.conftest import REPO
+
+    shipped = REPO / "configs" / "sft_t5_tiny_lora.yaml"  # its T5 is untied (v1.1)
+    assert load_config(shipped, ["lora.target_modules=[q, lm_head]"]).lora.target_modules == ("q", "lm_head")
+    with pytest.raises(ConfigError, match="ties its output layer"):
+        load_config(shipped, ["lora.target_modules=[q, lm_head]", "model.tie_word_embeddings=true"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,12 +219,18 @@ def test_boxed_params_give_boxed_adapters_with_kernel_axes(scan):
     assert tuple(site["self_attention"]["v"]["lora_B"]) == lead + (None, "kv_heads")
     assert tuple(site["mlp"]["wo"]["lora_A"]) == lead + ("mlp", None)
     assert tuple(site["mlp"]["wo"]["lora_B"]) == lead + (None, "embed")
+    head = jax.eval_shape(lambda k: lora.init(model, boxed, lora.LoraConfig(2, 4, target_modules=("lm_head",)), k),
+                          jax.random.key(1))
+    head = nn.get_partition_spec(head)["lm_head"]
+    assert (tuple(head["lora_A"]), tuple(head["lora_B"])) == (("embed", None), (None, "vocab"))
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_step0_merge_unmerge(family):
-    """Fresh adapters leave the logits unchanged; merged == factored forward; unmerge restores the base."""
-    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=T5_TARGETS if family == "t5" else LLAMA_TARGETS)
+    """Fresh adapters leave the logits unchanged; merged == factored forward; unmerge restores the base (the
+    untied output layer adapted too)."""
+    cfg = lora.LoraConfig(r=4, lora_alpha=8,
+                          target_modules=(*(T5_TARGETS if family == "t5" else LLAMA_TARGETS), "lm_head"))
     model = _tiny(family, False)
     params = random_params(model)
     inputs = _inputs(model)
@@ -286,7 +313,7 @@ def factored_matches_merged(model, params, adapters, cfg, inputs):
 def test_factored_equals_merged_on_scanned_stack_values_and_grads():
     """apply_factored slices the stacked adapters per layer (the "lora" collection scans like params): logits and
     adapter gradients equal those of the merged params; lora_dropout acts only with a dropout rng."""
-    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"))
+    cfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj", "lm_head"))
     flat, scanned = _tiny("llama", False), _tiny("llama", True)
     params = random_params(flat)
     adapters = stack_layers(_random_b(lora.init(flat, params, cfg, jax.random.key(1)), seed=5), flat.config)
@@ -294,6 +321,7 @@ def test_factored_equals_merged_on_scanned_stack_values_and_grads():
     inputs = _inputs(scanned)
     g_merged, logits_merged = factored_matches_merged(scanned, params, adapters, cfg, inputs)
     assert (np.abs(np.asarray(g_merged["layers"]["mlp"]["wo"]["lora_B"])).max(axis=(1, 2)) > 0).all()  # every layer
+    assert np.abs(np.asarray(g_merged["lm_head"]["lora_A"])).max() > 0  # the head's adapter trains
 
     dropped = dataclasses.replace(cfg, lora_dropout=0.5)
     run = jax.jit(lambda key: lora.apply_factored(scanned, params, adapters, dropped, *inputs, rngs={"dropout": key}))

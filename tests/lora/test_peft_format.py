@@ -179,6 +179,65 @@ def test_dora_parity_both_ways(family, scan, base_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_output_layer_parity_both_ways(family, scan, base_dirs, tmp_path):
+    """LoRA on an untied output layer (``lm_head`` in ``target_modules``), both ways against peft, plain and DoRA."""
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+    some = FAMILIES[family][2][1::3]
+    for dora in (False, True):
+        # (a) peft writes, llmjax reads: peft's logits, which the head's adapter changes
+        out = tmp_path / f"from_peft_{dora}"
+        peft_model = _peft_adapter(family, base_dirs[family], out, target_modules=[*some, "lm_head"], use_dora=dora)
+        adapters, cfg = lora.from_pretrained(model, out)
+        assert set(cfg.target_modules) == {*some, "lm_head"} and cfg.use_dora == dora
+        assert lora.LORA_A in adapters["lm_head"]
+        want = _torch_logits(peft_model, family)
+        np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
+        headless = {key: value for key, value in adapters.items() if key != "lm_head"}
+        other = _llmjax_logits(model, params, headless, dataclasses.replace(cfg, target_modules=some), family)
+        assert np.abs(other - want).max() > 1e-2  # the head's adapter matters
+        # peft also stored the head's own weight (save_embedding_layers), which the adapter applies to: change it
+        # there, and both apply the changed head; llmjax writes it back where peft reads it
+        key = "base_model.model.lm_head.base_layer.weight"
+        tensors = safetensors.numpy.load_file(str(out / "adapter_model.safetensors"))
+        tensors[key] = tensors[key] * np.float32(1.3)
+        safetensors.numpy.save_file(tensors, str(out / "adapter_model.safetensors"))
+        moved = _torch_logits(peft.PeftModel.from_pretrained(_torch_base(family, base_dirs[family]), str(out)).eval(),
+                              family)
+        assert np.abs(moved - want).max() > 1e-2
+        adapters, cfg = lora.from_pretrained(model, out)
+        np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), moved, atol=TOL, rtol=0)
+        with pytest.raises(lora.LoraConfigError, match="cannot undo"):
+            lora.unmerge(lora.merge(params, adapters, cfg), adapters, cfg)
+        _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family], tmp_path / f"re_{dora}")
+
+        # (b) llmjax writes, peft reads; and back bit-exactly
+        cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=["lm_head", *some], use_dora=dora)
+        adapters = _random_b(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
+        if dora:
+            from tests.lora.test_dora import _random_magnitude
+
+            adapters = _random_magnitude(adapters, seed=5)
+        written = _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family],
+                                                 tmp_path / f"from_llmjax_{dora}")
+        assert "lm_head" in written["target_modules"]
+
+
+def test_output_layer_of_a_tied_model_is_refused(tmp_path):
+    """A tied head is the embedding: LoRA on ``lm_head`` is refused, in a config and in a peft adapter."""
+    base = torch_t5(0, vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2)
+    assert base.config.tie_word_embeddings
+    base.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    model, params = llmjax.hf.from_pretrained(tmp_path / "base")
+    with pytest.raises(lora.LoraConfigError, match="ties its output layer"):
+        lora.init(model, params, lora.LoraConfig(2, 4, target_modules=["q", "lm_head"]), jax.random.key(0))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "lm_head"], task_type="SEQ_2_SEQ_LM")
+    peft.get_peft_model(base, config).save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(lora.AdapterError, match="adapts lm_head, which this model ties"):
+        lora.from_pretrained(model, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
 @pytest.mark.parametrize("family, saved", [("t5", ["layer_norm"]), ("llama", ["norm", "lm_head"])])
 def test_modules_to_save_parity_both_ways(family, saved, scan, base_dirs, tmp_path):
     """``modules_to_save`` both ways against peft: its trained copies (every T5 norm; LLaMA's norms and untied

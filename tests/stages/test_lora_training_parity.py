@@ -35,12 +35,12 @@ MODELS = {  # family -> (random transformers model, run config, decoder rows)
               CONFIGS_DIR / "sft_decoder_tiny.yaml", 384),
 }
 CASES = {  # case -> (family, scan_layers, adapter overrides, clip)
-    "lora-t5-scanned": ("t5", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v, wo]"], 5.0),
+    "lora-t5-scanned": ("t5", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v, wo]"], 1.8),
     "lora-llama-unscanned": ("llama", False, ["lora.r=4", "lora.lora_alpha=8",
                                               "lora.target_modules=[q_proj, v_proj, down_proj]"], 0.45),
     "dora-t5-scanned": ("t5", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v, wo]",
-                                      "lora.use_dora=true"], 5.0),
-    "prompt-t5-scanned": ("t5", True, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.3),
+                                      "lora.use_dora=true"], 1.8),
+    "prompt-t5-scanned": ("t5", True, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.085),
     "prompt-llama-unscanned": ("llama", False, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.008),
 }
 SLOW = ("lora-llama-unscanned", "prompt-t5-scanned")
