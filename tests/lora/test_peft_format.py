@@ -433,8 +433,9 @@ def test_from_pretrained_refuses_missing_files(t5_adapter, tmp_path):
 # llmjax lora merge
 
 
-@pytest.mark.parametrize("options", [{}, {"use_dora": True}, {"modules_to_save": ["layer_norm", "lm_head"]}],
-                         ids=["lora", "dora", "modules_to_save"])
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}, {"modules_to_save": ["layer_norm", "lm_head"]},
+                                     {"target_modules": ["q", "wo", "lm_head"]}],
+                         ids=["lora", "dora", "modules_to_save", "lm_head"])
 def test_cli_lora_merge_equals_peft_merge_and_unload(options, base_dirs, tmp_path, capsys):
     base = tmp_path / "base"
     base.mkdir()
