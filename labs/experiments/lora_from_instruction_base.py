@@ -13,8 +13,9 @@ stand-in for that instruction tuning and measures full fine-tuning and LoRA from
    trains everything, ``r<R>@LR`` LoRA rank R on q and v (``lora_alpha`` = 2R, as the lab's rows),
    ``r<R>all@LR`` LoRA on every dense kernel, ``r<R>[m1+m2+...]@LR`` on the listed modules; ``d`` in place of
    ``r`` (``d2[q+v]@LR``) trains DoRA (``use_dora``) instead of plain LoRA, ``p`` PiSSA (``init_lora_weights:
-   pissa``); ``KIND@LR/STEPS`` trains STEPS steps
-   instead of the lab's 1000 (its cosine decay stretched over them).
+   pissa``); ``lm_head`` among the listed modules adapts the untied output layer too; ``KIND@LR/STEPS`` trains STEPS
+   steps instead of the lab's 1000 (its cosine decay stretched over them). ``--frozen shared+lm_head`` keeps the
+   full rows' embedding and output layer frozen (``train.frozen``).
 
 Each model (the base zero-shot included) summarizes the first ``--test-limit`` test dialogues, greedy. ROUGE-L is
 reported on all of them and apart on the topics the base saw and those it did not. Writes ``OUT/results.json``
@@ -28,7 +29,10 @@ rows at other ``--train-seed``s, later that day, by the sixth to ninth; its rows
 ``--modules-to-save layer_norm``, and its PiSSA rows by the tenth to thirteenth). ``--d-model`` widens the lab's T5
 (``d_kv`` and ``d_ff`` in proportion), so that 2% of it holds more adapter parameters; ``--base-lr`` sets the pre-training's and the
 base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than half of it). That run is in
-``labs/experiments/lora_from_instruction_base_wide/``.
+``labs/experiments/lora_from_instruction_base_wide/``. The all-topics experiment run again on 2026-12-07 on an AMD EPYC
+machine, whose base differs from the Intel Xeon's (zero-shot 0.657 against 0.637), with the output layer adapted
+too and the full rows' vocabulary layers frozen, is in ``labs/experiments/lora_from_instruction_base_all_topics_epyc/``
+(the last commands below, in order).
 
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_instruction_base
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics --topics all \
@@ -58,6 +62,20 @@ r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0
         --base-steps 2000 --add-rows --rows "p2[q+v+o+wi_0+wi_1+wo]@6e-3,p2[q+v+o+wi_0+wi_1+wo]@2e-3,p2[q+v+o+wi_0+wi_1+wo]@1e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_wide --topics all \
         --base-steps 2000 --d-model 256 --base-lr 1.5e-3 --rows "full@1.5e-3,r4[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3,full@7.5e-4"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
+        --base-steps 2000 --frozen shared+lm_head --rows "full@3e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
+        --base-steps 2000 --add-rows --rows "r2[q+v+o+wi_0+wi_1+wo+lm_head]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
+        --base-steps 2000 --add-rows --rows "full@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
+        --base-steps 2000 --add-rows --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo+lm_head]@6e-3,full@3e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
+        --base-steps 2000 --add-rows --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo+lm_head]@6e-3,full@3e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
+        --base-steps 2000 --add-rows --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
+        --base-steps 2000 --add-rows --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
 """
 
 from __future__ import annotations
