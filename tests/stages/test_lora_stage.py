@@ -227,10 +227,15 @@ def test_a_lora_run_in_the_other_layer_layout_than_its_base_loads_merged(base_di
     assert jax.tree_util.tree_structure(loaded.params) == jax.tree_util.tree_structure(expected)
 
 
-def test_merged_and_factored_forms_give_the_same_loss_and_adapter_gradients(base_dir, tmp_path):
+def test_merged_and_factored_forms_give_the_same_loss_and_adapter_gradients(base_dir, tmp_path, monkeypatch):
     """``with_lora``'s two forms of the loss (merged kernels; adapters computed factored, the default where the
     stage can rebuild its loss) agree in loss and adapter gradients; a form that cannot run is refused by name."""
     from llmjax.stages.adapters import with_lora
+
+    called: list[str] = []  # which form each loss traced: lora.merge or lora.apply_factored
+    for name in ("merge", "apply_factored"):
+        original = getattr(lora, name)
+        monkeypatch.setattr(lora, name, lambda *a, _f=original, _n=name, **k: called.append(_n) or _f(*a, **k))
 
     plain = stage_module("sft").build_stage(_sft(base_dir, tmp_path / "plain", "model.dropout_rate=0.0"))
     cfg = lora.LoraConfig(4, 8, 0.0, ("q", "v", "wo"))
@@ -240,13 +245,17 @@ def test_merged_and_factored_forms_give_the_same_loss_and_adapter_gradients(base
     tree["lora"] = jax.tree_util.tree_map(lambda x: x + 0.05, tree["lora"])  # B away from zero
     batch = next(plain.train_data)
     results = {}
+    traced = {}
     for form, stage in stages.items():
+        called.clear()
         loss, grads = jax.jit(jax.value_and_grad(
             lambda adapters, s=stage: s.loss_fn({**tree, "lora": adapters}, batch, None)[0]))(tree["lora"])
-        results[form] = (float(loss), grads)
-    assert results["auto"][0] == results["factored"][0]  # the default is the factored form,
-    assert results["auto, no loss_for"][0] == results["merged"][0]  # merged where the loss cannot be rebuilt
-    assert results["factored"][0] != results["merged"][0]  # (the two differ in rounding, so the above can fail)
+        results[form], traced[form] = (float(loss), grads), set(called)
+    # the default is the factored form, merged where the stage cannot rebuild its loss
+    assert traced == {"auto": {"apply_factored"}, "factored": {"apply_factored"}, "merged": {"merge"},
+                      "auto, no loss_for": {"merge"}}
+    assert results["auto"][0] == results["factored"][0]
+    assert results["auto, no loss_for"][0] == results["merged"][0]
     assert results["factored"][0] == pytest.approx(results["merged"][0], rel=1e-5)
     gradients = [jax.tree_util.tree_leaves(results[form][1]) for form in ("merged", "factored")]
     largest = max(float(np.abs(g).max()) for g in gradients[0])  # the loss is a sum over tokens
