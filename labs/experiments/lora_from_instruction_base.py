@@ -74,8 +74,6 @@ r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0
         --base-steps 2000 --add-rows --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
         --base-steps 2000 --add-rows --train-seed 2 --rows "full@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3"
-    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
-        --base-steps 2000 --add-rows --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo+lm_head]@6e-3"
 """
 
 from __future__ import annotations

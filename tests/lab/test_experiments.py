@@ -15,6 +15,7 @@ INSTRUCTION_BASE = EXPERIMENTS / "lora_from_instruction_base"
 ALL_TOPICS_BASE = EXPERIMENTS / "lora_from_instruction_base_all_topics"
 DENOISING_BASE = EXPERIMENTS / "lora_from_denoising_base"
 WIDE_BASE = EXPERIMENTS / "lora_from_instruction_base_wide"
+EPYC_BASE = EXPERIMENTS / "lora_from_instruction_base_all_topics_epyc"
 
 
 def rescored(run: Path) -> tuple[dict, dict]:
@@ -133,3 +134,28 @@ def test_lora_from_a_denoising_base_rescores_and_stays_short_of_full_fine_tuning
     # lab's, and the small adapters learn more from it than from span corruption alone, still far short.
     assert results["base_zero_shot"]["rougeL"] < 0.25 * full
     assert max(results[row]["rougeL"] for row in small_lora_rows(results)) < PEFT_QUALITY * full
+
+
+@pytest.mark.skipif(not (EPYC_BASE / "results.json").is_file(), reason="no saved EPYC all-topics experiment")
+def test_lora_from_the_all_topics_base_built_on_another_machine_meets_the_target_in_the_mean_of_three_seeds():
+    results, settings = rescored(EPYC_BASE)
+    assert settings["topics"] == "all" and settings["base_steps"] == 2000 and settings["test_limit"] == 200
+    if (ALL_TOPICS_BASE / "results.json").is_file():  # the same settings gave another base on the Intel Xeon
+        intel, _ = rescored(ALL_TOPICS_BASE)
+        assert abs(results["base_zero_shot"]["rougeL"] - intel["base_zero_shot"]["rougeL"]) > 0.01
+    seeds = ("", "_seed1", "_seed2")
+    full = [results[f"full_ft{s}"]["rougeL"] for s in seeds]
+    adapter = [results[f"lora_r2_q_v_o_wi_0_wi_1_wo_lr6e-3{s}"] for s in seeds]
+    assert all(e["trainable_fraction"] <= PEFT_FRACTION and e["learning_rate"] == 6e-3 for e in adapter)
+    # The README's reading: on this base the lab's adapter reaches 97% of full fine-tuning seed by seed and in the
+    # mean of the three seeds (on the Intel base, 96.15%: the draw of the base moves it by more than any lever).
+    assert all(e["rougeL"] >= PEFT_QUALITY * f for e, f in zip(adapter, full))
+    assert sum(e["rougeL"] for e in adapter) >= PEFT_QUALITY * sum(full)
+    # The output layer adapted too (1.94%) reads below plain LoRA at both seeds it ran.
+    head = [results[f"lora_r2_q_v_o_wi_0_wi_1_wo_lm_head_lr6e-3{s}"] for s in seeds[:2]]
+    assert all("lm_head" in e["lora"]["target_modules"] and e["trainable_fraction"] <= PEFT_FRACTION for e in head)
+    assert all(h["rougeL"] < a["rougeL"] for h, a in zip(head, adapter))
+    # Full fine-tuning with the embedding and the output layer frozen is no worse than with them.
+    frozen = results["full_ft_frozen_shared_lm_head"]
+    assert frozen["frozen"] == ["shared", "lm_head"] and 0.7 < frozen["trainable_fraction"] < 0.8
+    assert frozen["rougeL"] >= full[0]
