@@ -83,6 +83,7 @@ def sites(config, cfg: LoraConfig) -> list[Site]:
     ``all-linear`` adapts every projection inside the layers; ``lm_head`` an untied output layer. Raises
     :class:`LoraConfigError` for a target this model does not have, listing the ones it has.
     """
+    check_lora_targets(cfg, config)  # a target this model lacks (a tied head included), named with the ones it has
     weights = hf.weight_map(config)
     by_target: dict[str, list] = {}
     for row in weights.rows:
@@ -91,14 +92,6 @@ def sites(config, cfg: LoraConfig) -> list[Site]:
             module = row.hf_name.rsplit(".", 1)[0]
             by_target.setdefault(module.rsplit(".", 1)[-1], []).append((module, row.path[:-1]))
     targets = resolve_targets(cfg, config).target_modules
-    missing = [t for t in targets if t not in by_target]
-    if missing:
-        check_lora_targets(cfg, config)  # the tied head's own message
-        order = [*FAMILY_TARGETS[weights.family], OUTPUT_LAYER]
-        raise LoraConfigError(
-            f"lora target_modules {missing} are not modules of this {weights.family} model; its modules are "
-            f"{sorted(by_target, key=order.index)}"
-        )
     grouped: dict[Path, list] = {}
     for target in targets:
         for module, path in by_target[target]:

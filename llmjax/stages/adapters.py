@@ -102,7 +102,8 @@ def with_lora(stage: Stage, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig |
 
     _check_pissa_base(cfg, stage.base is not None)
     pissa_start = None
-    if cfg.init_lora_weights == lora.PISSA:  # decomposed once on the host: an SVD inside the jitted, sharded init can deadlock XLA's CPU runtime
+    if cfg.init_lora_weights == lora.PISSA:
+        # decomposed once on the host: an SVD inside the jitted, sharded init can deadlock XLA's CPU runtime
         pissa_start = lora.init(model, stage.base.params, cfg, jax.random.key(0))
 
     def init_tree(key, base):
