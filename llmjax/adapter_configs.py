@@ -77,6 +77,7 @@ FAMILY_TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 OUTPUT_LAYER = "lm_head"  # an untied output layer, adapted only when named (all-linear leaves it out, as PEFT's)
+INPUT_EMBEDDING = "embed_tokens"  # a decoder's input embedding, whose rows trainable_token_indices trains (PEFT's key)
 
 
 class LoraConfigError(InputError):
@@ -109,6 +110,10 @@ class LoraConfig:
       ``W - scale * A0 @ B0 + scale * A @ B`` (step 0 is the base). llmjax keeps ``W`` and the frozen ``A0``, ``B0``
       (:func:`llmjax.lora.pissa_factors`) and saves what PEFT's ``path_initial_model_for_weight_conversion`` saves:
       a plain LoRA of rank ``2r``, ``[A | A0]`` and ``[B; -B0]``, which applies to the unchanged base.
+    trainable_token_indices: token ids whose rows of a decoder's input embedding train in full beside the adapters
+      (PEFT's option, e.g. the rows of tokens added for a chat template): the adapters hold those rows, born as the
+      base's, and the model reads them in place of the base's (a tied output layer too, as PEFT ties it). PEFT's
+      dict form is read when it names the input embedding alone (``{"embed_tokens": [...]}``).
     """
 
     r: int
@@ -119,6 +124,7 @@ class LoraConfig:
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
     init_lora_weights: bool | str = True
+    trainable_token_indices: tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -160,10 +166,34 @@ class LoraConfig:
             listed = "; ".join(f"{family}: {[*names, OUTPUT_LAYER]}" for family, names in FAMILY_TARGETS.items())
             raise LoraConfigError(f"lora target_modules {unknown} are not module names llmjax can adapt ({listed})")
         object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "trainable_token_indices", _token_indices(self.trainable_token_indices))
 
     @property
     def scale(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _token_indices(value) -> tuple[int, ...]:
+    """``trainable_token_indices`` as a tuple of distinct token ids (PEFT's list, or its dict naming the input
+    embedding alone)."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        other = [key for key in value if key != INPUT_EMBEDDING]
+        if other:
+            raise LoraConfigError(
+                f"lora trainable_token_indices names {other}; llmjax trains token rows of the input embedding only "
+                f"(a list of ids, or {{{INPUT_EMBEDDING!r}: [...]}}); for an untied output layer adapt lm_head "
+                "(target_modules) or train it in full (modules_to_save)")
+        value = value.get(INPUT_EMBEDDING) or ()
+    ids = tuple(value) if isinstance(value, (list, tuple)) else None
+    if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise LoraConfigError(f"lora trainable_token_indices={value!r} must be a list of token ids (integers >= 0), "
+                              "e.g. [32000, 32001] for two tokens added to the vocabulary")
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise LoraConfigError(f"lora trainable_token_indices repeats {repeated}; give each token id once")
+    return ids
 
 
 def lora_targets(model_config) -> tuple[str, ...]:
@@ -204,3 +234,24 @@ def check_lora_targets(cfg: "LoraConfig", model_config) -> None:
         family = "T5" if "q" in have else "llama"
         raise LoraConfigError(f"lora target_modules {missing} are not modules of this {family} model; "
                               f"its modules are {list(have)}")
+    check_trainable_tokens(cfg, model_config)
+
+
+def check_trainable_tokens(cfg: "LoraConfig", model_config) -> None:
+    """Refuse ``trainable_token_indices`` on a model whose rows PEFT's format cannot carry, and ids past the
+    vocabulary."""
+    from llmjax.model_config import family_of
+
+    ids = cfg.trainable_token_indices
+    if not ids:
+        return
+    if family_of(model_config) == "t5":
+        raise LoraConfigError(
+            "lora trainable_token_indices is not supported on T5: its encoder and decoder read one shared embedding, "
+            "and PEFT wraps that module while T5's stacks keep reading the weight itself, so a PEFT adapter of these "
+            "rows changes none of T5's outputs and could not carry what llmjax trained. Drop the option, or give "
+            "new tokens their rows by full fine-tuning")
+    too_large = [i for i in ids if i >= model_config.vocab_size]
+    if too_large:
+        raise LoraConfigError(f"lora trainable_token_indices {too_large} are not token ids of this model (vocab_size "
+                              f"{model_config.vocab_size}); resize the vocabulary first or drop them")

@@ -10,7 +10,10 @@ the norm taken over the input axis for each output channel (PEFT's DoRA; :func:`
 ``init_lora_weights="pissa"`` (PiSSA) the module also holds the frozen ``lora_A_init`` / ``lora_B_init`` (A0, B0, the
 kernel's principal part, :func:`pissa_factors`) and the update is ``scale * (A @ B - A0 @ B0)``. With
 ``modules_to_save`` the adapters also hold a trained fp32 copy of each weight of those modules, at the weight's own
-path (``.../self_attention_norm/scale``, ``lm_head/kernel``), which replaces the base's (:func:`saved_leaves`).
+path (``.../self_attention_norm/scale``, ``lm_head/kernel``), which replaces the base's (:func:`saved_leaves`). With
+``trainable_token_indices`` (a decoder) they hold ``trainable_tokens_delta [n, d_model]`` beside the input embedding
+(``embed/trainable_tokens_delta``): the trained rows of those tokens, which replace the base's rows
+(:func:`token_site`; PEFT's name, though the rows are the new values, not differences).
 
 Targets are named as in Hugging Face PEFT, by the last component of the Hugging Face module name
 (``q``, ``v``, ``wi_0`` for T5; ``q_proj``, ``gate_proj`` for LLaMA), and PEFT matches a name
@@ -35,7 +38,8 @@ import numpy as np
 
 from llmjax import hf
 from llmjax.adapter_configs import (  # noqa: F401 (re-exported)
-    ALL_LINEAR, FAMILY_TARGETS, OUTPUT_LAYER, PISSA, LoraConfig, LoraConfigError, check_lora_targets, resolve_targets,
+    ALL_LINEAR, FAMILY_TARGETS, INPUT_EMBEDDING, OUTPUT_LAYER, PISSA, LoraConfig, LoraConfigError, check_lora_targets,
+    resolve_targets,
 )
 from llmjax.models.layers import Dense
 
@@ -43,6 +47,7 @@ LORA_A, LORA_B = "lora_A", "lora_B"
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's trained magnitude per output channel (PEFT's name)
 INIT_A, INIT_B = "lora_A_init", "lora_B_init"  # PiSSA's A0, B0: the adapters' frozen starting point
 FROZEN_LEAVES = (INIT_A, INIT_B)  # adapter leaves that never train
+TOKENS = "trainable_tokens_delta"  # the trained rows of trainable_token_indices, beside the input embedding
 _LAYER_KEY = re.compile(r"layers_(\d+)")
 
 Path = tuple[str, ...]
@@ -188,6 +193,33 @@ def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
     return leaves
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSite:
+    """Where ``trainable_token_indices`` act: the input embedding's weight in the params (``embed/embedding``), its
+    Hugging Face module (``model.embed_tokens``), and the adapters' leaf of the trained rows (beside the weight)."""
+
+    weight: Path
+    hf_module: str
+
+    @property
+    def rows(self) -> Path:
+        return self.weight[:-1] + (TOKENS,)
+
+
+def token_site(config, cfg: LoraConfig) -> TokenSite | None:
+    """The input embedding whose rows ``cfg.trainable_token_indices`` trains, or None without them. Raises
+    :class:`LoraConfigError` for a model that cannot have them (T5), ids past the vocabulary, and an embedding
+    ``modules_to_save`` also trains in full (one or the other, as PEFT says)."""
+    if not cfg.trainable_token_indices:
+        return None
+    check_lora_targets(cfg, config)
+    row = next(row for row in hf.weight_map(config).rows if row.hf_name.split(".")[-2:-1] == [INPUT_EMBEDDING])
+    if any(leaf.path == row.path for leaf in saved_leaves(config, cfg)):
+        raise LoraConfigError(f"lora modules_to_save trains {row.hf_name.rsplit('.', 1)[0]} in full and "
+                              "trainable_token_indices some of its rows; keep one of the two")
+    return TokenSite(row.path, row.hf_name.rsplit(".", 1)[0])
+
+
 def _get(tree: Mapping, path: Path):
     for key in path:
         tree = tree[key]
@@ -221,20 +253,20 @@ def unboxed(x):
 def init(model, params, cfg: LoraConfig, key: jax.Array, pissa_start: Mapping | None = None) -> dict:
     """Fresh adapters for ``model`` (``[in, r]`` A random, ``[r, out]`` B zeros, fp32): step 0 equals the base.
 
-    ``params``: the model's params (plain arrays, ``ShapeDtypeStruct``s, or ``nn.Partitioned`` boxes as
-    ``model.init`` returns them); only their kernels' shapes and boxes are read. With boxes, A is boxed
-    with the kernel's axes ``(..., in_axis, None)`` and B with ``(..., None, out_axis)``, so the adapters
-    shard like their kernels. A is drawn like PEFT's ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in
-    ``±1/sqrt(in)``, one key per HF module (so a scanned and an unscanned model get the same adapters).
-    With ``cfg.use_dora`` each module also gets its magnitude, the kernel's column norms (so step 0 still
-    equals the base): then the kernels' values are read, and ``ShapeDtypeStruct`` kernels give a
-    ``ShapeDtypeStruct`` magnitude. With ``cfg.modules_to_save`` each of their weights is copied in fp32 at its
-    own path (:func:`saved_leaves`), boxed as the base's. With ``init_lora_weights="pissa"`` A and B are the kernel's
-    principal factors (:func:`pissa_factors`, no key used), also kept as the frozen ``lora_A_init`` /
-    ``lora_B_init``; ``pissa_start`` (adapters that ``init`` made from the same kernels as host arrays) gives them
-    without an SVD in the traced program, which a jitted init sharded over several CPU devices needs: there XLA's
-    CPU runtime can deadlock on a decomposition between collectives. Pure: works under ``jit`` and
-    ``eval_shape``.
+    ``params``: the model's params (plain arrays, ``ShapeDtypeStruct``s, or ``nn.Partitioned`` boxes as ``model.init``
+    returns them); only their kernels' shapes and boxes are read. With boxes, A is boxed with the kernel's axes
+    ``(..., in_axis, None)`` and B with ``(..., None, out_axis)``, so the adapters shard like their kernels. A is
+    drawn like PEFT's ``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in ``±1/sqrt(in)``, one key per HF module (so a
+    scanned and an unscanned model get the same adapters). With ``cfg.use_dora`` each module also gets its magnitude,
+    the kernel's column norms (so step 0 still equals the base): then the kernels' values are read, and
+    ``ShapeDtypeStruct`` kernels give a ``ShapeDtypeStruct`` magnitude. With ``cfg.modules_to_save`` each of their
+    weights is copied in fp32 at its own path (:func:`saved_leaves`), boxed as the base's. With
+    ``init_lora_weights="pissa"`` A and B are the kernel's principal factors (:func:`pissa_factors`, no key used),
+    also kept as the frozen ``lora_A_init`` / ``lora_B_init``. With ``trainable_token_indices`` the input embedding's
+    rows of those tokens are copied in fp32 (:func:`token_site`), boxed ``(None, embed)``. ``pissa_start`` (adapters
+    that ``init`` made from the same kernels as host arrays) gives them without an SVD in the traced program, which a
+    jitted init sharded over several CPU devices needs: there XLA's CPU runtime can deadlock on a decomposition
+    between collectives. Pure: works under ``jit`` and ``eval_shape``.
     """
     adapters: dict = {}
     targets = sites(model.config, cfg)
@@ -279,6 +311,15 @@ def init(model, params, cfg: LoraConfig, key: jax.Array, pissa_start: Mapping | 
         copy = (jax.ShapeDtypeStruct(value.shape, jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
                 else jnp.asarray(value, jnp.float32))
         _set(adapters, leaf.path, weight.replace_boxed(copy) if _is_box(weight) else copy)
+    site = token_site(model.config, cfg)
+    if site is not None:
+        weight = _get(params, site.weight)
+        value = unboxed(weight)
+        shape = (len(cfg.trainable_token_indices), value.shape[-1])
+        rows = (jax.ShapeDtypeStruct(shape, jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
+                else jnp.asarray(value[np.asarray(cfg.trainable_token_indices)], jnp.float32))
+        _set(adapters, site.rows, weight.replace(value=rows, names=(None,) + weight.names[1:]) if _is_box(weight)
+             else rows)
     return adapters
 
 
@@ -366,18 +407,25 @@ _ADAPTER_LEAVES = (LORA_A, LORA_B, MAGNITUDE, *FROZEN_LEAVES)  # what an adapted
 
 
 def _saved_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
-    """Paths of the full weight copies in an adapters tree: its leaves outside LoRA's. They are the
-    ``modules_to_save`` copies and, beside an adapted output layer's A and B, the head's own weight when a PEFT
+    """Paths of the full weight copies in an adapters tree: its leaves outside LoRA's but the token rows. They are
+    the ``modules_to_save`` copies and, beside an adapted output layer's A and B, the head's own weight when a PEFT
     adapter stored it (PEFT's ``save_embedding_layers``: the adapter then applies to that weight)."""
     if LORA_A in adapters or LORA_B in adapters:
         return [prefix + (key,) for key in adapters if key not in _ADAPTER_LEAVES]
-    return [p for key, sub in adapters.items()
+    return [p for key, sub in adapters.items() if key != TOKENS
             for p in (_saved_paths(sub, prefix + (key,)) if isinstance(sub, Mapping) else [prefix + (key,)])]
 
 
+def _token_paths(adapters: Mapping, prefix: Path = ()) -> list[Path]:
+    """Paths of the trained token rows (``TOKENS``) in an adapters tree."""
+    return [p for key, sub in adapters.items()
+            for p in ([prefix + (key,)] if key == TOKENS else
+                      _token_paths(sub, prefix + (key,)) if isinstance(sub, Mapping) else [])]
+
+
 def lora_part(adapters: Mapping) -> dict:
-    """``adapters`` without the full weight copies: the A, B (and DoRA, PiSSA) leaves alone."""
-    if not _saved_paths(adapters):
+    """``adapters`` without the full weight copies and token rows: the A, B (and DoRA, PiSSA) leaves alone."""
+    if not _saved_paths(adapters) and not _token_paths(adapters):
         return adapters
     out: dict = {}
     for path in _adapted_paths(adapters):
@@ -385,10 +433,11 @@ def lora_part(adapters: Mapping) -> dict:
     return out
 
 
-def with_saved(params, adapters: Mapping):
-    """``params`` with each ``modules_to_save`` copy in ``adapters`` in place of the base's weight (cast to its
-    dtype, its box kept); the other leaves shared. Pure and jittable."""
-    out = params
+def with_saved(params, adapters: Mapping, token_indices: tuple[int, ...] = ()):
+    """``params`` with each ``modules_to_save`` copy in ``adapters`` in place of the base's weight, and the trained
+    token rows in place of the input embedding's rows ``token_indices`` (``LoraConfig.trainable_token_indices``),
+    cast to the weight's dtype, its box kept; the other leaves shared. Pure and jittable."""
+    out = _with_token_rows(params, adapters, token_indices)
     for path in _saved_paths(adapters):
         try:
             weight = _get(params, path)
@@ -401,6 +450,33 @@ def with_saved(params, adapters: Mapping):
                                   f"{value.dtype} (an int8 model); load the base in float to use these adapters")
         copy = unboxed(_get(adapters, path)).astype(value.dtype)
         out = _replace(out, path, weight.replace_boxed(copy) if _is_box(weight) else copy)
+    return out
+
+
+def _with_token_rows(params, adapters: Mapping, token_indices: tuple[int, ...]):
+    paths = _token_paths(adapters)
+    if bool(paths) != bool(token_indices):
+        have = f"hold trained token rows ({'/'.join(paths[0])})" if paths else "hold no trained token rows"
+        raise LoraConfigError(f"adapters {have} but the LoRA config has trainable_token_indices="
+                              f"{list(token_indices)}; use the config the adapters were made with")
+    out = params
+    for path in paths:
+        weight_path = path[:-1] + ("embedding",)  # nn.Embed's weight (llmjax.models.layers.Embed)
+        try:
+            weight = _get(params, weight_path)
+        except (KeyError, TypeError):
+            raise LoraConfigError(f"adapters hold token rows for {'/'.join(weight_path)}, which these params lack; "
+                                  "were they made for this model?") from None
+        value, rows = unboxed(weight), unboxed(_get(adapters, path))
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise LoraConfigError(f"adapters hold token rows of {'/'.join(weight_path)}, but these params store it "
+                                  f"as {value.dtype} (an int8 model); load the base in float to use these adapters")
+        if rows.shape != (len(token_indices), value.shape[-1]):
+            raise LoraConfigError(f"adapters' {'/'.join(path)} has shape {tuple(rows.shape)}, expected "
+                                  f"{(len(token_indices), value.shape[-1])} for trainable_token_indices "
+                                  f"{list(token_indices)}; use the config the adapters were made with")
+        moved = jnp.asarray(value).at[np.asarray(token_indices)].set(jnp.asarray(rows).astype(value.dtype))
+        out = _replace(out, weight_path, weight.replace_boxed(moved) if _is_box(weight) else moved)
     return out
 
 
@@ -447,30 +523,32 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
 
 def merge(params, adapters, cfg: LoraConfig):
     """Params with each ``modules_to_save`` weight replaced by the adapters' trained copy (and a head by the weight
-    a PEFT adapter stored for it), then each adapted kernel by ``kernel + scale * A @ B`` (in the kernel's dtype),
+    a PEFT adapter stored for it, and the input embedding's ``trainable_token_indices`` rows by the trained ones),
+    then each adapted kernel by ``kernel + scale * A @ B`` (in the kernel's dtype),
     for DoRA ``(kernel + scale * A @ B) * dora_factor`` per output channel.
 
     Pure and jittable; untouched leaves are shared, not copied. Works on either layout (the adapters
     must come from the same one).
     """
-    return _shift(with_saved(params, adapters), lora_part(adapters), cfg, 1.0)
+    return _shift(with_saved(params, adapters, cfg.trainable_token_indices), lora_part(adapters), cfg, 1.0)
 
 
 def unmerge(merged, adapters, cfg: LoraConfig):
     """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding).
 
-    Refused for ``modules_to_save`` (the merge overwrote those weights) and for DoRA: its merge rescales each
-    output channel by ``m / ||kernel + scale * A @ B||``, a norm of the kernel before merging, and the merged kernel
-    alone does not determine it (every multiple of the merged kernel, less the update, merges back to the same
-    kernel). PEFT keeps the norm in a cache, and the saved modules' originals beside their copies; llmjax's functions
-    keep nothing, so keep the base params and merge each adapter into them (as ``llmjax evaluate`` and ``generate``
-    do with several adapters).
+    Refused for ``modules_to_save`` and ``trainable_token_indices`` (the merge overwrote those weights) and for DoRA:
+    its merge rescales each output channel by ``m / ||kernel + scale * A @ B||``, a norm of the kernel before merging,
+    and the merged kernel alone does not determine it (every multiple of the merged kernel, less the update, merges
+    back to the same kernel). PEFT keeps the norm in a cache, and the saved modules' originals beside their copies;
+    llmjax's functions keep nothing, so keep the base params and merge each adapter into them (as ``llmjax evaluate``
+    and ``generate`` do with several adapters).
     """
     if cfg.use_dora:
         raise LoraConfigError("lora.unmerge cannot undo a DoRA merge: the merged kernel does not determine the norm "
                               "it was scaled by; keep the base params and merge the adapters into them instead")
-    if cfg.modules_to_save or _saved_paths(adapters):
-        raise LoraConfigError("lora.unmerge cannot undo modules_to_save: the merge replaced those weights and the "
+    if cfg.modules_to_save or _saved_paths(adapters) or cfg.trainable_token_indices:
+        what = "trainable_token_indices" if cfg.trainable_token_indices else "modules_to_save"
+        raise LoraConfigError(f"lora.unmerge cannot undo {what}: the merge replaced those weights and the "
                               "base's are not in the merged params; keep the base params and merge the adapters "
                               "into them instead")
     return _shift(merged, adapters, cfg, -1.0)
@@ -520,7 +598,8 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
     The adapter branch runs in fp32 and is cast to the layer's output dtype. With DoRA the layer gives
     ``y + (f - 1) * drop(x) @ W + f * scale * (drop(x) @ A) @ B`` for ``f = dora_factor`` and ``y = x @ W``
     (PEFT's form: without dropout, ``f * (y + scale * (x @ A) @ B)``); an int8 kernel is dequantized for its norm.
-    The ``modules_to_save`` copies replace the base's weights in the params the model reads (:func:`with_saved`).
+    The ``modules_to_save`` copies and the token rows replace the base's in the params the model reads
+    (:func:`with_saved`).
     PiSSA adapters add ``- scale * (x @ A0) @ B0`` (no dropout: it stands for the residual kernel PEFT computes with).
     """
     def interceptor(next_fun, call_args, call_kwargs, context):
@@ -550,6 +629,6 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
         base = y.astype(jnp.float32) if dropped is x else dropped @ kernel
         return y + ((factor - 1.0) * base + factor * branch).astype(y.dtype)
 
-    variables = {"params": with_saved(params, adapters), COLLECTION: lora_part(adapters)}
+    variables = {"params": with_saved(params, adapters, cfg.trainable_token_indices), COLLECTION: lora_part(adapters)}
     with nn.intercept_methods(interceptor):
         return model.apply(variables, *args, rngs=rngs, **kwargs)

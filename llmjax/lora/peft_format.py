@@ -27,7 +27,9 @@ written like any module; the head's own weight, which ``peft`` stores beside its
 is read into the adapters as the head's weight (``lm_head/kernel``, which the merge and the factored forward use)
 and written back. ``modules_to_save`` (whole modules trained beside the adapters) is read and written: each of
 their weights under its own Hugging Face name, ``base_model.model.<module>.weight``, as ``peft`` saves them
-(:func:`llmjax.lora.saved_leaves` says which).
+(:func:`llmjax.lora.saved_leaves` says which). ``trainable_token_indices`` (a decoder's input-embedding rows trained in
+full) is read and written as ``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, d]``, the
+rows themselves, as ``peft`` saves them; PEFT's dict form is read when it names the input embedding alone.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from llmjax.hf.io import (
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
     ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, PISSA, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora,
-    merge, pissa_as_lora, resolve_targets, saved_leaves, sites, unboxed,
+    TOKENS, merge, pissa_as_lora, resolve_targets, saved_leaves, sites, token_site, unboxed,
 )
 from llmjax.models import model_family
 
@@ -66,7 +68,6 @@ _PLAIN_LORA = {
     "lora_bias": ((False, None), "a bias on lora_B"),
     "layer_replication": ((None, []), "replicated layers"),
     "target_parameters": ((None, []), "adapted nn.Parameters"),
-    "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
     "use_qalora": ((False, None), "QA-LoRA"),
     "alora_invocation_tokens": ((None, []), "activated LoRA"),
     "use_bdlora": ((False, None), "block-diagonal LoRA"),
@@ -91,6 +92,11 @@ def _key(module: str, matrix: str) -> str:
 def _head_key(module: str) -> str:
     """Where PEFT stores the own weight of an adapted embedding-like layer (an output layer) when it saves it."""
     return f"{_PREFIX}{module}.base_layer.weight"
+
+
+def _token_key(module: str) -> str:
+    """Where PEFT stores the trained rows of ``trainable_token_indices`` for the embedding ``module``."""
+    return f"{_PREFIX}{module}.token_adapter.{TOKENS}"
 
 
 def _kernel_shape(config, site: Site) -> tuple[int, int]:
@@ -145,6 +151,14 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         layers = list(value) if leaf.stacked else [value]
         for name, layer in zip(leaf.hf_names, layers, strict=True):
             tensors[_PREFIX + name] = np.ascontiguousarray(layer.T if leaf.transpose else layer)
+    tokens = token_site(model.config, cfg)
+    if tokens is not None:
+        rows = np.asarray(jax.device_get(unboxed(_at(adapters, tokens.rows, "(the trained token rows)"))), np.float32)
+        want = (len(cfg.trainable_token_indices), hf.weight_map(model.config).shapes[tokens.weight][-1])
+        if rows.shape != want:
+            raise ValueError(f"adapter {'/'.join(tokens.rows)} has shape {rows.shape}, expected {want} for "
+                             f"trainable_token_indices {list(cfg.trainable_token_indices)}")
+        tensors[_token_key(tokens.hf_module)] = np.ascontiguousarray(rows)
     config = {
         "peft_type": PEFT_TYPE,
         "task_type": PEFT_TASK_TYPES[model_family(model.config).seq2seq],
@@ -161,6 +175,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": list(cfg.modules_to_save) or None,
+        "trainable_token_indices": list(cfg.trainable_token_indices) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -319,8 +334,10 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
             listed = names
         cfg = LoraConfig(r=max(ranks.values()), lora_alpha=raw["lora_alpha"],
                          lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora,
-                         use_dora=use_dora, modules_to_save=raw.get("modules_to_save") or ())
+                         use_dora=use_dora, modules_to_save=raw.get("modules_to_save") or (),
+                         trainable_token_indices=raw.get("trainable_token_indices"))
         saved_leaves(model.config, cfg)  # the saved modules are this model's and can be held (else the reason)
+        token_site(model.config, cfg)  # and the token rows' embedding (else the reason)
     except LoraConfigError as e:
         raise AdapterError(f"{file}: {e}") from None
     return cfg, {m: (own[m].r, own[m].scale / cfg.scale) for m in chosen}
@@ -331,8 +348,8 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     the model's layout (stacked ``[L, ...]`` with ``scan_layers``), in llmjax's uniform form (module docstring).
 
     Every module PEFT adapts must be in the file with the shapes the model and its own rank give (A ``[r, in]``,
-    B ``[out, r]``, DoRA's magnitude ``[out]``), as must every weight of ``modules_to_save``, and nothing else may
-    be; otherwise :class:`AdapterError` names the keys.
+    B ``[out, r]``, DoRA's magnitude ``[out]``), as must every weight of ``modules_to_save`` and the rows of
+    ``trainable_token_indices``, and nothing else may be; otherwise :class:`AdapterError` names the keys.
     """
     raw, tensors = read_adapter_dir(path)
     config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
@@ -340,6 +357,9 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     saved = saved_leaves(model.config, cfg)
     expected = {_key(m, name) for m in own for name in adapter_leaves(cfg)}
     expected |= {_PREFIX + name for leaf in saved for name in leaf.hf_names}
+    tokens = token_site(model.config, cfg)
+    if tokens is not None:
+        expected.add(_token_key(tokens.hf_module))
     head = _head_key(OUTPUT_LAYER)  # PEFT stores an adapted head's own weight too (save_embedding_layers)
     allowed = expected | ({head} if OUTPUT_LAYER in own else set())
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - allowed)
@@ -400,6 +420,17 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
         for key in leaf.path[:-1]:
             node = node.setdefault(key, {})
         node[leaf.path[-1]] = np.stack(layers) if leaf.stacked else layers[0]
+    if tokens is not None:
+        key, rows = _token_key(tokens.hf_module), np.asarray(tensors[_token_key(tokens.hf_module)], np.float32)
+        want = (len(cfg.trainable_token_indices), shapes[tokens.weight][-1])
+        if rows.shape != want:
+            raise AdapterError(f"{file}: tensor {key!r} has shape {rows.shape}, expected {want} for "
+                               f"trainable_token_indices {list(cfg.trainable_token_indices)} on this model; the "
+                               "adapter and its config, or the base model, do not match")
+        node = adapters
+        for part in tokens.rows[:-1]:
+            node = node.setdefault(part, {})
+        node[TOKENS] = rows
     return adapters, cfg
 
 

@@ -247,6 +247,63 @@ def test_step0_merge_unmerge(family):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), restored, params)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_token_rows(tied):
+    """``trainable_token_indices``: the adapters hold those rows of the input embedding, born as the base's (step 0
+    is the base), boxed like the embedding's rows; moved rows replace the base's in the merged params and in the
+    factored forward alike (a tied head reads them too), and nothing else of the embedding changes."""
+    tokens = (5, 60, 11)
+    cfg = lora.LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj",), trainable_token_indices=tokens)
+    model = build_model(dataclasses.replace(TINY_LLAMA, tie_word_embeddings=tied, scan_layers=True))
+    params = random_params(model)
+    inputs = _inputs(model)
+    fresh = lora.init(model, params, cfg, jax.random.key(1))
+    np.testing.assert_array_equal(fresh["embed"][lora.TOKENS], params["embed"]["embedding"][list(tokens)])
+    np.testing.assert_array_equal(_logits(model, lora.merge(params, fresh, cfg), inputs),
+                                  _logits(model, params, inputs))
+
+    adapters = _random_b(fresh, seed=2)
+    adapters["embed"][lora.TOKENS] = np.random.default_rng(3).normal(size=(3, 16)).astype(np.float32)
+    merged = jax.jit(lora.merge, static_argnums=2)(params, adapters, cfg)
+    embedding = np.asarray(merged["embed"]["embedding"])
+    np.testing.assert_array_equal(embedding[list(tokens)], adapters["embed"][lora.TOKENS])
+    others = np.setdiff1d(np.arange(64), tokens)
+    np.testing.assert_array_equal(embedding[others], params["embed"]["embedding"][others])
+    np.testing.assert_allclose(_logits(model, merged, inputs), _factored_logits(model, params, adapters, cfg, inputs),
+                               atol=1e-5)
+    without_rows = lora.merge(params, {**adapters, "embed": {lora.TOKENS: fresh["embed"][lora.TOKENS]}}, cfg)
+    column_moved = np.abs(_logits(model, merged, inputs) - _logits(model, without_rows, inputs)).max(axis=(0, 1))
+    assert (column_moved[60] > 1e-3) == tied  # token 60 is in no input: its row reaches the logits through a tied head
+
+    boxed = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.key(0))["params"]
+    specs = nn.get_partition_spec(jax.eval_shape(lambda k: lora.init(model, boxed, cfg, k), jax.random.key(1)))
+    assert tuple(specs["embed"][lora.TOKENS]) == (None, "embed")
+
+
+def test_trainable_token_indices_in_a_run_config():
+    from llmjax.adapter_configs import QuantizeConfig
+    from llmjax.config import ConfigError, config_from_dict, config_to_dict, load_config
+    from llmjax.stages.adapters import check_lora_fits, lora_identity
+    from tests.conftest import REPO
+
+    decoder = REPO / "configs" / "sft_decoder_tiny.yaml"
+    section = ["lora.r=2", "lora.lora_alpha=4", "lora.target_modules=[q_proj]"]
+    config = load_config(decoder, [*section, "lora.trainable_token_indices=[7, 3]"])
+    assert config.lora.trainable_token_indices == (7, 3)
+    assert config_from_dict(config_to_dict(config)).lora == config.lora  # what a run dir's config.yaml reads back
+    assert lora_identity(config.lora, config.model)["trainable_token_indices"] == [7, 3]  # a resume must keep them
+    with pytest.raises(ConfigError, match=r"trainable_token_indices \[512\] are not token ids of this model"):
+        load_config(decoder, [*section, "lora.trainable_token_indices=[3, 512]"])
+    with pytest.raises(ConfigError, match="not supported on T5"):
+        load_config(REPO / "configs" / "sft_t5_tiny_lora.yaml", ["lora.trainable_token_indices=[3]"])
+    with pytest.raises(ConfigError, match="trainable_token_indices with quantize: is not supported"):
+        check_lora_fits(config.model, config.lora, QuantizeConfig())
+    with pytest.raises(lora.LoraConfigError, match=r"repeats \[3\]"):
+        lora.LoraConfig(2, 4, target_modules=("q_proj",), trainable_token_indices=[3, 4, 3])
+    with pytest.raises(lora.LoraConfigError, match="must be a list of token ids"):
+        lora.LoraConfig(2, 4, target_modules=("q_proj",), trainable_token_indices=[-1])
+
+
 def test_merge_scanned_equals_unscanned():
     """On a stacked tree merge and unmerge act layer by layer (the scanned forward itself is checked against
     peft in test_peft_format.py)."""

@@ -76,8 +76,8 @@ def _torch_base(family: str, base_dir: Path):
 def _peft_adapter(family: str, base_dir: Path, out: Path, **options):
     """A peft LoRA adapter with random A (peft's init) and random B, saved to ``out``; -> the peft model.
     ``options``: peft.LoraConfig's, over r=3, lora_alpha=5 and every projection. With ``use_dora`` each
-    magnitude, and with ``modules_to_save`` each trained copy, is also moved off the base (by a factor in [0.5, 1.5]
-    per element)."""
+    magnitude, with ``modules_to_save`` each trained copy, and with ``trainable_token_indices`` the token rows, is
+    also moved off the base (by a factor in [0.5, 1.5] per element)."""
     _, _, targets, task = FAMILIES[family]
     config = peft.LoraConfig(**{"r": 3, "lora_alpha": 5, "target_modules": targets, **options}, task_type=task)
     model = peft.get_peft_model(_torch_base(family, base_dir), config)
@@ -86,7 +86,7 @@ def _peft_adapter(family: str, base_dir: Path, out: Path, **options):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-            elif "lora_magnitude_vector" in name or ".modules_to_save." in name:
+            elif "lora_magnitude_vector" in name or ".modules_to_save." in name or "trainable_tokens_delta" in name:
                 param.mul_(0.5 + torch.rand(param.shape, generator=generator))
     model.save_pretrained(str(out))
     return model.eval()
@@ -341,6 +341,91 @@ def t5_adapter(base_dirs, tmp_path_factory):
     return model, directory
 
 
+TOKEN_ROWS = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_tokens_parity_both_ways(tied, scan, base_dirs, tmp_path):
+    """``trainable_token_indices`` on LLaMA both ways against peft: the trained rows of the input embedding (which
+    a tied head reads too, as peft ties its token adapter to the head) are read and written as peft stores them."""
+    base_dir = base_dirs["llama"]
+    if tied:
+        base_dir = tmp_path / "tied"
+        torch_llama(0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(str(base_dir))
+    model, params = llmjax.hf.from_pretrained(base_dir, scan_layers=scan)
+    assert model.config.tie_word_embeddings == tied
+    ids = _ids("llama")[0]
+    tokens = [int(ids[0, 1]), int(ids[1, 3]), 63]  # two in the input; 63 is not, so only a tied head reads its row
+
+    # (a) peft writes (rows moved off the base), llmjax reads: peft's logits, which the rows change
+    peft_model = _peft_adapter("llama", base_dir, tmp_path / "from_peft", target_modules=["q_proj", "down_proj"],
+                               trainable_token_indices=tokens)
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert cfg.trainable_token_indices == tuple(tokens) and adapters["embed"][lora.TOKENS].shape == (3, 16)
+    want = _torch_logits(peft_model, "llama")
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, "llama"), want, atol=TOL, rtol=0)
+    rowless = {**adapters, "embed": {lora.TOKENS: np.asarray(params["embed"]["embedding"])[tokens]}}
+    other = _llmjax_logits(model, params, rowless, cfg, "llama")
+    assert np.abs(other - want).max() > 1e-2  # the rows matter
+    # ... the rows of tokens absent from the input, through the tied head alone
+    head_only = {**adapters, "embed": {lora.TOKENS: np.where(np.arange(3)[:, None] == 2, adapters["embed"][lora.TOKENS],
+                                                             rowless["embed"][lora.TOKENS])}}
+    changed = np.abs(_llmjax_logits(model, params, head_only, cfg, "llama") - other).max(axis=(0, 1))
+    assert (changed[63] > 1e-2) == tied and np.all(changed[:63] < 1e-5)
+    with pytest.raises(lora.LoraConfigError, match="cannot undo trainable_token_indices"):
+        lora.unmerge(lora.merge(params, adapters, cfg), adapters, cfg)
+    with pytest.raises(lora.LoraConfigError, match=r"adapters hold trained token rows \(embed/trainable_tokens_delta\) "
+                                                   r"but the LoRA config has trainable_token_indices=\[\]"):
+        lora.merge(params, adapters, dataclasses.replace(cfg, trainable_token_indices=()))
+    # PEFT's dict form naming the input embedding reads the same
+    again, cfg_again = lora.from_pretrained(model, _copy(tmp_path / "from_peft", tmp_path, {
+        "trainable_token_indices": {"embed_tokens": tokens}}))
+    assert cfg_again == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, adapters)
+
+    # (b) llmjax writes (fresh rows are the base's, then moved), peft reads; and back bit-exactly
+    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj"], trainable_token_indices=tokens[::-1])
+    adapters = _random_b(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
+    np.testing.assert_array_equal(adapters["embed"][lora.TOKENS],
+                                  np.asarray(params["embed"]["embedding"])[tokens[::-1]])
+    adapters["embed"][lora.TOKENS] = adapters["embed"][lora.TOKENS] * 1.5
+    written = _written_read_by_peft_and_back("llama", model, params, adapters, cfg, base_dir, tmp_path / "from_llmjax")
+    assert written["trainable_token_indices"] == tokens[::-1]
+
+
+@pytest.mark.parametrize("changes, tensors, match", [
+    ({"trainable_token_indices": [3, 64]}, None, r"trainable_token_indices \[64\] are not token ids of this model "
+                                                 r"\(vocab_size 64\)"),
+    ({"trainable_token_indices": [3, 7, 3]}, None, r"repeats \[3\]"),
+    ({"trainable_token_indices": {"lm_head": [3]}}, None, r"names \['lm_head'\]; llmjax trains token rows"),
+    ({"trainable_token_indices": "3"}, None, "must be a list of token ids"),
+    ({"trainable_token_indices": [3, 7]}, None, r"has shape \(3, 16\), expected \(2, 16\)"),
+    ({"modules_to_save": ["embed_tokens"]}, None, "modules_to_save trains model.embed_tokens in full and "
+                                                  "trainable_token_indices some of its rows"),
+    ({}, lambda t: {k: v for k, v in t.items() if k != TOKEN_ROWS}, rf"missing tensors \['{TOKEN_ROWS}'\]"),
+    ({"trainable_token_indices": None}, None, rf"unexpected tensors \['{TOKEN_ROWS}'\]"),
+])
+def test_trainable_tokens_refusals(changes, tensors, match, base_dirs, tmp_path):
+    model, _ = llmjax.hf.from_pretrained(base_dirs["llama"])
+    _peft_adapter("llama", base_dirs["llama"], tmp_path / "peft", target_modules=["q_proj"],
+                  trainable_token_indices=[3, 7, 9])
+    with pytest.raises(lora.AdapterError, match=match):
+        lora.from_pretrained(model, _copy(tmp_path / "peft", tmp_path, changes, tensors))
+
+
+def test_trainable_tokens_on_t5_are_refused(t5_adapter, tmp_path):
+    """peft wraps T5's ``shared`` embedding, but T5's stacks keep reading the weight itself: the rows would change
+    none of its outputs, so llmjax refuses them on T5 (in a config and in an adapter) with that reason."""
+    model, directory = t5_adapter
+    with pytest.raises(lora.AdapterError, match="trainable_token_indices is not supported on T5: its encoder and "
+                                                "decoder read one shared embedding"):
+        lora.from_pretrained(model, _copy(directory, tmp_path, {"trainable_token_indices": [3]}))
+    with pytest.raises(lora.LoraConfigError, match="not supported on T5"):
+        lora.sites(model.config, lora.LoraConfig(2, 4, target_modules=["q"], trainable_token_indices=[3]))
+
+
 def _copy(directory: Path, tmp_path: Path, config_changes: dict | None = None, tensors=None) -> Path:
     out = tmp_path / "adapter"
     out.mkdir()
@@ -460,3 +545,20 @@ def test_cli_lora_merge_equals_peft_merge_and_unload(options, base_dirs, tmp_pat
     assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(base), "--out", str(tmp_path / "x")]) == 2
     assert "adapter_config.json: missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_cli_lora_merge_of_trainable_tokens_equals_peft_merge_and_unload(tied, tmp_path):
+    """A LLaMA adapter with ``trainable_token_indices`` merged by ``llmjax lora merge``: the model ``peft``'s
+    ``merge_and_unload`` gives (those rows of the embedding, and of a tied head, replaced)."""
+    base = tmp_path / "base"
+    torch_llama(0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=tied).save_pretrained(str(base))
+    peft_model = _peft_adapter("llama", base, tmp_path / "adapter", target_modules=["o_proj"],
+                               trainable_token_indices=[3, 11, 40])
+    want = _torch_logits(peft_model.merge_and_unload(), "llama")
+    assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "merged")]) == 0
+    merged, info = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"), output_loading_info=True)
+    assert not any(info.values()), info
+    np.testing.assert_allclose(_torch_logits(merged.eval(), "llama"), want, atol=TOL, rtol=0)

@@ -168,19 +168,27 @@ def test_lora_config_errors(base_dir, tmp_path):
 
 @pytest.mark.slow
 def test_lora_pretraining_of_a_sharded_decoder_from_random_weights(pretrained, tmp_path):
-    """The same transformation on another stage and family: LLaMA targets, a data/fsdp/tensor mesh, no base
-    (the frozen random weights are then checkpointed whole, there being nothing to rebuild them from)."""
+    """The same transformation on another stage and family: LLaMA targets and trained token rows of the input
+    embedding, a data/fsdp/tensor mesh, no base (the frozen random weights are then checkpointed whole, there being
+    nothing to rebuild them from)."""
     out = tmp_path / "run"
     summary = run_stage(load_config(SFT_CONFIG.parent / "pretrain_t5_tiny.yaml", [
         "model.include=model/decoder_tiny.yaml", "data.objective=causal_lm", "data.decoder_length=32",
         f"data.tokenizer={pretrained / 'tokenizer'}", "train.steps=2", "train.batch_size=8", "train.eval_every_steps=0", "optim.warmup_steps=0",
         f"train.output_dir={out}", "train.export_hf=null", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-        "lora.r=4", "lora.lora_alpha=4", "lora.target_modules=[q_proj, down_proj]"]), progress=False)
+        "lora.r=4", "lora.lora_alpha=4", "lora.target_modules=[q_proj, down_proj]",
+        "lora.trainable_token_indices=[3, 4, 5]"]), progress=False)
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
     _, saved, meta = read_checkpoint_params(out / "checkpoints")
     assert meta["lora"]["target_modules"] == ["q_proj", "down_proj"] and "base" not in meta
-    assert {p.split("/")[-2] for p in _paths(saved["lora"])} == {"q", "wo"}  # llmjax's q_proj and down_proj
-    assert set(load_model(out).params) == set(saved) - {"lora"}  # the loader merges the adapters away
+    assert meta["lora"]["trainable_token_indices"] == [3, 4, 5]
+    assert {p.split("/")[-2] for p in _paths(saved["lora"])} == {"q", "wo", "embed"}  # q_proj, down_proj, the rows
+    loaded = load_model(out)
+    assert set(loaded.params) == set(saved) - {"lora"}  # the loader merges the adapters away
+    rows, base = saved["lora"]["embed"][lora.TOKENS], np.asarray(saved["embed"]["embedding"])
+    np.testing.assert_array_equal(np.asarray(loaded.params["embed"]["embedding"]), np.concatenate([base[:3], rows,
+                                                                                                    base[6:]]))
+    assert np.abs(rows - base[3:6]).max() > 1e-4  # the rows trained; the embedding itself stayed frozen
 
 
 def test_lora_dropout_drops_the_adapter_input_in_training_only(base_dir, tmp_path):

@@ -33,6 +33,9 @@ MODELS = {  # family -> (random transformers model, run config, decoder rows)
     "llama": (lambda: torch_llama(0, vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
               CONFIGS_DIR / "sft_decoder_tiny.yaml", 384),
+    "llama-tied": (lambda: torch_llama(0, vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                       tie_word_embeddings=True), CONFIGS_DIR / "sft_decoder_tiny.yaml", 384),
 }
 CASES = {  # case -> (family, scan_layers, adapter overrides, clip)
     "lora-t5-scanned": ("t5", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v, wo]"], 1.8),
@@ -40,6 +43,9 @@ CASES = {  # case -> (family, scan_layers, adapter overrides, clip)
                                               "lora.target_modules=[q_proj, v_proj, down_proj]"], 0.45),
     "dora-t5-scanned": ("t5", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, v, wo]",
                                       "lora.use_dora=true"], 1.8),
+    # Trained rows of the input embedding, which a tied head reads too (PEFT ties its token adapter to the head).
+    "tokens-llama-tied-scanned": ("llama-tied", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q_proj]",
+                                                       "lora.trainable_token_indices=[3, 4, 5, 9, 300]"], 1.43),
     "prompt-t5-scanned": ("t5", True, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.085),
     "prompt-llama-unscanned": ("llama", False, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.008),
 }
@@ -52,6 +58,7 @@ SLOW = ("lora-llama-unscanned", "prompt-t5-scanned")
 def test_adapter_training_steps_follow_peft_and_torch_adamw(pretrained, tmp_path, case):
     family, scan, adapter, clip = CASES[case]
     build, run_config, decoder_length = MODELS[family]
+    family = family.split("-")[0]
     is_lora = not case.startswith("prompt")  # LoRA or DoRA
     # Adam's eps. DoRA's case takes a larger one: one of its A entries has a gradient of 6e-8 on its first
     # real step (the median is 2.5e-3), where eps=1e-8 turns float rounding into a 1e-4 difference in the update.
