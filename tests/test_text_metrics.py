@@ -26,6 +26,14 @@ def test_rouge_matches_hand_counts():
     assert scores["rougeLsum"] == pytest.approx(f1(5, 6, 7))  # one sentence: same as rougeL
 
 
+def test_rouge_of_some_types_scores_them_as_the_whole_does():
+    predictions, references = ["The cat sat. The dog ran.", "a b c"], [["The dog ran. The cat sat.", "x"], ["a c"]]
+    every = rouge(predictions, references)
+    assert rouge(predictions, references, ("rougeL", "rouge2")) == {"rougeL": every["rougeL"], "rouge2": every["rouge2"]}
+    with pytest.raises(ValueError, match=r"rouge_types \['rougeX'\]: choose from"):
+        rouge(predictions, references, ("rougeX",))
+
+
 def test_rouge_stems_words():
     # Porter stems: cats -> cat, running/runs -> run; "are" has no match. Overlap 3 of 4 predicted, 3 of 3 reference.
     assert rouge(["The cats are running."], ["the cat runs"])["rouge1"] == pytest.approx(f1(3, 4, 3))

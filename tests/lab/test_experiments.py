@@ -37,7 +37,7 @@ def rescored(run: Path) -> tuple[dict, dict]:
                 ids = tuple(r["id"] for r in part)
                 if ids not in scores:
                     scores[ids] = text_metrics.rouge([r["prediction"] for r in part],
-                                                     [r["references"] for r in part])["rougeL"]
+                                                     [r["references"] for r in part], ("rougeL",))["rougeL"]
                 assert entry[f"rougeL{suffix}"] == pytest.approx(scores[ids], abs=1e-9), (row, suffix)
     return results, settings
 
@@ -159,3 +159,33 @@ def test_lora_from_the_all_topics_base_built_on_another_machine_meets_the_target
     frozen = results["full_ft_frozen_shared_lm_head"]
     assert frozen["frozen"] == ["shared", "lm_head"] and 0.7 < frozen["trainable_fraction"] < 0.8
     assert frozen["rougeL"] >= full[0]
+
+
+EPYC_LAB = EXPERIMENTS / "instruction_base_lab_epyc"
+
+
+@pytest.mark.skipif(not (EPYC_LAB / "results.json").is_file() or not (EPYC_BASE / "results.json").is_file(),
+                    reason="no saved EPYC lab rows")
+def test_the_labs_instruction_base_rows_on_the_other_machine_reproduce_its_experiment_and_stay_short_of_the_target():
+    """The lab's own instruction-base rows built on the AMD EPYC machine (``--instruction-base-only`` on a copy of
+    ``labs/summarize``): the first 200 summaries of each row are, word for word, those of the EPYC experiment's
+    seed-0 rows (the same base, built by the lab's code and by the script's), and on all 400 test dialogues the
+    adapter stays short of 97%: what crossed it was the 200 dialogues the settings were chosen on."""
+    results, settings = rescored(EPYC_LAB)
+    assert settings["test_limit"] == 400 and settings["instruction_base"]["lora_row"] == "instruct_lora_r2"
+    assert settings["instruction_base"]["pretrained_heldout_loss"] != settings["lab_pretrained_heldout_loss"]
+    same = {"instruct_zero_shot": "base_zero_shot", "instruct_full_ft": "full_ft",
+            "instruct_lora_r2": "lora_r2_q_v_o_wi_0_wi_1_wo_lr6e-3"}
+    halves = {}
+    for row, experiment_row in same.items():
+        lab = [json.loads(line) for line in (EPYC_LAB / "predictions" / f"{row}.jsonl").read_text().splitlines()]
+        experiment = (EPYC_BASE / "predictions" / f"{experiment_row}.jsonl").read_text().splitlines()
+        assert [r["prediction"] for r in lab[:200]] == [json.loads(line)["prediction"] for line in experiment]
+        halves[row] = [text_metrics.rouge([r["prediction"] for r in part], [r["references"] for r in part],
+                                          ("rougeL",))["rougeL"] for part in (lab[:200], lab[200:])]
+    adapter, full = results["instruct_lora_r2"], results["instruct_full_ft"]
+    assert adapter["trainable_fraction"] <= PEFT_FRACTION
+    share = adapter["rougeL"] / full["rougeL"]
+    assert share == pytest.approx(settings["instruction_base"]["lora_share_of_full_ft"]) and 0.96 < share < PEFT_QUALITY
+    first, second = (a / f for a, f in zip(halves["instruct_lora_r2"], halves["instruct_full_ft"]))
+    assert first > PEFT_QUALITY > 0.96 > second  # 97.85% on the dialogues the settings were chosen on, 95.4% on the rest

@@ -24,7 +24,8 @@ def _rescore(predictions_file: Path) -> dict:
     rows = [json.loads(line) for line in predictions_file.read_text(encoding="utf-8").splitlines()]
     predictions, references = [r["prediction"] for r in rows], [r["references"] for r in rows]
     return {**text_metrics.rouge(predictions, references), "bleu": text_metrics.bleu(predictions, references),
-            "rougeL_first_ref": text_metrics.rouge(predictions, text_metrics.first_reference(references))["rougeL"],
+            "rougeL_first_ref": text_metrics.rouge(predictions, text_metrics.first_reference(references),
+                                                   ("rougeL",))["rougeL"],
             "count": len(rows)}
 
 
@@ -196,7 +197,9 @@ def test_lab_refuses_bad_lora_ranks_before_running(tmp_path, capsys):
 @pytest.mark.xfail(strict=True, reason="in the saved run the best LoRA row at <= 2% from the span-corruption base "
                                        "(r=4, 1.16%) reaches 24% of full_ft's ROUGE-L, and from the instruction-tuned "
                                        "base instruct_lora_r2 (1.72%) 96.1% of instruct_full_ft's (0.758 against "
-                                       "0.789); the experiments' best is 95-96% (README: Lab; labs/experiments); "
+                                       "0.789), and the same rows built on an AMD EPYC machine 96.6% "
+                                       "(labs/experiments/instruction_base_lab_epyc); the experiments' best is "
+                                       "95-96% (README: Lab; labs/experiments); "
                                        "remove this mark with a run that passes")
 def test_saved_lab_run_lora_with_few_parameters_nears_full_fine_tuning():
     """Issue 11's target, in either setting: a LoRA row training <= 2% of the parameters reaches >= 97% of the
