@@ -29,7 +29,8 @@ and written back. ``modules_to_save`` (whole modules trained beside the adapters
 their weights under its own Hugging Face name, ``base_model.model.<module>.weight``, as ``peft`` saves them
 (:func:`llmjax.lora.saved_leaves` says which). ``trainable_token_indices`` (a decoder's input-embedding rows trained in
 full) is read and written as ``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, d]``, the
-rows themselves, as ``peft`` saves them; PEFT's dict form is read when it names the input embedding alone.
+rows themselves, as ``peft`` saves them; PEFT's dict form is read when it names the input embedding alone (or a tied
+``lm_head`` with the same ids too, which ``peft`` ties to the embedding's rows).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import jax
 import numpy as np
 
 from llmjax import hf
-from llmjax.adapter_configs import OUTPUT_LAYER, adaptable_targets, check_lora_targets
+from llmjax.adapter_configs import INPUT_EMBEDDING, OUTPUT_LAYER, adaptable_targets, check_lora_targets
 from llmjax.errors import InputError
 from llmjax.hf.io import (
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_TASK_TYPES, CheckpointError, read_adapter_dir, write_adapter_dir,
@@ -292,6 +293,17 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
+def _token_indices(raw: dict, model_config):
+    """``trainable_token_indices`` as ``LoraConfig`` reads it. PEFT's dict form may name a tied ``lm_head`` beside
+    ``embed_tokens`` with the same ids: ``peft`` then ties the head's rows to the embedding's, which is what the list
+    form means on a tied model, so the head's entry is dropped."""
+    value = raw.get("trainable_token_indices")
+    if (isinstance(value, dict) and model_config.tie_word_embeddings and OUTPUT_LAYER in value
+            and value[OUTPUT_LAYER] == value.get(INPUT_EMBEDDING)):
+        return {key: ids for key, ids in value.items() if key != OUTPUT_LAYER}
+    return value
+
+
 def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, float]]]:
     """``(cfg, {module: (r, B factor)})``: the uniform config llmjax holds the adapter in, and for each module
     PEFT adapts (full HF name), its own rank and the factor ``its scale / cfg.scale`` its ``lora_B`` takes."""
@@ -335,7 +347,7 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
         cfg = LoraConfig(r=max(ranks.values()), lora_alpha=raw["lora_alpha"],
                          lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora,
                          use_dora=use_dora, modules_to_save=raw.get("modules_to_save") or (),
-                         trainable_token_indices=raw.get("trainable_token_indices"))
+                         trainable_token_indices=_token_indices(raw, model.config))
         saved_leaves(model.config, cfg)  # the saved modules are this model's and can be held (else the reason)
         token_site(model.config, cfg)  # and the token rows' embedding (else the reason)
     except LoraConfigError as e:

@@ -379,11 +379,19 @@ def test_trainable_tokens_parity_both_ways(tied, scan, base_dirs, tmp_path):
     with pytest.raises(lora.LoraConfigError, match=r"adapters hold trained token rows \(embed/trainable_tokens_delta\) "
                                                    r"but the LoRA config has trainable_token_indices=\[\]"):
         lora.merge(params, adapters, dataclasses.replace(cfg, trainable_token_indices=()))
-    # PEFT's dict form naming the input embedding reads the same
+    # PEFT's dict form naming the input embedding reads the same (on a tied model, also with the head named beside it
+    # with the same ids, which peft ties to the embedding's rows: checked against peft below)
+    form = {"embed_tokens": tokens, **({"lm_head": tokens} if tied else {})}
     again, cfg_again = lora.from_pretrained(model, _copy(tmp_path / "from_peft", tmp_path, {
-        "trainable_token_indices": {"embed_tokens": tokens}}))
+        "trainable_token_indices": form}))
     assert cfg_again == cfg
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, adapters)
+    if tied:
+        both = _peft_adapter("llama", base_dir, tmp_path / "both", target_modules=["q_proj"],
+                             trainable_token_indices=form)
+        adapters_both, cfg_both = lora.from_pretrained(model, tmp_path / "both")
+        np.testing.assert_allclose(_llmjax_logits(model, params, adapters_both, cfg_both, "llama"),
+                                   _torch_logits(both, "llama"), atol=TOL, rtol=0)
 
     # (b) llmjax writes (fresh rows are the base's, then moved), peft reads; and back bit-exactly
     cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj"], trainable_token_indices=tokens[::-1])
