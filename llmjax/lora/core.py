@@ -39,7 +39,7 @@ import numpy as np
 from llmjax import hf
 from llmjax.adapter_configs import (  # noqa: F401 (re-exported)
     ALL_LINEAR, FAMILY_TARGETS, INPUT_EMBEDDING, OUTPUT_LAYER, PISSA, LoraConfig, LoraConfigError, check_lora_targets,
-    resolve_targets,
+    check_trainable_tokens, resolve_targets,
 )
 from llmjax.models.layers import Dense
 
@@ -212,7 +212,7 @@ def token_site(config, cfg: LoraConfig) -> TokenSite | None:
     ``modules_to_save`` also trains in full (one or the other, as PEFT says)."""
     if not cfg.trainable_token_indices:
         return None
-    check_lora_targets(cfg, config)
+    check_trainable_tokens(cfg, config)
     row = next(row for row in hf.weight_map(config).rows if row.hf_name.split(".")[-2:-1] == [INPUT_EMBEDDING])
     if any(leaf.path == row.path for leaf in saved_leaves(config, cfg)):
         raise LoraConfigError(f"lora modules_to_save trains {row.hf_name.rsplit('.', 1)[0]} in full and "

@@ -293,7 +293,7 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
-def _token_indices(raw: dict, model_config):
+def _peft_token_indices(raw: dict, model_config):
     """``trainable_token_indices`` as ``LoraConfig`` reads it. PEFT's dict form may name a tied ``lm_head`` beside
     ``embed_tokens`` with the same ids: ``peft`` then ties the head's rows to the embedding's, which is what the list
     form means on a tied model, so the head's entry is dropped."""
@@ -347,7 +347,7 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
         cfg = LoraConfig(r=max(ranks.values()), lora_alpha=raw["lora_alpha"],
                          lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora,
                          use_dora=use_dora, modules_to_save=raw.get("modules_to_save") or (),
-                         trainable_token_indices=_token_indices(raw, model.config))
+                         trainable_token_indices=_peft_token_indices(raw, model.config))
         saved_leaves(model.config, cfg)  # the saved modules are this model's and can be held (else the reason)
         token_site(model.config, cfg)  # and the token rows' embedding (else the reason)
     except LoraConfigError as e:
@@ -433,7 +433,8 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
             node = node.setdefault(key, {})
         node[leaf.path[-1]] = np.stack(layers) if leaf.stacked else layers[0]
     if tokens is not None:
-        key, rows = _token_key(tokens.hf_module), np.asarray(tensors[_token_key(tokens.hf_module)], np.float32)
+        key = _token_key(tokens.hf_module)
+        rows = np.asarray(tensors[key], np.float32)
         want = (len(cfg.trainable_token_indices), shapes[tokens.weight][-1])
         if rows.shape != want:
             raise AdapterError(f"{file}: tensor {key!r} has shape {rows.shape}, expected {want} for "
