@@ -26,7 +26,11 @@ that run's (``--base-steps 2000``, its later rows added with ``--add-rows``) is 
 ``labs/experiments/lora_from_instruction_base_all_topics/`` (its two 2000-step rows added on 2026-12-07 by the third
 command below, from the same base built again, its three LoRA+ rows by the two after it, and its DoRA rows and
 rows at other ``--train-seed``s, later that day, by the sixth to ninth; its rows with every norm trained whole,
-``--modules-to-save layer_norm``, and its PiSSA rows by the tenth to thirteenth). ``--d-model`` widens the lab's T5
+``--modules-to-save layer_norm+final_layer_norm``, and its PiSSA rows by the tenth to thirteenth). Those norm rows
+ran under ``peft`` 0.21's rule for ``modules_to_save``, a plain suffix by which ``layer_norm`` alone took
+``final_layer_norm`` too, so their saved configs and names say ``layer_norm``; since ``peft`` 0.22 (and llmjax with
+it) the same modules take both names, and the rows' names end ``_save_layer_norm_final_layer_norm``.
+``--d-model`` widens the lab's T5
 (``d_kv`` and ``d_ff`` in proportion), so that 2% of it holds more adapter parameters; ``--base-lr`` sets the pre-training's and the
 base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than half of it). That run is in
 ``labs/experiments/lora_from_instruction_base_wide/``. The all-topics experiment run again on 2026-12-07 on an AMD EPYC
@@ -53,11 +57,13 @@ r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
         --base-steps 2000 --add-rows --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3,full@3e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
-        --base-steps 2000 --add-rows --modules-to-save layer_norm --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+        --base-steps 2000 --add-rows --modules-to-save layer_norm+final_layer_norm --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
-        --base-steps 2000 --add-rows --modules-to-save layer_norm --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+        --base-steps 2000 --add-rows --modules-to-save layer_norm+final_layer_norm --train-seed 1 \
+        --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
-        --base-steps 2000 --add-rows --modules-to-save layer_norm --train-seed 2 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+        --base-steps 2000 --add-rows --modules-to-save layer_norm+final_layer_norm --train-seed 2 \
+        --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics_2000 --topics all \
         --base-steps 2000 --add-rows --rows "p2[q+v+o+wi_0+wi_1+wo]@6e-3,p2[q+v+o+wi_0+wi_1+wo]@2e-3,p2[q+v+o+wi_0+wi_1+wo]@1e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_wide --topics all \
@@ -178,7 +184,7 @@ def main() -> None:
                         help="LoRA+: the LoRA rows' lora_B learning rate is their rate times this (row names gain _lp<R>)")
     parser.add_argument("--modules-to-save", default=None,
                         help="LoRA rows also train these modules in full (lora.modules_to_save; '+'-separated, e.g. "
-                             "layer_norm); names gain _save_<modules>")
+                             "layer_norm+final_layer_norm for every T5 norm); names gain _save_<modules>")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="the rows' train.seed (data order, adapter init) in place of the lab's; names gain _seed<N>")
     parser.add_argument("--frozen", default=None,

@@ -129,33 +129,56 @@ def _aliases(weights) -> dict[str, str]:
     return {**tied, **weights.aliases}
 
 
-def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
-    """The weights ``cfg.modules_to_save`` trains in full on the model of ``config``.
+def saves(module: str, entry: str, *, legacy: bool = False) -> bool:
+    """Whether the ``modules_to_save`` entry picks the Hugging Face module named ``module``, by PEFT's rule: since
+    ``peft`` 0.22 the module of that name or one whose name ends with ``"." + entry`` (the rule of
+    ``target_modules``); before it (``legacy``), any module whose name ends with the entry as a plain string, so
+    ``layer_norm`` took T5's ``final_layer_norm`` too."""
+    return module.endswith(entry) if legacy else module == entry or module.endswith("." + entry)
 
-    PEFT's rule picks the modules: every module (a layer, a block, a projection, a norm) whose Hugging Face name
-    ends with an entry, as a plain string (so ``layer_norm`` also takes T5's ``final_layer_norm``). Raises
-    :class:`LoraConfigError`, naming the fix, for an entry that matches no module with weights, for a match inside
-    another match, for a module LoRA also adapts, for a weight read under two names (T5's shared embedding, a tied
-    head: PEFT would train separate copies of one weight) and, with scanned layers, for a module saved in some
-    layers of a stack only (a stack trains as one array).
-    """
-    if not cfg.modules_to_save:
-        return []
-    weights = hf.weight_map(config)
-    rows_of: dict[str, list] = {}  # every HF module with weights under it -> those weights
+
+def _modules(weights) -> tuple[dict[str, list], dict[str, str]]:
+    """``(rows_of, aliases)``: every HF module with weights under it (a layer, a block, a projection, a norm) ->
+    those weights' rows of the weight map, and the modules that read another's weight (:func:`_aliases`)."""
+    rows_of: dict[str, list] = {}
     for row in weights.rows:
         parts = row.hf_name.split(".")[:-1]
         for end in range(1, len(parts) + 1):
             rows_of.setdefault(".".join(parts[:end]), []).append(row)
-    aliases = _aliases(weights)
+    return rows_of, _aliases(weights)
+
+
+def module_names(config) -> list[str]:
+    """The Hugging Face module names ``modules_to_save`` can pick on the model of ``config``: every module with
+    weights under it, and those that read another module's weight under a second name (a tied head, T5's
+    ``encoder.embed_tokens``)."""
+    rows_of, aliases = _modules(hf.weight_map(config))
+    return [*rows_of, *aliases]
+
+
+def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
+    """The weights ``cfg.modules_to_save`` trains in full on the model of ``config``.
+
+    PEFT's rule (:func:`saves`, ``peft`` 0.22's) picks the modules: every module (a layer, a block, a projection, a
+    norm) whose Hugging Face name is an entry or ends with ``"." + entry`` (so ``layer_norm`` takes T5's norms
+    inside the blocks and ``final_layer_norm`` the stacks' last ones). Raises :class:`LoraConfigError`, naming the
+    fix, for an entry that matches no module with weights, for a match inside another match, for a module LoRA
+    also adapts, for a weight read under two names (T5's shared embedding, a tied head: PEFT would train separate
+    copies of one weight) and, with scanned layers, for a module saved in some layers of a stack only (a stack
+    trains as one array).
+    """
+    if not cfg.modules_to_save:
+        return []
+    weights = hf.weight_map(config)
+    rows_of, aliases = _modules(weights)
     names = [*rows_of, *aliases]
-    unmatched = [entry for entry in cfg.modules_to_save if not any(m.endswith(entry) for m in names)]
+    unmatched = [entry for entry in cfg.modules_to_save if not any(saves(m, entry) for m in names)]
     if unmatched:
         examples = sorted({m.rsplit(".", 1)[-1] for m in rows_of if not m.rsplit(".", 1)[-1].isdigit()})
         raise LoraConfigError(f"lora modules_to_save {unmatched} match no module with weights of this {weights.family} "
-                              f"model (PEFT's rule: a module whose name ends with the entry); its module names end "
-                              f"in {examples}")
-    chosen = [m for m in names if any(m.endswith(entry) for entry in cfg.modules_to_save)]
+                              f"model (PEFT's rule: the module of that name, or one whose name ends with '.' and the "
+                              f"entry); its module names end in {examples}")
+    chosen = [m for m in names if any(saves(m, entry) for entry in cfg.modules_to_save)]
     shared = set(aliases.values()) | set(aliases)
     tied = [m for m in chosen if m in shared or any(m.startswith(s + ".") for s in shared)
             or any(s.startswith(m + ".") for s in shared)]

@@ -27,7 +27,9 @@ written like any module; the head's own weight, which ``peft`` stores beside its
 is read into the adapters as the head's weight (``lm_head/kernel``, which the merge and the factored forward use)
 and written back. ``modules_to_save`` (whole modules trained beside the adapters) is read and written: each of
 their weights under its own Hugging Face name, ``base_model.model.<module>.weight``, as ``peft`` saves them
-(:func:`llmjax.lora.saved_leaves` says which). ``trainable_token_indices`` (a decoder's input-embedding rows trained in
+(:func:`llmjax.lora.saved_leaves` says which). ``peft`` 0.22 changed which modules its entries pick (the plain
+suffix before it, so ``layer_norm`` took ``final_layer_norm`` too): a file is read by the rule that wrote it, and
+written with entries both rules read alike (:func:`_file_entries`, :func:`_portable_entries`). ``trainable_token_indices`` (a decoder's input-embedding rows trained in
 full) is read and written as ``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, d]``, the
 rows themselves, as ``peft`` saves them; PEFT's dict form is read when it names the input embedding alone (or a tied
 ``lm_head`` with the same ids too, which ``peft`` ties to the embedding's rows).
@@ -51,12 +53,13 @@ from llmjax.hf.io import (
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
     ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, PISSA, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora,
-    TOKENS, merge, pissa_as_lora, resolve_targets, saved_leaves, sites, token_site, unboxed,
+    TOKENS, merge, module_names, pissa_as_lora, resolve_targets, saved_leaves, saves, sites, token_site, unboxed,
 )
 from llmjax.models import model_family
 
 PEFT_TYPE = "LORA"
 _PREFIX = "base_model.model."
+_SUFFIX_RULE_UNTIL = (0, 22)  # peft before 0.22 matched modules_to_save by plain suffix (core.saves' legacy rule)
 
 # adapter_config.json options that change what the adapter computes: the values plain LoRA has (a JSON
 # null, false, {} or [] where PEFT writes one of those), and what the option is, for the message. (The options
@@ -175,7 +178,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": list(cfg.modules_to_save) or None,
+        "modules_to_save": _portable_entries(cfg.modules_to_save, module_names(model.config)) or None,
         "trainable_token_indices": list(cfg.trainable_token_indices) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -184,6 +187,61 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "revision": None,
     }
     write_adapter_dir(path, config, tensors)
+
+
+def _portable_entries(entries, names: list[str]) -> list[str]:
+    """``modules_to_save`` entries that every ``peft`` reads as llmjax does: entries both PEFT rules (before and
+    since 0.22, :func:`llmjax.lora.core.saves`) read alike are written as they are; else an entry they read alike
+    is, and another is written, for each module it picks, as the shortest dotted tail of its name they read alike
+    (LLaMA's ``norm`` -> ``model.norm``, which no ``input_layernorm`` ends with)."""
+    def picks(entry, legacy):
+        return {m for m in names if saves(m, entry, legacy=legacy)}
+
+    if set().union(*(picks(e, True) for e in entries)) == set().union(*(picks(e, False) for e in entries)):
+        return list(entries)
+    out = []
+    for entry in entries:
+        if picks(entry, True) == picks(entry, False):
+            out.append(entry)
+            continue
+        for module in (m for m in names if saves(m, entry)):
+            parts, depth = module.split("."), entry.count(".") + 1
+            tails = (".".join(parts[start:]) for start in range(len(parts) - depth, -1, -1))
+            tail = next((t for t in tails if picks(t, True) == picks(t, False)), None)
+            if tail is None:  # no name of these models needs it; said rather than written ambiguously
+                raise AdapterError(f"modules_to_save {entry!r} picks {module!r}, whose name other module names end "
+                                   "with; peft before 0.22 would read it otherwise. Name the modules differently")
+            out.append(tail)
+    return list(dict.fromkeys(out))
+
+
+def _legacy(raw: dict) -> bool:
+    """Whether the ``peft`` that wrote ``raw`` matched ``modules_to_save`` by plain suffix: before 0.22, and any
+    config without ``peft_version`` (written before 0.18, or by another tool)."""
+    found = re.match(r"(\d+)\.(\d+)", str(raw.get("peft_version") or ""))
+    return found is None or (int(found[1]), int(found[2])) < _SUFFIX_RULE_UNTIL
+
+
+def _file_entries(raw: dict, model_config, keys=None) -> tuple[str, ...]:
+    """``modules_to_save`` of a PEFT config as entries that pick, by llmjax's rule (``peft`` 0.22's), the modules
+    the ``peft`` that wrote it picked. Before 0.22 ``peft`` matched a plain suffix, so T5's ``layer_norm`` took
+    ``final_layer_norm`` too: such an entry becomes one per name it took, from the dotted part where the entry
+    begins (``layer_norm``, ``final_layer_norm``). When the rules differ on this model, the file's tensor names
+    (``keys``) say which rule wrote it (it holds the weights of every module it saved); else its ``peft_version``."""
+    entries = raw.get("modules_to_save") or ()
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        return entries  # LoraConfig says what is wrong with them
+    entries = tuple(entries)
+    names = module_names(model_config)
+    took = [(e, m) for e in entries for m in names if saves(m, e, legacy=True)]
+    if {m for _, m in took} == {m for m in names if any(saves(m, e) for e in entries)}:
+        return entries  # the rules agree on this model
+    legacy = tuple(dict.fromkeys(m[m.rfind(".", 0, len(m) - len(e)) + 1:] for e, m in took))
+    if keys is None:
+        return legacy if _legacy(raw) else entries
+    held = {_PREFIX + row.hf_name for row in hf.weight_map(model_config).rows
+            if any(row.hf_name.startswith(m + ".") for _, m in took)}
+    return legacy if held and held <= set(keys) else entries
 
 
 def lora_config(raw: dict, model, file: str | Path) -> LoraConfig:
@@ -304,9 +362,10 @@ def _peft_token_indices(raw: dict, model_config):
     return value
 
 
-def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, float]]]:
+def _plan(raw: dict, model, file, keys=None) -> tuple[LoraConfig, dict[str, tuple[int, float]]]:
     """``(cfg, {module: (r, B factor)})``: the uniform config llmjax holds the adapter in, and for each module
-    PEFT adapts (full HF name), its own rank and the factor ``its scale / cfg.scale`` its ``lora_B`` takes."""
+    PEFT adapts (full HF name), its own rank and the factor ``its scale / cfg.scale`` its ``lora_B`` takes.
+    ``keys``: the file's tensor names, which say which PEFT rule wrote ``modules_to_save`` (:func:`_file_entries`)."""
     _check_options(raw, model, file)
     every = [m for site in sites(model.config, LoraConfig(1, 1, target_modules=adaptable_targets(model.config)))
              for m in site.hf_modules]
@@ -346,7 +405,7 @@ def _plan(raw: dict, model, file) -> tuple[LoraConfig, dict[str, tuple[int, floa
             listed = names
         cfg = LoraConfig(r=max(ranks.values()), lora_alpha=raw["lora_alpha"],
                          lora_dropout=raw.get("lora_dropout") or 0.0, target_modules=listed, use_rslora=use_rslora,
-                         use_dora=use_dora, modules_to_save=raw.get("modules_to_save") or (),
+                         use_dora=use_dora, modules_to_save=_file_entries(raw, model.config, keys),
                          trainable_token_indices=_peft_token_indices(raw, model.config))
         saved_leaves(model.config, cfg)  # the saved modules are this model's and can be held (else the reason)
         token_site(model.config, cfg)  # and the token rows' embedding (else the reason)
@@ -365,7 +424,7 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     """
     raw, tensors = read_adapter_dir(path)
     config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
-    cfg, own = _plan(raw, model, config_file)
+    cfg, own = _plan(raw, model, config_file, keys=tensors.keys())
     saved = saved_leaves(model.config, cfg)
     expected = {_key(m, name) for m in own for name in adapter_leaves(cfg)}
     expected |= {_PREFIX + name for leaf in saved for name in leaf.hf_names}

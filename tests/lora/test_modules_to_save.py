@@ -1,6 +1,6 @@
 """LoRA's ``modules_to_save`` (PEFT's option): whole weights that train beside the adapters.
 
-Which weights a name takes (PEFT's suffix rule), the copies' init, merge and factored forward (values and
+Which weights a name takes (PEFT's rule), the copies' init, merge and factored forward (values and
 gradients), the refusals, and the trainable count. The PEFT format both ways is in ``test_peft_format.py``.
 """
 
@@ -30,23 +30,33 @@ def _leaf_names(config, **options) -> list[str]:
 
 
 def test_names_match_as_peft_matches_them():
-    """PEFT's rule is a plain suffix: ``layer_norm`` takes T5's ``final_layer_norm`` too; ``norm`` takes every
-    LLaMA norm; a container (``DenseReluDense``) takes every weight inside it."""
+    """PEFT's rule (peft 0.22's, that of target_modules): the module of that name or one whose name ends with '.' and
+    the entry. ``layer_norm`` takes T5's norms inside the blocks, not ``final_layer_norm``; ``norm`` takes LLaMA's
+    last norm, not ``input_layernorm``; a container (``DenseReluDense``) takes every weight inside it. peft before
+    0.22 matched a plain suffix (``core.saves(..., legacy=True)``), which took both."""
     norms = _leaf_names(TINY_T5, modules_to_save=["layer_norm"])
-    assert len(norms) == NORMS_T5 and "encoder.final_layer_norm.weight" in norms
+    assert len(norms) == NORMS_T5 - 2 and "encoder.final_layer_norm.weight" not in norms
     assert _leaf_names(TINY_T5, modules_to_save=["final_layer_norm"]) == [
         "decoder.final_layer_norm.weight", "encoder.final_layer_norm.weight"]
-    assert _leaf_names(TINY_LLAMA, targets=("q_proj",), modules_to_save=["norm", "lm_head"]) == sorted(
-        ["lm_head.weight", "model.norm.weight"]
-        + [f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")])
+    assert len(_leaf_names(TINY_T5, modules_to_save=["layer_norm", "final_layer_norm"])) == NORMS_T5
+    assert _leaf_names(TINY_LLAMA, targets=("q_proj",), modules_to_save=["norm", "lm_head"]) == [
+        "lm_head.weight", "model.norm.weight"]
+    assert _leaf_names(TINY_LLAMA, targets=("q_proj",), modules_to_save=["input_layernorm"]) == [
+        f"model.layers.{i}.input_layernorm.weight" for i in range(2)]
     unscanned = dataclasses.replace(TINY_T5, scan_layers=False)  # one layer of a stack
     inside = _leaf_names(unscanned, modules_to_save=["encoder.block.1.layer.1.DenseReluDense"])
     assert inside == [f"encoder.block.1.layer.1.DenseReluDense.{p}.weight" for p in ("wi_0", "wi_1", "wo")]
+    assert _leaf_names(unscanned, modules_to_save=["1.DenseReluDense"]) == [  # '.1.' only: not block.11's
+        f"encoder.block.{b}.layer.1.DenseReluDense.{p}.weight" for b in range(2) for p in ("wi_0", "wi_1", "wo")]
+    assert lora.core.saves("encoder.final_layer_norm", "layer_norm", legacy=True)
+    assert not lora.core.saves("encoder.final_layer_norm", "layer_norm")
+    assert lora.core.saves("layer_norm", "layer_norm") and not lora.core.saves("xlayer_norm", "layer_norm")
 
 
 def test_scanned_layout_stacks_each_saved_weight():
     scanned = dataclasses.replace(TINY_T5, scan_layers=True)
-    leaves = lora.saved_leaves(scanned, lora.LoraConfig(2, 4, target_modules=("q",), modules_to_save=["layer_norm"]))
+    leaves = lora.saved_leaves(scanned, lora.LoraConfig(2, 4, target_modules=("q",),
+                                                        modules_to_save=["layer_norm", "final_layer_norm"]))
     by_path = {leaf.path: leaf.hf_names for leaf in leaves}
     assert by_path[("decoder", "layers", "cross_attention_norm", "scale")] == tuple(
         f"decoder.block.{i}.layer.1.layer_norm.weight" for i in range(3))
@@ -135,7 +145,7 @@ def test_copies_are_boxed_as_the_base_weights_and_counted():
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     big = build_model(config)
     abstract = jax.eval_shape(lambda k: big.init(k, *dummy_inputs(config)), jax.random.key(0))["params"]
-    cfg = lora.LoraConfig(32, 32, target_modules=("q", "v"), modules_to_save=["layer_norm"])
+    cfg = lora.LoraConfig(32, 32, target_modules=("q", "v"), modules_to_save=["layer_norm", "final_layer_norm"])
     adapters = jax.eval_shape(lambda k: lora.init(big, abstract, cfg, k), jax.random.key(1))
     assert count_params(nn.meta.unbox(adapters)) == 3_538_944 + 62 * 768 == 3_586_560
 

@@ -121,7 +121,8 @@ def _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_di
     np.testing.assert_allclose(_torch_logits(loaded.eval(), family),
                                _llmjax_logits(model, params, adapters, cfg, family), atol=TOL, rtol=0)
     again, cfg_again = lora.from_pretrained(model, out)
-    assert cfg_again == cfg
+    assert dataclasses.replace(cfg_again, modules_to_save=cfg.modules_to_save) == cfg
+    assert lora.saved_leaves(model.config, cfg_again) == lora.saved_leaves(model.config, cfg)  # the same modules
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.device_get(adapters))
     return json.loads((out / "adapter_config.json").read_text())
 
@@ -237,16 +238,32 @@ def test_output_layer_of_a_tied_model_is_refused(tmp_path):
         lora.from_pretrained(model, tmp_path / "adapter")
 
 
+# What the installed peft's modules_to_save entries pick (its rule changed in 0.22) and what llmjax writes for them:
+# entries that peft before and since 0.22 read alike.
+SAVED = {
+    "t5": {"entries": ["layer_norm"], "before_0.22": {"layer_norm", "final_layer_norm"},
+           "written": ["0.layer_norm", "1.layer_norm", "2.layer_norm"]},
+    "llama": {"entries": ["norm", "lm_head"], "before_0.22": {"norm", "input_layernorm", "post_attention_layernorm",
+                                                              "lm_head"},
+              "written": ["model.norm", "lm_head"]},
+}
+PEFT_BEFORE_0_22 = tuple(int(p) for p in peft.__version__.split(".")[:2]) < (0, 22)
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
-@pytest.mark.parametrize("family, saved", [("t5", ["layer_norm"]), ("llama", ["norm", "lm_head"])])
-def test_modules_to_save_parity_both_ways(family, saved, scan, base_dirs, tmp_path):
-    """``modules_to_save`` both ways against peft: its trained copies (every T5 norm; LLaMA's norms and untied
-    head) are read and written under their Hugging Face names, beside the adapters."""
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_modules_to_save_parity_both_ways(family, scan, base_dirs, tmp_path):
+    """``modules_to_save`` both ways against peft: its trained copies (T5's norms in the blocks; LLaMA's last norm
+    and untied head) are read and written under their Hugging Face names, beside the adapters."""
+    saved = SAVED[family]
     model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
     # (a) peft writes, llmjax reads: peft's logits, which differ from the same adapters on the base's weights
-    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", modules_to_save=saved)
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", modules_to_save=saved["entries"])
     adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
-    assert cfg.modules_to_save == tuple(saved)
+    if PEFT_BEFORE_0_22:  # its plain suffix took more: entries for what it took, by today's rule
+        assert set(cfg.modules_to_save) == saved["before_0.22"]
+    else:
+        assert cfg.modules_to_save == tuple(saved["entries"])
     want = _torch_logits(peft_model, family)
     np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
     plain = _llmjax_logits(model, params, lora.lora_part(adapters), dataclasses.replace(cfg, modules_to_save=()),
@@ -256,11 +273,44 @@ def test_modules_to_save_parity_both_ways(family, saved, scan, base_dirs, tmp_pa
     # (b) llmjax writes, peft reads; and back bit-exactly
     from tests.lora.test_modules_to_save import _moved
 
-    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=FAMILIES[family][2][::2], modules_to_save=saved)
+    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=FAMILIES[family][2][::2],
+                          modules_to_save=saved["entries"])
     adapters = _moved(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
     written = _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family],
                                              tmp_path / "from_llmjax")
-    assert written["modules_to_save"] == saved
+    assert written["modules_to_save"] == saved["written"]
+
+
+def test_modules_to_save_of_peft_before_0_22_are_read_by_its_rule(base_dirs, tmp_path):
+    """peft before 0.22 matched ``modules_to_save`` by plain suffix (T5's ``layer_norm`` took ``final_layer_norm``
+    too), since 0.22 by the module's own name: a file says which by its tensors (it holds every saved weight), and a
+    config alone by its ``peft_version`` (none: before 0.18)."""
+    model, params = llmjax.hf.from_pretrained(base_dirs["t5"], scan_layers=True)
+    every = lora.LoraConfig(r=2, lora_alpha=6, target_modules=["q"], modules_to_save=["layer_norm", "final_layer_norm"])
+    from tests.lora.test_modules_to_save import _moved
+
+    adapters = jax.device_get(_moved(lora.init(model, params, every, jax.random.key(3)), seed=4))
+    lora.save_pretrained(model, adapters, every, tmp_path / "every")
+    raw = json.loads((tmp_path / "every" / "adapter_config.json").read_text())
+    assert raw["modules_to_save"] == ["layer_norm", "final_layer_norm"]  # read alike by both rules: as written
+    for version in ("0.21.2", None, "0.22.0"):  # the tensors decide: every norm is there
+        (tmp_path / "every" / "adapter_config.json").write_text(json.dumps(
+            {**raw, "modules_to_save": ["layer_norm"], "peft_version": version}))
+        again, cfg = lora.from_pretrained(model, tmp_path / "every")
+        assert sorted(cfg.modules_to_save) == ["final_layer_norm", "layer_norm"], version
+        jax.tree_util.tree_map(np.testing.assert_array_equal, again, adapters)
+    for version, want in (("0.21.2", ["final_layer_norm", "layer_norm"]), (None, ["final_layer_norm", "layer_norm"]),
+                          ("0.22.0", ["layer_norm"]), ("0.22.1.dev0", ["layer_norm"])):  # no tensors: the version
+        raw_version = {**raw, "modules_to_save": ["layer_norm"], "peft_version": version}
+        assert sorted(lora.lora_config(raw_version, model, "adapter_config.json").modules_to_save) == want, version
+
+    inner = dataclasses.replace(every, modules_to_save=("layer_norm",))  # the norms in the blocks only
+    lora.save_pretrained(model, lora.init(model, params, inner, jax.random.key(5)), inner, tmp_path / "inner")
+    raw = json.loads((tmp_path / "inner" / "adapter_config.json").read_text())
+    assert raw["modules_to_save"] == ["0.layer_norm", "1.layer_norm", "2.layer_norm"]  # no final_layer_norm ends so
+    (tmp_path / "inner" / "adapter_config.json").write_text(json.dumps(
+        {**raw, "modules_to_save": ["layer_norm"], "peft_version": "0.21.2"}))
+    assert lora.from_pretrained(model, tmp_path / "inner")[1].modules_to_save == ("layer_norm",)  # no final norms
 
 
 def _strip_magnitudes(adapters):
