@@ -77,7 +77,7 @@ FAMILY_TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 OUTPUT_LAYER = "lm_head"  # an untied output layer, adapted only when named (all-linear leaves it out, as PEFT's)
-INPUT_EMBEDDING = "embed_tokens"  # a decoder's input embedding, whose rows trainable_token_indices trains (PEFT's key)
+INPUT_EMBEDDING = "embed_tokens"  # the input embedding, whose rows trainable_token_indices trains (PEFT's key)
 
 
 class LoraConfigError(InputError):
@@ -110,8 +110,9 @@ class LoraConfig:
       ``W - scale * A0 @ B0 + scale * A @ B`` (step 0 is the base). llmjax keeps ``W`` and the frozen ``A0``, ``B0``
       (:func:`llmjax.lora.pissa_factors`) and saves what PEFT's ``path_initial_model_for_weight_conversion`` saves:
       a plain LoRA of rank ``2r``, ``[A | A0]`` and ``[B; -B0]``, which applies to the unchanged base.
-    trainable_token_indices: token ids whose rows of a decoder's input embedding train in full beside the adapters
-      (PEFT's option, e.g. the rows of tokens added for a chat template): the adapters hold those rows, born as the
+    trainable_token_indices: token ids whose rows of the input embedding (a decoder's, or the ``shared`` one of a
+      T5 whose head is tied to it) train in full beside the adapters (PEFT's option, e.g. the rows of tokens added
+      for a chat template): the adapters hold those rows, born as the
       base's, and the model reads them in place of the base's (a tied output layer too, as PEFT ties it). PEFT's
       dict form is read when it names the input embedding alone (``{"embed_tokens": [...]}``).
     """
@@ -245,12 +246,13 @@ def check_trainable_tokens(cfg: "LoraConfig", model_config) -> None:
     ids = cfg.trainable_token_indices
     if not ids:
         return
-    if family_of(model_config) == "t5":
+    if family_of(model_config) == "t5" and not model_config.tie_word_embeddings:
         raise LoraConfigError(
-            "lora trainable_token_indices is not supported on T5: its encoder and decoder read one shared embedding, "
-            "and PEFT wraps that module while T5's stacks keep reading the weight itself, so a PEFT adapter of these "
-            "rows changes none of T5's outputs and could not carry what llmjax trained. Drop the option, or give "
-            "new tokens their rows by full fine-tuning")
+            "lora trainable_token_indices is not supported on a T5 with an untied output layer (T5 v1.1, FLAN-T5): "
+            "PEFT wraps its shared embedding but ties the encoder's and decoder's embed_tokens to that wrapper only "
+            "with tie_word_embeddings, so T5's stacks keep reading the weight itself and a PEFT adapter of these rows "
+            "changes none of its outputs; it could not carry what llmjax trained. Drop the option, or give new tokens "
+            "their rows by full fine-tuning")
     too_large = [i for i in ids if i >= model_config.vocab_size]
     if too_large:
         raise LoraConfigError(f"lora trainable_token_indices {too_large} are not token ids of this model (vocab_size "

@@ -230,13 +230,17 @@ class TokenSite:
 
 
 def token_site(config, cfg: LoraConfig) -> TokenSite | None:
-    """The input embedding whose rows ``cfg.trainable_token_indices`` trains, or None without them. Raises
-    :class:`LoraConfigError` for a model that cannot have them (T5), ids past the vocabulary, and an embedding
-    ``modules_to_save`` also trains in full (one or the other, as PEFT says)."""
+    """The input embedding whose rows ``cfg.trainable_token_indices`` trains (a decoder's ``model.embed_tokens``,
+    T5's ``shared``, which its stacks read as ``embed_tokens``), or None without them. Raises
+    :class:`LoraConfigError` for a model that cannot have them (T5 with an untied head), ids past the vocabulary, and
+    an embedding ``modules_to_save`` also trains in full (one or the other, as PEFT says)."""
     if not cfg.trainable_token_indices:
         return None
     check_trainable_tokens(cfg, config)
-    row = next(row for row in hf.weight_map(config).rows if row.hf_name.split(".")[-2:-1] == [INPUT_EMBEDDING])
+    weights = hf.weight_map(config)
+    owners, aliases = {row.hf_name.rsplit(".", 1)[0]: row for row in weights.rows}, _aliases(weights)
+    module = next(m for m in [*owners, *aliases] if m.rsplit(".", 1)[-1] == INPUT_EMBEDDING)
+    row = owners[aliases.get(module, module)]
     if any(leaf.path == row.path for leaf in saved_leaves(config, cfg)):
         raise LoraConfigError(f"lora modules_to_save trains {row.hf_name.rsplit('.', 1)[0]} in full and "
                               "trainable_token_indices some of its rows; keep one of the two")

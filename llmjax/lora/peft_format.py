@@ -29,10 +29,12 @@ and written back. ``modules_to_save`` (whole modules trained beside the adapters
 their weights under its own Hugging Face name, ``base_model.model.<module>.weight``, as ``peft`` saves them
 (:func:`llmjax.lora.saved_leaves` says which). ``peft`` 0.22 changed which modules its entries pick (the plain
 suffix before it, so ``layer_norm`` took ``final_layer_norm`` too): a file is read by the rule that wrote it, and
-written with entries both rules read alike (:func:`_file_entries`, :func:`_portable_entries`). ``trainable_token_indices`` (a decoder's input-embedding rows trained in
-full) is read and written as ``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, d]``, the
-rows themselves, as ``peft`` saves them; PEFT's dict form is read when it names the input embedding alone (or a tied
-``lm_head`` with the same ids too, which ``peft`` ties to the embedding's rows).
+written with entries both rules read alike (:func:`_file_entries`, :func:`_portable_entries`).
+``trainable_token_indices`` (rows of the input embedding trained in full: a decoder's, or a tied T5's ``shared``) is
+read and written as ``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, d]`` (T5:
+``base_model.model.shared.token_adapter...``), the rows themselves, as ``peft`` saves them; PEFT's dict form is
+read when it names the input embedding alone (or a tied ``lm_head`` with the same ids too, which ``peft`` ties to
+the embedding's rows).
 """
 
 from __future__ import annotations

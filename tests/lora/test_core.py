@@ -294,7 +294,7 @@ def test_trainable_token_indices_in_a_run_config():
     assert lora_identity(config.lora, config.model)["trainable_token_indices"] == [7, 3]  # a resume must keep them
     with pytest.raises(ConfigError, match=r"trainable_token_indices \[512\] are not token ids of this model"):
         load_config(decoder, [*section, "lora.trainable_token_indices=[3, 512]"])
-    with pytest.raises(ConfigError, match="not supported on T5"):
+    with pytest.raises(ConfigError, match="not supported on a T5 with an untied output layer"):
         load_config(REPO / "configs" / "sft_t5_tiny_lora.yaml", ["lora.trainable_token_indices=[3]"])
     with pytest.raises(ConfigError, match="trainable_token_indices with quantize: is not supported"):
         check_lora_fits(config.model, config.lora, QuantizeConfig())

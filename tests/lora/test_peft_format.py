@@ -473,14 +473,52 @@ def test_trainable_tokens_refusals(changes, tensors, match, base_dirs, tmp_path)
         lora.from_pretrained(model, _copy(tmp_path / "peft", tmp_path, changes, tensors))
 
 
-def test_trainable_tokens_on_t5_are_refused(t5_adapter, tmp_path):
-    """peft wraps T5's ``shared`` embedding, but T5's stacks keep reading the weight itself: the rows would change
-    none of its outputs, so llmjax refuses them on T5 (in a config and in an adapter) with that reason."""
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+def test_trainable_tokens_on_tied_t5_parity_both_ways(scan, tmp_path):
+    """On a T5 whose output layer is tied to ``shared`` (T5 v1.0), peft ties its wrapper of ``shared`` to the
+    stacks' ``embed_tokens`` and to the head: the rows, which the encoder, the decoder and the head read, are read
+    and written under ``shared``'s name, both ways against peft."""
+    base_dir = tmp_path / "tied"
+    torch_t5(0, vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=3, num_heads=2,
+             feed_forward_proj="gated-gelu", tie_word_embeddings=True).save_pretrained(str(base_dir))
+    model, params = llmjax.hf.from_pretrained(base_dir, scan_layers=scan)
+    encoder_ids, decoder_ids = _ids("t5")
+    tokens = [int(encoder_ids[0, 1]), int(decoder_ids[1, 2]), 63]  # one row for each stack; 63 the head's alone
+
+    # (a) peft writes (rows moved off the base), llmjax reads: peft's logits, which the rows change
+    peft_model = _peft_adapter("t5", base_dir, tmp_path / "from_peft", target_modules=["q", "wo"],
+                               trainable_token_indices=tokens)
+    weights = safetensors.numpy.load_file(str(tmp_path / "from_peft" / "adapter_model.safetensors"))
+    assert "base_model.model.shared.token_adapter.trainable_tokens_delta" in weights
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert cfg.trainable_token_indices == tuple(tokens) and adapters["shared"][lora.TOKENS].shape == (3, 16)
+    want = _torch_logits(peft_model, "t5")
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, "t5"), want, atol=TOL, rtol=0)
+    base_rows = np.asarray(params["shared"]["embedding"])[tokens]
+    for row in range(3):  # each row matters: the encoder's, the decoder's, the head's
+        one_back = {**adapters, "shared": {lora.TOKENS: np.where(np.arange(3)[:, None] == row, base_rows,
+                                                                 adapters["shared"][lora.TOKENS])}}
+        assert np.abs(_llmjax_logits(model, params, one_back, cfg, "t5") - want).max() > 1e-3, row
+
+    # (b) llmjax writes, peft reads; and back bit-exactly
+    from tests.lora.test_modules_to_save import _moved
+
+    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=["q", "wo"], trainable_token_indices=tokens)
+    adapters = _moved(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
+    written = _written_read_by_peft_and_back("t5", model, params, adapters, cfg, base_dir, tmp_path / "from_llmjax")
+    assert written["trainable_token_indices"] == tokens
+
+
+def test_trainable_tokens_on_untied_t5_are_refused(t5_adapter, tmp_path):
+    """On a T5 with an untied head (T5 v1.1, FLAN-T5) peft wraps ``shared`` alone, and T5's stacks keep reading
+    the weight itself: the rows would change none of its outputs, so llmjax refuses them there (in a config and in
+    an adapter) with that reason."""
     model, directory = t5_adapter
-    with pytest.raises(lora.AdapterError, match="trainable_token_indices is not supported on T5: its encoder and "
-                                                "decoder read one shared embedding"):
+    assert not model.config.tie_word_embeddings
+    with pytest.raises(lora.AdapterError, match="trainable_token_indices is not supported on a T5 with an untied "
+                                                "output layer .T5 v1.1, FLAN-T5.: PEFT wraps its shared embedding"):
         lora.from_pretrained(model, _copy(directory, tmp_path, {"trainable_token_indices": [3]}))
-    with pytest.raises(lora.LoraConfigError, match="not supported on T5"):
+    with pytest.raises(lora.LoraConfigError, match="not supported on a T5 with an untied output layer"):
         lora.sites(model.config, lora.LoraConfig(2, 4, target_modules=["q"], trainable_token_indices=[3]))
 
 
@@ -605,18 +643,23 @@ def test_cli_lora_merge_equals_peft_merge_and_unload(options, base_dirs, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_cli_lora_merge_of_trainable_tokens_equals_peft_merge_and_unload(tied, tmp_path):
-    """A LLaMA adapter with ``trainable_token_indices`` merged by ``llmjax lora merge``: the model ``peft``'s
+@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("t5", True)],
+                         ids=["llama-untied", "llama-tied", "t5-tied"])
+def test_cli_lora_merge_of_trainable_tokens_equals_peft_merge_and_unload(family, tied, tmp_path):
+    """An adapter with ``trainable_token_indices`` merged by ``llmjax lora merge``: the model ``peft``'s
     ``merge_and_unload`` gives (those rows of the embedding, and of a tied head, replaced)."""
     base = tmp_path / "base"
-    torch_llama(0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=tied).save_pretrained(str(base))
-    peft_model = _peft_adapter("llama", base, tmp_path / "adapter", target_modules=["o_proj"],
-                               trainable_token_indices=[3, 11, 40])
-    want = _torch_logits(peft_model.merge_and_unload(), "llama")
+    if family == "llama":
+        torch_llama(0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=tied).save_pretrained(str(base))
+    else:
+        torch_t5(0, vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
+                 tie_word_embeddings=tied).save_pretrained(str(base))
+    peft_model = _peft_adapter(family, base, tmp_path / "adapter", trainable_token_indices=[3, 11, 40],
+                               target_modules=["o_proj" if family == "llama" else "o"])
+    want = _torch_logits(peft_model.merge_and_unload(), family)
     assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"),
                      "--out", str(tmp_path / "merged")]) == 0
-    merged, info = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged"), output_loading_info=True)
+    merged, info = FAMILIES[family][1].from_pretrained(str(tmp_path / "merged"), output_loading_info=True)
     assert not any(info.values()), info
-    np.testing.assert_allclose(_torch_logits(merged.eval(), "llama"), want, atol=TOL, rtol=0)
+    np.testing.assert_allclose(_torch_logits(merged.eval(), family), want, atol=TOL, rtol=0)
