@@ -33,6 +33,8 @@ MODELS = {  # family -> (random transformers model, run config, decoder rows)
     "llama": (lambda: torch_llama(0, vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
               CONFIGS_DIR / "sft_decoder_tiny.yaml", 384),
+    "t5-tied": (lambda: torch_t5(0, vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                 feed_forward_proj="gated-gelu", tie_word_embeddings=True), SFT_CONFIG, 32),
     "llama-tied": (lambda: torch_llama(0, vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                        tie_word_embeddings=True), CONFIGS_DIR / "sft_decoder_tiny.yaml", 384),
@@ -46,10 +48,13 @@ CASES = {  # case -> (family, scan_layers, adapter overrides, clip)
     # Trained rows of the input embedding, which a tied head reads too (PEFT ties its token adapter to the head).
     "tokens-llama-tied-scanned": ("llama-tied", True, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q_proj]",
                                                        "lora.trainable_token_indices=[3, 4, 5, 9, 300]"], 1.43),
+    # On a T5 whose head is tied to shared (T5 v1.0): peft ties both stacks' embed_tokens and the head to the rows.
+    "tokens-t5-tied-unscanned": ("t5-tied", False, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, wo]",
+                                                    "lora.trainable_token_indices=[3, 4, 5, 9, 300]"], 0.56),
     "prompt-t5-scanned": ("t5", True, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.085),
     "prompt-llama-unscanned": ("llama", False, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.008),
 }
-SLOW = ("lora-llama-unscanned", "prompt-t5-scanned")
+SLOW = ("lora-llama-unscanned", "prompt-t5-scanned", "tokens-t5-tied-unscanned")
 
 
 # Each family and each adapter kind stays in the default suite once; the other two cases are `slow`.
