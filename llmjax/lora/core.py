@@ -156,6 +156,14 @@ def module_names(config) -> list[str]:
     return [*rows_of, *aliases]
 
 
+def rule_dependent(config, entries) -> bool:
+    """Whether ``modules_to_save`` ``entries`` pick other modules of the model of ``config`` by ``peft``'s rule
+    before 0.22 than by its rule since (:func:`saves`), as T5's ``layer_norm`` does (``final_layer_norm``)."""
+    names = module_names(config)
+    return ({m for m in names if any(saves(m, e, legacy=True) for e in entries)}
+            != {m for m in names if any(saves(m, e) for e in entries)})
+
+
 def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
     """The weights ``cfg.modules_to_save`` trains in full on the model of ``config``.
 

@@ -55,7 +55,8 @@ from llmjax.hf.io import (
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
     ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, PISSA, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora,
-    TOKENS, merge, module_names, pissa_as_lora, resolve_targets, saved_leaves, saves, sites, token_site, unboxed,
+    TOKENS, merge, module_names, pissa_as_lora, resolve_targets, rule_dependent, saved_leaves, saves, sites, token_site,
+    unboxed,
 )
 from llmjax.models import model_family
 
@@ -180,7 +181,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": _portable_entries(cfg.modules_to_save, module_names(model.config)) or None,
+        "modules_to_save": _portable_entries(cfg.modules_to_save, model.config) or None,
         "trainable_token_indices": list(cfg.trainable_token_indices) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -191,15 +192,16 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
     write_adapter_dir(path, config, tensors)
 
 
-def _portable_entries(entries, names: list[str]) -> list[str]:
+def _portable_entries(entries, config) -> list[str]:
     """``modules_to_save`` entries that every ``peft`` reads as llmjax does: entries both PEFT rules (before and
     since 0.22, :func:`llmjax.lora.core.saves`) read alike are written as they are; else an entry they read alike
     is, and another is written, for each module it picks, as the shortest dotted tail of its name they read alike
     (LLaMA's ``norm`` -> ``model.norm``, which no ``input_layernorm`` ends with)."""
+    names = module_names(config)
     def picks(entry, legacy):
         return {m for m in names if saves(m, entry, legacy=legacy)}
 
-    if set().union(*(picks(e, True) for e in entries)) == set().union(*(picks(e, False) for e in entries)):
+    if not rule_dependent(config, entries):
         return list(entries)
     out = []
     for entry in entries:
@@ -234,10 +236,10 @@ def _file_entries(raw: dict, model_config, keys=None) -> tuple[str, ...]:
     if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
         return entries  # LoraConfig says what is wrong with them
     entries = tuple(entries)
+    if not rule_dependent(model_config, entries):
+        return entries
     names = module_names(model_config)
     took = [(e, m) for e in entries for m in names if saves(m, e, legacy=True)]
-    if {m for _, m in took} == {m for m in names if any(saves(m, e) for e in entries)}:
-        return entries  # the rules agree on this model
     legacy = tuple(dict.fromkeys(m[m.rfind(".", 0, len(m) - len(e)) + 1:] for e, m in took))
     if keys is None:
         return legacy if _legacy(raw) else entries

@@ -245,10 +245,15 @@ def lora_meta(cfg: lora.LoraConfig) -> dict:
     return {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v for f in dataclasses.fields(cfg)}
 
 
+# Recorded beside modules_to_save entries that peft's rule before 0.22 (a plain suffix, which llmjax followed until
+# then) reads otherwise: a checkpoint of such entries from before holds other saved weights, and is refused by name.
+MATCHED_AS = "the module named or one ending in '.' + entry (peft 0.22)"
+
+
 def lora_identity(cfg: lora.LoraConfig, model_config) -> dict:
     """What a resumed LoRA run must share with its checkpoint (``Stage.adapters``): the rank, the scale and the
-    modules adapted, ``all-linear`` resolved and in any order, DoRA, PiSSA, the modules saved whole and the token
-    rows trained.
+    modules adapted, ``all-linear`` resolved and in any order, DoRA, PiSSA, the modules saved whole (and, for
+    entries PEFT's two rules read otherwise, the rule: :data:`MATCHED_AS`) and the token rows trained.
     ``lora_dropout`` may change, as a learning rate may."""
     cfg = lora.resolve_targets(cfg, model_config)
     identity = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
@@ -260,6 +265,8 @@ def lora_identity(cfg: lora.LoraConfig, model_config) -> dict:
         identity["init_lora_weights"] = lora.PISSA
     if cfg.modules_to_save:
         identity["modules_to_save"] = sorted(cfg.modules_to_save)
+        if lora.rule_dependent(model_config, cfg.modules_to_save):  # a run before peft 0.22's rule took more
+            identity["modules_to_save_matched_as"] = MATCHED_AS
     if cfg.trainable_token_indices:
         identity["trainable_token_indices"] = list(cfg.trainable_token_indices)
     return identity

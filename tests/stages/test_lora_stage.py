@@ -15,7 +15,7 @@ from llmjax import hf, lora
 from llmjax.config import ConfigError, load_config
 from llmjax.loading import load_model, open_manager, read_checkpoint_params
 from llmjax.stages import run_stage, stage_module
-from llmjax.stages.adapters import ADAPTER_SUBDIR, lora_identity
+from llmjax.stages.adapters import ADAPTER_SUBDIR, MATCHED_AS, lora_identity
 from llmjax.train.loop import BaseChangedError
 from tests.stages.test_sft import SFT_CONFIG, SFT_QUICK, SMALL_T5, _bitwise_equal, _metrics, _sft, kill_and_resume
 
@@ -324,6 +324,12 @@ def test_resume_with_other_adapters_is_refused_by_name_and_all_linear_spelled_ou
     model = load_model(base_dir).model
     assert (lora_identity(lora.LoraConfig(2, 4, 0.1, "all-linear"), model.config)
             == lora_identity(lora.LoraConfig(2, 4, 0.0, ("q", "k", "v", "o", "wi_0", "wi_1", "wo")), model.config))
+    # Entries that peft's rule before 0.22 (a plain suffix, llmjax's until then) reads otherwise record the rule: a
+    # checkpoint of them from before saved other weights (layer_norm took final_layer_norm too) and is refused.
+    norms = lora_identity(lora.LoraConfig(2, 4, target_modules=("q",), modules_to_save=["layer_norm"]), model.config)
+    assert norms["modules_to_save_matched_as"] == MATCHED_AS
+    assert "modules_to_save_matched_as" not in lora_identity(lora.LoraConfig(
+        2, 4, target_modules=("q",), modules_to_save=["layer_norm", "final_layer_norm"]), model.config)
 
 
 def test_pissa_run_resumes_bitwise_with_its_start_computed_again(base_dir, tmp_path):
