@@ -112,9 +112,9 @@ class LoraConfig:
       a plain LoRA of rank ``2r``, ``[A | A0]`` and ``[B; -B0]``, which applies to the unchanged base.
     trainable_token_indices: token ids whose rows of the input embedding (a decoder's, or the ``shared`` one of a
       T5 whose head is tied to it) train in full beside the adapters (PEFT's option, e.g. the rows of tokens added
-      for a chat template): the adapters hold those rows, born as the
-      base's, and the model reads them in place of the base's (a tied output layer too, as PEFT ties it). PEFT's
-      dict form is read when it names the input embedding alone (``{"embed_tokens": [...]}``).
+      for a chat template): the adapters hold those rows, born as the base's, and the model reads them in place of
+      the base's (a tied output layer too, as PEFT ties it). PEFT's dict form, here and in a run config, is read
+      when it names the input embedding alone (``{"embed_tokens": [...]}``); the field then holds the ids.
     """
 
     r: int
@@ -125,7 +125,7 @@ class LoraConfig:
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
     init_lora_weights: bool | str = True
-    trainable_token_indices: tuple[int, ...] = ()
+    trainable_token_indices: tuple[int, ...] | dict = ()  # a dict (PEFT's form) becomes the tuple it names
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

@@ -290,6 +290,7 @@ def test_trainable_token_indices_in_a_run_config():
     section = ["lora.r=2", "lora.lora_alpha=4", "lora.target_modules=[q_proj]"]
     config = load_config(decoder, [*section, "lora.trainable_token_indices=[7, 3]"])
     assert config.lora.trainable_token_indices == (7, 3)
+    assert load_config(decoder, [*section, "lora.trainable_token_indices={embed_tokens: [7, 3]}"]).lora == config.lora
     assert config_from_dict(config_to_dict(config)).lora == config.lora  # what a run dir's config.yaml reads back
     assert lora_identity(config.lora, config.model)["trainable_token_indices"] == [7, 3]  # a resume must keep them
     with pytest.raises(ConfigError, match=r"trainable_token_indices \[512\] are not token ids of this model"):
