@@ -87,20 +87,20 @@ def with_adapters(model, params, adapter_dirs: Sequence[str | Path] = (), soft_p
         yield None, None, params, soft_prompt
         return
     names = adapter_names(adapter_dirs)
-    appliers = [read_adapter(model, path) for path in adapter_dirs]
+    appliers = [read_adapter(model, path, params) for path in adapter_dirs]
     for name, path, apply in zip(names, adapter_dirs, appliers):
         variant, adapter_prompt = apply(params)
         yield name, Path(path), variant, soft_prompt if adapter_prompt is None else adapter_prompt
 
 
-def _read_lora(model, path):
+def _read_lora(model, path, base):
     from llmjax import lora
 
-    adapters, cfg = lora.from_pretrained(model, path)
+    adapters, cfg = lora.from_pretrained(model, path, base)
     return lambda params: (jax.tree_util.tree_map(np.asarray, lora.merge(params, adapters, cfg)), None)
 
 
-def _read_prompt_tuning(model, path):
+def _read_prompt_tuning(model, path, base):
     from llmjax import prompt_tuning
 
     soft_prompt, _ = prompt_tuning.from_pretrained(model, path)
@@ -111,14 +111,15 @@ ADAPTER_KINDS: dict[str, Callable] = {"LORA": _read_lora, "PROMPT_TUNING": _read
 """PEFT ``peft_type`` -> ``(model, directory) -> (base params -> (params, soft_prompt or None))``."""
 
 
-def read_adapter(model, path: str | Path) -> Callable:
+def read_adapter(model, path: str | Path, base=None) -> Callable:
     """Read and check the PEFT adapter directory ``path`` for ``model``, of the kind its ``peft_type`` names ->
-    a function ``base params -> (params, soft_prompt or None)`` giving the model with the adapter."""
+    a function ``base params -> (params, soft_prompt or None)`` giving the model with the adapter. ``base``: the
+    base's params, which a LoRA adapter may need to be read (:func:`llmjax.lora.from_pretrained`)."""
     peft_type = read_adapter_config(path).get("peft_type")
     if peft_type not in ADAPTER_KINDS:
         raise InputError(f"{Path(path) / ADAPTER_CONFIG_NAME}: peft_type={peft_type!r} is not supported; "
                          f"--adapter takes PEFT adapters of peft_type {' or '.join(map(repr, ADAPTER_KINDS))}")
-    return ADAPTER_KINDS[peft_type](model, path)
+    return ADAPTER_KINDS[peft_type](model, path, base)
 
 
 def adapter_names(adapter_dirs: Sequence[str | Path]) -> list[str]:

@@ -16,12 +16,12 @@ B (which stay zero if trained further). Saving it again writes that uniform form
 ``peft`` loads with the same outputs. rsLoRA's scale (``use_rslora``) and ``target_modules: "all-linear"`` are
 read and written; so is ``bias`` (``all``, ``lora_only``), which trains nothing on llmjax's bias-free models.
 DoRA (``use_dora``) is read and written: each module's ``lora_magnitude_vector [out]`` beside A and B; a DoRA
-adapter must adapt every layer of the modules it names (an unadapted layer's magnitude would be its base
-kernel's norms, which an adapter file without the base cannot give). Every other option that changes *what* is
-computed (a bias on ``lora_B``, replicated layers, ...) is refused with the option named, and so is an adapter
-whose ``init_lora_weights`` changed its base at init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA saved without PEFT's
-conversion): it applies to that changed base, not to the one it names. llmjax's own PiSSA adapters are saved in that
-conversion's form, a plain LoRA of rank ``2r`` for the unchanged base. An adapted untied ``lm_head`` is read and
+adapter that leaves some layers of its modules alone is read with the base's params (a layer left alone takes its
+base kernel's norms as magnitude, which an adapter file without the base cannot give). Every other option that
+changes *what* is computed (a bias on ``lora_B``, replicated layers, ...) is refused with the option named, and so
+is an adapter whose ``init_lora_weights`` changed its base at init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA saved
+without PEFT's conversion): it applies to that changed base, not to the one it names. llmjax's own PiSSA
+adapters are saved in that conversion's form, a plain LoRA of rank ``2r`` for the unchanged base. An adapted untied ``lm_head`` is read and
 written like any module; the head's own weight, which ``peft`` stores beside its adapter
 (``base_model.model.lm_head.base_layer.weight``, PEFT's ``save_embedding_layers``) and loads in place of the base's,
 is read into the adapters as the head's weight (``lm_head/kernel``, which the merge and the factored forward use)
@@ -366,10 +366,11 @@ def _peft_token_indices(raw: dict, model_config):
     return value
 
 
-def _plan(raw: dict, model, file, keys=None) -> tuple[LoraConfig, dict[str, tuple[int, float]]]:
+def _plan(raw: dict, model, file, keys=None, base: bool = False) -> tuple[LoraConfig, dict[str, tuple[int, float]]]:
     """``(cfg, {module: (r, B factor)})``: the uniform config llmjax holds the adapter in, and for each module
     PEFT adapts (full HF name), its own rank and the factor ``its scale / cfg.scale`` its ``lora_B`` takes.
-    ``keys``: the file's tensor names, which say which PEFT rule wrote ``modules_to_save`` (:func:`_file_entries`)."""
+    ``keys``: the file's tensor names, which say which PEFT rule wrote ``modules_to_save`` (:func:`_file_entries`).
+    ``base``: whether the base's params come with the read (a DoRA adapter of some layers needs them)."""
     _check_options(raw, model, file)
     every = [m for site in sites(model.config, LoraConfig(1, 1, target_modules=adaptable_targets(model.config)))
              for m in site.hf_modules]
@@ -393,12 +394,13 @@ def _plan(raw: dict, model, file, keys=None) -> tuple[LoraConfig, dict[str, tupl
                for m in chosen}  # checks each module's r and alpha
         names = [n for n in adaptable_targets(model.config) if any(_leaf(m) == n for m in chosen)]
         covered = set(chosen) == {m for m in every if _leaf(m) in names}
-        if use_dora and not covered:
+        if use_dora and not covered and not base:
             left = sorted({m for m in every if _leaf(m) in names} - set(chosen))
             raise AdapterError(
                 f"{file}: a DoRA adapter that leaves some layers of its modules alone ({len(left)} of them, e.g. "
-                f"{left[0]!r}) is not supported; llmjax holds one magnitude per layer of each adapted module, which "
-                "for those layers would have to be the base kernel's norms. Train the adapter on every layer")
+                f"{left[0]!r}) needs the base's params: llmjax holds one magnitude per layer of each adapted module, "
+                "which for those layers is the base kernel's norms. Pass them (lora.from_pretrained(model, path, "
+                "params)), as llmjax's loader and `llmjax lora merge` do")
         uniform = covered and len(
             {(c.r, c.scale) for c in own.values()}) == 1 and ranks[chosen[0]] == raw["r"]
         if uniform and targets == ALL_LINEAR:
@@ -418,9 +420,13 @@ def _plan(raw: dict, model, file, keys=None) -> tuple[LoraConfig, dict[str, tupl
     return cfg, {m: (own[m].r, own[m].scale / cfg.scale) for m in chosen}
 
 
-def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
+def from_pretrained(model, path: str | Path, params=None) -> tuple[dict, LoraConfig]:
     """Read a PEFT LoRA directory for ``model`` -> ``(adapters, cfg)``; adapters are fp32 numpy arrays in
     the model's layout (stacked ``[L, ...]`` with ``scan_layers``), in llmjax's uniform form (module docstring).
+
+    ``params``: the base's float params, needed only by a DoRA adapter that leaves some layers of its modules
+    alone (``layers_to_transform``): such a layer holds zero A and B and the base kernel's column norms as its
+    magnitude, which computes the base kernel itself.
 
     Every module PEFT adapts must be in the file with the shapes the model and its own rank give (A ``[r, in]``,
     B ``[out, r]``, DoRA's magnitude ``[out]``), as must every weight of ``modules_to_save`` and the rows of
@@ -428,7 +434,7 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     """
     raw, tensors = read_adapter_dir(path)
     config_file, file = Path(path) / ADAPTER_CONFIG_NAME, Path(path) / ADAPTER_WEIGHTS_NAME
-    cfg, own = _plan(raw, model, config_file, keys=tensors.keys())
+    cfg, own = _plan(raw, model, config_file, keys=tensors.keys(), base=params is not None)
     saved = saved_leaves(model.config, cfg)
     expected = {_key(m, name) for m in own for name in adapter_leaves(cfg)}
     expected |= {_PREFIX + name for leaf in saved for name in leaf.hf_names}
@@ -447,8 +453,10 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     for site in sites(model.config, cfg):
         fan_in, fan_out = _kernel_shape(model.config, site)
         a_layers, b_layers, m_layers = [], [], []
-        for module in site.hf_modules:
+        for layer, module in enumerate(site.hf_modules):
             a, b = np.zeros((fan_in, cfg.r), np.float32), np.zeros((cfg.r, fan_out), np.float32)
+            if cfg.use_dora and module not in own:  # a layer the DoRA adapter leaves alone: the base's norms
+                m_layers.append(_base_norms(params, site, layer, file))
             if module in own:  # else a layer the adapter leaves alone: zero A and B
                 rank, factor = own[module]
                 for name, want in ((LORA_A, (rank, fan_in)), (LORA_B, (fan_out, rank))):
@@ -460,7 +468,7 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
                             "do not match")
                 a[:, :rank] = np.asarray(tensors[_key(module, LORA_A)], np.float32).T
                 b[:rank] = np.asarray(tensors[_key(module, LORA_B)], np.float32).T * np.float32(factor)
-                if cfg.use_dora:  # every layer is adapted (_plan)
+                if cfg.use_dora:
                     m = np.asarray(tensors[_key(module, MAGNITUDE)], np.float32)
                     if m.shape != (fan_out,):
                         raise AdapterError(f"{file}: tensor {_key(module, MAGNITUDE)!r} has shape {m.shape}, "
@@ -510,6 +518,17 @@ def from_pretrained(model, path: str | Path) -> tuple[dict, LoraConfig]:
     return adapters, cfg
 
 
+def _base_norms(params, site: Site, layer: int, file) -> np.ndarray:
+    """The column norms of the base kernel of ``site`` in ``layer`` (its only one unless stacked), fp32."""
+    kernel = np.asarray(jax.device_get(unboxed(_at(params, site.path, "kernel")["kernel"])))
+    if not np.issubdtype(kernel.dtype, np.floating):
+        raise AdapterError(f"{file}: a DoRA adapter that leaves some layers alone needs the base's float kernels "
+                           f"for their norms, but {'/'.join(site.path)}/kernel is {kernel.dtype}; load the base in "
+                           "float")
+    kernel = kernel[layer] if site.stacked else kernel
+    return np.sqrt(np.sum(np.square(kernel.astype(np.float32)), axis=-2))
+
+
 def merge_into_hf_dir(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,
                       copy_files: tuple[str, ...] = ()) -> Path:
     """Write the Hugging Face model ``base_dir`` with the PEFT adapter ``adapter_dir`` merged into ``out``.
@@ -525,7 +544,7 @@ def merge_into_hf_dir(base_dir: str | Path, adapter_dir: str | Path, out: str | 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty directory; choose a new directory or remove it")
     model, params = hf.from_pretrained(base_dir, scan_layers=False)
-    adapters, cfg = from_pretrained(model, adapter_dir)
+    adapters, cfg = from_pretrained(model, adapter_dir, params)
     merged = merge(params, adapters, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

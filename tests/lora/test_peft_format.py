@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -177,6 +178,33 @@ def test_dora_parity_both_ways(family, scan, base_dirs, tmp_path):
     written = _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family],
                                              tmp_path / "from_llmjax")
     assert written["use_dora"] is True
+
+
+@pytest.mark.parametrize("family, scan", [("llama", True), ("t5", False)], ids=["llama-scanned", "t5-unscanned"])
+def test_dora_of_some_layers_reads_with_the_base(family, scan, base_dirs, tmp_path):
+    """A DoRA adapter of some layers only (``layers_to_transform``) is read with the base's params: the layers it
+    leaves alone hold zero A and B and the base kernel's norms as magnitude, which computes the base kernel. peft's
+    logits; written back as DoRA on every layer, which peft reads with the same logits; ``llmjax lora merge`` equals
+    peft's ``merge_and_unload``. Without the params it is refused, saying so."""
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", use_dora=True,
+                               layers_to_transform=[1], target_modules=FAMILIES[family][2][1::2])
+    with pytest.raises(lora.AdapterError, match=r"leaves some layers of its modules alone .* needs the base's params"):
+        lora.from_pretrained(model, tmp_path / "from_peft")
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft", params)
+    want = _torch_logits(peft_model, family)
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
+    base_logits = model.apply({"params": params}, *[np.asarray(x, np.int32) for x in _ids(family)])
+    assert np.abs(np.asarray(base_logits) - want).max() > 1e-2  # the adapter matters
+    _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family], tmp_path / "from_llmjax")
+
+    base = tmp_path / "base"
+    shutil.copytree(base_dirs[family], base)
+    assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(tmp_path / "from_peft"),
+                     "--out", str(tmp_path / "merged")]) == 0
+    merged = FAMILIES[family][1].from_pretrained(str(tmp_path / "merged")).eval()
+    np.testing.assert_allclose(_torch_logits(merged, family), _torch_logits(peft_model.merge_and_unload(), family),
+                               atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
