@@ -20,9 +20,9 @@ adapter that leaves some layers of its modules alone is read with the base's par
 base kernel's norms as magnitude, which an adapter file without the base cannot give). Every other option that
 changes *what* is computed (a bias on ``lora_B``, replicated layers, ...) is refused with the option named, and so
 is an adapter whose ``init_lora_weights`` changed its base at init (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA saved
-without PEFT's conversion): it applies to that changed base, not to the one it names. llmjax's own PiSSA
-adapters are saved in that conversion's form, a plain LoRA of rank ``2r`` for the unchanged base. An adapted untied ``lm_head`` is read and
-written like any module; the head's own weight, which ``peft`` stores beside its adapter
+without PEFT's conversion): it applies to that changed base, not to the one it names. llmjax's own PiSSA adapters
+are saved in that conversion's form, a plain LoRA of rank ``2r`` for the unchanged base. An adapted untied
+``lm_head`` is read and written like any module; the head's own weight, which ``peft`` stores beside its adapter
 (``base_model.model.lm_head.base_layer.weight``, PEFT's ``save_embedding_layers``) and loads in place of the base's,
 is read into the adapters as the head's weight (``lm_head/kernel``, which the merge and the factored forward use)
 and written back. ``modules_to_save`` (whole modules trained beside the adapters) is read and written: each of
