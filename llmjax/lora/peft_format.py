@@ -44,6 +44,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llmjax import hf
@@ -520,13 +521,13 @@ def from_pretrained(model, path: str | Path, params=None) -> tuple[dict, LoraCon
 
 def _base_norms(params, site: Site, layer: int, file) -> np.ndarray:
     """The column norms of the base kernel of ``site`` in ``layer`` (its only one unless stacked), fp32."""
-    kernel = np.asarray(jax.device_get(unboxed(_at(params, site.path, "kernel")["kernel"])))
-    if not np.issubdtype(kernel.dtype, np.floating):
+    kernel = unboxed(_at(params, site.path, "kernel")["kernel"])
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):  # bfloat16 included
         raise AdapterError(f"{file}: a DoRA adapter that leaves some layers alone needs the base's float kernels "
                            f"for their norms, but {'/'.join(site.path)}/kernel is {kernel.dtype}; load the base in "
                            "float")
-    kernel = kernel[layer] if site.stacked else kernel
-    return np.sqrt(np.sum(np.square(kernel.astype(np.float32)), axis=-2))
+    kernel = np.asarray(jax.device_get(kernel[layer] if site.stacked else kernel), np.float32)  # one layer moved
+    return np.sqrt(np.sum(np.square(kernel), axis=-2))
 
 
 def merge_into_hf_dir(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,

@@ -192,6 +192,9 @@ def test_dora_of_some_layers_reads_with_the_base(family, scan, base_dirs, tmp_pa
     with pytest.raises(lora.AdapterError, match=r"leaves some layers of its modules alone .* needs the base's params"):
         lora.from_pretrained(model, tmp_path / "from_peft")
     adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft", params)
+    half = lora.from_pretrained(model, tmp_path / "from_peft", jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.bfloat16), params))[0]  # a bf16 base gives its norms too
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2), half, adapters)
     want = _torch_logits(peft_model, family)
     np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
     base_logits = model.apply({"params": params}, *[np.asarray(x, np.int32) for x in _ids(family)])
