@@ -156,12 +156,16 @@ def module_names(config) -> list[str]:
     return [*rows_of, *aliases]
 
 
+def picked(names, entries, *, legacy: bool = False) -> set[str]:
+    """The module ``names`` that ``modules_to_save`` ``entries`` pick by PEFT's rule (:func:`saves`)."""
+    return {m for m in names if any(saves(m, e, legacy=legacy) for e in entries)}
+
+
 def rule_dependent(config, entries) -> bool:
     """Whether ``modules_to_save`` ``entries`` pick other modules of the model of ``config`` by ``peft``'s rule
     before 0.22 than by its rule since (:func:`saves`), as T5's ``layer_norm`` does (``final_layer_norm``)."""
     names = module_names(config)
-    return ({m for m in names if any(saves(m, e, legacy=True) for e in entries)}
-            != {m for m in names if any(saves(m, e) for e in entries)})
+    return picked(names, entries, legacy=True) != picked(names, entries)
 
 
 def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:

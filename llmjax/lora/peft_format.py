@@ -56,7 +56,7 @@ from llmjax.hf.io import (
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
     ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, PISSA, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora,
-    TOKENS, merge, module_names, pissa_as_lora, resolve_targets, rule_dependent, saved_leaves, saves, sites, token_site,
+    TOKENS, merge, module_names, picked, pissa_as_lora, resolve_targets, saved_leaves, saves, sites, token_site,
     unboxed,
 )
 from llmjax.models import model_family
@@ -199,20 +199,21 @@ def _portable_entries(entries, config) -> list[str]:
     is, and another is written, for each module it picks, as the shortest dotted tail of its name they read alike
     (LLaMA's ``norm`` -> ``model.norm``, which no ``input_layernorm`` ends with)."""
     names = module_names(config)
-    def picks(entry, legacy):
-        return {m for m in names if saves(m, entry, legacy=legacy)}
 
-    if not rule_dependent(config, entries):
+    def alike(*chosen):  # both rules pick the same modules
+        return picked(names, chosen, legacy=True) == picked(names, chosen)
+
+    if alike(*entries):
         return list(entries)
     out = []
     for entry in entries:
-        if picks(entry, True) == picks(entry, False):
+        if alike(entry):
             out.append(entry)
             continue
         for module in (m for m in names if saves(m, entry)):
             parts, depth = module.split("."), entry.count(".") + 1
             tails = (".".join(parts[start:]) for start in range(len(parts) - depth, -1, -1))
-            tail = next((t for t in tails if picks(t, True) == picks(t, False)), None)
+            tail = next((t for t in tails if alike(t)), None)
             if tail is None:  # no name of these models needs it; said rather than written ambiguously
                 raise AdapterError(f"modules_to_save {entry!r} picks {module!r}, whose name other module names end "
                                    "with; peft before 0.22 would read it otherwise. Name the modules differently")
@@ -236,10 +237,9 @@ def _file_entries(raw: dict, model_config, keys=None) -> tuple[str, ...]:
     entries = raw.get("modules_to_save") or ()
     if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
         return entries  # LoraConfig says what is wrong with them
-    entries = tuple(entries)
-    if not rule_dependent(model_config, entries):
+    entries, names = tuple(entries), module_names(model_config)
+    if picked(names, entries, legacy=True) == picked(names, entries):  # the rules agree on this model
         return entries
-    names = module_names(model_config)
     took = [(e, m) for e in entries for m in names if saves(m, e, legacy=True)]
     legacy = tuple(dict.fromkeys(m[m.rfind(".", 0, len(m) - len(e)) + 1:] for e, m in took))
     if keys is None:
