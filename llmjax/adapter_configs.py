@@ -101,8 +101,9 @@ class LoraConfig:
       ``(W + scale * A @ B) * m / ||W + scale * A @ B||`` (the norm over the input axis, per output channel,
       held constant in the backward pass as the paper and PEFT do). ``out`` more trained numbers per kernel.
     modules_to_save: Hugging Face module names whose weights train in full beside the adapters (PEFT's
-      ``modules_to_save``, matched as PEFT matches it: every module whose name ends with the entry, e.g.
-      ``layer_norm`` for every T5 norm, ``lm_head`` for an untied head); the adapters hold a trained copy of each
+      ``modules_to_save``, matched as ``peft`` 0.22 matches it: the module of that name or every one whose name ends
+      with ``.`` and the entry, e.g. ``lm_head`` for an untied head, ``layer_norm`` and ``final_layer_norm`` for
+      every T5 norm); the adapters hold a trained copy of each
       such weight, which replaces the base's. :func:`llmjax.lora.saved_leaves` resolves them on a model.
     init_lora_weights: ``True`` (PEFT's default: A random, B zero) or ``"pissa"`` (PiSSA, Meng et al. 2024; PEFT's
       option): A and B start as the kernel's ``r`` principal singular directions, ``A0 @ B0`` its best rank-r
@@ -113,8 +114,13 @@ class LoraConfig:
     trainable_token_indices: token ids whose rows of the input embedding (a decoder's, or the ``shared`` one of a
       T5 whose head is tied to it) train in full beside the adapters (PEFT's option, e.g. the rows of tokens added
       for a chat template): the adapters hold those rows, born as the base's, and the model reads them in place of
-      the base's (a tied output layer too, as PEFT ties it). PEFT's dict form, here and in a run config, is read
-      when it names the input embedding alone (``{"embed_tokens": [...]}``); the field then holds the ids.
+      the base's (a tied output layer too, as PEFT ties it). PEFT's dict form is read here and in a run config:
+      ``{"embed_tokens": [...], "lm_head": [...]}``, either key alone or both; the field then holds the input
+      embedding's ids and ``output_token_indices`` the head's.
+    output_token_indices: token ids whose rows of an untied output layer (``lm_head``, whose ``[d_model, vocab]``
+      kernel holds them as columns) train in full the same way: what a new token needs on a model whose head is its
+      own weight (a LLaMA with ``tie_word_embeddings: false``, T5 v1.1, FLAN-T5). PEFT writes it as
+      ``trainable_token_indices: {"lm_head": [...]}``.
     """
 
     r: int
@@ -125,7 +131,8 @@ class LoraConfig:
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
     init_lora_weights: bool | str = True
-    trainable_token_indices: tuple[int, ...] | dict = ()  # a dict (PEFT's form) becomes the tuple it names
+    trainable_token_indices: tuple[int, ...] | dict = ()  # a dict (PEFT's form) becomes the tuples it names
+    output_token_indices: tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -167,33 +174,40 @@ class LoraConfig:
             listed = "; ".join(f"{family}: {[*names, OUTPUT_LAYER]}" for family, names in FAMILY_TARGETS.items())
             raise LoraConfigError(f"lora target_modules {unknown} are not module names llmjax can adapt ({listed})")
         object.__setattr__(self, "target_modules", targets)
-        object.__setattr__(self, "trainable_token_indices", _token_indices(self.trainable_token_indices))
+        value, head, head_field = self.trainable_token_indices, self.output_token_indices, "output_token_indices"
+        if isinstance(value, dict) and OUTPUT_LAYER in value:
+            if head:
+                raise LoraConfigError(f"lora trainable_token_indices names {OUTPUT_LAYER} and output_token_indices "
+                                      f"is set too; give the output layer's ids once (either one)")
+            head, head_field = value[OUTPUT_LAYER], f"trainable_token_indices[{OUTPUT_LAYER!r}]"
+            value = {key: ids for key, ids in value.items() if key != OUTPUT_LAYER}
+        object.__setattr__(self, "trainable_token_indices", _token_indices(value, "trainable_token_indices"))
+        object.__setattr__(self, "output_token_indices", _token_indices(head, head_field))
 
     @property
     def scale(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def _token_indices(value) -> tuple[int, ...]:
-    """``trainable_token_indices`` as a tuple of distinct token ids (PEFT's list, or its dict naming the input
-    embedding alone)."""
+def _token_indices(value, field: str) -> tuple[int, ...]:
+    """``value`` as a tuple of distinct token ids (PEFT's list, or its dict naming the input embedding alone, which
+    is what remains of ``trainable_token_indices`` once ``LoraConfig`` took the output layer's ids out)."""
     if value is None:
         return ()
-    if isinstance(value, dict):
+    if isinstance(value, dict) and field == "trainable_token_indices":
         other = [key for key in value if key != INPUT_EMBEDDING]
         if other:
             raise LoraConfigError(
-                f"lora trainable_token_indices names {other}; llmjax trains token rows of the input embedding only "
-                f"(a list of ids, or {{{INPUT_EMBEDDING!r}: [...]}}); for an untied output layer adapt lm_head "
-                "(target_modules) or train it in full (modules_to_save)")
+                f"lora {field} names {other}; llmjax trains token rows of the input embedding and of an untied "
+                f"output layer (a list of ids, or {{{INPUT_EMBEDDING!r}: [...], {OUTPUT_LAYER!r}: [...]}})")
         value = value.get(INPUT_EMBEDDING) or ()
     ids = tuple(value) if isinstance(value, (list, tuple)) else None
     if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise LoraConfigError(f"lora trainable_token_indices={value!r} must be a list of token ids (integers >= 0), "
+        raise LoraConfigError(f"lora {field}={value!r} must be a list of token ids (integers >= 0), "
                               "e.g. [32000, 32001] for two tokens added to the vocabulary")
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
-        raise LoraConfigError(f"lora trainable_token_indices repeats {repeated}; give each token id once")
+        raise LoraConfigError(f"lora {field} repeats {repeated}; give each token id once")
     return ids
 
 
@@ -239,21 +253,30 @@ def check_lora_targets(cfg: "LoraConfig", model_config) -> None:
 
 
 def check_trainable_tokens(cfg: "LoraConfig", model_config) -> None:
-    """Refuse ``trainable_token_indices`` on a model whose rows PEFT's format cannot carry, and ids past the
-    vocabulary."""
+    """Refuse token rows on a model whose rows PEFT's format cannot carry (the input embedding's of an untied T5, the
+    output layer's of a tied model), rows of a head that LoRA or ``modules_to_save`` already trains, and ids past
+    the vocabulary."""
     from llmjax.model_config import family_of
 
-    ids = cfg.trainable_token_indices
-    if not ids:
-        return
-    if family_of(model_config) == "t5" and not model_config.tie_word_embeddings:
+    ids, head = cfg.trainable_token_indices, cfg.output_token_indices
+    if ids and family_of(model_config) == "t5" and not model_config.tie_word_embeddings:
         raise LoraConfigError(
             "lora trainable_token_indices is not supported on a T5 with an untied output layer (T5 v1.1, FLAN-T5): "
             "PEFT wraps its shared embedding but ties the encoder's and decoder's embed_tokens to that wrapper only "
             "with tie_word_embeddings, so T5's stacks keep reading the weight itself and a PEFT adapter of these rows "
-            "changes none of its outputs; it could not carry what llmjax trained. Drop the option, or give new tokens "
-            "their rows by full fine-tuning")
-    too_large = [i for i in ids if i >= model_config.vocab_size]
-    if too_large:
-        raise LoraConfigError(f"lora trainable_token_indices {too_large} are not token ids of this model (vocab_size "
-                              f"{model_config.vocab_size}); resize the vocabulary first or drop them")
+            "changes none of its outputs; it could not carry what llmjax trained. Train the output layer's rows "
+            f"({{{OUTPUT_LAYER!r}: [...]}}), or give new tokens their input rows by full fine-tuning")
+    if head and model_config.tie_word_embeddings:
+        raise LoraConfigError(
+            f"lora trainable_token_indices names {OUTPUT_LAYER} ({list(head)}), but this model ties its output layer "
+            "to the input embedding (tie_word_embeddings: true): the head is the embedding, whose rows "
+            f"trainable_token_indices trains (a list of ids, or {{{INPUT_EMBEDDING!r}: [...]}}) for the input and the "
+            "head alike; list the ids there")
+    if head and OUTPUT_LAYER in resolve_targets(cfg, model_config).target_modules:
+        raise LoraConfigError(f"lora target_modules adapts {OUTPUT_LAYER} and trainable_token_indices trains some of "
+                              "its rows; keep one of the two (peft refuses both)")
+    for name, values in (("trainable_token_indices", ids), (f"trainable_token_indices[{OUTPUT_LAYER!r}]", head)):
+        too_large = [i for i in values if i >= model_config.vocab_size]
+        if too_large:
+            raise LoraConfigError(f"lora {name} {too_large} are not token ids of this model (vocab_size "
+                                  f"{model_config.vocab_size}); resize the vocabulary first or drop them")

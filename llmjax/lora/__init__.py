@@ -4,7 +4,7 @@ Hugging Face PEFT's format (:mod:`llmjax.lora.peft_format`)."""
 from llmjax.lora.core import (  # noqa: F401 (the public API)
     ALL_LINEAR, COLLECTION, FAMILY_TARGETS, FROZEN_LEAVES, INIT_A, INIT_B, LORA_A, LORA_B, MAGNITUDE, PISSA, TOKENS,
     LoraConfig, LoraConfigError, SavedLeaf, Site, TokenSite, adapter_branch, apply_factored, delta, dora_factor, init,
-    lora_part, merge, pissa_factors, pissa_initial, resolve_targets, rule_dependent, saved_leaves, sites, token_site,
+    lora_part, merge, pissa_factors, pissa_initial, resolve_targets, rule_dependent, saved_leaves, sites, token_sites,
     unmerge, with_saved,
 )
 from llmjax.lora.peft_format import (  # noqa: F401

@@ -11,9 +11,11 @@ the norm taken over the input axis for each output channel (PEFT's DoRA; :func:`
 kernel's principal part, :func:`pissa_factors`) and the update is ``scale * (A @ B - A0 @ B0)``. With
 ``modules_to_save`` the adapters also hold a trained fp32 copy of each weight of those modules, at the weight's own
 path (``.../self_attention_norm/scale``, ``lm_head/kernel``), which replaces the base's (:func:`saved_leaves`). With
-``trainable_token_indices`` (a decoder) they hold ``trainable_tokens_delta [n, d_model]`` beside the input embedding
-(``embed/trainable_tokens_delta``): the trained rows of those tokens, which replace the base's rows
-(:func:`token_site`; PEFT's name, though the rows are the new values, not differences).
+``trainable_token_indices`` they hold ``trainable_tokens_delta [n, d_model]`` beside the input embedding
+(``embed/trainable_tokens_delta``): the trained rows of those tokens, which replace the base's rows (PEFT's name,
+though the rows are the new values, not differences); with ``output_token_indices`` the same beside an untied
+output layer (``lm_head/trainable_tokens_delta``), replacing those columns of its ``[d_model, vocab]`` kernel
+(:func:`token_sites`).
 
 Targets are named as in Hugging Face PEFT, by the last component of the Hugging Face module name
 (``q``, ``v``, ``wi_0`` for T5; ``q_proj``, ``gate_proj`` for LLaMA), and PEFT matches a name
@@ -230,33 +232,43 @@ def saved_leaves(config, cfg: LoraConfig) -> list[SavedLeaf]:
 
 @dataclasses.dataclass(frozen=True)
 class TokenSite:
-    """Where ``trainable_token_indices`` act: the input embedding's weight in the params (``embed/embedding``), its
-    Hugging Face module (``model.embed_tokens``), and the adapters' leaf of the trained rows (beside the weight)."""
+    """Where token rows train: the weight in the params (``embed/embedding``, or an untied head's ``lm_head/kernel``
+    ``[d_model, vocab]``, whose columns are the rows), its Hugging Face module (``model.embed_tokens``, ``lm_head``),
+    the token ids, and the adapters' leaf of the trained rows ``[n, d_model]`` (beside the weight)."""
 
     weight: Path
     hf_module: str
+    indices: tuple[int, ...] = ()
+    output: bool = False  # the weight is an output layer's kernel: the rows are its columns
 
     @property
     def rows(self) -> Path:
         return self.weight[:-1] + (TOKENS,)
 
 
-def token_site(config, cfg: LoraConfig) -> TokenSite | None:
-    """The input embedding whose rows ``cfg.trainable_token_indices`` trains (a decoder's ``model.embed_tokens``,
-    T5's ``shared``, which its stacks read as ``embed_tokens``), or None without them. Raises
-    :class:`LoraConfigError` for a model that cannot have them (T5 with an untied head), ids past the vocabulary, and
-    an embedding ``modules_to_save`` also trains in full (one or the other, as PEFT says)."""
-    if not cfg.trainable_token_indices:
-        return None
+def token_sites(config, cfg: LoraConfig) -> tuple[TokenSite, ...]:
+    """The weights whose token rows ``cfg`` trains: the input embedding's ``cfg.trainable_token_indices`` (a
+    decoder's ``model.embed_tokens``, T5's ``shared``, which its stacks read as ``embed_tokens``), then an untied
+    output layer's ``cfg.output_token_indices`` (``lm_head``); empty without them. Raises :class:`LoraConfigError`
+    where a model cannot have them (:func:`llmjax.adapter_configs.check_trainable_tokens`) and for a weight
+    ``modules_to_save`` also trains in full (one or the other, as PEFT says)."""
+    if not cfg.trainable_token_indices and not cfg.output_token_indices:
+        return ()
     check_trainable_tokens(cfg, config)
     weights = hf.weight_map(config)
     owners, aliases = {row.hf_name.rsplit(".", 1)[0]: row for row in weights.rows}, _aliases(weights)
-    module = next(m for m in [*owners, *aliases] if m.rsplit(".", 1)[-1] == INPUT_EMBEDDING)
-    row = owners[aliases.get(module, module)]
-    if any(leaf.path == row.path for leaf in saved_leaves(config, cfg)):
-        raise LoraConfigError(f"lora modules_to_save trains {row.hf_name.rsplit('.', 1)[0]} in full and "
-                              "trainable_token_indices some of its rows; keep one of the two")
-    return TokenSite(row.path, row.hf_name.rsplit(".", 1)[0])
+    found = []
+    if cfg.trainable_token_indices:
+        module = next(m for m in [*owners, *aliases] if m.rsplit(".", 1)[-1] == INPUT_EMBEDDING)
+        found.append((owners[aliases.get(module, module)], cfg.trainable_token_indices, False))
+    if cfg.output_token_indices:
+        found.append((owners[OUTPUT_LAYER], cfg.output_token_indices, True))
+    saved = {leaf.path for leaf in saved_leaves(config, cfg)}
+    for row, _, _ in found:
+        if row.path in saved:
+            raise LoraConfigError(f"lora modules_to_save trains {row.hf_name.rsplit('.', 1)[0]} in full and "
+                                  "trainable_token_indices some of its rows; keep one of the two")
+    return tuple(TokenSite(row.path, row.hf_name.rsplit(".", 1)[0], ids, output) for row, ids, output in found)
 
 
 def _get(tree: Mapping, path: Path):
@@ -302,7 +314,8 @@ def init(model, params, cfg: LoraConfig, key: jax.Array, pissa_start: Mapping | 
     weights is copied in fp32 at its own path (:func:`saved_leaves`), boxed as the base's. With
     ``init_lora_weights="pissa"`` A and B are the kernel's principal factors (:func:`pissa_factors`, no key used),
     also kept as the frozen ``lora_A_init`` / ``lora_B_init``. With ``trainable_token_indices`` the input embedding's
-    rows of those tokens are copied in fp32 (:func:`token_site`), boxed ``(None, embed)``. ``pissa_start`` (adapters
+    rows of those tokens are copied in fp32 (:func:`token_sites`), boxed ``(None, embed)``, and so are an untied
+    head's columns of ``output_token_indices``, as rows. ``pissa_start`` (adapters
     that ``init`` made from the same kernels as host arrays) gives them without an SVD in the traced program, which a
     jitted init sharded over several CPU devices needs: there XLA's CPU runtime can deadlock on a decomposition
     between collectives. Pure: works under ``jit`` and ``eval_shape``.
@@ -350,15 +363,16 @@ def init(model, params, cfg: LoraConfig, key: jax.Array, pissa_start: Mapping | 
         copy = (jax.ShapeDtypeStruct(value.shape, jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
                 else jnp.asarray(value, jnp.float32))
         _set(adapters, leaf.path, weight.replace_boxed(copy) if _is_box(weight) else copy)
-    site = token_site(model.config, cfg)
-    if site is not None:
+    for site in token_sites(model.config, cfg):
         weight = _get(params, site.weight)
         value = unboxed(weight)
-        shape = (len(cfg.trainable_token_indices), value.shape[-1])
+        shape = (len(site.indices), value.shape[0 if site.output else -1])
+        ids = np.asarray(site.indices)
         rows = (jax.ShapeDtypeStruct(shape, jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
-                else jnp.asarray(value[np.asarray(cfg.trainable_token_indices)], jnp.float32))
-        _set(adapters, site.rows, weight.replace(value=rows, names=(None,) + weight.names[1:]) if _is_box(weight)
-             else rows)
+                else jnp.asarray(value[:, ids].T if site.output else value[ids], jnp.float32))
+        if _is_box(weight):  # sharded like the weight's model axis
+            rows = weight.replace(value=rows, names=(None, weight.names[0] if site.output else weight.names[1]))
+        _set(adapters, site.rows, rows)
     return adapters
 
 
@@ -472,11 +486,13 @@ def lora_part(adapters: Mapping) -> dict:
     return out
 
 
-def with_saved(params, adapters: Mapping, token_indices: tuple[int, ...] = ()):
-    """``params`` with each ``modules_to_save`` copy in ``adapters`` in place of the base's weight, and the trained
-    token rows in place of the input embedding's rows ``token_indices`` (``LoraConfig.trainable_token_indices``),
-    cast to the weight's dtype, its box kept; the other leaves shared. Pure and jittable."""
-    out = _with_token_rows(params, adapters, token_indices)
+def with_saved(params, adapters: Mapping, token_indices: tuple[int, ...] = (),
+               output_token_indices: tuple[int, ...] = ()):
+    """``params`` with each ``modules_to_save`` copy in ``adapters`` in place of the base's weight, the trained
+    token rows in place of the input embedding's rows ``token_indices`` (``LoraConfig.trainable_token_indices``)
+    and in place of an untied head's columns ``output_token_indices`` (``LoraConfig.output_token_indices``), cast to
+    the weight's dtype, its box kept; the other leaves shared. Pure and jittable."""
+    out = _with_token_rows(params, adapters, token_indices, output_token_indices)
     for path in _saved_paths(adapters):
         try:
             weight = _get(params, path)
@@ -492,30 +508,45 @@ def with_saved(params, adapters: Mapping, token_indices: tuple[int, ...] = ()):
     return out
 
 
-def _with_token_rows(params, adapters: Mapping, token_indices: tuple[int, ...]):
+def _with_token_rows(params, adapters: Mapping, token_indices: tuple[int, ...],
+                     output_token_indices: tuple[int, ...]):
     paths = _token_paths(adapters)
-    if bool(paths) != bool(token_indices):
-        have = f"hold trained token rows ({'/'.join(paths[0])})" if paths else "hold no trained token rows"
-        raise LoraConfigError(f"adapters {have} but the LoRA config has trainable_token_indices="
-                              f"{list(token_indices)}; use the config the adapters were made with")
-    out = params
+    kinds = {}  # each rows' leaf -> whether it is an output layer's (beside a kernel) or the embedding's
     for path in paths:
-        weight_path = path[:-1] + ("embedding",)  # nn.Embed's weight (llmjax.models.layers.Embed)
         try:
-            weight = _get(params, weight_path)
+            owner = _get(params, path[:-1])
         except (KeyError, TypeError):
-            raise LoraConfigError(f"adapters hold token rows for {'/'.join(weight_path)}, which these params lack; "
-                                  "were they made for this model?") from None
-        value, rows = unboxed(weight), unboxed(_get(adapters, path))
-        if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise LoraConfigError(f"adapters hold token rows of {'/'.join(weight_path)}, but these params store it "
-                                  f"as {value.dtype} (an int8 model); load the base in float to use these adapters")
-        if rows.shape != (len(token_indices), value.shape[-1]):
-            raise LoraConfigError(f"adapters' {'/'.join(path)} has shape {tuple(rows.shape)}, expected "
-                                  f"{(len(token_indices), value.shape[-1])} for trainable_token_indices "
-                                  f"{list(token_indices)}; use the config the adapters were made with")
-        moved = jnp.asarray(value).at[np.asarray(token_indices)].set(jnp.asarray(rows).astype(value.dtype))
-        out = _replace(out, weight_path, weight.replace_boxed(moved) if _is_box(weight) else moved)
+            owner = {}
+        if "embedding" not in owner and "kernel" not in owner:  # nn.Embed's weight, or a head's Dense kernel
+            raise LoraConfigError(f"adapters hold token rows for {'/'.join(path[:-1])}, which these params lack; "
+                                  "were they made for this model?")
+        kinds[path] = "kernel" in owner
+    out = params
+    for output, ids, field in ((False, token_indices, "trainable_token_indices"),
+                               (True, output_token_indices, "output_token_indices")):
+        held = [path for path in paths if kinds[path] == output]
+        if bool(held) != bool(ids):
+            what = "an output layer's" if output else "the input embedding's"
+            have = f"hold trained token rows ({'/'.join(held[0])})" if held else f"hold no {what} trained token rows"
+            raise LoraConfigError(f"adapters {have} but the LoRA config has {field}={list(ids)}; use the config the "
+                                  "adapters were made with")
+        for path in held:
+            weight_path = path[:-1] + ("kernel" if output else "embedding",)
+            weight = _get(params, weight_path)
+            value, rows = unboxed(weight), unboxed(_get(adapters, path))
+            if not jnp.issubdtype(value.dtype, jnp.floating):
+                raise LoraConfigError(f"adapters hold token rows of {'/'.join(weight_path)}, but these params store "
+                                      f"it as {value.dtype} (an int8 model); load the base in float to use these "
+                                      "adapters")
+            width = value.shape[0 if output else -1]
+            if rows.shape != (len(ids), width):
+                raise LoraConfigError(f"adapters' {'/'.join(path)} has shape {tuple(rows.shape)}, expected "
+                                      f"{(len(ids), width)} for {field} {list(ids)}; use the config the adapters "
+                                      "were made with")
+            rows = jnp.asarray(rows).astype(value.dtype)
+            moved = (jnp.asarray(value).at[:, np.asarray(ids)].set(rows.T) if output
+                     else jnp.asarray(value).at[np.asarray(ids)].set(rows))
+            out = _replace(out, weight_path, weight.replace_boxed(moved) if _is_box(weight) else moved)
     return out
 
 
@@ -562,20 +593,21 @@ def _shift(params, adapters, cfg: LoraConfig, sign: float):
 
 def merge(params, adapters, cfg: LoraConfig):
     """Params with each ``modules_to_save`` weight replaced by the adapters' trained copy (and a head by the weight
-    a PEFT adapter stored for it, and the input embedding's ``trainable_token_indices`` rows by the trained ones),
+    a PEFT adapter stored for it, and the trained token rows: :func:`with_saved`),
     then each adapted kernel by ``kernel + scale * A @ B`` (in the kernel's dtype),
     for DoRA ``(kernel + scale * A @ B) * dora_factor`` per output channel.
 
     Pure and jittable; untouched leaves are shared, not copied. Works on either layout (the adapters
     must come from the same one).
     """
-    return _shift(with_saved(params, adapters, cfg.trainable_token_indices), lora_part(adapters), cfg, 1.0)
+    tokens = (cfg.trainable_token_indices, cfg.output_token_indices)
+    return _shift(with_saved(params, adapters, *tokens), lora_part(adapters), cfg, 1.0)
 
 
 def unmerge(merged, adapters, cfg: LoraConfig):
     """The inverse of :func:`merge`: ``kernel - scale * A @ B`` (exact up to float rounding).
 
-    Refused for ``modules_to_save`` and ``trainable_token_indices`` (the merge overwrote those weights) and for DoRA:
+    Refused for ``modules_to_save`` and token rows (the merge overwrote those weights) and for DoRA:
     its merge rescales each output channel by ``m / ||kernel + scale * A @ B||``, a norm of the kernel before merging,
     and the merged kernel alone does not determine it (every multiple of the merged kernel, less the update, merges
     back to the same kernel). PEFT keeps the norm in a cache, and the saved modules' originals beside their copies;
@@ -585,8 +617,9 @@ def unmerge(merged, adapters, cfg: LoraConfig):
     if cfg.use_dora:
         raise LoraConfigError("lora.unmerge cannot undo a DoRA merge: the merged kernel does not determine the norm "
                               "it was scaled by; keep the base params and merge the adapters into them instead")
-    if cfg.modules_to_save or _saved_paths(adapters) or cfg.trainable_token_indices:
-        what = "trainable_token_indices" if cfg.trainable_token_indices else "modules_to_save"
+    if cfg.modules_to_save or _saved_paths(adapters) or cfg.trainable_token_indices or cfg.output_token_indices:
+        what = ("trainable_token_indices" if cfg.trainable_token_indices or cfg.output_token_indices
+                else "modules_to_save")
         raise LoraConfigError(f"lora.unmerge cannot undo {what}: the merge replaced those weights and the "
                               "base's are not in the merged params; keep the base params and merge the adapters "
                               "into them instead")
@@ -668,6 +701,7 @@ def apply_factored(model, params, adapters, cfg: LoraConfig, *args, rngs=None, *
         base = y.astype(jnp.float32) if dropped is x else dropped @ kernel
         return y + ((factor - 1.0) * base + factor * branch).astype(y.dtype)
 
-    variables = {"params": with_saved(params, adapters, cfg.trainable_token_indices), COLLECTION: lora_part(adapters)}
+    tokens = (cfg.trainable_token_indices, cfg.output_token_indices)
+    variables = {"params": with_saved(params, adapters, *tokens), COLLECTION: lora_part(adapters)}
     with nn.intercept_methods(interceptor):
         return model.apply(variables, *args, rngs=rngs, **kwargs)

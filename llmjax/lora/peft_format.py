@@ -32,9 +32,10 @@ suffix before it, so ``layer_norm`` took ``final_layer_norm`` too): a file is re
 written with entries both rules read alike (:func:`_file_entries`, :func:`_portable_entries`).
 ``trainable_token_indices`` (rows of the input embedding trained in full: a decoder's, or a tied T5's ``shared``) is
 read and written as ``base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta [n, d]`` (T5:
-``base_model.model.shared.token_adapter...``), the rows themselves, as ``peft`` saves them; PEFT's dict form is
-read when it names the input embedding alone (or a tied ``lm_head`` with the same ids too, which ``peft`` ties to
-the embedding's rows).
+``base_model.model.shared.token_adapter...``), the rows themselves, as ``peft`` saves them; an untied output layer's
+rows (``output_token_indices``; PEFT's dict form ``{"lm_head": [...]}``, alone or beside ``embed_tokens``) as
+``base_model.model.lm_head.token_adapter.trainable_tokens_delta``. On a tied model the dict may name ``lm_head``
+beside the input embedding with the same ids, which ``peft`` ties to the embedding's rows.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from llmjax.hf.io import (
 from llmjax.hf.mapping import tensor_mismatch
 from llmjax.lora.core import (
     ALL_LINEAR, LORA_A, LORA_B, MAGNITUDE, PISSA, LoraConfig, LoraConfigError, Site, adapter_leaves, check_dora,
-    TOKENS, merge, module_names, picked, pissa_as_lora, resolve_targets, saved_leaves, saves, sites, token_site,
+    TOKENS, merge, module_names, picked, pissa_as_lora, resolve_targets, saved_leaves, saves, sites, token_sites,
     unboxed,
 )
 from llmjax.models import model_family
@@ -159,13 +160,12 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         layers = list(value) if leaf.stacked else [value]
         for name, layer in zip(leaf.hf_names, layers, strict=True):
             tensors[_PREFIX + name] = np.ascontiguousarray(layer.T if leaf.transpose else layer)
-    tokens = token_site(model.config, cfg)
-    if tokens is not None:
+    for tokens in token_sites(model.config, cfg):
         rows = np.asarray(jax.device_get(unboxed(_at(adapters, tokens.rows, "(the trained token rows)"))), np.float32)
-        want = (len(cfg.trainable_token_indices), hf.weight_map(model.config).shapes[tokens.weight][-1])
+        want = (len(tokens.indices), _token_width(model.config, tokens))
         if rows.shape != want:
-            raise ValueError(f"adapter {'/'.join(tokens.rows)} has shape {rows.shape}, expected {want} for "
-                             f"trainable_token_indices {list(cfg.trainable_token_indices)}")
+            raise ValueError(f"adapter {'/'.join(tokens.rows)} has shape {rows.shape}, expected {want} for the "
+                             f"token ids {list(tokens.indices)}")
         tensors[_token_key(tokens.hf_module)] = np.ascontiguousarray(rows)
     config = {
         "peft_type": PEFT_TYPE,
@@ -183,7 +183,7 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": _portable_entries(cfg.modules_to_save, model.config) or None,
-        "trainable_token_indices": list(cfg.trainable_token_indices) or None,
+        "trainable_token_indices": _written_token_indices(cfg),
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -191,6 +191,20 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "revision": None,
     }
     write_adapter_dir(path, config, tensors)
+
+
+def _token_width(config, site) -> int:
+    """``d_model`` as the weight of a token site holds it (an embedding's last axis, a head kernel's first)."""
+    return hf.weight_map(config).shapes[site.weight][0 if site.output else -1]
+
+
+def _written_token_indices(cfg: LoraConfig):
+    """``trainable_token_indices`` as ``peft`` writes it: the list of the input embedding's ids, or with an output
+    layer's ids PEFT's dict form, which names each module."""
+    if not cfg.output_token_indices:
+        return list(cfg.trainable_token_indices) or None
+    embedding = {INPUT_EMBEDDING: list(cfg.trainable_token_indices)} if cfg.trainable_token_indices else {}
+    return {**embedding, OUTPUT_LAYER: list(cfg.output_token_indices)}
 
 
 def _portable_entries(entries, config) -> list[str]:
@@ -415,7 +429,7 @@ def _plan(raw: dict, model, file, keys=None, base: bool = False) -> tuple[LoraCo
                          use_dora=use_dora, modules_to_save=_file_entries(raw, model.config, keys),
                          trainable_token_indices=_peft_token_indices(raw, model.config))
         saved_leaves(model.config, cfg)  # the saved modules are this model's and can be held (else the reason)
-        token_site(model.config, cfg)  # and the token rows' embedding (else the reason)
+        token_sites(model.config, cfg)  # and the token rows' weights (else the reason)
     except LoraConfigError as e:
         raise AdapterError(f"{file}: {e}") from None
     return cfg, {m: (own[m].r, own[m].scale / cfg.scale) for m in chosen}
@@ -439,9 +453,8 @@ def from_pretrained(model, path: str | Path, params=None) -> tuple[dict, LoraCon
     saved = saved_leaves(model.config, cfg)
     expected = {_key(m, name) for m in own for name in adapter_leaves(cfg)}
     expected |= {_PREFIX + name for leaf in saved for name in leaf.hf_names}
-    tokens = token_site(model.config, cfg)
-    if tokens is not None:
-        expected.add(_token_key(tokens.hf_module))
+    token_rows = token_sites(model.config, cfg)
+    expected |= {_token_key(tokens.hf_module) for tokens in token_rows}
     head = _head_key(OUTPUT_LAYER)  # PEFT stores an adapted head's own weight too (save_embedding_layers)
     allowed = expected | ({head} if OUTPUT_LAYER in own else set())
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - allowed)
@@ -504,14 +517,14 @@ def from_pretrained(model, path: str | Path, params=None) -> tuple[dict, LoraCon
         for key in leaf.path[:-1]:
             node = node.setdefault(key, {})
         node[leaf.path[-1]] = np.stack(layers) if leaf.stacked else layers[0]
-    if tokens is not None:
+    for tokens in token_rows:
         key = _token_key(tokens.hf_module)
         rows = np.asarray(tensors[key], np.float32)
-        want = (len(cfg.trainable_token_indices), shapes[tokens.weight][-1])
+        want = (len(tokens.indices), _token_width(model.config, tokens))
         if rows.shape != want:
-            raise AdapterError(f"{file}: tensor {key!r} has shape {rows.shape}, expected {want} for "
-                               f"trainable_token_indices {list(cfg.trainable_token_indices)} on this model; the "
-                               "adapter and its config, or the base model, do not match")
+            raise AdapterError(f"{file}: tensor {key!r} has shape {rows.shape}, expected {want} for the "
+                               f"trainable_token_indices {list(tokens.indices)} of {tokens.hf_module} on this model; "
+                               "the adapter and its config, or the base model, do not match")
         node = adapters
         for part in tokens.rows[:-1]:
             node = node.setdefault(part, {})

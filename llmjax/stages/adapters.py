@@ -5,7 +5,8 @@ and returns the Stage the loop runs instead:
 
 * tree:      the model's params with one more top-level part, ``{**model params, "lora": adapters}``
              (``ADAPTERS_KEY``; with ``modules_to_save`` it also holds their trained copies, and with
-             ``trainable_token_indices`` those rows of the input embedding, the base's weights below staying frozen);
+             ``trainable_token_indices`` those rows of the input embedding or an untied head, the base's weights below
+             staying frozen);
              the adapters come from ``llmjax.lora.init`` on the boxed base inside ``init_tree``, so they are born
              sharded and a resume restores them through the loop's abstract target like any other leaf
 * trainable: the adapter leaves only: the optimizer state and the checkpoints hold adapters alone
@@ -186,12 +187,13 @@ def _check_pissa_base(cfg: lora.LoraConfig, has_base: bool) -> None:
 
 def check_lora_fits(model_config, cfg: lora.LoraConfig, quantize_cfg: QuantizeConfig | None) -> None:
     """``cfg.modules_to_save`` names weights this model has and can train (:func:`llmjax.lora.saved_leaves`), and
-    none that ``quantize:`` keeps int8; ``trainable_token_indices`` rows of an embedding this model has (not
+    none that ``quantize:`` keeps int8; token rows of an embedding or head this model has (not
     int8); PiSSA runs on a float base."""
     int8_saved = [leaf.path for leaf in lora.saved_leaves(model_config, cfg) if leaf.path[-1] in quantize.SCALES]
-    if lora.token_site(model_config, cfg) is not None and quantize_cfg is not None:
+    if lora.token_sites(model_config, cfg) and quantize_cfg is not None:
         raise ConfigError("lora.trainable_token_indices with quantize: is not supported: quantize: keeps the input "
-                          "embedding int8, which cannot take trained float rows; drop one of them")
+                          "embedding and the output layer int8, which cannot take trained float rows; drop one of "
+                          "them")
     if quantize_cfg is not None and cfg.init_lora_weights == lora.PISSA:
         raise ConfigError("lora.init_lora_weights: pissa with quantize: is not supported: PiSSA's principal part would "
                           "be taken from the float kernels and subtracted from their int8 rounding; drop one of them")
@@ -269,6 +271,8 @@ def lora_identity(cfg: lora.LoraConfig, model_config) -> dict:
             identity["modules_to_save_matched_as"] = MATCHED_AS
     if cfg.trainable_token_indices:
         identity["trainable_token_indices"] = list(cfg.trainable_token_indices)
+    if cfg.output_token_indices:
+        identity["output_token_indices"] = list(cfg.output_token_indices)
     return identity
 
 

@@ -280,6 +280,71 @@ def test_trainable_token_rows(tied):
     assert tuple(specs["embed"][lora.TOKENS]) == (None, "embed")
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_output_layer_token_rows(family):
+    """``output_token_indices`` (PEFT's ``{"lm_head": [...]}``) on an untied head: the adapters hold those columns
+    of the head's ``[d_model, vocab]`` kernel as rows, born as the base's (step 0 is the base), sharded on the
+    kernel's embed axis; moved rows replace exactly those columns in the merged params and in the factored forward
+    alike, so only those tokens' logits move. The input embedding's rows train beside them (LLaMA) or not (T5)."""
+    head, inputs_rows = (9, 60), ((5, 11) if family == "llama" else ())
+    cfg = lora.LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj",) if family == "llama" else ("q",),
+                          trainable_token_indices={"embed_tokens": list(inputs_rows), "lm_head": list(head)})
+    assert cfg.trainable_token_indices == inputs_rows and cfg.output_token_indices == head
+    model = _tiny(family, True) if family == "t5" else build_model(dataclasses.replace(TINY_LLAMA, scan_layers=True))
+    assert not model.config.tie_word_embeddings
+    params = random_params(model)
+    inputs = _inputs(model)
+    fresh = lora.init(model, params, cfg, jax.random.key(1))
+    kernel = np.asarray(params["lm_head"]["kernel"])
+    np.testing.assert_array_equal(fresh["lm_head"][lora.TOKENS], kernel[:, list(head)].T)
+    assert ("embed" in fresh) == bool(inputs_rows)
+    np.testing.assert_array_equal(_logits(model, lora.merge(params, fresh, cfg), inputs), _logits(model, params, inputs))
+
+    adapters = _random_b(fresh, seed=2)
+    moved = np.random.default_rng(3).normal(size=fresh["lm_head"][lora.TOKENS].shape).astype(np.float32)
+    adapters["lm_head"] = {lora.TOKENS: moved}
+    merged = jax.jit(lora.merge, static_argnums=2)(params, adapters, cfg)
+    others = np.setdiff1d(np.arange(kernel.shape[1]), head)
+    np.testing.assert_array_equal(np.asarray(merged["lm_head"]["kernel"])[:, list(head)], moved.T)
+    np.testing.assert_array_equal(np.asarray(merged["lm_head"]["kernel"])[:, others], kernel[:, others])
+    np.testing.assert_allclose(_logits(model, merged, inputs), _factored_logits(model, params, adapters, cfg, inputs),
+                               atol=1e-5)
+    without = lora.merge(params, {**adapters, "lm_head": fresh["lm_head"]}, cfg)
+    column_moved = np.abs(_logits(model, merged, inputs) - _logits(model, without, inputs)).max(axis=(0, 1))
+    assert np.all(column_moved[list(head)] > 1e-3) and np.all(column_moved[others] == 0)
+    with pytest.raises(lora.LoraConfigError, match="cannot undo trainable_token_indices"):
+        lora.unmerge(merged, adapters, cfg)
+    with pytest.raises(lora.LoraConfigError, match=r"adapters hold trained token rows \(lm_head/trainable_tokens_delta"
+                                                   r"\) but the LoRA config has output_token_indices=\[\]"):
+        lora.merge(params, adapters, dataclasses.replace(cfg, output_token_indices=()))
+
+    boxed = jax.eval_shape(lambda k: model.init(k, *dummy_inputs(model.config)), jax.random.key(0))["params"]
+    specs = nn.get_partition_spec(jax.eval_shape(lambda k: lora.init(model, boxed, cfg, k), jax.random.key(1)))
+    assert tuple(specs["lm_head"][lora.TOKENS]) == (None, "embed")
+
+
+def test_output_layer_token_rows_are_refused_where_they_cannot_act():
+    untied = TINY_LLAMA
+    tied = dataclasses.replace(TINY_LLAMA, tie_word_embeddings=True)
+    rows = {"trainable_token_indices": {"lm_head": [3]}}
+    with pytest.raises(lora.LoraConfigError, match="ties its output layer to the input embedding"):
+        lora.token_sites(tied, lora.LoraConfig(2, 4, target_modules=("q_proj",), **rows))
+    with pytest.raises(lora.LoraConfigError, match="target_modules adapts lm_head and trainable_token_indices"):
+        lora.token_sites(untied, lora.LoraConfig(2, 4, target_modules=("q_proj", "lm_head"), **rows))
+    with pytest.raises(lora.LoraConfigError, match="modules_to_save trains lm_head in full"):
+        lora.token_sites(untied, lora.LoraConfig(2, 4, target_modules=("q_proj",), modules_to_save=("lm_head",),
+                                                 **rows))
+    with pytest.raises(lora.LoraConfigError, match=r"trainable_token_indices\['lm_head'\] \[64\] are not token ids"):
+        lora.token_sites(untied, lora.LoraConfig(2, 4, target_modules=("q_proj",),
+                                                 trainable_token_indices={"lm_head": [3, 64]}))
+    with pytest.raises(lora.LoraConfigError, match="output layer's ids once"):
+        lora.LoraConfig(2, 4, target_modules=("q_proj",), output_token_indices=(3,), **rows)
+    with pytest.raises(lora.LoraConfigError, match=r"trainable_token_indices\['lm_head'\] repeats \[3\]"):
+        lora.LoraConfig(2, 4, target_modules=("q_proj",), trainable_token_indices={"lm_head": [3, 3]})
+    with pytest.raises(lora.LoraConfigError, match=r"names \['shared'\]"):
+        lora.LoraConfig(2, 4, target_modules=("q",), trainable_token_indices={"shared": [3]})
+
+
 def test_trainable_token_indices_in_a_run_config():
     from llmjax.adapter_configs import QuantizeConfig
     from llmjax.config import ConfigError, config_from_dict, config_to_dict, load_config
@@ -293,6 +358,12 @@ def test_trainable_token_indices_in_a_run_config():
     assert load_config(decoder, [*section, "lora.trainable_token_indices={embed_tokens: [7, 3]}"]).lora == config.lora
     assert config_from_dict(config_to_dict(config)).lora == config.lora  # what a run dir's config.yaml reads back
     assert lora_identity(config.lora, config.model)["trainable_token_indices"] == [7, 3]  # a resume must keep them
+    both = load_config(decoder, [*section, "lora.trainable_token_indices={embed_tokens: [7, 3], lm_head: [9]}"])
+    assert both.lora.trainable_token_indices == (7, 3) and both.lora.output_token_indices == (9,)
+    assert config_from_dict(config_to_dict(both)).lora == both.lora
+    assert lora_identity(both.lora, both.model)["output_token_indices"] == [9]
+    head_only = load_config(REPO / "configs" / "sft_t5_tiny_lora.yaml", ["lora.trainable_token_indices={lm_head: [3]}"])
+    assert head_only.lora.output_token_indices == (3,) and not head_only.lora.trainable_token_indices
     with pytest.raises(ConfigError, match=r"trainable_token_indices \[512\] are not token ids of this model"):
         load_config(decoder, [*section, "lora.trainable_token_indices=[3, 512]"])
     with pytest.raises(ConfigError, match="not supported on a T5 with an untied output layer"):

@@ -488,7 +488,7 @@ def test_trainable_tokens_parity_both_ways(tied, scan, base_dirs, tmp_path):
     ({"trainable_token_indices": [3, 64]}, None, r"trainable_token_indices \[64\] are not token ids of this model "
                                                  r"\(vocab_size 64\)"),
     ({"trainable_token_indices": [3, 7, 3]}, None, r"repeats \[3\]"),
-    ({"trainable_token_indices": {"lm_head": [3]}}, None, r"names \['lm_head'\]; llmjax trains token rows"),
+    ({"trainable_token_indices": {"shared": [3]}}, None, r"names \['shared'\]; llmjax trains token rows"),
     ({"trainable_token_indices": "3"}, None, "must be a list of token ids"),
     ({"trainable_token_indices": [3, 7]}, None, r"has shape \(3, 16\), expected \(2, 16\)"),
     ({"modules_to_save": ["embed_tokens"]}, None, "modules_to_save trains model.embed_tokens in full and "
@@ -538,6 +538,72 @@ def test_trainable_tokens_on_tied_t5_parity_both_ways(scan, tmp_path):
     adapters = _moved(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
     written = _written_read_by_peft_and_back("t5", model, params, adapters, cfg, base_dir, tmp_path / "from_llmjax")
     assert written["trainable_token_indices"] == tokens
+
+
+HEAD_ROWS = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+
+
+@pytest.mark.parametrize("family, scan", [("llama", False), ("llama", True), ("t5", False), ("t5", True)],
+                         ids=["llama-unscanned", "llama-scanned", "t5-unscanned", "t5-scanned"])
+def test_output_layer_token_rows_parity_both_ways(family, scan, base_dirs, tmp_path):
+    """PEFT's ``trainable_token_indices={"lm_head": [...]}`` on an untied head (LLaMA beside the input embedding's
+    own ids; T5 v1.1, whose input rows peft cannot train, alone), both ways against peft."""
+    model, params = llmjax.hf.from_pretrained(base_dirs[family], scan_layers=scan)
+    head = [4, 17, 63]  # 63 is in no input: only the head's row reaches the logits
+    rows = {"lm_head": head, **({"embed_tokens": [int(_ids(family)[0][0, 1]), 9]} if family == "llama" else {})}
+    targets = ["q_proj", "down_proj"] if family == "llama" else ["q", "wo"]
+
+    # (a) peft writes (rows moved off the base), llmjax reads: peft's logits, which the head's rows change
+    peft_model = _peft_adapter(family, base_dirs[family], tmp_path / "from_peft", target_modules=targets,
+                               trainable_token_indices=rows)
+    assert HEAD_ROWS in safetensors.numpy.load_file(str(tmp_path / "from_peft" / "adapter_model.safetensors"))
+    adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
+    assert cfg.output_token_indices == tuple(head) and cfg.trainable_token_indices == tuple(rows.get("embed_tokens", ()))
+    want = _torch_logits(peft_model, family)
+    np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
+    base_rows = np.asarray(params["lm_head"]["kernel"])[:, head].T
+    unmoved = _llmjax_logits(model, params, {**adapters, "lm_head": {lora.TOKENS: base_rows}}, cfg, family)
+    moved = np.abs(unmoved - want).max(axis=(0, 1))
+    assert np.all(moved[head] > 1e-3) and np.all(np.delete(moved, head) < 1e-5)  # the head's rows alone moved those
+
+    # (b) llmjax writes, peft reads; and back bit-exactly
+    from tests.lora.test_modules_to_save import _moved
+
+    cfg = lora.LoraConfig(r=2, lora_alpha=6, target_modules=targets, trainable_token_indices=rows)
+    adapters = _moved(lora.init(model, params, cfg, jax.random.key(3)), seed=4)
+    written = _written_read_by_peft_and_back(family, model, params, adapters, cfg, base_dirs[family],
+                                             tmp_path / "from_llmjax")
+    assert written["trainable_token_indices"] == rows
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"trainable_token_indices": {"lm_head": [3, 64]}}, r"trainable_token_indices\['lm_head'\] \[64\] are not "
+                                                        r"token ids of this model"),
+    ({"trainable_token_indices": {"lm_head": [3, 7]}}, r"has shape \(3, 16\), expected \(2, 16\) for the "
+                                                       r"trainable_token_indices \[3, 7\] of lm_head"),
+    ({"trainable_token_indices": None}, rf"unexpected tensors \['{HEAD_ROWS}'\]"),
+    ({"trainable_token_indices": [3, 7, 9]}, rf"missing tensors \['{TOKEN_ROWS}'\]"),
+    ({"target_modules": ["q_proj", "lm_head"]}, "target_modules adapts lm_head and trainable_token_indices"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save trains lm_head in full and trainable_token_indices"),
+])
+def test_output_layer_token_rows_refusals(changes, match, base_dirs, tmp_path):
+    model, _ = llmjax.hf.from_pretrained(base_dirs["llama"])
+    _peft_adapter("llama", base_dirs["llama"], tmp_path / "peft", target_modules=["q_proj"],
+                  trainable_token_indices={"lm_head": [3, 7, 9]})
+    with pytest.raises(lora.AdapterError, match=match):
+        lora.from_pretrained(model, _copy(tmp_path / "peft", tmp_path, changes))
+
+
+def test_output_layer_token_rows_of_a_tied_model_are_refused(tmp_path):
+    """On a tied model peft's ``{"lm_head": [...]}`` alone trains rows the head reads and the input embedding does
+    not; llmjax computes the head from the embedding and cannot hold them apart, so it refuses them by name."""
+    base = tmp_path / "tied"
+    torch_llama(0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(str(base))
+    model, _ = llmjax.hf.from_pretrained(base)
+    _peft_adapter("llama", base, tmp_path / "peft", target_modules=["q_proj"], trainable_token_indices={"lm_head": [3]})
+    with pytest.raises(lora.AdapterError, match=r"names lm_head \(\[3\]\), but this model ties its output layer"):
+        lora.from_pretrained(model, tmp_path / "peft")
 
 
 def test_trainable_tokens_on_untied_t5_are_refused(t5_adapter, tmp_path):
@@ -674,11 +740,13 @@ def test_cli_lora_merge_equals_peft_merge_and_unload(options, base_dirs, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]
 
 
-@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("t5", True)],
-                         ids=["llama-untied", "llama-tied", "t5-tied"])
-def test_cli_lora_merge_of_trainable_tokens_equals_peft_merge_and_unload(family, tied, tmp_path):
+@pytest.mark.parametrize("family, tied, tokens", [
+    ("llama", False, [3, 11, 40]), ("llama", True, [3, 11, 40]), ("t5", True, [3, 11, 40]),
+    ("llama", False, {"embed_tokens": [3, 11], "lm_head": [11, 40]}), ("t5", False, {"lm_head": [11, 40]}),
+], ids=["llama-untied", "llama-tied", "t5-tied", "llama-head", "t5-head"])
+def test_cli_lora_merge_of_trainable_tokens_equals_peft_merge_and_unload(family, tied, tokens, tmp_path):
     """An adapter with ``trainable_token_indices`` merged by ``llmjax lora merge``: the model ``peft``'s
-    ``merge_and_unload`` gives (those rows of the embedding, and of a tied head, replaced)."""
+    ``merge_and_unload`` gives (those rows of the embedding, and of a tied or untied head, replaced)."""
     base = tmp_path / "base"
     if family == "llama":
         torch_llama(0, vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -686,7 +754,7 @@ def test_cli_lora_merge_of_trainable_tokens_equals_peft_merge_and_unload(family,
     else:
         torch_t5(0, vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
                  tie_word_embeddings=tied).save_pretrained(str(base))
-    peft_model = _peft_adapter(family, base, tmp_path / "adapter", trainable_token_indices=[3, 11, 40],
+    peft_model = _peft_adapter(family, base, tmp_path / "adapter", trainable_token_indices=tokens,
                                target_modules=["o_proj" if family == "llama" else "o"])
     want = _torch_logits(peft_model.merge_and_unload(), family)
     assert cli.main(["lora", "merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"),

@@ -349,12 +349,14 @@ def test_pissa_run_resumes_bitwise_with_its_start_computed_again(base_dir, tmp_p
     ("lora.modules_to_save=[layer_norm]", {"modules_to_save": ("layer_norm",)}, "scale"),
     ("lora.init_lora_weights=pissa", {"init_lora_weights": "pissa"}, lora.LORA_A),
     ("lora.target_modules=[q, v, lm_head]", {"target_modules": ("q", "v", "lm_head")}, lora.LORA_A),
-], ids=["dora", "modules_to_save", "pissa", "lm_head"])
+    ("lora.trainable_token_indices={lm_head: [5, 17, 300]}", {"output_token_indices": (5, 17, 300)}, lora.TOKENS),
+], ids=["dora", "modules_to_save", "pissa", "lm_head", "head_token_rows"])
 def test_dora_saved_modules_or_pissa_run_trains_and_exports_what_peft_applies(option, extra, leaf, base_dir, tmp_path):
     """``lora.use_dora: true`` / ``lora.modules_to_save: [layer_norm]`` / ``lora.init_lora_weights: pissa`` /
-    ``lm_head`` adapted too: step 0 is the base, the checkpoint holds A, B and a magnitude per adapted kernel / a copy
-    of every norm's scale / A and B alone (PiSSA's frozen start is computed again from the base) / A and B of the
-    head too, all moved from their deterministic start by training, the loader merges them, and the export's PEFT
+    ``lm_head`` adapted too / the untied head's rows of three tokens: step 0 is the base, the checkpoint holds A, B and
+    a magnitude per adapted kernel / a copy of every norm's scale / A and B alone (PiSSA's frozen start is computed
+    again from the base) / A and B of the head too / the head's rows, all moved from their deterministic start by
+    training, the loader merges them, and the export's PEFT
     adapter applied by peft gives the exported merged model's logits."""
     import peft
     import torch
@@ -377,7 +379,7 @@ def test_dora_saved_modules_or_pissa_run_trains_and_exports_what_peft_applies(op
     for path, trained in zip(_paths(adapters), jax.tree_util.tree_leaves(adapters)):
         if path.endswith(leaf):
             assert np.abs(trained - np.asarray(starts[path])).max() > 1e-4, path  # the magnitudes / copies / A trained
-    assert ("lm_head" in adapters) == ("lm_head" in cfg.target_modules)
+    assert ("lm_head" in adapters) == ("lm_head" in cfg.target_modules or bool(cfg.output_token_indices))
     expected = jax.tree_util.tree_map(np.asarray, lora.merge(base, lora.pissa_initial(base, adapters, cfg), cfg))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            load_model(out / "checkpoints").params, expected)

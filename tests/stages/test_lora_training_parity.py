@@ -51,10 +51,14 @@ CASES = {  # case -> (family, scan_layers, adapter overrides, clip)
     # On a T5 whose head is tied to shared (T5 v1.0): peft ties both stacks' embed_tokens and the head to the rows.
     "tokens-t5-tied-unscanned": ("t5-tied", False, ["lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q, wo]",
                                                     "lora.trainable_token_indices=[3, 4, 5, 9, 300]"], 0.56),
+    # Rows of an untied head beside the input embedding's own (PEFT's dict form): peft wraps lm_head too.
+    "tokens-llama-head-unscanned": ("llama", False, [
+        "lora.r=4", "lora.lora_alpha=8", "lora.target_modules=[q_proj]",
+        "lora.trainable_token_indices={embed_tokens: [3, 4, 5], lm_head: [3, 9, 300]}"], 0.34),
     "prompt-t5-scanned": ("t5", True, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.085),
     "prompt-llama-unscanned": ("llama", False, [f"prompt_tuning.num_virtual_tokens={VIRTUAL_TOKENS}"], 0.008),
 }
-SLOW = ("lora-llama-unscanned", "prompt-t5-scanned", "tokens-t5-tied-unscanned")
+SLOW = ("lora-llama-unscanned", "prompt-t5-scanned", "tokens-t5-tied-unscanned", "tokens-llama-head-unscanned")
 
 
 # Each family and each adapter kind stays in the default suite once; the other two cases are `slow`.
