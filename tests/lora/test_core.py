@@ -298,7 +298,8 @@ def test_output_layer_token_rows(family):
     kernel = np.asarray(params["lm_head"]["kernel"])
     np.testing.assert_array_equal(fresh["lm_head"][lora.TOKENS], kernel[:, list(head)].T)
     assert ("embed" in fresh) == bool(inputs_rows)
-    np.testing.assert_array_equal(_logits(model, lora.merge(params, fresh, cfg), inputs), _logits(model, params, inputs))
+    np.testing.assert_array_equal(_logits(model, lora.merge(params, fresh, cfg), inputs),
+                                  _logits(model, params, inputs))
 
     adapters = _random_b(fresh, seed=2)
     moved = np.random.default_rng(3).normal(size=fresh["lm_head"][lora.TOKENS].shape).astype(np.float32)

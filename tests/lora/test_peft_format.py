@@ -558,7 +558,8 @@ def test_output_layer_token_rows_parity_both_ways(family, scan, base_dirs, tmp_p
                                trainable_token_indices=rows)
     assert HEAD_ROWS in safetensors.numpy.load_file(str(tmp_path / "from_peft" / "adapter_model.safetensors"))
     adapters, cfg = lora.from_pretrained(model, tmp_path / "from_peft")
-    assert cfg.output_token_indices == tuple(head) and cfg.trainable_token_indices == tuple(rows.get("embed_tokens", ()))
+    assert cfg.output_token_indices == tuple(head)
+    assert cfg.trainable_token_indices == tuple(rows.get("embed_tokens", ()))
     want = _torch_logits(peft_model, family)
     np.testing.assert_allclose(_llmjax_logits(model, params, adapters, cfg, family), want, atol=TOL, rtol=0)
     base_rows = np.asarray(params["lm_head"]["kernel"])[:, head].T
