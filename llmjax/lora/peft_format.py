@@ -35,7 +35,8 @@ read and written as ``base_model.model.model.embed_tokens.token_adapter.trainabl
 ``base_model.model.shared.token_adapter...``), the rows themselves, as ``peft`` saves them; an untied output layer's
 rows (``output_token_indices``; PEFT's dict form ``{"lm_head": [...]}``, alone or beside ``embed_tokens``) as
 ``base_model.model.lm_head.token_adapter.trainable_tokens_delta``. On a tied model the dict may name ``lm_head``
-beside the input embedding with the same ids, which ``peft`` ties to the embedding's rows.
+beside the input embedding with the same ids, which ``peft`` ties to the embedding's rows. On a T5 the dict form
+naming ``embed_tokens`` is refused: ``peft`` then trains the encoder's and the decoder's rows apart.
 """
 
 from __future__ import annotations
@@ -375,6 +376,12 @@ def _peft_token_indices(raw: dict, model_config):
     ``embed_tokens`` with the same ids: ``peft`` then ties the head's rows to the embedding's, which is what the list
     form means on a tied model, so the head's entry is dropped."""
     value = raw.get("trainable_token_indices")
+    if isinstance(value, dict) and INPUT_EMBEDDING in value and model_family(model_config).seq2seq:
+        raise LoraConfigError(
+            f"trainable_token_indices names {INPUT_EMBEDDING!r}, which on a T5 peft matches twice: it wraps the "
+            "encoder's and the decoder's embed_tokens apart and trains a set of rows for each, where the model has "
+            "one shared embedding, as llmjax holds it; train the rows with the list form (peft's wrapper of shared, "
+            "on a T5 whose head is tied to it)")
     if (isinstance(value, dict) and model_config.tie_word_embeddings and OUTPUT_LAYER in value
             and value[OUTPUT_LAYER] == value.get(INPUT_EMBEDDING)):
         return {key: ids for key, ids in value.items() if key != OUTPUT_LAYER}

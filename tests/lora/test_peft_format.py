@@ -539,6 +539,13 @@ def test_trainable_tokens_on_tied_t5_parity_both_ways(scan, tmp_path):
     written = _written_read_by_peft_and_back("t5", model, params, adapters, cfg, base_dir, tmp_path / "from_llmjax")
     assert written["trainable_token_indices"] == tokens
 
+    # (c) peft's dict form naming embed_tokens wraps the encoder's and the decoder's apart: two sets of rows for one
+    # shared weight, refused with that reason
+    _peft_adapter("t5", base_dir, tmp_path / "dict_form", target_modules=["q"],
+                  trainable_token_indices={"embed_tokens": tokens})
+    with pytest.raises(lora.AdapterError, match="on a T5 peft matches twice: it wraps the encoder's and the decoder's"):
+        lora.from_pretrained(model, tmp_path / "dict_form")
+
 
 HEAD_ROWS = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
 
