@@ -190,3 +190,31 @@ def test_the_labs_instruction_base_rows_on_the_other_machine_reproduce_its_exper
     assert share == pytest.approx(settings["instruction_base"]["lora_share_of_full_ft"]) and 0.96 < share < PEFT_QUALITY
     first, second = (a / f for a, f in zip(halves["instruct_lora_r2"], halves["instruct_full_ft"]))
     assert first > PEFT_QUALITY > 0.96 > second  # 97.85% on the dialogues the settings were chosen on, 95.4% on the rest
+
+
+EPYC_SEEDS = EXPERIMENTS / "instruction_base_lab_epyc_seeds"
+
+
+@pytest.mark.skipif(not all((d / "results.json").is_file() for d in (EPYC_SEEDS, EPYC_LAB, EPYC_BASE)),
+                    reason="no saved EPYC seed rows")
+def test_the_labs_adapter_on_the_other_machine_meets_the_target_in_the_mean_of_three_seeds_on_every_test_dialogue():
+    """The lab's two compared rows from the base the lab built on the AMD EPYC machine, again at ``train.seed`` 1
+    and 2 on all 400 test dialogues (the experiment script on a copy of that lab's base; the lab's own rows are the
+    seed-0 pair). The first 200 summaries of each are the EPYC experiment's rows of the same seed word for word (the
+    same base, the same runs). Seed by seed the adapter reaches 96.6%, 99.1% and 97.6% of full fine-tuning; over the
+    three seeds its mean is 97.8% of full fine-tuning's: the issue's target, on this base (the Intel Xeon's base
+    read 96.15% in the mean of three seeds, on 200 dialogues)."""
+    results, settings = rescored(EPYC_SEEDS)
+    lab, _ = rescored(EPYC_LAB)
+    assert settings["test_limit"] == 400 and settings["train_seeds"] == [1, 2]
+    for row in results:
+        saved = [json.loads(line)["prediction"] for line in (EPYC_SEEDS / "predictions" / f"{row}.jsonl").read_text()
+                 .splitlines()]
+        experiment = (EPYC_BASE / "predictions" / f"{row}.jsonl").read_text().splitlines()
+        assert saved[:200] == [json.loads(line)["prediction"] for line in experiment], row
+    adapter = [lab["instruct_lora_r2"], *(results[f"lora_r2_q_v_o_wi_0_wi_1_wo_lr6e-3_seed{s}"] for s in (1, 2))]
+    full = [lab["instruct_full_ft"], *(results[f"full_ft_seed{s}"] for s in (1, 2))]
+    assert all(e["trainable_fraction"] <= PEFT_FRACTION and e["lora"]["r"] == 2 for e in adapter)
+    shares = [a["rougeL"] / f["rougeL"] for a, f in zip(adapter, full)]
+    assert shares[0] < PEFT_QUALITY < min(shares[1:])  # the lab's seed alone falls short; the other two cross
+    assert sum(a["rougeL"] for a in adapter) >= PEFT_QUALITY * sum(f["rougeL"] for f in full)
