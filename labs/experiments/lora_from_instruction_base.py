@@ -36,7 +36,11 @@ base's learning rate (the lab's 3e-3 trains the 256-wide model far worse than ha
 ``labs/experiments/lora_from_instruction_base_wide/``. The all-topics experiment run again on 2026-12-07 on an AMD EPYC
 machine, whose base differs from the Intel Xeon's (zero-shot 0.657 against 0.637), with the output layer adapted
 too and the full rows' vocabulary layers frozen, is in ``labs/experiments/lora_from_instruction_base_all_topics_epyc/``
-(the last commands below, in order).
+(the commands below from ``runs/lora_epyc``, in order). The lab's two compared instruction-base rows at two more
+``--train-seed``s on all 400 test dialogues, from the base the lab built on that machine (its ``pretrain/``,
+``tokenizer/`` and ``instruct_base/``, the last as ``instruction_base/``, copied into ``runs/epyc400`` beside a
+``results.json`` of ``{"_settings": {"rows": ""}}``), are in ``labs/experiments/instruction_base_lab_epyc_seeds/``
+(the last two commands).
 
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_instruction_base
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_all_topics --topics all \
@@ -80,6 +84,10 @@ r2[q+v+o+wi_0+wi_1+wo]@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3,r1all@6e-3,r2[q+v+o+wi_0
         --base-steps 2000 --add-rows --train-seed 1 --rows "r2[q+v+o+wi_0+wi_1+wo]@6e-3"
     .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/lora_epyc --topics all \
         --base-steps 2000 --add-rows --train-seed 2 --rows "full@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/epyc400 --topics all \
+        --base-steps 2000 --add-rows --test-limit 400 --train-seed 1 --rows "full@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3"
+    .venv/bin/python labs/experiments/lora_from_instruction_base.py --out runs/epyc400 --topics all \
+        --base-steps 2000 --add-rows --test-limit 400 --train-seed 2 --rows "full@3e-3,r2[q+v+o+wi_0+wi_1+wo]@6e-3"
 """
 
 from __future__ import annotations
