@@ -103,8 +103,8 @@ class LoraConfig:
     modules_to_save: Hugging Face module names whose weights train in full beside the adapters (PEFT's
       ``modules_to_save``, matched as ``peft`` 0.22 matches it: the module of that name or every one whose name ends
       with ``.`` and the entry, e.g. ``lm_head`` for an untied head, ``layer_norm`` and ``final_layer_norm`` for
-      every T5 norm); the adapters hold a trained copy of each
-      such weight, which replaces the base's. :func:`llmjax.lora.saved_leaves` resolves them on a model.
+      every T5 norm); the adapters hold a trained copy of each such weight, which replaces the base's.
+      :func:`llmjax.lora.saved_leaves` resolves them on a model.
     init_lora_weights: ``True`` (PEFT's default: A random, B zero) or ``"pissa"`` (PiSSA, Meng et al. 2024; PEFT's
       option): A and B start as the kernel's ``r`` principal singular directions, ``A0 @ B0`` its best rank-r
       approximation (over ``scale``), and train against the frozen rest, so the model computes
@@ -254,8 +254,8 @@ def check_lora_targets(cfg: "LoraConfig", model_config) -> None:
 
 def check_trainable_tokens(cfg: "LoraConfig", model_config) -> None:
     """Refuse token rows on a model whose rows PEFT's format cannot carry (the input embedding's of an untied T5, the
-    output layer's of a tied model), rows of a head that LoRA or ``modules_to_save`` already trains, and ids past
-    the vocabulary."""
+    output layer's of a tied model), rows of a head that LoRA adapts, and ids past the vocabulary (a weight that
+    ``modules_to_save`` trains whole: :func:`llmjax.lora.token_sites`)."""
     from llmjax.model_config import family_of
 
     ids, head = cfg.trainable_token_indices, cfg.output_token_indices
