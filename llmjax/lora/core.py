@@ -245,6 +245,11 @@ class TokenSite:
     def rows(self) -> Path:
         return self.weight[:-1] + (TOKENS,)
 
+    @property
+    def width_axis(self) -> int:
+        """The weight's ``d_model`` axis: an embedding's last, a head kernel's first."""
+        return 0 if self.output else -1
+
 
 def token_sites(config, cfg: LoraConfig) -> tuple[TokenSite, ...]:
     """The weights whose token rows ``cfg`` trains: the input embedding's ``cfg.trainable_token_indices`` (a
@@ -366,7 +371,7 @@ def init(model, params, cfg: LoraConfig, key: jax.Array, pissa_start: Mapping | 
     for site in token_sites(model.config, cfg):
         weight = _get(params, site.weight)
         value = unboxed(weight)
-        shape = (len(site.indices), value.shape[0 if site.output else -1])
+        shape = (len(site.indices), value.shape[site.width_axis])
         ids = np.asarray(site.indices)
         rows = (jax.ShapeDtypeStruct(shape, jnp.float32) if isinstance(value, jax.ShapeDtypeStruct)
                 else jnp.asarray(value[:, ids].T if site.output else value[ids], jnp.float32))
@@ -617,9 +622,9 @@ def unmerge(merged, adapters, cfg: LoraConfig):
     if cfg.use_dora:
         raise LoraConfigError("lora.unmerge cannot undo a DoRA merge: the merged kernel does not determine the norm "
                               "it was scaled by; keep the base params and merge the adapters into them instead")
-    if cfg.modules_to_save or _saved_paths(adapters) or cfg.trainable_token_indices or cfg.output_token_indices:
-        what = ("trainable_token_indices" if cfg.trainable_token_indices or cfg.output_token_indices
-                else "modules_to_save")
+    token_rows = cfg.trainable_token_indices or cfg.output_token_indices
+    if cfg.modules_to_save or _saved_paths(adapters) or token_rows:
+        what = "trainable_token_indices" if token_rows else "modules_to_save"
         raise LoraConfigError(f"lora.unmerge cannot undo {what}: the merge replaced those weights and the "
                               "base's are not in the merged params; keep the base params and merge the adapters "
                               "into them instead")

@@ -161,9 +161,10 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         layers = list(value) if leaf.stacked else [value]
         for name, layer in zip(leaf.hf_names, layers, strict=True):
             tensors[_PREFIX + name] = np.ascontiguousarray(layer.T if leaf.transpose else layer)
+    weight_shapes = hf.weight_map(model.config).shapes
     for tokens in token_sites(model.config, cfg):
         rows = np.asarray(jax.device_get(unboxed(_at(adapters, tokens.rows, "(the trained token rows)"))), np.float32)
-        want = (len(tokens.indices), _token_width(model.config, tokens))
+        want = (len(tokens.indices), weight_shapes[tokens.weight][tokens.width_axis])
         if rows.shape != want:
             raise ValueError(f"adapter {'/'.join(tokens.rows)} has shape {rows.shape}, expected {want} for the "
                              f"token ids {list(tokens.indices)}")
@@ -192,11 +193,6 @@ def save_pretrained(model, adapters, cfg: LoraConfig, path: str | Path, base_mod
         "revision": None,
     }
     write_adapter_dir(path, config, tensors)
-
-
-def _token_width(config, site) -> int:
-    """``d_model`` as the weight of a token site holds it (an embedding's last axis, a head kernel's first)."""
-    return hf.weight_map(config).shapes[site.weight][0 if site.output else -1]
 
 
 def _written_token_indices(cfg: LoraConfig):
@@ -527,7 +523,7 @@ def from_pretrained(model, path: str | Path, params=None) -> tuple[dict, LoraCon
     for tokens in token_rows:
         key = _token_key(tokens.hf_module)
         rows = np.asarray(tensors[key], np.float32)
-        want = (len(tokens.indices), _token_width(model.config, tokens))
+        want = (len(tokens.indices), shapes[tokens.weight][tokens.width_axis])
         if rows.shape != want:
             raise AdapterError(f"{file}: tensor {key!r} has shape {rows.shape}, expected {want} for the "
                                f"trainable_token_indices {list(tokens.indices)} of {tokens.hf_module} on this model; "
