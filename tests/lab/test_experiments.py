@@ -1,5 +1,5 @@
 """The saved lab experiments (``labs/experiments``): rescoring their predictions reproduces their numbers, and
-the numbers say what the README says of them."""
+the numbers say what ``labs/experiments/README.md`` says of them."""
 
 import json
 from pathlib import Path
@@ -53,7 +53,7 @@ def test_lora_from_an_instruction_tuned_base_rescores_and_stays_short_of_full_fi
     results, settings = rescored(INSTRUCTION_BASE)
     assert 0 < settings["test_seen"] < settings["test_limit"]
     full = results["full_ft"]["rougeL"]
-    # The README's reading: the base already summarizes the topics it saw, and still no small LoRA row comes
+    # The reading: the base already summarizes the topics it saw, and still no small LoRA row comes
     # within 3% of full fine-tuning from the same base.
     assert results["base_zero_shot"]["rougeL_seen_topics"] > 2 * results["base_zero_shot"]["rougeL_unseen_topics"]
     assert max(results[row]["rougeL"] for row in small_lora_rows(results)) < PEFT_QUALITY * full
@@ -65,7 +65,7 @@ def test_lora_from_a_base_tuned_on_every_topic_rescores_beats_its_base_and_stays
     assert settings["topics"] == "all" and settings["test_seen"] == settings["test_limit"]
     full, base = results["full_ft"]["rougeL"], results["base_zero_shot"]["rougeL"]
     small = {row: results[row]["rougeL"] for row in small_lora_rows(results) if "train_seed" not in results[row]}
-    # The README's reading: this base summarizes zero-shot at about 80% of full fine-tuning; at the lab's learning
+    # The reading: this base summarizes zero-shot at about 80% of full fine-tuning; at the lab's learning
     # rate or above every small LoRA row takes it higher, more with more adapter parameters, and none to 97%;
     # at a tenth of the lab's rate the adapters end below the base they started from.
     assert 0.75 * full < base < 0.85 * full
@@ -116,7 +116,7 @@ def test_lora_on_a_wider_model_rescores_and_stays_short_of_the_best_full_fine_tu
     narrow, _ = rescored(ALL_TOPICS_BASE) if (ALL_TOPICS_BASE / "results.json").is_file() else (None, None)
     full = max(entry["rougeL"] for row, entry in results.items() if row.startswith("full_ft"))
     small = {row: results[row]["rougeL"] for row in small_lora_rows(results)}
-    # The README's reading: full fine-tuning of the wider model is better the lower its rate (3e-3 ends below the
+    # The reading: full fine-tuning of the wider model is better the lower its rate (3e-3 ends below the
     # base); the 1.97% adapter beats it at 1.5e-3 but stays short of 97% of it at 7.5e-4, the best, which is itself
     # below the 128-wide model's.
     assert results["full_ft"]["rougeL"] < results["base_zero_shot"]["rougeL"] < results["full_ft_lr1.5e-3"]["rougeL"]
@@ -131,7 +131,7 @@ def test_lora_on_a_wider_model_rescores_and_stays_short_of_the_best_full_fine_tu
 def test_lora_from_a_denoising_base_rescores_and_stays_short_of_full_fine_tuning():
     results, _ = rescored(DENOISING_BASE)
     full = results["full_ft"]["rougeL"]
-    # The README's reading: the denoising base cannot summarize by itself, full fine-tuning from it beats the
+    # The reading: the denoising base cannot summarize by itself, full fine-tuning from it beats the
     # lab's, and the small adapters learn more from it than from span corruption alone, still far short.
     assert results["base_zero_shot"]["rougeL"] < 0.25 * full
     assert max(results[row]["rougeL"] for row in small_lora_rows(results)) < PEFT_QUALITY * full
@@ -148,7 +148,7 @@ def test_lora_from_the_all_topics_base_built_on_another_machine_meets_the_target
     full = [results[f"full_ft{s}"]["rougeL"] for s in seeds]
     adapter = [results[f"lora_r2_q_v_o_wi_0_wi_1_wo_lr6e-3{s}"] for s in seeds]
     assert all(e["trainable_fraction"] <= PEFT_FRACTION and e["learning_rate"] == 6e-3 for e in adapter)
-    # The README's reading: on this base the lab's adapter reaches 97% of full fine-tuning seed by seed and in the
+    # The reading: on this base the lab's adapter reaches 97% of full fine-tuning seed by seed and in the
     # mean of the three seeds (on the Intel base, 96.15%: the draw of the base moves it by more than any lever).
     assert all(e["rougeL"] >= PEFT_QUALITY * f for e, f in zip(adapter, full))
     assert sum(e["rougeL"] for e in adapter) >= PEFT_QUALITY * sum(full)
