@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmjax import sharding  # noqa: E402
+from llmjax import environment, sharding  # noqa: E402
 from llmjax.config import OptimConfig, load_section  # noqa: E402
 from llmjax.models import build_model  # noqa: E402
 from llmjax.train.lm_loss import lm_loss_fn  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {environment.cpu_model()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, jax {jax.__version__}; {len(jax.devices())} simulated "
           f"{jax.devices()[0].platform} devices; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name in args.model or sorted(MODELS):

@@ -32,6 +32,7 @@ import jax  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from llmjax import environment  # noqa: E402
 from llmjax.config import load_section  # noqa: E402
 from llmjax.planning import plan_memory  # noqa: E402
 from tests.test_calc import compiled_memory  # noqa: E402 (the test's compile: one definition of "the step")
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true", help="part 2 only (no compile)")
     args = parser.parse_args()
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+    print(f"machine: {environment.cpu_model()}, {os.cpu_count()} cores, python "
           f"{platform.python_version()}, jax {jax.__version__}; {len(jax.devices())} simulated "
           f"{jax.devices()[0].platform} devices; bytes per device, AdamW, fp32 compute in part 1")
     if not args.skip_compile:

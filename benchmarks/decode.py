@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: llmjax
 
+from llmjax import environment  # noqa: E402
 from llmjax.generate import generate  # noqa: E402
 from llmjax.testing import to_llmjax, torch_llama, torch_t5  # noqa: E402
 
@@ -47,15 +47,7 @@ DEFAULT_TORCH_THREADS = torch.get_num_threads()
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
+    return (f"{environment.cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
 
 

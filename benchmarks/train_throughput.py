@@ -59,7 +59,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmjax import sharding  # noqa: E402
+from llmjax import environment, sharding  # noqa: E402
 from llmjax.batch import shift_right  # noqa: E402
 from llmjax.config import OptimConfig, load_section  # noqa: E402
 from llmjax.models import FAMILIES, build_model, family_of, step_flops, unstack_layers  # noqa: E402
@@ -82,8 +82,8 @@ DECODER_SMALL = DecoderConfig(vocab_size=32000, hidden_size=512, intermediate_si
 
 
 def machine_lines() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = environment.cpu_model()
+    simd = "/".join(environment.vector_extensions()) or "unknown"
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemTotal"))
     import flax
@@ -92,7 +92,8 @@ def machine_lines() -> list[str]:
     import transformers
     return [
         f"command: {' '.join([Path(sys.executable).name, *sys.argv])}",
-        f"machine: {cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.1f} GiB memory, {platform.platform()}",
+        f"machine: {cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.1f} GiB memory, {platform.platform()}; "
+        f"vector extensions {simd}",
         f"load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"versions: python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}, "
         f"optax {optax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
-import sys
 from pathlib import Path
 
+from llmjax import environment
 from llmjax.lab.int8_row import int8_section
 
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
@@ -234,7 +233,8 @@ def instruction_base_section(results: dict, facts: dict, lab_before: float) -> l
         f"scored zero-shot. `{FULL_ROW}` fine-tunes all of it as `full_ft` does; `{lora_row}` trains LoRA "
         f"r={facts['lora_rank']} (lora_alpha {2 * facts['lora_rank']}) on {', '.join(facts['lora_target_modules'])} "
         f"at learning rate {facts['lora_learning_rate']:g} for {facts['lora_steps']} steps."
-        + (f" These rows were added to the finished lab by `{facts['command']}` ({facts['seconds']:.0f} s), from "
+        + (f" These rows were added to the finished lab by `{facts['command']}` ({facts['seconds']:.0f} s"
+           + (f" on {machine(facts)}" if "environment" in facts else "") + "), from "
            + _same_start(facts["pretrained_heldout_loss"], lab_before, facts.get("pretrain_reused", False))
            if facts.get("command") else ""), "",
         f"| row | trainable params | trainable fraction | steps | learning rate | ROUGE-L | of {FULL_ROW}'s "
@@ -332,6 +332,13 @@ def examples_table(examples: list[dict], outputs: dict) -> str:
     return "\n".join(lines)
 
 
+def machine(facts: dict) -> str:
+    """Where the run whose ``facts`` these are ran (``facts["environment"]``, :func:`llmjax.environment.describe`)."""
+    if "environment" not in facts:
+        return "not recorded (the run predates llmjax's environment record)"
+    return environment.one_line(facts["environment"])
+
+
 def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict, facts: dict,
                   plots: bool = True) -> None:
     """Write every output of the lab into ``out`` (see the module docstring). ``plots=False`` (rows added to a
@@ -355,8 +362,8 @@ def write_outputs(out: Path, examples: list[dict], outputs: dict, results: dict,
     share = forgetting["mixture_share"]
     text = [
         f"# {facts.get('title', 'Lab: dialogue summarization with a small T5')}", "",
-        f"Command: `{facts.get('command', f'llmjax lab summarize --out {out}')}`; machine: {platform.machine()} {platform.system()}, "
-        f"Python {sys.version.split()[0]}; the whole lab took {facts['lab_seconds']:.0f} s "
+        f"Command: `{facts.get('command', f'llmjax lab summarize --out {out}')}`; machine: {machine(facts)}; "
+        f"the whole lab took {facts['lab_seconds']:.0f} s "
         f"(pre-training {facts['pretrain_seconds']:.0f} s, 0 when reused; pre-training, the prompted rows and "
         f"full fine-tuning {facts['first_rows_seconds']:.0f} s).", "",
         f"Model: T5 v1.1-style, d_model={settings['d_model']}, {settings['num_layers']}+{settings['num_layers']} "
@@ -401,6 +408,6 @@ def write_detox_outputs(out: Path, outputs: dict, results: dict, facts: dict) ->
     text = ["# Lab: detoxification of a small T5 summarizer", "",
             f"Command: `{facts.get('command', f'llmjax lab summarize --out {out} --detox-only')}` "
             f"(after `llmjax lab summarize --out {out}`); "
-            f"machine: {platform.machine()} {platform.system()}, Python {sys.version.split()[0]}; "
+            f"machine: {machine(facts)}; "
             f"{facts['lab_seconds']:.0f} s.", "", *detox_section(results, facts, png)]
     (out / "report.md").write_text("\n".join(text), encoding="utf-8")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jax
 
+from llmjax import environment
 from llmjax.config import RunConfig, config_from_dict, config_to_dict, load_config
 from llmjax.data.bundled.corpus import bundled_documents
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
@@ -304,6 +305,14 @@ def add_int8_row(out: Path, source_row: str, tokenizer, test, settings: LabSetti
         f"{speed['int8'] / speed['float']:.2f}x float32")
 
 
+def started_on() -> dict:
+    """``llmjax.environment.describe()``, said as the lab's first phase line: the lab's numbers repeat to the bit on
+    the same kind of machine, not across processors (``labs/experiments/README.md``)."""
+    described = environment.describe()
+    say(f"running on {environment.one_line(described)}")
+    return described
+
+
 def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bool = True,
                   detox_rows: DetoxRows = DetoxRows(), report_header: dict | None = None) -> dict:
     """Only the detox rows, from the finished ``full_ft`` run (and pre-training) a whole lab left in ``out``:
@@ -314,6 +323,7 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
         raise UserError(f"{out} holds no finished lab (pretrain and {BASE_ROW} runs); run `llmjax lab summarize "
                         f"--out {out}` first")
     started = time.perf_counter()
+    ran_on = started_on()
     model, params, tokenizer = load_model_for_inference(out / BASE_ROW)
     test = bundled_dialogsum("test")[: settings.test_limit]
     say(f"{BASE_ROW}: generating {len(test)} test summaries")
@@ -322,7 +332,8 @@ def run_detox_lab(out: str | Path, settings: LabSettings = LabSettings(), progre
     results = {BASE_ROW: row_entry(outputs[BASE_ROW], total, total, 0.0)}
     facts_detox = add_detox_rows(out, settings, detox_rows, tokenizer, test, results, outputs, total, progress)
     facts = {**(report_header or {}), "settings": dataclasses.asdict(settings), "total_params": total, "detox": facts_detox,
-             "detox_rows": dataclasses.asdict(detox_rows), "lab_seconds": round(time.perf_counter() - started, 1)}
+             "detox_rows": dataclasses.asdict(detox_rows), "lab_seconds": round(time.perf_counter() - started, 1),
+             "environment": ran_on}
     report.write_detox_outputs(out, outputs, results, facts)
     say(f"done in {facts['lab_seconds']:.0f} s: {out / 'report.md'}")
     return results
@@ -362,6 +373,7 @@ def run_instruction_base_lab(out: str | Path, settings: LabSettings = LabSetting
         raise UserError(f"the lab in {out} ran with other settings than these; add the rows with the settings it ran "
                         "with (--tiny, or not, as that run)")
     started = time.perf_counter()
+    ran_on = started_on()
     reused = pretrain(out, settings, progress) == 0.0
     model, params, tokenizer = load_model_for_inference(out / "pretrain")
     # The rows' starting point against the lab's: a pre-training run again with the same code on the same kind of
@@ -374,6 +386,7 @@ def run_instruction_base_lab(out: str | Path, settings: LabSettings = LabSetting
     facts = add_instruction_base_rows(out, settings, rows, tokenizer, test, results, outputs, progress)
     lab_facts["instruction_base"] = {**facts, "seconds": round(time.perf_counter() - started, 1),
                                      "pretrained_heldout_loss": start_loss, "pretrain_reused": reused,
+                                     "environment": ran_on,
                                      **({"command": command} if command else {})}
     report.write_outputs(out, test, outputs, results, lab_facts, plots=False)
     say(f"done in {lab_facts['instruction_base']['seconds']:.0f} s: {out / 'report.md'} (the pre-trained model's "
@@ -395,6 +408,7 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    ran_on = started_on()
     pretrain_seconds = pretrain(out, settings, progress)
     model, params, tokenizer = load_model_for_inference(out / "pretrain")
     tokenizer_dir = out / "tokenizer"
@@ -474,7 +488,8 @@ def run_lab(out: str | Path, settings: LabSettings = LabSettings(), progress: bo
     facts = {**(report_header or {}), "settings": dataclasses.asdict(settings), "total_params": total, "pretrain_seconds": round(pretrain_seconds, 1),
              "lab_seconds": round(time.perf_counter() - started, 1),
              "first_rows_seconds": round(first_rows_seconds, 1), "forgetting": forgetting,
-             "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows)}
+             "curves": curves, "pretrain_dir": str(out / "pretrain"), "adapter_rows": dataclasses.asdict(adapter_rows),
+             "environment": ran_on}
     if facts_distill is not None:
         facts["distill"] = facts_distill
     if facts_instruction is not None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +24,7 @@ from typing import Any, Callable, Iterator
 import flax.linen as nn
 import jax
 
-from llmjax import sharding
+from llmjax import environment, sharding
 from llmjax.models import model_family, step_flops
 from llmjax.config import ConfigError, MeshConfig, RunConfig, config_to_dict
 from llmjax.errors import UserError
@@ -165,6 +167,7 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
         meta["base"] = {"path": stage.base.path, "step": stage.base.step, "sha256": stage.base.sha256}
     if stage.frozen_models:
         meta["frozen_models"] = {m.key: {"path": m.path, "sha256": m.sha256} for m in stage.frozen_models}
+    meta["environment"] = environment.describe()  # what wrote each checkpoint (process 0's machine)
     output_dir = Path(tc.output_dir)
     summary: dict[str, Any] = {"interrupted": None, "eval_loss": None, "export": None, "loss": None}
 
@@ -174,6 +177,8 @@ def train(stage: Stage, config: RunConfig, *, mesh=None, progress: bool = True,
         for note in notes:
             _print(note, progress)
         summary["start_step"] = start_step = int(jax.device_get(state.step))
+        if writer.enabled:
+            _record_environment(output_dir, start_step, meta["environment"])
         batch_sharding = sharding.batch_sharding(mesh)
         train_step = compile_step(
             make_train_step(stage.loss_fn, tx, microbatches=tc.microbatches, learning_rate_fn=schedule,
@@ -312,6 +317,14 @@ def _saved_part(state, stage: Stage):
         keys = {part.key for part in stage.frozen_models}
         return state.replace(frozen_params={k: v for k, v in state.frozen_params.items() if k not in keys})
     return state
+
+
+def _record_environment(output_dir: Path, start_step: int, described: dict) -> None:
+    """Append ``{"start_step", "time", **environment.describe()}`` to ``<output_dir>/environment.jsonl``: one line
+    per start or resume, so a run resumed on another machine or another jax says so."""
+    line = {"start_step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **described}
+    with open(output_dir / "environment.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _check_resumable(stage: Stage, checkpointer: Checkpointer, trained_parts: dict, step: int, meta: dict) -> None:

@@ -50,6 +50,9 @@ def test_lab_rows_from_an_instruction_tuned_base_and_adding_them_to_a_finished_l
     facts = first["_lab"]["instruction_base"]
     assert facts["lora_share_of_full_ft"] == pytest.approx(first[lora_row]["rougeL"] / first[FULL_ROW]["rougeL"])
     assert "## Parameter-efficient fine-tuning from an instruction-tuned base" in (out / "report.md").read_text()
+    # Where the lab ran: its first phase line, results.json and the report's header say it.
+    cpu = first["_lab"]["environment"]["cpu"]
+    assert f"running on {cpu}" in capsys.readouterr().out and f"machine: {cpu} (" in (out / "report.md").read_text()
     # A lab whose training runs are gone (as the saved one): --instruction-base-only runs the pre-training again,
     # then the same three rows, and keeps every other row and curve as it was.
     for run in [path for path in out.iterdir() if path.is_dir() and path.name != "predictions"]:
@@ -65,6 +68,8 @@ def test_lab_rows_from_an_instruction_tuned_base_and_adding_them_to_a_finished_l
     assert added["pretrained_heldout_loss"] == pytest.approx(first["_lab"]["forgetting"]["before_sft"], rel=1e-6)
     report = (out / "report.md").read_text()
     assert f"added to the finished lab by `llmjax lab summarize --out {out} --tiny" in report
+    assert added["environment"]["versions"] == first["_lab"]["environment"]["versions"]  # the add-on's own record
+    assert f"s on {cpu} (" in report
     assert "| zero_shot |" in report and "| full_ft_mixed |" in report  # the lab's other rows are still reported
     # Again, with every run there: the finished base (same settings, same pre-trained model) is scored, not trained.
     assert main(["lab", "summarize", "--out", str(out), "--tiny", "--no-progress", "--instruction-base-only"]) == 0

@@ -118,6 +118,11 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_bitwise(tmp_path):
     # the data's own counters ride along: examples batched by this (resumed) iterator, none cut to the row
     assert lines[-1]["data_examples"] > 0 and lines[-1]["data_truncated_decoder_examples"] == 0
     assert any((tmp_path / "parts" / "out" / "tensorboard").iterdir())
+    # Each start and resume says where it ran, and each checkpoint what wrote it.
+    starts = [json.loads(line) for line in (tmp_path / "parts" / "out" / "environment.jsonl").read_text().splitlines()]
+    assert [s["start_step"] for s in starts] == [0, 3]
+    assert all(s["versions"]["jax"] == jax.__version__ and s["devices"] == {"cpu": jax.device_count()} for s in starts)
+    assert Checkpointer(config.checkpoint_dir).restore_params().meta["environment"]["cpu"] == starts[1]["cpu"]
 
 
 def test_existing_checkpoints_without_resume_is_a_clear_error(tmp_path):
@@ -125,6 +130,7 @@ def test_existing_checkpoints_without_resume_is_a_clear_error(tmp_path):
     train(_stage(), _config(tmp_path), progress=False, peak_flops_per_sec=1e9)
     with pytest.raises(ConfigError, match=r"already has checkpoints \(newest step 6\) and train.resume=false"):
         train(_stage(), _config(tmp_path, steps=7, resume=False), progress=False, peak_flops_per_sec=1e9)
+    assert len((tmp_path / "out" / "environment.jsonl").read_text().splitlines()) == 1  # the refused start wrote none
 
 
 def test_resume_from_a_corrupt_newest_checkpoint_uses_the_previous_one_with_a_note(tmp_path, capsys):
