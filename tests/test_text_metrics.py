@@ -5,7 +5,8 @@ import math
 import pytest
 import sacrebleu
 
-from llmjax.text_metrics import bleu, exact_match, first_reference, normalize_answer, rouge, sentences_per_line
+from llmjax.text_metrics import (ROUGE_TYPES, bleu, exact_match, first_reference, normalize_answer, rouge,
+                                 sentences_per_line)
 
 
 def f1(hits: int, predicted: int, reference: int) -> float:
@@ -37,6 +38,24 @@ def test_rouge_of_some_types_scores_them_as_the_whole_does():
 def test_rouge_stems_words():
     # Porter stems: cats -> cat, running/runs -> run; "are" has no match. Overlap 3 of 4 predicted, 3 of 3 reference.
     assert rouge(["The cats are running."], ["the cat runs"])["rouge1"] == pytest.approx(f1(3, 4, 3))
+
+
+def test_rouge_equals_rouge_scores_own_stemming_scorer_on_the_bundled_summaries():
+    """The remembering tokenizer changes nothing: every score equals rouge-score's ``use_stemmer=True`` scorer's."""
+    from rouge_score import rouge_scorer
+
+    from llmjax.data.bundled.dialogsum import bundled_dialogsum
+
+    examples = bundled_dialogsum("test")[:60]
+    predictions = [e["summaries"][-1] + " Running, relational, generously." for e in examples]
+    references = [e["summaries"][:2] for e in examples]
+    theirs = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    for _ in range(2):  # the second pass reads the remembered tokens
+        ours = rouge(predictions, references)
+        for rouge_type in ROUGE_TYPES:
+            expected = sum(theirs.score_multi([sentences_per_line(r) for r in refs], sentences_per_line(p))[
+                rouge_type].fmeasure for p, refs in zip(predictions, references)) / len(predictions)
+            assert ours[rouge_type] == expected, rouge_type
 
 
 def test_rouge_lsum_scores_sentence_by_sentence():
