@@ -1,12 +1,12 @@
 """What a run ran on: the processor, the accelerators, and the versions of the libraries that compute.
 
-The same code and seed give bit-identical runs on one machine, and not always across machines: XLA's CPU code
-can take other paths on another processor (its vector instructions among them), sums then round differently, and
-thousands of training steps carry the difference (the lab's instruction-tuned base, built by the same code on an
-Intel Xeon and on an AMD EPYC, summarizes zero-shot at 0.637 and 0.657; ``labs/experiments/README.md``).
-So a run records where it ran: ``describe()`` is a dict of plain values that a training run appends to
-``environment.jsonl`` at each start or resume and keeps in its checkpoints' metadata, and that the lab keeps in
-``results.json``.
+The same code and seed give bit-identical runs on one machine, and not always across machines. XLA compiles for the
+processor's vector instructions, and capping them (``XLA_FLAGS=--xla_cpu_max_isa=AVX`` on an AVX2 machine) changes
+the bits of a matmul, a sum or a small T5's loss (``labs/experiments/xla_isa_bits.py``); thousands of training steps
+carry such a difference (the lab's instruction-tuned base, built by the same code on an Intel Xeon and on an AMD
+EPYC, summarizes zero-shot at 0.637 and 0.657; ``labs/experiments/README.md``). So a run records where it ran:
+``describe()`` is a dict of plain values that a training run appends to ``environment.jsonl`` at each start or
+resume and keeps in its checkpoints' metadata, and that the lab keeps in ``results.json``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import jax
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "llmjax")
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16",
               "asimd", "sve")  # x86 then Arm
-
-
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -68,9 +66,9 @@ def _version(package: str) -> str | None:
 
 def describe() -> dict:
     """This process's machine and software, JSON-ready: ``cpu``, ``cpu_count``, ``simd`` (:func:`vector_extensions`),
-    ``memory_gib``, ``platform``,
-    ``python``, ``versions`` (each of :data:`LIBRARIES`, ``None`` where not installed), ``backend``,
-    ``devices`` (``{kind: count}`` over every process's devices), ``process_count`` and ``xla_flags``."""
+    ``memory_gib``, ``platform``, ``python``, ``versions`` (each of :data:`LIBRARIES`, ``None`` where not
+    installed), ``backend``, ``devices`` (``{kind: count}`` over every process's devices), ``process_count`` and
+    ``xla_flags`` (the ``XLA_FLAGS`` environment variable)."""
     devices: dict[str, int] = {}
     for device in jax.devices():
         devices[device.device_kind] = devices.get(device.device_kind, 0) + 1
