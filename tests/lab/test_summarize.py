@@ -199,7 +199,9 @@ def test_lab_refuses_bad_lora_ranks_before_running(tmp_path, capsys):
                                        "base instruct_lora_r2 (1.72%) 96.1% of instruct_full_ft's (0.758 against "
                                        "0.789), and the same rows built on an AMD EPYC machine 96.6% "
                                        "(labs/experiments/instruction_base_lab_epyc; 97.8% in the mean of three "
-                                       "seeds there: instruction_base_lab_epyc_seeds); the experiments' best is "
+                                       "seeds there: instruction_base_lab_epyc_seeds; a third base, XLA capped "
+                                       "at AVX, 97.9% at one seed, the three bases' mean 96.85%: "
+                                       "instruction_base_lab_epyc_avx); the experiments' best is "
                                        "95-96% (README: Lab; labs/experiments); "
                                        "remove this mark with a run that passes")
 def test_saved_lab_run_lora_with_few_parameters_nears_full_fine_tuning():
