@@ -26,28 +26,28 @@ SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnn
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_model(cpuinfo: Path = CPUINFO) -> str:
-    """The processor's name (``/proc/cpuinfo``'s ``model name`` on Linux), else what ``platform`` knows."""
+def _cpuinfo_value(cpuinfo: Path, keys: tuple[str, ...]) -> str | None:
+    """The value of the first ``cpuinfo`` line that starts with one of ``keys`` (None where there is none, or no
+    readable file: not Linux)."""
     try:
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The processor's name (``/proc/cpuinfo``'s ``model name`` on Linux), else what ``platform`` knows."""
+    return _cpuinfo_value(cpuinfo, ("model name",)) or platform.processor() or platform.machine() or "unknown"
 
 
 def vector_extensions(cpuinfo: Path = CPUINFO) -> list[str]:
     """The processor's SIMD extensions among :data:`SIMD_FLAGS` (``/proc/cpuinfo``'s flags on Linux, Arm's
     ``Features``; an empty list where they cannot be read)."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in SIMD_FLAGS if f in flags]
-    except OSError:
-        pass
-    return []
+    flags = set((_cpuinfo_value(cpuinfo, ("flags", "Features")) or "").split())
+    return [f for f in SIMD_FLAGS if f in flags]
 
 
 def _memory_gib() -> float | None:
