@@ -87,17 +87,32 @@ def rouge(predictions: Sequence[str], references: References,
     summarization example (`evaluate.load("rouge").compute(..., use_stemmer=True)` after nltk sentence
     splitting); `evaluate` alone defaults to no stemming, so its numbers differ slightly.
     """
+    scores = rouge_per_example(predictions, references, rouge_types)
+    means = {}
+    for rouge_type, column in scores.items():
+        total = 0.0
+        for value in column:  # summed in order, as rouge-score's own aggregation would (same bits)
+            total += value
+        means[rouge_type] = total / len(column)
+    return means
+
+
+def rouge_per_example(predictions: Sequence[str], references: References,
+                      rouge_types: Sequence[str] = ROUGE_TYPES) -> dict[str, list[float]]:
+    """Each prediction's ROUGE F-measures, one list per type in the predictions' order: what :func:`rouge`
+    averages (same references, stemming and sentence split), for statistics over examples such as a paired
+    bootstrap (``llmjax.lab.instruction_base_rows.share_interval``)."""
     reference_sets = _check_pair(predictions, references)
     unknown = [t for t in rouge_types if t not in ROUGE_TYPES]
     if unknown or not rouge_types:
         raise ValueError(f"rouge_types {list(rouge_types)}: choose from {list(ROUGE_TYPES)}")
     scorer = rouge_scorer.RougeScorer(list(rouge_types), tokenizer=_TOKENIZER)
-    totals = dict.fromkeys(rouge_types, 0.0)
+    columns: dict[str, list[float]] = {rouge_type: [] for rouge_type in rouge_types}
     for prediction, reference_set in zip(predictions, reference_sets):
         scores = scorer.score_multi([sentences_per_line(r) for r in reference_set], sentences_per_line(prediction))
         for rouge_type in rouge_types:
-            totals[rouge_type] += scores[rouge_type].fmeasure
-    return {rouge_type: total / len(predictions) for rouge_type, total in totals.items()}
+            columns[rouge_type].append(scores[rouge_type].fmeasure)
+    return columns
 
 
 def bleu(predictions: Sequence[str], references: References) -> float:

@@ -6,7 +6,7 @@ import pytest
 import sacrebleu
 
 from llmjax.text_metrics import (ROUGE_TYPES, bleu, exact_match, first_reference, normalize_answer, rouge,
-                                 sentences_per_line)
+                                 rouge_per_example, sentences_per_line)
 
 
 def f1(hits: int, predicted: int, reference: int) -> float:
@@ -33,6 +33,18 @@ def test_rouge_of_some_types_scores_them_as_the_whole_does():
     assert rouge(predictions, references, ("rougeL", "rouge2")) == {"rougeL": every["rougeL"], "rouge2": every["rouge2"]}
     with pytest.raises(ValueError, match=r"rouge_types \['rougeX'\]: choose from"):
         rouge(predictions, references, ("rougeX",))
+
+
+def test_rouge_per_example_gives_each_pairs_hand_count_and_rouge_is_their_mean():
+    predictions = ["the cat sat on the mat", "a b c", "x y"]
+    references = ["the cat lay on the red mat", ["a c", "q"], "z"]
+    each = rouge_per_example(predictions, references, ("rouge1", "rougeL"))
+    assert each["rouge1"] == pytest.approx([f1(5, 6, 7), f1(2, 3, 2), 0.0])  # the best reference of the second
+    assert each["rougeL"] == pytest.approx([f1(5, 6, 7), f1(2, 3, 2), 0.0])
+    means = rouge(predictions, references, ("rouge1", "rougeL"))
+    assert means == {t: (each[t][0] + each[t][1] + each[t][2]) / 3 for t in ("rouge1", "rougeL")}  # the same bits
+    with pytest.raises(ValueError, match="got 3 predictions but 2 references"):
+        rouge_per_example(predictions, references[:2])
 
 
 def test_rouge_stems_words():

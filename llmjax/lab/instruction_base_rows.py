@@ -27,6 +27,10 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+from scipy import stats
+
+from llmjax import text_metrics
 from llmjax.config import RunConfig, config_from_dict, config_to_dict
 from llmjax.data.bundled.dialogsum import bundled_dialogsum, generate_dialogsum
 from llmjax.data.bundled.dialogsum_words import NAMES
@@ -40,6 +44,8 @@ BASE_ROW, FULL_ROW = f"{ROW_PREFIX}zero_shot", f"{ROW_PREFIX}full_ft"
 BASE_RUN = "instruct_base"  # the base's run directory (its row scores it zero-shot)
 SIBLING_DIR = "instruct_sibling"
 BASE_RECORD = "lab_base.json"  # beside the base's run: the pre-trained model it started from and its train seconds
+SHARE_CONFIDENCE = 0.95  # the LoRA row's share of full fine-tuning is reported with this bootstrap interval ...
+SHARE_RESAMPLES = 10_000  # ... drawn from this many resamples of the test examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,38 @@ def sibling_set(out: Path, seed: int, topic_share: str = "all") -> tuple[str, se
                          for key in ("dialogue", "summary")}
                 f.write(json.dumps({**named, "topic": e["topic"]}) + "\n")
     return f"dialogsum@jsonl:{directory}/{{split}}.jsonl", kept
+
+
+def share_interval(lora_scores, full_scores, confidence: float = SHARE_CONFIDENCE,
+                   resamples: int = SHARE_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """How far the test set alone can move ``mean(lora_scores) / mean(full_scores)``: the paired percentile bootstrap
+    interval at ``confidence`` (scipy's ``stats.bootstrap``), each resample drawing ``len(scores)`` test examples with
+    replacement and keeping each example's two scores together. The scores are per test example (ROUGE-L,
+    :func:`llmjax.text_metrics.rouge_per_example`), in the same order. It says nothing of the training seed's
+    share of the noise: another run of the same row draws other summaries."""
+    lora, full = np.asarray(lora_scores, np.float64), np.asarray(full_scores, np.float64)
+    if lora.ndim != 1 or lora.shape != full.shape or len(lora) < 2:
+        raise ValueError(f"share_interval needs two equally long lists of at least 2 per-example scores, got shapes "
+                         f"{lora.shape} and {full.shape}")
+    if not full.mean() > 0:
+        raise ValueError("share_interval: the full fine-tuning row's scores average 0; there is no share to take")
+
+    def share(a, b, axis=-1):
+        return a.mean(axis=axis) / b.mean(axis=axis)
+
+    result = stats.bootstrap((lora, full), share, paired=True, vectorized=True, n_resamples=resamples,
+                             confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def row_share_interval(lora_output, full_output) -> tuple[float, float]:
+    """:func:`share_interval` of two rows' generations (``EvalResult`` or saved predictions) on the same test
+    examples, by ROUGE-L against all references."""
+    if list(lora_output.references) != list(full_output.references):
+        raise ValueError("the two rows were scored on different test examples; score them on the same ones")
+    per_row = [text_metrics.rouge_per_example(output.predictions, output.references, ("rougeL",))["rougeL"]
+               for output in (lora_output, full_output)]
+    return share_interval(*per_row)
 
 
 def pretrained_fingerprint(run_dir: Path) -> str:
@@ -177,9 +215,15 @@ def run_instruction_base_rows(out: Path, rows: InstructionBaseRows, full_ft_conf
         say(f"{row}: ROUGE-L {results[row]['rougeL']:.4f}" + ("" if row == BASE_ROW else
             f" ({results[row]['trainable_fraction']:.2%} of the parameters trained)"))
     lora_row, full = results[rows.lora_row()], results[FULL_ROW]
+    scored = len(outputs[FULL_ROW].predictions) >= 2 and full["rougeL"] > 0  # else no interval to draw
+    interval = row_share_interval(outputs[rows.lora_row()], outputs[FULL_ROW]) if scored else None
     facts = {**dataclasses.asdict(rows), "lora_steps": lora_row["steps"], "sibling_task": task,
              "lora_row": rows.lora_row(),
-             "lora_share_of_full_ft": lora_row["rougeL"] / full["rougeL"] if full["rougeL"] else None}
+             "lora_share_of_full_ft": lora_row["rougeL"] / full["rougeL"] if full["rougeL"] else None,
+             "lora_share_interval": list(interval) if interval else None,
+             "lora_share_confidence": SHARE_CONFIDENCE, "lora_share_resamples": SHARE_RESAMPLES}
     say(f"{rows.lora_row()}: {facts['lora_share_of_full_ft']:.1%} of {FULL_ROW}'s ROUGE-L at "
-        f"{lora_row['trainable_fraction']:.2%} of the parameters")
+        f"{lora_row['trainable_fraction']:.2%} of the parameters"
+        + (f" ({SHARE_CONFIDENCE:.0%} bootstrap interval over the test dialogues: {interval[0]:.1%} to "
+           f"{interval[1]:.1%})" if interval else ""))
     return results, outputs, facts

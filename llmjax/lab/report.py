@@ -254,6 +254,17 @@ def instruction_base_section(results: dict, facts: dict, lab_before: float) -> l
                  f"`{FULL_ROW}`'s ROUGE-L ({lora['rougeL']:.4f} against {full['rougeL']:.4f}); the target, at most "
                  f"{PEFT_FRACTION:.0%} of the parameters at at least {PEFT_QUALITY:.0%}, is "
                  f"{'met' if met else 'not met'}."]
+    interval = facts.get("lora_share_interval")
+    if interval:  # a lab from before the interval was computed has none
+        low, high = interval
+        if low <= PEFT_QUALITY <= high:
+            verdict = f"holds {PEFT_QUALITY:.0%}: at this test size the run cannot tell the share from the target"
+        else:
+            verdict = f"lies {'above' if low > PEFT_QUALITY else 'below'} {PEFT_QUALITY:.0%}"
+        text += ["", f"How much of that the test set decides: over {facts['lora_share_resamples']:,} paired bootstrap "
+                     f"resamples of the test dialogues, the share's {facts['lora_share_confidence']:.0%} interval is "
+                     f"{low:.1%} to {high:.1%}, which {verdict}. The interval leaves out the training seed, which "
+                     "moves the share too."]
     return text + [""]
 
 

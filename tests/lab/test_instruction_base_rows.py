@@ -3,12 +3,15 @@ the rows a whole lab writes, and ``--instruction-base-only`` adding the same row
 
 import json
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from llmjax.cli import main
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
-from llmjax.lab.instruction_base_rows import BASE_ROW, FULL_ROW, InstructionBaseRows, sibling_set
+from llmjax.lab.instruction_base_rows import (BASE_ROW, FULL_ROW, InstructionBaseRows, row_share_interval,
+                                              share_interval, sibling_set)
 
 OTHER_ROWS_OFF = ["--lora-ranks", "none", "--no-prompt-tuning", "--qlora-ranks", "none", "--no-int8", "--no-distill",
                   "--no-detox"]
@@ -24,6 +27,47 @@ def test_sibling_set_names_its_speakers_and_holds_none_of_the_labs_dialogues(tmp
     assert not any(e["dialogue"] in lab for e in train)
     _, half = sibling_set(tmp_path / "half", seed=1, topic_share="half")
     assert half < topics and len(half) == (len(topics) + 1) // 2
+
+
+def _scores(n=400, seed=0):
+    """Per-example ROUGE-L-like scores of two rows: full fine-tuning's, and an adapter's a little below, noisily."""
+    rng = np.random.default_rng(seed)
+    full = rng.uniform(0.4, 1.0, n)
+    return np.clip(full - 0.03 + rng.normal(0, 0.08, n), 0, 1), full
+
+
+def test_share_interval_agrees_with_a_paired_bootstrap_written_out_by_hand():
+    lora, full = _scores()
+    low, high = share_interval(lora, full)
+    draws = np.random.default_rng(123).integers(0, len(full), (20_000, len(full)))  # another generator
+    shares = lora[draws].mean(axis=1) / full[draws].mean(axis=1)
+    assert (low, high) == pytest.approx(tuple(np.percentile(shares, [2.5, 97.5])), abs=2e-3)
+    assert low < lora.mean() / full.mean() < high
+    half = share_interval(lora, full, confidence=0.5)
+    assert low < half[0] < half[1] < high
+    assert share_interval(lora, full) == (low, high)  # seeded: the same interval every time
+
+
+def test_share_interval_keeps_each_examples_two_scores_together():
+    _, full = _scores()
+    assert share_interval(0.9 * full, full) == pytest.approx((0.9, 0.9), abs=1e-12)  # every resample: 0.9
+    shuffled = np.random.default_rng(1).permutation(0.9 * full)  # the same scores, paired with other examples
+    low, high = share_interval(shuffled, full)
+    assert low < 0.9 - 0.01 and high > 0.9 + 0.01
+
+
+def test_share_interval_refuses_what_it_cannot_resample():
+    with pytest.raises(ValueError, match="two equally long lists"):
+        share_interval([0.5, 0.6, 0.7], [0.5, 0.6])
+    with pytest.raises(ValueError, match="two equally long lists of at least 2"):
+        share_interval([0.5], [0.6])
+    with pytest.raises(ValueError, match="average 0"):
+        share_interval([0.5, 0.6], [0.0, 0.0])
+    same = SimpleNamespace(predictions=["a b", "c"], references=[["a b"], ["c d"]])
+    other = SimpleNamespace(predictions=["a b", "c"], references=[["a b"], ["e"]])
+    with pytest.raises(ValueError, match="scored on different test examples"):
+        row_share_interval(same, other)
+    assert row_share_interval(same, same) == pytest.approx((1.0, 1.0))
 
 
 def test_instruction_base_only_refuses_a_directory_without_a_finished_lab(tmp_path, capsys):
