@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,14 @@ def sibling_set(out: Path, seed: int, topic_share: str = "all") -> tuple[str, se
 
 
 def share_interval(lora_scores, full_scores, confidence: float = SHARE_CONFIDENCE,
-                   resamples: int = SHARE_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+                   resamples: int = SHARE_RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
     """How far the test set alone can move ``mean(lora_scores) / mean(full_scores)``: the paired percentile bootstrap
     interval at ``confidence`` (scipy's ``stats.bootstrap``), each resample drawing ``len(scores)`` test examples with
     replacement and keeping each example's two scores together. The scores are per test example (ROUGE-L,
     :func:`llmjax.text_metrics.rouge_per_example`), in the same order. It says nothing of the training seed's
-    share of the noise: another run of the same row draws other summaries."""
+    share of the noise: another run of the same row draws other summaries. None when some resample drew only
+    examples that full fine-tuning scores 0 on (a handful of test examples, as a smoke run's), where the share is
+    undefined."""
     lora, full = np.asarray(lora_scores, np.float64), np.asarray(full_scores, np.float64)
     if lora.ndim != 1 or lora.shape != full.shape or len(lora) < 2:
         raise ValueError(f"share_interval needs two equally long lists of at least 2 per-example scores, got shapes "
@@ -116,12 +119,16 @@ def share_interval(lora_scores, full_scores, confidence: float = SHARE_CONFIDENC
     def share(a, b, axis=-1):
         return a.mean(axis=axis) / b.mean(axis=axis)
 
-    result = stats.bootstrap((lora, full), share, paired=True, vectorized=True, n_resamples=resamples,
-                             confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():  # zeros only: checked below
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # every resample alike: a point is an interval
+        result = stats.bootstrap((lora, full), share, paired=True, vectorized=True, n_resamples=resamples,
+                                 confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    if not np.all(np.isfinite(result.bootstrap_distribution)):
+        return None
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def row_share_interval(lora_output, full_output) -> tuple[float, float]:
+def row_share_interval(lora_output, full_output) -> tuple[float, float] | None:
     """:func:`share_interval` of two rows' generations (``EvalResult`` or saved predictions) on the same test
     examples, by ROUGE-L against all references."""
     if list(lora_output.references) != list(full_output.references):

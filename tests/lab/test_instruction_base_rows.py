@@ -12,6 +12,7 @@ from llmjax.cli import main
 from llmjax.data.bundled.dialogsum import bundled_dialogsum
 from llmjax.lab.instruction_base_rows import (BASE_ROW, FULL_ROW, InstructionBaseRows, row_share_interval,
                                               share_interval, sibling_set)
+from llmjax.lab.report import instruction_base_section
 
 OTHER_ROWS_OFF = ["--lora-ranks", "none", "--no-prompt-tuning", "--qlora-ranks", "none", "--no-int8", "--no-distill",
                   "--no-detox"]
@@ -68,6 +69,30 @@ def test_share_interval_refuses_what_it_cannot_resample():
     with pytest.raises(ValueError, match="scored on different test examples"):
         row_share_interval(same, other)
     assert row_share_interval(same, same) == pytest.approx((1.0, 1.0))
+    # Two examples, one that full fine-tuning scores 0 on: a quarter of the resamples draw it twice, 0 / 0.
+    assert share_interval([0.5, 0.0], [0.6, 0.0]) is None
+
+
+def test_report_gives_the_interval_and_whether_it_holds_the_target():
+    results = {BASE_ROW: {"trainable_params": 0, "trainable_fraction": 0.0, "steps": 20, "learning_rate": 3e-3,
+                          "rougeL": 0.6},
+               FULL_ROW: {"trainable_params": 1000, "trainable_fraction": 1.0, "steps": 10, "learning_rate": 3e-3,
+                          "rougeL": 0.8, "optimizer_state_bytes": 8000, "step_seconds": 0.5},
+               "instruct_lora_r2": {"trainable_params": 15, "trainable_fraction": 0.015, "steps": 10,
+                                    "learning_rate": 6e-3, "rougeL": 0.77, "optimizer_state_bytes": 120,
+                                    "step_seconds": 0.4}}
+    facts = {"lora_row": "instruct_lora_r2", "base_steps": 20, "sibling_seed": 1, "sibling_share": 0.75,
+             "lora_rank": 2, "lora_target_modules": ["q", "v"], "lora_learning_rate": 6e-3, "lora_steps": 10,
+             "lora_share_confidence": 0.95, "lora_share_resamples": 10_000}
+
+    def section(interval):
+        return "\n".join(instruction_base_section(results, {**facts, "lora_share_interval": interval}, 2.9))
+
+    assert "reaches 96.2% of" in section(None) and "bootstrap" not in section(None)  # a lab saved before it
+    assert ("the share's 95% interval is 94.0% to 98.3%, which holds 97%: at this test size the run cannot tell "
+            "the share from the target") in section([0.94, 0.983])
+    assert "interval is 97.1% to 99.0%, which lies above 97%." in section([0.971, 0.99])
+    assert "interval is 93.0% to 96.9%, which lies below 97%." in section([0.93, 0.969])
 
 
 def test_instruction_base_only_refuses_a_directory_without_a_finished_lab(tmp_path, capsys):

@@ -72,9 +72,9 @@ def _check_outputs(out: Path, examples: int) -> dict:
         assert lora["optimizer_state_bytes"] < results[FULL_ROW]["optimizer_state_bytes"] / 10
         facts = results["_lab"]["instruction_base"]
         if "lora_share_interval" in facts:  # a lab saved before the interval was computed has none
-            low, high = _share_interval(out, facts["lora_row"])
-            assert facts["lora_share_interval"] == [low, high] and low <= facts["lora_share_of_full_ft"] <= high
-            assert f"interval is {low:.1%} to {high:.1%}" in (out / "report.md").read_text()
+            interval = _share_interval(out, facts["lora_row"])  # None on a handful of examples (the tiny lab's)
+            assert facts["lora_share_interval"] == (list(interval) if interval else None)
+            assert ("paired bootstrap" in (out / "report.md").read_text()) == bool(interval)
     forgetting = results["_lab"]["forgetting"]
     assert forgetting["after_sft"] == results["full_ft"]["heldout_loss"]
     assert forgetting["after_mixed_sft"] == results["full_ft_mixed"]["heldout_loss"]
